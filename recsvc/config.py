@@ -1,0 +1,141 @@
+"""One frozen settings object: defaults < environment (``RECSVC_*``) < explicit overrides (CLI flags).
+
+Every field has a finite default, so nothing waits forever and the service runs with no configuration
+at all (embedded history store, Triton on localhost). Unknown ``RECSVC_*`` variables and unknown override
+keys are rejected rather than ignored: a typo in a deployment must fail loudly, not silently fall back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from recsvc.errors import ConfigError
+
+__all__ = ["ENV_PREFIX", "Settings", "load_settings"]
+
+ENV_PREFIX = "RECSVC_"
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """All of recsvc's settings. Field ``foo_bar`` is read from ``RECSVC_FOO_BAR``."""
+
+    # --- gRPC server ---
+    host: str = "127.0.0.1"
+    port: int = 50051
+    grace_s: float = 5.0                     # drain time on SIGTERM; matches the Helm terminationGracePeriod
+    request_timeout_s: float = 2.0           # budget when the client sends no deadline
+
+    # --- API limits (documented in protos/recsvc/v1/recommender.proto) ---
+    max_k: int = 100
+    max_exclude: int = 500
+    max_context: int = 50
+    max_id_len: int = 128
+    max_events_per_call: int = 1000
+
+    # --- files ---
+    data_dir: Path = Path("var")                     # history database, downloaded/generated data
+    model_repository: Path = Path("model_repository")  # Triton's repository; bundles live in its versions
+
+    # --- history ---
+    history_db: Path | None = None           # default: <data_dir>/history.sqlite3
+    history_len: int = 50                    # most recent events the models see
+    history_keep: int = 500                  # events kept per user in the durable store
+    l1_maxsize: int = 100_000                # users held in the in-process LRU
+
+    # --- retrieval / ranking ---
+    num_candidates: int = 100                # retrieved per request, then ranked (the ranker's C)
+    triton_url: str = "127.0.0.1:8001"       # gRPC endpoint of Triton
+    triton_model: str = "ranker"
+    triton_timeout_s: float = 1.0
+    triton_http_port: int = 8000
+    triton_metrics_port: int = 8002
+
+    def resolved_history_db(self) -> Path:
+        """Path of the embedded history database."""
+        return self.history_db if self.history_db is not None else self.data_dir / "history.sqlite3"
+
+    def with_overrides(self, **overrides: Any) -> Settings:
+        """Return a copy with ``overrides`` applied (unknown keys rejected, values coerced)."""
+        return _apply(self, overrides, source="override")
+
+
+def load_settings(env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build settings from defaults, then ``env`` (default ``os.environ``), then ``overrides``.
+
+    ``None`` overrides are skipped so CLI flags that were not given do not mask the environment.
+    """
+    env = os.environ if env is None else env
+    from_env = {
+        key[len(ENV_PREFIX) :].lower(): value for key, value in env.items() if key.startswith(ENV_PREFIX)
+    }
+    settings = _apply(Settings(), from_env, source="environment")
+    return _apply(settings, {k: v for k, v in overrides.items() if v is not None}, source="override")
+
+
+def _apply(base: Settings, values: Mapping[str, Any], *, source: str) -> Settings:
+    fields = {f.name: f for f in dataclasses.fields(Settings)}
+    changes: dict[str, Any] = {}
+    for name, raw in values.items():
+        if name not in fields:
+            label = f"{ENV_PREFIX}{name.upper()}" if source == "environment" else name
+            raise ConfigError(f"unknown setting {label!r} (from {source}); known: {', '.join(sorted(fields))}")
+        changes[name] = _coerce(fields[name], raw, source)
+    settings = dataclasses.replace(base, **changes)
+    _validate(settings)
+    return settings
+
+
+def _coerce(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
+    kind = str(f.type)
+    try:
+        if raw is None:
+            if "None" in kind:
+                return None
+            raise ValueError("may not be empty")
+        if kind.startswith("Path"):
+            return Path(raw) if not (isinstance(raw, str) and raw == "" and "None" in kind) else None
+        if kind == "int":
+            if isinstance(raw, bool):
+                raise ValueError("expected an integer")
+            return int(raw)
+        if kind == "float":
+            return float(raw)
+        if kind == "bool":
+            if isinstance(raw, bool):
+                return raw
+            lowered = str(raw).strip().lower()
+            if lowered in {"1", "true", "yes", "on"}:
+                return True
+            if lowered in {"0", "false", "no", "off"}:
+                return False
+            raise ValueError("expected true/false")
+        return str(raw)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"setting {f.name!r} from {source}: {raw!r} is not a valid {kind} ({exc})") from exc
+
+
+def _validate(s: Settings) -> None:
+    positive = [
+        "max_k", "max_exclude", "max_context", "max_id_len", "max_events_per_call", "history_len",
+        "history_keep", "l1_maxsize", "num_candidates",
+    ]  # fmt: skip
+    for name in positive:
+        if getattr(s, name) <= 0:
+            raise ConfigError(f"setting {name!r} must be > 0, got {getattr(s, name)}")
+    for name in ["grace_s", "request_timeout_s", "triton_timeout_s"]:
+        if not getattr(s, name) > 0:
+            raise ConfigError(f"setting {name!r} must be > 0 seconds, got {getattr(s, name)}")
+    if not 0 <= s.port <= 65535:
+        raise ConfigError(f"setting 'port' must be in 0..65535, got {s.port}")
+    if s.max_k > s.num_candidates:
+        raise ConfigError(f"max_k ({s.max_k}) cannot exceed num_candidates ({s.num_candidates})")
+    if s.history_keep < s.history_len:
+        raise ConfigError(f"history_keep ({s.history_keep}) must be >= history_len ({s.history_len})")
+
+
