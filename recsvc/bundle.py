@@ -1,0 +1,117 @@
+"""A model bundle: everything one model version needs, versioned together.
+
+A bundle is a directory written by ``recsvc train``::
+
+    manifest.json          format, dataset, sizes, metrics, and the sha256 of every other file
+    items.parquet          the catalog; row i is dense item id i (columns item_id, title, category)
+    item_embeddings.npy    float32 [num_items, dim]: what the retrieval index is built from
+    query_encoder.onnx     HISTORY int64 [B, L] -> QUERY float32 [B, dim]
+    ranker.onnx            HISTORY int64 [B, L], CANDIDATES int64 [B, C] -> SCORES float32 [B, C]
+    popularity.npy         float32 [num_items]: training interaction counts, for cold fallbacks
+
+Model inputs use dense item ids with -1 as padding; histories are oldest first, padded on the left, so
+the most recent item is always in the last column. ``recsvc publish`` copies a bundle into a Triton
+version directory so the ranker version and the item index that belongs to it switch together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from recsvc.errors import BundleError
+
+__all__ = [
+    "BUNDLE_FILES",
+    "FORMAT_VERSION",
+    "MANIFEST",
+    "Manifest",
+    "read_manifest",
+    "sha256_file",
+    "verify_bundle",
+    "write_manifest",
+]
+
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+BUNDLE_FILES = (
+    "items.parquet",
+    "item_embeddings.npy",
+    "query_encoder.onnx",
+    "ranker.onnx",
+    "popularity.npy",
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Manifest:
+    """What a bundle holds and how it was made."""
+
+    format: int
+    dataset: str
+    created_at: str
+    num_items: int
+    dim: int
+    history_len: int
+    num_candidates: int
+    files: dict[str, str]          # relative file name -> sha256 hex
+    metrics: dict[str, float]
+    extra: dict[str, Any]
+
+    def to_json(self) -> bytes:
+        """Serialise (stable key order, indented for people reading it)."""
+        return orjson.dumps(self.__dict__, option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS)
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file, read in chunks so large embedding files do not sit in memory twice."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def write_manifest(directory: Path, **fields: Any) -> Manifest:
+    """Checksum the bundle files in ``directory`` and write manifest.json last."""
+    missing = [name for name in BUNDLE_FILES if not (directory / name).is_file()]
+    if missing:
+        raise BundleError(f"cannot write manifest in {directory}: missing {', '.join(missing)}")
+    files = {name: sha256_file(directory / name) for name in BUNDLE_FILES}
+    manifest = Manifest(format=FORMAT_VERSION, files=files, **fields)
+    (directory / MANIFEST).write_bytes(manifest.to_json())
+    return manifest
+
+
+def read_manifest(directory: Path) -> Manifest:
+    """Read and type-check manifest.json (checksums are not verified; see ``verify_bundle``)."""
+    path = directory / MANIFEST
+    try:
+        raw = orjson.loads(path.read_bytes())
+    except FileNotFoundError as exc:
+        raise BundleError(f"{directory} is not a bundle: no {MANIFEST}") from exc
+    except orjson.JSONDecodeError as exc:
+        raise BundleError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
+        raise BundleError(f"{path}: unsupported bundle format {raw.get('format') if isinstance(raw, dict) else raw!r}")
+    try:
+        return Manifest(**raw)
+    except TypeError as exc:
+        raise BundleError(f"{path}: malformed manifest ({exc})") from exc
+
+
+def verify_bundle(directory: Path) -> Manifest:
+    """Read the manifest and check every file's checksum; raise BundleError on any mismatch."""
+    manifest = read_manifest(directory)
+    for name, expected in manifest.files.items():
+        path = directory / name
+        if not path.is_file():
+            raise BundleError(f"bundle {directory}: file {name} is missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise BundleError(f"bundle {directory}: {name} checksum {actual[:12]} != manifest {expected[:12]}")
+    return manifest
