@@ -32,6 +32,7 @@ __all__ = [
     "Manifest",
     "read_manifest",
     "sha256_file",
+    "update_metrics",
     "verify_bundle",
     "write_manifest",
 ]
@@ -115,3 +116,13 @@ def verify_bundle(directory: Path) -> Manifest:
         if actual != expected:
             raise BundleError(f"bundle {directory}: {name} checksum {actual[:12]} != manifest {expected[:12]}")
     return manifest
+
+
+def update_metrics(directory: Path, metrics: dict[str, float]) -> Manifest:
+    """Record evaluation metrics in an existing bundle's manifest (files and checksums unchanged)."""
+    manifest = read_manifest(directory)
+    updated = Manifest(**{**manifest.__dict__, "metrics": {**manifest.metrics, **metrics}})
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_bytes(updated.to_json())
+    tmp.replace(directory / MANIFEST)
+    return updated

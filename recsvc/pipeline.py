@@ -1,0 +1,150 @@
+"""The request path as explicit stages: history -> query -> retrieve -> rank -> respond.
+
+The pipeline speaks plain dataclasses and numpy arrays; gRPC, FAISS and Triton stay behind their modules.
+Each request takes one reference to the active ServingBundle when it starts, so a version switch is
+atomic and a request never mixes a ranker version with another version's item index.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+
+from recsvc.bundle import Manifest, verify_bundle
+from recsvc.catalog import Catalog
+from recsvc.config import Settings
+from recsvc.domain import Event, Recommendation, RecommendQuery, ScoredItem
+from recsvc.errors import BundleError, RankerUnavailable
+from recsvc.history import HistoryCache
+from recsvc.models.query_encoder import QueryEncoder
+from recsvc.ranking import Ranker
+from recsvc.retrieval import FaissRetriever, Retriever
+
+__all__ = ["Pipeline", "ServingBundle", "load_serving_bundle"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ServingBundle:
+    """Everything one published version serves with; immutable, swapped as a whole."""
+
+    model_version: str            # the Triton ranker version this bundle was published as
+    index_version: str            # identifies the item embeddings (content hash prefix)
+    manifest: Manifest
+    catalog: Catalog
+    encoder: QueryEncoder
+    retriever: Retriever
+    popularity: npt.NDArray[np.float32]
+
+    async def close(self) -> None:
+        """Release the index."""
+        await self.retriever.close()
+
+
+def load_serving_bundle(version_dir: Path, model_version: str) -> ServingBundle:
+    """Load a published version's bundle (blocking: call it in a thread)."""
+    bundle = version_dir / "bundle"
+    manifest = verify_bundle(bundle)
+    catalog = Catalog.read(bundle / "items.parquet")
+    embeddings = np.load(bundle / "item_embeddings.npy")
+    if embeddings.shape != (manifest.num_items, manifest.dim) or len(catalog) != manifest.num_items:
+        raise BundleError(
+            f"{bundle}: embeddings {embeddings.shape} / catalog {len(catalog)} do not match manifest "
+            f"({manifest.num_items} items x {manifest.dim})"
+        )
+    return ServingBundle(
+        model_version=model_version,
+        index_version=manifest.files["item_embeddings.npy"][:12],
+        manifest=manifest,
+        catalog=catalog,
+        encoder=QueryEncoder(bundle / "query_encoder.onnx"),
+        retriever=FaissRetriever(embeddings),
+        popularity=np.load(bundle / "popularity.npy"),
+    )
+
+
+class Pipeline:
+    """Recommend and RecordEvents over the history cache, the active bundle and the ranker."""
+
+    def __init__(self, settings: Settings, history: HistoryCache, ranker: Ranker, bundle: ServingBundle) -> None:
+        self.settings = settings
+        self.history = history
+        self.ranker = ranker
+        self._bundle = bundle
+
+    @property
+    def bundle(self) -> ServingBundle:
+        """The bundle new requests start on."""
+        return self._bundle
+
+    def swap(self, bundle: ServingBundle) -> ServingBundle:
+        """Make ``bundle`` active for new requests; return the previous one (still used by in-flight ones)."""
+        previous, self._bundle = self._bundle, bundle
+        return previous
+
+    async def recommend(self, query: RecommendQuery) -> Recommendation:
+        """Top k for the user; falls back to retrieval order (degraded) when the ranker fails."""
+        bundle = self._bundle       # one version for the whole request
+        timings: dict[str, int] = {}
+        t = time.perf_counter_ns()
+
+        # 1. history
+        history = await self.history.get(query.user_id)
+        t = _lap(timings, "history", t)
+
+        # 2. query: the history's newest items, then what is on screen, as the most recent context.
+        catalog, L = bundle.catalog, bundle.manifest.history_len
+        history_ids = catalog.dense(history.item_ids)
+        context_ids = catalog.dense(query.context_item_ids)
+        sequence = (history_ids + context_ids)[-L:]
+        hist = np.full((1, L), -1, dtype=np.int64)
+        if sequence:
+            hist[0, -len(sequence) :] = sequence
+        vector = await bundle.encoder.encode(hist)
+        t = _lap(timings, "query", t)
+
+        # 3. retrieve, never returning what the user has seen, what is on screen or what was excluded.
+        excluded = set(history_ids) | set(context_ids) | set(catalog.dense(query.exclude_item_ids))
+        n = min(bundle.manifest.num_candidates, self.settings.num_candidates)
+        [(cand_ids, cand_scores)] = await bundle.retriever.search(vector, n, [excluded])
+        t = _lap(timings, "retrieve", t)
+
+        # 4. rank (candidates padded to the model's fixed C so Triton can batch requests together)
+        degraded, reason = False, ""
+        scores = cand_scores
+        if len(cand_ids):
+            candidates = np.full((1, bundle.manifest.num_candidates), -1, dtype=np.int64)
+            candidates[0, : len(cand_ids)] = cand_ids
+            try:
+                ranked = await self.ranker.score(hist, candidates, version=bundle.model_version)
+                scores = ranked[0, : len(cand_ids)]
+            except RankerUnavailable as exc:
+                degraded, reason = True, f"ranker unavailable, served retrieval order: {exc}"
+                log.warning("degraded response for %s: %s", query.user_id, exc)
+        t = _lap(timings, "rank", t)
+
+        # 5. respond
+        order = np.argsort(-scores, kind="stable")[: query.k]
+        items = [ScoredItem(catalog.sku(int(cand_ids[i])), float(scores[i])) for i in order]
+        _lap(timings, "respond", t)
+        return Recommendation(
+            items=items, model_version=bundle.model_version, index_version=bundle.index_version,
+            degraded=degraded, degraded_reason=reason, timings_us=timings,
+        )  # fmt: skip
+
+    async def record(self, events: Sequence[Event]) -> int:
+        """Durably append events (the acknowledgement point), then refresh the cache."""
+        return await self.history.record(events)
+
+
+def _lap(timings: dict[str, int], stage: str, since_ns: int) -> int:
+    now = time.perf_counter_ns()
+    timings[stage] = (now - since_ns) // 1000
+    return now
