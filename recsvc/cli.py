@@ -1,0 +1,347 @@
+"""`recsvc ...`: train, evaluate, publish, run Triton, serve, and `up` to do all of it at once."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import logging
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from recsvc.config import Settings, load_settings
+from recsvc.errors import RecsvcError
+
+__all__ = ["main"]
+
+log = logging.getLogger("recsvc")
+
+# Demo user for MovieLens: 1,000+ ratings across genres, so the recommendation is visibly personal.
+DEMO_USER = "15"
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    return load_settings(
+        port=getattr(args, "port", None),
+        model_repository=getattr(args, "model_repository", None),
+        data_dir=getattr(args, "data_dir", None),
+        triton_url=getattr(args, "triton_url", None),
+    )
+
+
+# --------------------------------------------------------------------------------------------- data
+def _add_data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dataset", choices=["movielens", "synthetic", "files"], default="movielens",
+                   help="built-in MovieLens (default), the synthetic e-commerce generator, or your own files")
+    p.add_argument("--interactions", type=Path,
+                   help="--dataset files: CSV/Parquet with user_id,item_id,timestamp[,event_type]")
+    p.add_argument("--items", type=Path, help="--dataset files: optional CSV/Parquet with item_id[,title,category]")
+    p.add_argument("--synthetic-users", type=int, default=100_000)
+    p.add_argument("--synthetic-items", type=int, default=50_000)
+    p.add_argument("--seed", type=int, default=0)  # fmt: skip
+
+
+def _load_dataset(args: argparse.Namespace) -> Any:
+    from recsvc.data import generate_synthetic, load_files, load_movielens
+
+    if args.dataset == "movielens":
+        return load_movielens()
+    if args.dataset == "synthetic":
+        return generate_synthetic(args.synthetic_users, args.synthetic_items, seed=args.seed)
+    if args.interactions is None:
+        raise SystemExit("--dataset files needs --interactions PATH")
+    return load_files(args.interactions, args.items)
+
+
+# -------------------------------------------------------------------------------------------- train
+def _train_bundle(args: argparse.Namespace, out: Path) -> Path:
+    from recsvc.bundle import update_metrics
+    from recsvc.data import time_split
+    from recsvc.models.evaluate import evaluate_bundle
+    from recsvc.models.train import TrainConfig, train, write_bundle
+
+    ds = _load_dataset(args)
+    print(f"dataset {ds.name}: {ds.num_users:,} users, {ds.num_items:,} items, {ds.num_interactions:,} interactions")
+    config = TrainConfig(retrieval_epochs=args.epochs, ranker_epochs=args.ranker_epochs, seed=args.seed)
+    if args.no_holdout:
+        trained = train(ds, config)
+        write_bundle(trained, ds, out)
+    else:
+        # Train on the time split's train part so the figures below are honest held-out figures.
+        split = time_split(ds, test_per_user=args.test_per_user)
+        trained = train(split.train, config)
+        write_bundle(trained, split.train, out)
+        report = evaluate_bundle(out, split.train, split.test, k=10, max_users=args.eval_users)
+        update_metrics(out, report.as_metrics())
+        print(f"\nheld-out evaluation (last {args.test_per_user} interactions per user, {report.users} users):")
+        print(report.table())
+    print(f"\ntrained in {trained.seconds:.0f} s; bundle written to {out}")
+    return out
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    """Train both models, export ONNX, evaluate, write a bundle."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+    out = args.out or _settings(args).data_dir / "bundles" / f"{args.dataset}-{stamp}"
+    _train_bundle(args, out)
+    return 0
+
+
+def _add_train_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--epochs", type=int, default=8, help="retrieval epochs")
+    p.add_argument("--ranker-epochs", type=int, default=4)
+    p.add_argument("--test-per-user", type=int, default=5, help="held-out latest interactions per user")
+    p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many users")
+    p.add_argument("--no-holdout", action="store_true", help="train on everything (no evaluation)")
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Evaluate a bundle on the time split of the data it was trained on."""
+    from recsvc.data import time_split
+    from recsvc.models.evaluate import evaluate_bundle
+
+    split = time_split(_load_dataset(args), test_per_user=args.test_per_user)
+    report = evaluate_bundle(args.bundle, split.train, split.test, k=args.k, max_users=args.eval_users)
+    print(report.table())
+    return 0
+
+
+# ------------------------------------------------------------------------------------ repository
+def cmd_publish(args: argparse.Namespace) -> int:
+    """Publish a bundle as the next ranker version in the model repository."""
+    from recsvc.repository import publish
+
+    settings = _settings(args)
+    version = publish(args.bundle, settings.model_repository, settings.triton_model)
+    print(f"published {args.bundle} as {settings.triton_model} version {version} in {settings.model_repository}")
+    return 0
+
+
+def cmd_triton(args: argparse.Namespace) -> int:
+    """Run the bundled tritonserver on the model repository (EXPLICIT model control)."""
+    from recsvc.repository import options_from_settings, serve_triton
+
+    return asyncio.run(serve_triton(options_from_settings(_settings(args))))
+
+
+# -------------------------------------------------------------------------------------- serving
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Run the gRPC server (Triton must be reachable at triton_url for ranked answers)."""
+    from recsvc.server import serve, write_port_file
+
+    settings = _settings(args)
+    asyncio.run(serve(settings, on_ready=write_port_file(args.port_file) if args.port_file else None))
+    return 0
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    """Load a dataset's interactions into the history store (once: refuses a non-empty store)."""
+    return asyncio.run(_seed(_settings(args), _load_dataset(args)))
+
+
+async def _seed(settings: Settings, ds: Any) -> int:
+    from recsvc.history import SqliteHistoryStore
+
+    store = await SqliteHistoryStore.open(settings.resolved_history_db(), keep=settings.history_keep)
+    try:
+        if await store.count_users():
+            print(f"history store {store.path} already has users; not seeding again")
+            return 0
+        rows = zip(ds.user_ids[ds.users].tolist(), ds.item_ids[ds.items].tolist(), ds.event_types.tolist(),
+                   ds.timestamps.astype(float).tolist(), strict=True)  # fmt: skip
+        n = await store.bulk_append(rows)
+        print(f"seeded {n:,} events for {ds.num_users:,} users into {store.path}")
+        return 0
+    finally:
+        await store.close()
+
+
+def _print_recommendation(rec: Any, catalog: Any, user: str) -> None:
+    print(f"\nRecommend(user_id={user!r}) -> model version {rec.model_version}, index {rec.index_version}"
+          + (f", DEGRADED: {rec.degraded_reason}" if rec.degraded else ""))  # fmt: skip
+    for rank, item in enumerate(rec.items, 1):
+        title = catalog.title(item.item_id) if catalog is not None else ""
+        print(f"  {rank:2d}. {item.item_id:>10}  {item.score:8.3f}  {title}")
+
+
+def _latest_catalog(settings: Settings) -> Any:
+    from recsvc.catalog import Catalog
+    from recsvc.repository import latest_version
+
+    version = latest_version(settings.model_repository, settings.triton_model)
+    if version is None:
+        return None
+    return Catalog.read(settings.model_repository / settings.triton_model / str(version) / "bundle" / "items.parquet")
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    """Ask a running server for recommendations and print them with titles."""
+    from recsvc.server.client import RecsvcClient
+
+    settings = _settings(args)
+
+    async def run() -> Any:
+        async with RecsvcClient(args.target or f"{settings.host}:{settings.port}") as client:
+            return await client.recommend(args.user, args.k, context=args.context, exclude=args.exclude)
+
+    _print_recommendation(asyncio.run(run()), _latest_catalog(settings), args.user)
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """Send one event to a running server."""
+    from recsvc.domain import Event, EventType
+    from recsvc.server.client import RecsvcClient
+
+    settings = _settings(args)
+    event = Event(args.user, args.item, EventType[args.type.upper()], time.time())
+
+    async def run() -> int:
+        async with RecsvcClient(args.target or f"{settings.host}:{settings.port}") as client:
+            return await client.record([event])
+
+    print(f"accepted {asyncio.run(run())} event(s)")
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- up
+def cmd_up(args: argparse.Namespace) -> int:
+    """Everything on the embedded defaults: data -> train -> publish -> Triton -> server -> a demo query."""
+    from recsvc.repository import latest_version, publish
+
+    settings = _settings(args)
+    if latest_version(settings.model_repository, settings.triton_model) is None:
+        print("no published model yet: training on MovieLens (first run only)")
+        bundle = _train_bundle(args, settings.data_dir / "bundles" / "movielens")
+        version = publish(bundle, settings.model_repository, settings.triton_model)
+        print(f"published as {settings.triton_model} version {version}")
+    args.dataset = "movielens"
+    asyncio.run(_seed(settings, _load_dataset(args)))
+    return asyncio.run(_up(settings, exit_after_demo=args.exit_after_demo))
+
+
+async def _up(settings: Settings, *, exit_after_demo: bool) -> int:
+    from recsvc.repository import TritonServer, options_from_settings
+    from recsvc.server import serve
+    from recsvc.server.client import RecsvcClient
+
+    options = options_from_settings(settings)
+    print(f"starting Triton (gRPC {settings.triton_url}, log {options.log_path}) ...")
+    async with TritonServer(options):
+        stop = asyncio.Event()
+        ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        server = asyncio.create_task(serve(settings, on_ready=ready.set_result, stop=stop))
+        try:
+            waiting: set[asyncio.Future[Any]] = {server, ready}
+            done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+            if server in done:
+                server.result()          # start-up failed: raise its error
+                return 1
+            port = ready.result()
+            target = f"{settings.host}:{port}"
+            async with RecsvcClient(target) as client:
+                rec = await client.recommend(DEMO_USER, 10)
+            catalog = _latest_catalog(settings)
+            print(f"\nrecsvc is serving on {target}. A sample request for MovieLens user {DEMO_USER}:")
+            _print_recommendation(rec, catalog, DEMO_USER)
+            print(
+                "\nQuery it yourself (server reflection is on):\n"
+                f"  grpcurl -plaintext -d '{{\"user_id\": \"{DEMO_USER}\", \"k\": 5}}' {target} "
+                "recsvc.v1.Recommender/Recommend\n"
+                f"  .venv/bin/recsvc recommend {DEMO_USER} --k 5 --target {target}\n"
+                f"  .venv/bin/recsvc record {DEMO_USER} 1 --type view --target {target}   (Toy Story)\n"
+                f"  grpcurl -plaintext {target} grpc.health.v1.Health/Check\n"
+                "Ctrl-C stops the server and Triton."
+            )
+            if exit_after_demo:
+                stop.set()
+            await server
+        finally:
+            if not server.done():
+                stop.set()
+                await server
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- main
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="recsvc", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=["auto", "json", "text"], default="auto")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--data-dir", type=Path, help="default var/ (RECSVC_DATA_DIR)")
+    common.add_argument("--model-repository", type=Path, help="default model_repository/ (RECSVC_MODEL_REPOSITORY)")
+    common.add_argument("--triton-url", help="Triton gRPC host:port (RECSVC_TRITON_URL)")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("up", parents=[common], help=cmd_up.__doc__)
+    p.add_argument("--port", type=int, help="gRPC port (RECSVC_PORT, default 50051)")
+    p.add_argument("--exit-after-demo", action="store_true", help="stop after printing the sample request")
+    _add_train_args(p)
+    p.set_defaults(func=cmd_up, dataset="movielens", seed=0)
+
+    p = sub.add_parser("train", parents=[common], help=cmd_train.__doc__)
+    _add_data_args(p)
+    _add_train_args(p)
+    p.add_argument("--out", type=Path, help="bundle directory (default <data-dir>/bundles/<dataset>-<time>)")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", parents=[common], help=cmd_evaluate.__doc__)
+    p.add_argument("bundle", type=Path)
+    _add_data_args(p)
+    p.add_argument("--test-per-user", type=int, default=5)
+    p.add_argument("--eval-users", type=int, default=20_000)
+    p.add_argument("--k", type=int, default=10)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("publish", parents=[common], help=cmd_publish.__doc__)
+    p.add_argument("bundle", type=Path)
+    p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("triton", parents=[common], help=cmd_triton.__doc__)
+    p.set_defaults(func=cmd_triton)
+
+    p = sub.add_parser("serve", parents=[common], help=cmd_serve.__doc__)
+    p.add_argument("--port", type=int, help="gRPC port; 0 picks a free one (RECSVC_PORT, default 50051)")
+    p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("seed", parents=[common], help=cmd_seed.__doc__)
+    _add_data_args(p)
+    p.set_defaults(func=cmd_seed)
+
+    for name, func in (("recommend", cmd_recommend), ("record", cmd_record)):
+        p = sub.add_parser(name, parents=[common], help=func.__doc__)
+        p.add_argument("user")
+        if name == "recommend":
+            p.add_argument("--k", type=int, default=10)
+            p.add_argument("--context", nargs="*", default=[])
+            p.add_argument("--exclude", nargs="*", default=[])
+        else:
+            p.add_argument("item")
+            p.add_argument("--type", choices=["view", "cart", "purchase"], default="view")
+        p.add_argument("--target", help="host:port of the server (default host:port from settings)")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `recsvc` console script."""
+    from recsvc.logs import setup_logging
+
+    args = _parser().parse_args(argv)
+    setup_logging(args.log_level, args.log_format)
+    try:
+        return int(args.func(args))
+    except RecsvcError as exc:
+        print(f"recsvc {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

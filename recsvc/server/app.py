@@ -1,0 +1,114 @@
+"""Build the service from settings and run the gRPC server until SIGTERM/SIGINT."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from recsvc.config import Settings
+from recsvc.errors import BundleError, RankerUnavailable
+from recsvc.history import HistoryCache, SqliteHistoryStore
+from recsvc.pipeline import Pipeline, load_serving_bundle
+from recsvc.ranking import TritonRanker
+from recsvc.repository import latest_version
+from recsvc.server.servicer import RecommenderServicer
+from recsvc.v1 import recommender_pb2 as pb
+from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+
+__all__ = ["SERVICE_NAME", "Service", "build_service", "serve", "write_port_file"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+
+
+@dataclass
+class Service:
+    """The components one server process owns, closed in reverse order of creation."""
+
+    settings: Settings
+    store: SqliteHistoryStore
+    ranker: TritonRanker
+    pipeline: Pipeline
+
+    async def close(self) -> None:
+        """Close the ranker client, the index and the store (pending writes finish first)."""
+        await self.ranker.close()
+        await self.pipeline.bundle.close()
+        await self.store.close()
+
+
+async def build_service(settings: Settings) -> Service:
+    """Load the newest published bundle, open the history store and connect to Triton."""
+    repo, model = settings.model_repository, settings.triton_model
+    version = latest_version(repo, model)
+    if version is None:
+        raise BundleError(f"no published version of {model!r} in {repo}: run `recsvc train` and `recsvc publish`")
+    bundle = await asyncio.to_thread(load_serving_bundle, repo / model / str(version), str(version))
+    store = await SqliteHistoryStore.open(settings.resolved_history_db(), keep=settings.history_keep)
+    history = HistoryCache(store, maxsize=settings.l1_maxsize, limit=settings.history_keep)
+    ranker = TritonRanker.from_settings(settings)
+    try:
+        if not await ranker.is_model_ready(str(version)):
+            await ranker.load_model()
+    except RankerUnavailable as exc:
+        # Serve anyway: retrieval-only answers flagged degraded beat no answers, and the ranker is
+        # used again as soon as Triton answers.
+        log.warning("ranker %s v%s not ready at start-up (%s); responses are degraded until it is", model, version, exc)
+    log.info("serving %s version %s (index %s, %d items)", model, version, bundle.index_version, len(bundle.catalog))
+    return Service(settings, store, ranker, Pipeline(settings, history, ranker, bundle))
+
+
+async def serve(
+    settings: Settings, *, on_ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Run until SIGTERM, SIGINT or ``stop`` is set, then drain: health NOT_SERVING, finish RPCs, close."""
+    service = await build_service(settings)
+    server = grpc.aio.server()
+    servicer = RecommenderServicer(service.pipeline, settings)
+    pb_grpc.add_RecommenderServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    await server.start()
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("recsvc listening on %s:%d", settings.host, port)
+    if on_ready is not None:
+        on_ready(port)
+
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        log.info("shutting down: draining for up to %.1f s", settings.grace_s)
+        await health_servicer.enter_graceful_shutdown()
+        await server.stop(settings.grace_s)
+        await service.close()
+
+
+def write_port_file(path: Path) -> Callable[[int], None]:
+    """An on_ready callback that writes the bound port atomically (for tests and supervisors)."""
+
+    def write(port: int) -> None:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(path)
+
+    return write

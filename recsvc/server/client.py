@@ -1,0 +1,81 @@
+"""A small asyncio client for recsvc (the CLI's `recommend` and `record`, the demo, benchmarks)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from recsvc.domain import Event, Recommendation, ScoredItem
+from recsvc.errors import InvalidArgument, RecsvcError, Unavailable
+from recsvc.v1 import recommender_pb2 as pb
+from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+
+__all__ = ["RecsvcClient"]
+
+
+class RecsvcClient:
+    """Talks to a recsvc server; gRPC errors come back as recsvc errors."""
+
+    def __init__(self, target: str, *, timeout_s: float = 5.0) -> None:
+        self._channel = grpc.aio.insecure_channel(target)
+        self._stub = pb_grpc.RecommenderStub(self._channel)  # type: ignore[no-untyped-call]
+        self._health = health_pb2_grpc.HealthStub(self._channel)
+        self._timeout = timeout_s
+
+    async def __aenter__(self) -> RecsvcClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        """Close the channel."""
+        await self._channel.close()
+
+    async def recommend(
+        self, user_id: str, k: int, *, context: Sequence[str] = (), exclude: Sequence[str] = ()
+    ) -> Recommendation:
+        """Call Recommend."""
+        request = pb.RecommendRequest(user_id=user_id, k=k, context_item_ids=context, exclude_item_ids=exclude)
+        try:
+            r = await self._stub.Recommend(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from exc
+        return Recommendation(
+            items=[ScoredItem(i.item_id, i.score) for i in r.items], model_version=r.model_version,
+            index_version=r.index_version, degraded=r.degraded, degraded_reason=r.degraded_reason,
+        )  # fmt: skip
+
+    async def record(self, events: Sequence[Event]) -> int:
+        """Call RecordEvents."""
+        request = pb.RecordEventsRequest(events=[_event(e) for e in events])
+        try:
+            reply = await self._stub.RecordEvents(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            raise _translate(exc) from exc
+        return int(reply.accepted)
+
+    async def serving(self, service: str = "") -> bool:
+        """True when the health service reports SERVING."""
+        try:
+            reply = await self._health.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._timeout)
+        except grpc.aio.AioRpcError:
+            return False
+        return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _event(e: Event) -> pb.Event:
+    ts = Timestamp()
+    ts.FromNanoseconds(int(e.timestamp * 1e9))
+    return pb.Event(user_id=e.user_id, item_id=e.item_id, type=int(e.type), timestamp=ts)  # type: ignore[arg-type]
+
+
+def _translate(exc: grpc.aio.AioRpcError) -> RecsvcError:
+    details = exc.details() or ""
+    if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+        field, _, message = details.partition(": ")
+        return InvalidArgument(field, message)
+    return Unavailable(f"{exc.code().name}: {details}")

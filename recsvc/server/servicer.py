@@ -1,0 +1,71 @@
+"""The Recommender servicer: proto in, validated domain values to the pipeline, proto out."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import grpc
+
+from recsvc.config import Settings
+from recsvc.domain import Recommendation
+from recsvc.errors import DeadlineExceeded, RecsvcError
+from recsvc.pipeline import Pipeline
+from recsvc.server.errors import abort_with
+from recsvc.server.validation import events_from_proto, query_from_proto
+from recsvc.v1 import recommender_pb2 as pb
+from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+
+__all__ = ["RecommenderServicer", "response_to_proto"]
+
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def response_to_proto(rec: Recommendation) -> pb.RecommendResponse:
+    """Domain Recommendation -> RecommendResponse."""
+    return pb.RecommendResponse(
+        items=[pb.RecommendedItem(item_id=i.item_id, score=i.score) for i in rec.items],
+        model_version=rec.model_version,
+        index_version=rec.index_version,
+        degraded=rec.degraded,
+        degraded_reason=rec.degraded_reason,
+    )
+
+
+class RecommenderServicer(pb_grpc.RecommenderServicer):
+    """recsvc.v1.Recommender over a Pipeline."""
+
+    def __init__(self, pipeline: Pipeline, settings: Settings) -> None:
+        self._pipeline = pipeline
+        self._settings = settings
+
+    def _budget(self, context: Context) -> float:
+        # The client's deadline when it sent one, never more than our own cap: nothing waits forever.
+        remaining = context.time_remaining()
+        cap = self._settings.request_timeout_s
+        return cap if remaining is None else max(0.0, min(cap, remaining))
+
+    async def Recommend(self, request: pb.RecommendRequest, context: Context) -> pb.RecommendResponse:
+        """See the proto."""
+        try:
+            query = query_from_proto(request, self._settings)
+            budget = self._budget(context)
+            try:
+                async with asyncio.timeout(budget):
+                    rec = await self._pipeline.recommend(query)
+            except TimeoutError as exc:
+                raise DeadlineExceeded(f"recommendation not ready within {budget:.3f} s") from exc
+        except RecsvcError as exc:
+            await abort_with(context, exc)
+        return response_to_proto(rec)
+
+    async def RecordEvents(
+        self, request: pb.RecordEventsRequest, context: Context
+    ) -> pb.RecordEventsResponse:
+        """See the proto. No timeout here: cancelling a write mid-commit would leave the caller unsure."""
+        try:
+            events = events_from_proto(request, self._settings)
+            accepted = await self._pipeline.record(events)
+        except RecsvcError as exc:
+            await abort_with(context, exc)
+        return pb.RecordEventsResponse(accepted=accepted)

@@ -1,0 +1,78 @@
+"""Turn API messages into validated domain values; every failure names the offending field."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+from recsvc.config import Settings
+from recsvc.domain import Event, EventType, RecommendQuery
+from recsvc.errors import InvalidArgument
+from recsvc.v1 import recommender_pb2 as pb
+
+__all__ = ["MAX_FUTURE_S", "events_from_proto", "query_from_proto"]
+
+# Clocks differ between frontends and us; beyond this an event timestamp is a bug, not skew.
+MAX_FUTURE_S = 300.0
+
+
+def _check_id(field: str, value: str, max_len: int) -> str:
+    if not value:
+        raise InvalidArgument(field, "must not be empty")
+    size = len(value.encode("utf-8"))
+    if size > max_len:
+        raise InvalidArgument(field, f"must be at most {max_len} bytes, got {size}")
+    if not value.strip():
+        raise InvalidArgument(field, "must not be blank")
+    return value
+
+
+def _check_ids(field: str, values: Sequence[str], max_count: int, max_len: int) -> tuple[str, ...]:
+    if len(values) > max_count:
+        raise InvalidArgument(field, f"at most {max_count} ids allowed, got {len(values)}")
+    return tuple(_check_id(f"{field}[{i}]", v, max_len) for i, v in enumerate(values))
+
+
+def query_from_proto(request: pb.RecommendRequest, settings: Settings) -> RecommendQuery:
+    """Validate a RecommendRequest against the limits in ``settings``."""
+    user_id = _check_id("user_id", request.user_id, settings.max_id_len)
+    if not 1 <= request.k <= settings.max_k:
+        raise InvalidArgument("k", f"must be between 1 and {settings.max_k}, got {request.k}")
+    return RecommendQuery(
+        user_id=user_id,
+        k=request.k,
+        context_item_ids=_check_ids(
+            "context_item_ids", request.context_item_ids, settings.max_context, settings.max_id_len
+        ),
+        exclude_item_ids=_check_ids(
+            "exclude_item_ids", request.exclude_item_ids, settings.max_exclude, settings.max_id_len
+        ),
+    )
+
+
+def events_from_proto(request: pb.RecordEventsRequest, settings: Settings, now: float | None = None) -> list[Event]:
+    """Validate every event first, so an invalid batch stores nothing (no partial writes to reconcile)."""
+    if not request.events:
+        raise InvalidArgument("events", "must contain at least one event")
+    if len(request.events) > settings.max_events_per_call:
+        raise InvalidArgument(
+            "events", f"at most {settings.max_events_per_call} events per call, got {len(request.events)}"
+        )
+    now = time.time() if now is None else now
+    events = []
+    for i, e in enumerate(request.events):
+        field = f"events[{i}]"
+        user_id = _check_id(f"{field}.user_id", e.user_id, settings.max_id_len)
+        item_id = _check_id(f"{field}.item_id", e.item_id, settings.max_id_len)
+        if e.type not in (pb.EVENT_TYPE_VIEW, pb.EVENT_TYPE_CART, pb.EVENT_TYPE_PURCHASE):
+            raise InvalidArgument(f"{field}.type", f"must be VIEW, CART or PURCHASE, got {e.type}")
+        if e.HasField("timestamp"):
+            ts = e.timestamp.seconds + e.timestamp.nanos / 1e9
+            if ts <= 0:
+                raise InvalidArgument(f"{field}.timestamp", "must be after 1970-01-01")
+            if ts > now + MAX_FUTURE_S:
+                raise InvalidArgument(f"{field}.timestamp", f"is {ts - now:.0f} s in the future")
+        else:
+            ts = now
+        events.append(Event(user_id=user_id, item_id=item_id, type=EventType(e.type), timestamp=ts))
+    return events
