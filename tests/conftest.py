@@ -1,0 +1,32 @@
+"""Fixtures shared by unit and integration tests."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recsvc.data import Dataset, generate_synthetic, time_split
+from recsvc.models.train import TrainConfig, Trained, train, write_bundle
+
+TINY_CONFIG = TrainConfig(dim=16, history_len=10, num_candidates=20, retrieval_epochs=10, ranker_epochs=3,
+                          batch_size=128, lr=1e-2, ranker_dim=8, ranker_negatives=7, seed=0)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset() -> Dataset:
+    """A small synthetic shop: 400 users, 120 items in a few categories."""
+    return generate_synthetic(400, 120, num_categories=6, seed=7)
+
+
+@pytest.fixture(scope="session")
+def tiny_trained(tiny_dataset: Dataset) -> Trained:
+    return train(time_split(tiny_dataset).train, TINY_CONFIG, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Dataset, tiny_trained: Trained) -> Path:
+    """A real bundle (ONNX files, embeddings, catalog, manifest) from the tiny models."""
+    out = tmp_path_factory.mktemp("tiny-bundle")
+    write_bundle(tiny_trained, time_split(tiny_dataset).train, out)
+    return out

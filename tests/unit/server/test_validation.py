@@ -1,0 +1,89 @@
+from __future__ import annotations
+
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from recsvc.config import Settings
+from recsvc.domain import EventType
+from recsvc.errors import InvalidArgument
+from recsvc.server.validation import events_from_proto, query_from_proto
+from recsvc.v1 import recommender_pb2 as pb
+
+S = Settings()
+
+
+def test_valid_query() -> None:
+    q = query_from_proto(pb.RecommendRequest(user_id="u1", k=5, context_item_ids=["a"], exclude_item_ids=["b", "c"]), S)
+    assert (q.user_id, q.k, q.context_item_ids, q.exclude_item_ids) == ("u1", 5, ("a",), ("b", "c"))
+
+
+@pytest.mark.parametrize(
+    ("request_kwargs", "field", "message"),
+    [
+        ({"user_id": "", "k": 5}, "user_id", "must not be empty"),
+        ({"user_id": "   ", "k": 5}, "user_id", "must not be blank"),
+        ({"user_id": "x" * 129, "k": 5}, "user_id", "at most 128 bytes, got 129"),
+        ({"user_id": "é" * 65, "k": 5}, "user_id", "at most 128 bytes, got 130"),
+        ({"user_id": "u", "k": 0}, "k", "between 1 and 100, got 0"),
+        ({"user_id": "u", "k": -3}, "k", "got -3"),
+        ({"user_id": "u", "k": 101}, "k", "got 101"),
+        ({"user_id": "u", "k": 5, "exclude_item_ids": ["x"] * 501}, "exclude_item_ids", "at most 500 ids allowed"),
+        ({"user_id": "u", "k": 5, "exclude_item_ids": ["ok", ""]}, "exclude_item_ids[1]", "must not be empty"),
+        ({"user_id": "u", "k": 5, "context_item_ids": ["c"] * 51}, "context_item_ids", "at most 50"),
+        ({"user_id": "u", "k": 5, "context_item_ids": ["y" * 200]}, "context_item_ids[0]", "at most 128 bytes"),
+    ],
+)
+def test_invalid_query_names_the_field(request_kwargs: dict[str, object], field: str, message: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        query_from_proto(pb.RecommendRequest(**request_kwargs), S)  # type: ignore[arg-type]
+    assert info.value.field == field
+    assert str(info.value).startswith(f"{field}: ") and message in str(info.value)
+
+
+def test_limits_follow_settings() -> None:
+    with pytest.raises(InvalidArgument, match="between 1 and 3"):
+        query_from_proto(pb.RecommendRequest(user_id="u", k=4), Settings(max_k=3))
+
+
+def ts(seconds: float) -> Timestamp:
+    t = Timestamp()
+    t.FromNanoseconds(int(seconds * 1e9))
+    return t
+
+
+def test_events_valid_with_and_without_timestamp() -> None:
+    req = pb.RecordEventsRequest(events=[
+        pb.Event(user_id="u", item_id="i", type=pb.EVENT_TYPE_PURCHASE, timestamp=ts(1000.5)),
+        pb.Event(user_id="u", item_id="j", type=pb.EVENT_TYPE_VIEW),
+    ])  # fmt: skip
+    events = events_from_proto(req, S, now=2000.0)
+    assert [(e.item_id, e.type, e.timestamp) for e in events] == [
+        ("i", EventType.PURCHASE, 1000.5), ("j", EventType.VIEW, 2000.0)
+    ]
+
+
+@pytest.mark.parametrize(
+    ("event", "field", "message"),
+    [
+        (pb.Event(user_id="", item_id="i", type=pb.EVENT_TYPE_VIEW), "events[1].user_id", "must not be empty"),
+        (pb.Event(user_id="u", item_id="", type=pb.EVENT_TYPE_VIEW), "events[1].item_id", "must not be empty"),
+        (pb.Event(user_id="u", item_id="i"), "events[1].type", "must be VIEW, CART or PURCHASE, got 0"),
+        (pb.Event(user_id="u", item_id="i", type=pb.EVENT_TYPE_CART, timestamp=ts(9999)), "events[1].timestamp",
+         "in the future"),
+        (pb.Event(user_id="u", item_id="i", type=pb.EVENT_TYPE_CART, timestamp=ts(-5)), "events[1].timestamp",
+         "after 1970"),
+    ],
+)
+def test_one_bad_event_rejects_the_batch(event: pb.Event, field: str, message: str) -> None:
+    good = pb.Event(user_id="u", item_id="i", type=pb.EVENT_TYPE_VIEW)
+    with pytest.raises(InvalidArgument) as info:
+        events_from_proto(pb.RecordEventsRequest(events=[good, event]), S, now=1000.0)
+    assert info.value.field == field and message in str(info.value)
+
+
+def test_event_batch_size_limits() -> None:
+    with pytest.raises(InvalidArgument, match="events: must contain at least one event"):
+        events_from_proto(pb.RecordEventsRequest(), S)
+    many = [pb.Event(user_id="u", item_id="i", type=pb.EVENT_TYPE_VIEW)] * 3
+    with pytest.raises(InvalidArgument, match="at most 2 events per call, got 3"):
+        events_from_proto(pb.RecordEventsRequest(events=many), Settings(max_events_per_call=2))

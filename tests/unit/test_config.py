@@ -1,0 +1,56 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recsvc.config import Settings, load_settings
+from recsvc.errors import ConfigError
+
+
+def test_defaults_need_no_configuration() -> None:
+    s = load_settings(env={})
+    assert s == Settings()
+    assert s.resolved_history_db() == Path("var/history.sqlite3")
+
+
+def test_precedence_defaults_then_env_then_overrides() -> None:
+    env = {"RECSVC_PORT": "6000", "RECSVC_MAX_K": "50", "RECSVC_DATA_DIR": "/tmp/x", "PATH": "/bin"}
+    s = load_settings(env=env, port=7000, triton_url=None)
+    assert s.port == 7000                    # override beats env
+    assert s.max_k == 50                     # env beats default
+    assert s.data_dir == Path("/tmp/x")
+    assert s.triton_url == Settings().triton_url   # a None override (flag not given) masks nothing
+
+
+def test_unknown_env_key_rejected_with_its_name() -> None:
+    with pytest.raises(ConfigError, match="RECSVC_PROT"):
+        load_settings(env={"RECSVC_PROT": "1"})
+
+
+def test_unknown_override_rejected() -> None:
+    with pytest.raises(ConfigError, match="'colour'"):
+        load_settings(env={}, colour="red")
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"RECSVC_PORT": "abc"}, "'port'"),
+        ({"RECSVC_MAX_K": "0"}, "'max_k' must be > 0"),
+        ({"RECSVC_PORT": "70000"}, "0..65535"),
+        ({"RECSVC_GRACE_S": "-1"}, "'grace_s' must be > 0"),
+        ({"RECSVC_MAX_K": "500"}, "cannot exceed num_candidates"),
+        ({"RECSVC_HISTORY_KEEP": "10"}, "history_keep"),
+    ],
+)
+def test_invalid_values_rejected(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_settings(env=env)
+
+
+def test_settings_are_frozen() -> None:
+    s = Settings()
+    with pytest.raises(AttributeError):
+        s.port = 1  # type: ignore[misc]
+    assert s.with_overrides(port=1).port == 1
