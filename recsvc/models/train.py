@@ -3,8 +3,8 @@
 Training examples are next-item predictions: for every interaction, the user's preceding ``history_len``
 items (possibly none: that teaches the cold-start query) predict the item. The retrieval net learns with
 softmax over the whole catalog (sampled softmax beyond ``full_softmax_max_items``). The ranker learns to
-pick the true next item out of the candidates retrieval would have served (hard negatives), because that
-is exactly the choice it makes in production.
+pick the true next item out of the candidates retrieval would have served, on the examples where
+retrieval did serve it, because that is exactly the choice it makes in production.
 """
 
 from __future__ import annotations
@@ -108,13 +108,13 @@ def train(
     )  # fmt: skip
     retrieval.eval()
 
-    ranker = RankerNet(ds.num_items, config.ranker_dim)
-    negative_sampler = _popularity_sampler(popularity, gen)
+    ranker = RankerNet(retrieval, config.ranker_dim)
     _fit(
         "ranker", ranker, config.ranker_epochs, config, positions, rng, progress, on_epoch,
-        lambda batch: _ranker_loss(ranker, retrieval, flat, example_start, batch, config, gen, negative_sampler),
+        lambda batch: _ranker_loss(ranker, retrieval, flat, example_start, batch, config, gen),
     )  # fmt: skip
     ranker.eval()
+    retrieval.eval()      # _fit(ranker) set train mode on the embedded (frozen) retrieval net too
     return Trained(retrieval, ranker, config, popularity, time.perf_counter() - t0)
 
 
@@ -129,7 +129,7 @@ def _fit(
     on_epoch: Callable[[str, int, float], None] | None,
     loss_fn: Callable[[npt.NDArray[np.int64]], torch.Tensor],
 ) -> None:
-    optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=config.lr)
     model.train()
     for epoch in range(epochs):
         order = rng.permutation(positions)[: config.max_examples_per_epoch]
@@ -168,42 +168,41 @@ def _retrieval_loss(
     return F.cross_entropy(logits, torch.zeros(len(batch), dtype=torch.int64))
 
 
-def _popularity_sampler(
-    popularity: npt.NDArray[np.float32], gen: torch.Generator
-) -> Callable[[int, int], torch.Tensor]:
-    # popularity^0.75 (as in word2vec): harder than uniform, without drowning in the head.
-    weights = torch.from_numpy(np.power(popularity + 1.0, 0.75))
-
-    def sample(rows: int, cols: int) -> torch.Tensor:
-        return torch.multinomial(weights, rows * cols, replacement=True, generator=gen).view(rows, cols)
-
-    return sample
-
-
 def _ranker_loss(
     ranker: RankerNet, retrieval: RetrievalNet, flat: _Ints, starts: _Ints, batch: _Ints,
-    config: TrainConfig, gen: torch.Generator, sample_popular: Callable[[int, int], torch.Tensor],
+    config: TrainConfig, gen: torch.Generator,
 ) -> torch.Tensor:  # fmt: skip
     history = torch.from_numpy(history_matrix(flat, starts[batch], batch, config.history_len))
     target = torch.from_numpy(flat[batch])
     rows, m = len(batch), config.ranker_negatives
-    if retrieval.num_items <= config.full_softmax_max_items:
-        with torch.no_grad():
-            scores = retrieval(history) @ retrieval.item_vectors().T
+    with torch.no_grad():
+        # Negatives are what retrieval would serve: the ranker only ever chooses among those, so it
+        # must learn p(item | user, item is a candidate). Popularity-sampled negatives would instead
+        # teach it to push popular items down (the sampled-softmax bias), and people do buy what is
+        # popular. On large catalogs the top-K is taken over a random pool to bound the cost.
+        pool = None
+        if retrieval.num_items > config.full_softmax_max_items:
+            pool = torch.randperm(retrieval.num_items, generator=gen)[: config.full_softmax_max_items]
+        items = retrieval.item_vectors() if pool is None else retrieval.item_vectors()[pool]
+        scores = retrieval(history) @ items.T
+        if pool is None:
             # Items already in the history are filtered before ranking in production; do the same.
             # amax, not plain scatter: padding (-1 -> index 0) must never clear a real seen item 0.
             seen = torch.zeros_like(scores).scatter_reduce_(
                 1, history.clamp(min=0), (history >= 0).to(scores.dtype), reduce="amax"
             )
             scores = scores.masked_fill(seen > 0, -1e9)
-            top = scores.topk(min(config.num_candidates, retrieval.num_items), dim=1).indices
-        pick = torch.randint(0, top.shape[1], (rows, m), generator=gen)
-        hard = top.gather(1, pick)
-        # Half hard (what retrieval serves), half popularity-sampled (keeps the scores calibrated
-        # against the wider catalog, e.g. for context items and deny-list fallbacks).
-        negatives = torch.where(torch.rand(rows, m, generator=gen) < 0.5, hard, sample_popular(rows, m))
-    else:
-        negatives = sample_popular(rows, m)
+        top = scores.topk(min(config.num_candidates, scores.shape[1]), dim=1).indices
+        if pool is not None:
+            top = pool[top]
+    # Keep only examples whose positive is among the candidates: otherwise "retrieval likes it" would
+    # be the easiest sign of a negative, and the ranker would learn to undo retrieval (selection bias).
+    keep = (top == target[:, None]).any(dim=1)
+    if not bool(keep.any()):
+        return ranker.retrieval_scale * 0.0
+    history, target, top = history[keep], target[keep], top[keep]
+    rows = len(target)
+    negatives = top.gather(1, torch.randint(0, top.shape[1], (rows, m), generator=gen))
     candidates = torch.cat([target[:, None], negatives], dim=1)
     logits = ranker(history, candidates)
     # A sampled negative equal to the positive is not a negative.

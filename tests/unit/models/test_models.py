@@ -33,7 +33,7 @@ def test_padding_does_not_change_query() -> None:
 
 def test_ranker_scores_padding_low_and_is_per_candidate() -> None:
     torch.manual_seed(0)
-    net = RankerNet(num_items=20, dim=8, hidden=16).eval()
+    net = RankerNet(RetrievalNet(num_items=20, dim=8, history_len=4), dim=8, hidden=16).eval()
     hist = torch.tensor([[-1, 2, 3, 4]])
     together = net(hist, torch.tensor([[5, 6, -1]]))
     alone = net(hist, torch.tensor([[6]]))
@@ -44,7 +44,10 @@ def test_ranker_scores_padding_low_and_is_per_candidate() -> None:
 def test_onnx_exports_equal_torch(tmp_path: Path) -> None:
     torch.manual_seed(0)
     retrieval = RetrievalNet(num_items=30, dim=8, history_len=5).eval()
-    ranker = RankerNet(num_items=30, dim=8, hidden=16).eval()
+    ranker = RankerNet(retrieval, dim=8, hidden=16)
+    for p in ranker.parameters():     # move off the zero-residual init so the export is really tested
+        torch.nn.init.normal_(p, std=0.1) if p.requires_grad else None
+    ranker.eval()
     export_query_encoder(retrieval, tmp_path / "q.onnx")
     export_ranker(ranker, 5, 4, tmp_path / "r.onnx")
     hist = np.array([[-1, -1, 1, 2, 3], [-1, -1, -1, -1, -1], [4, 5, 6, 7, 8]], dtype=np.int64)
@@ -76,3 +79,14 @@ def test_training_learns_the_synthetic_structure(tiny_dataset: Dataset, tiny_tra
         in_fav = ds.categories == favourite
         wins += scores[in_fav].mean() > scores[~in_fav].mean()
     assert wins / len(users) > 0.8
+
+
+def test_untrained_ranker_reproduces_retrieval_order() -> None:
+    torch.manual_seed(0)
+    retrieval = RetrievalNet(num_items=40, dim=8, history_len=5).eval()
+    ranker = RankerNet(retrieval, dim=8, hidden=16).eval()
+    hist = torch.tensor([[-1, 3, 4, 5, 6]])
+    cand = torch.arange(40).view(1, 40)
+    with torch.no_grad():
+        expected = retrieval(hist) @ retrieval.item_vectors().T
+        torch.testing.assert_close(ranker(hist, cand), expected)
