@@ -1,0 +1,172 @@
+"""The ranker served by Triton Inference Server, reached over gRPC with tritonclient's asyncio client.
+
+This is the only module that imports tritonclient: every tritonclient or gRPC exception is translated
+into ``RankerUnavailable`` here, so callers handle one error type and can degrade to retrieval order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+from tritonclient.grpc import InferInput, InferRequestedOutput
+from tritonclient.grpc.aio import InferenceServerClient
+from tritonclient.utils import InferenceServerException
+
+from recsvc.config import Settings
+from recsvc.errors import RankerUnavailable
+from recsvc.ranking.base import check_batch, empty_scores
+
+__all__ = ["TritonRanker"]
+
+
+def _is_client_error(exc: Exception) -> bool:
+    """Whether ``exc`` comes from tritonclient or gRPC (as opposed to a bug in our own code).
+
+    tritonclient wraps the gRPC errors of every call it makes, but grpc.aio can still raise its own
+    (a channel torn down mid-call, a usage error); matching on the module keeps grpc, which has no type
+    information, out of our imports.
+    """
+    return isinstance(exc, InferenceServerException) or type(exc).__module__.split(".")[0] == "grpc"
+
+
+class TritonRanker:
+    """``Ranker`` that calls the Triton model ``model_name`` at a pinned version.
+
+    ``timeout_s`` bounds each inference call (as a gRPC deadline). Batches larger than ``max_batch_size``
+    (the model config's) are split and sent concurrently. The gRPC channel is opened on first use, in the
+    running event loop.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        model_name: str = "ranker",
+        timeout_s: float = 1.0,
+        max_batch_size: int = 64,
+        load_timeout_s: float = 120.0,
+    ) -> None:
+        if timeout_s <= 0 or max_batch_size <= 0 or load_timeout_s <= 0:
+            raise ValueError("timeout_s, max_batch_size and load_timeout_s must be > 0")
+        self.url = url
+        self.model_name = model_name
+        self.timeout_s = timeout_s
+        self.max_batch_size = max_batch_size
+        self.load_timeout_s = load_timeout_s
+        self._client: InferenceServerClient | None = None
+        self._closed = False
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TritonRanker:
+        """Build the ranker the service uses from ``triton_url``, ``triton_model``, ``triton_timeout_s``."""
+        return cls(settings.triton_url, model_name=settings.triton_model, timeout_s=settings.triton_timeout_s)
+
+    def _get_client(self) -> InferenceServerClient:
+        if self._closed:
+            raise RankerUnavailable(f"triton ranker for {self.url} is closed")
+        if self._client is None:
+            self._client = InferenceServerClient(self.url)
+        return self._client
+
+    def _error(self, what: str, exc: Exception) -> RankerUnavailable:
+        if isinstance(exc, InferenceServerException):
+            status = exc.status() or "error"
+            detail = f"{status}: {exc.message()}"
+        else:
+            detail = f"{type(exc).__name__}: {exc}"
+        return RankerUnavailable(f"triton {self.url} {what}: {detail}")
+
+    async def score(
+        self, history: npt.NDArray[np.int64], candidates: npt.NDArray[np.int64], *, version: str
+    ) -> npt.NDArray[np.float32]:
+        """Score on Triton; see ``Ranker.score``. Any failure raises ``RankerUnavailable``."""
+        history, candidates = check_batch(history, candidates)
+        batch = history.shape[0]
+        if batch == 0:
+            return empty_scores(candidates)
+        if batch <= self.max_batch_size:
+            return await self._infer(history, candidates, version)
+        step = self.max_batch_size
+        parts = await asyncio.gather(
+            *(self._infer(history[i : i + step], candidates[i : i + step], version) for i in range(0, batch, step))
+        )
+        return np.concatenate(parts, axis=0)
+
+    async def _infer(
+        self, history: npt.NDArray[np.int64], candidates: npt.NDArray[np.int64], version: str
+    ) -> npt.NDArray[np.float32]:
+        client = self._get_client()
+        what = f"model {self.model_name} version {version or '(default)'}"
+        inputs = [
+            InferInput("HISTORY", list(history.shape), "INT64"),
+            InferInput("CANDIDATES", list(candidates.shape), "INT64"),
+        ]
+        inputs[0].set_data_from_numpy(history)
+        inputs[1].set_data_from_numpy(candidates)
+        try:
+            result = await client.infer(
+                self.model_name,
+                inputs,
+                model_version=version,
+                outputs=[InferRequestedOutput("SCORES")],
+                client_timeout=self.timeout_s,
+            )
+        except Exception as exc:
+            if not _is_client_error(exc):
+                raise
+            raise self._error(what, exc) from exc
+        scores: Any = result.as_numpy("SCORES")
+        expected = (history.shape[0], candidates.shape[1])
+        if scores is None or scores.shape != expected or scores.dtype != np.float32:
+            got = "nothing" if scores is None else f"{scores.dtype} {scores.shape}"
+            raise RankerUnavailable(f"triton {self.url} {what}: SCORES is {got}, expected float32 {expected}")
+        return np.asarray(scores)
+
+    async def is_server_ready(self) -> bool:
+        """Whether Triton answers and reports ready (False when it cannot be reached)."""
+        try:
+            return bool(await self._get_client().is_server_ready(client_timeout=self.timeout_s))
+        except Exception as exc:
+            if not _is_client_error(exc):
+                raise
+            return False
+
+    async def is_model_ready(self, version: str = "") -> bool:
+        """Whether ``version`` of the model is loaded and ready ("" asks about the default version).
+
+        A version Triton does not know is simply not ready; an unreachable Triton raises
+        ``RankerUnavailable`` so callers can tell "not loaded" from "down".
+        """
+        try:
+            ready = await self._get_client().is_model_ready(self.model_name, version, client_timeout=self.timeout_s)
+        except Exception as exc:
+            if not _is_client_error(exc):
+                raise
+            what = f"model {self.model_name} version {version or '(default)'} readiness"
+            raise self._error(what, exc) from exc
+        return bool(ready)
+
+    async def load_model(self, name: str | None = None) -> None:
+        """Load (or reload) a model in Triton's explicit model-control mode.
+
+        Triton rescans the model's directory and loads the versions its version policy selects; the
+        call returns when loading has finished, so it gets ``load_timeout_s`` rather than the
+        inference timeout.
+        """
+        name = name or self.model_name
+        try:
+            await self._get_client().load_model(name, client_timeout=self.load_timeout_s)
+        except Exception as exc:
+            if not _is_client_error(exc):
+                raise
+            raise self._error(f"load of model {name}", exc) from exc
+
+    async def close(self) -> None:
+        """Close the gRPC channel; later calls raise ``RankerUnavailable``."""
+        self._closed = True
+        client, self._client = self._client, None
+        if client is not None:
+            await client.close()

@@ -1,0 +1,205 @@
+"""Publish model bundles into a Triton model repository as numbered, immutable versions.
+
+Layout of one model (``repository/<model>/``)::
+
+    config.pbtxt          shared by all versions (written from templates/ranker_cpu.pbtxt if missing)
+    1/                    one complete version
+        model.py          copy of recsvc/repository/ranker_model.py (Triton's python backend runs it)
+        model.onnx        copy of the bundle's ranker.onnx
+        bundle/           the whole bundle: the service loads the item index from here, so the ranker
+                          version and the index that belongs to it switch together
+    2/ ...
+    .staging-3/           a version being written; renamed to 3/ only when complete
+
+A version directory appears in one atomic ``rename`` after every file is written and fsynced, so Triton
+(or a service scanning for the newest version) never sees half a version. Publishers are serialised by
+an ``flock`` on the model directory, so two concurrent ``publish`` calls get different numbers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from importlib import resources
+from pathlib import Path
+
+import onnx
+
+from recsvc.bundle import MANIFEST, Manifest, verify_bundle
+from recsvc.errors import BundleError, ConfigError
+
+__all__ = [
+    "STAGING_PREFIX",
+    "config_template",
+    "latest_version",
+    "list_versions",
+    "publish",
+    "version_dir",
+]
+
+log = logging.getLogger(__name__)
+
+STAGING_PREFIX = ".staging-"
+_NUMERIC = re.compile(r"[0-9]+")
+_RANKER_INPUTS = ("HISTORY", "CANDIDATES")
+_RANKER_OUTPUT = "SCORES"
+
+
+def config_template(flavour: str = "cpu") -> str:
+    """Text of the packaged ranker config for ``flavour`` ("cpu": python backend, "gpu": TensorRT)."""
+    source = resources.files("recsvc.repository").joinpath("templates", f"ranker_{flavour}.pbtxt")
+    if not source.is_file():
+        raise ConfigError(f"no ranker config template for flavour {flavour!r} (known: cpu, gpu)")
+    return source.read_text(encoding="utf-8")
+
+
+def version_dir(repository: Path, model_name: str, version: int) -> Path:
+    """Directory of one published version."""
+    return repository / model_name / str(version)
+
+
+def list_versions(repository: Path, model_name: str = "ranker") -> list[int]:
+    """Complete versions of ``model_name``, ascending: numeric directories holding bundle/manifest.json."""
+    model_dir = repository / model_name
+    if not model_dir.is_dir():
+        return []
+    return sorted(
+        int(entry.name)
+        for entry in model_dir.iterdir()
+        if _NUMERIC.fullmatch(entry.name) and (entry / "bundle" / MANIFEST).is_file()
+    )
+
+
+def latest_version(repository: Path, model_name: str = "ranker") -> int | None:
+    """Newest complete version, or None when nothing has been published."""
+    versions = list_versions(repository, model_name)
+    return versions[-1] if versions else None
+
+
+def publish(bundle_dir: Path, repository: Path, model_name: str = "ranker") -> int:
+    """Copy a verified bundle into the repository as the next version; return its number.
+
+    Raises BundleError (and writes nothing) when the bundle fails verification or its ranker does not
+    have the model contract's tensors; ConfigError when the repository cannot be written.
+    """
+    manifest = verify_bundle(bundle_dir)
+    _check_ranker(bundle_dir / "ranker.onnx", manifest)
+    model_dir = repository / model_name
+    try:
+        model_dir.mkdir(parents=True, exist_ok=True)
+        with _locked(model_dir):
+            _remove_leftover_staging(model_dir)
+            _ensure_config(model_dir)
+            version = _next_version(model_dir)
+            staging = model_dir / f"{STAGING_PREFIX}{version}"
+            try:
+                _write_version(staging, bundle_dir)
+                # rename(2) is atomic within a filesystem: the version appears complete or not at all.
+                staging.rename(model_dir / str(version))
+                _fsync_dir(model_dir)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+    except OSError as exc:
+        raise ConfigError(f"cannot publish {bundle_dir} into {model_dir}: {exc}") from exc
+    log.info("published %s as %s version %d", bundle_dir, model_name, version)
+    return version
+
+
+def _check_ranker(path: Path, manifest: Manifest) -> None:
+    """Refuse a ranker Triton would fail to serve, before anything is written."""
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # onnx raises DecodeError and friends from protobuf, not one base type
+        raise BundleError(f"{path} is not a readable ONNX model: {exc}") from exc
+    inputs = {i.name: i for i in model.graph.input}
+    outputs = {o.name for o in model.graph.output}
+    missing = [name for name in _RANKER_INPUTS if name not in inputs]
+    if missing or _RANKER_OUTPUT not in outputs:
+        raise BundleError(
+            f"{path}: ranker must have inputs {list(_RANKER_INPUTS)} and output {_RANKER_OUTPUT}; "
+            f"has inputs {sorted(inputs)}, outputs {sorted(outputs)}"
+        )
+    if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
+        # The file is copied as model.onnx; weights in a side file would be left behind.
+        raise BundleError(f"{path}: weights stored as external data are not supported; export with them inline")
+    expected = {"HISTORY": manifest.history_len, "CANDIDATES": manifest.num_candidates}
+    for name, size in expected.items():
+        dims = inputs[name].type.tensor_type.shape.dim
+        if len(dims) == 2 and dims[1].HasField("dim_value") and dims[1].dim_value != size:
+            raise BundleError(f"{path}: {name} has {dims[1].dim_value} columns but the manifest says {size}")
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """Exclusive flock on the directory itself: no lock file for Triton to trip over."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _remove_leftover_staging(model_dir: Path) -> None:
+    # Under the lock no other publisher is writing, so any staging directory is a crash's leftover.
+    for entry in model_dir.iterdir():
+        if entry.name.startswith(STAGING_PREFIX):
+            log.warning("removing leftover %s from an interrupted publish", entry)
+            shutil.rmtree(entry)
+
+
+def _ensure_config(model_dir: Path) -> None:
+    config = model_dir / "config.pbtxt"
+    if config.exists():
+        return
+    tmp = model_dir / ".config.pbtxt.tmp"
+    tmp.write_text(config_template("cpu"), encoding="utf-8")
+    _fsync_file(tmp)
+    tmp.rename(config)
+
+
+def _next_version(model_dir: Path) -> int:
+    # Any numeric directory counts, complete or not: a number Triton may have seen is never reused.
+    numbers = [int(e.name) for e in model_dir.iterdir() if _NUMERIC.fullmatch(e.name) and e.is_dir()]
+    return max(numbers, default=0) + 1
+
+
+def _write_version(staging: Path, bundle_dir: Path) -> None:
+    staging.mkdir()
+    model_source = resources.files("recsvc.repository").joinpath("ranker_model.py")
+    (staging / "model.py").write_bytes(model_source.read_bytes())
+    shutil.copyfile(bundle_dir / "ranker.onnx", staging / "model.onnx")
+    shutil.copytree(bundle_dir, staging / "bundle")
+    # Check what Triton and the service will actually read, not just what we meant to copy.
+    verify_bundle(staging / "bundle")
+    _fsync_tree(staging)
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: Path) -> None:
+    """Flush every file, then every directory bottom-up, so the rename publishes durable content."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            _fsync_file(Path(dirpath) / name)
+        _fsync_dir(Path(dirpath))
