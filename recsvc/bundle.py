@@ -29,6 +29,7 @@ __all__ = [
     "BUNDLE_FILES",
     "FORMAT_VERSION",
     "MANIFEST",
+    "PADDING_SCORE",
     "Manifest",
     "read_manifest",
     "sha256_file",
@@ -38,6 +39,9 @@ __all__ = [
 ]
 
 FORMAT_VERSION = 1
+# SCORES of padded candidate slots (-1): far below any real score, yet finite so FP16 engines and
+# downstream sorting never meet infinities or NaNs. Every ranker backend must honour it.
+PADDING_SCORE = -1e4
 MANIFEST = "manifest.json"
 BUNDLE_FILES = (
     "items.parquet",

@@ -45,7 +45,7 @@ class Settings:
     # --- history ---
     history_db: Path | None = None           # default: <data_dir>/history.sqlite3
     history_len: int = 50                    # most recent events the models see
-    history_keep: int = 500                  # events kept per user in the durable store
+    history_keep: int = 1000                 # events kept per user; also the "already seen" window
     l1_maxsize: int = 100_000                # users held in the in-process LRU
 
     # --- retrieval / ranking ---

@@ -38,7 +38,7 @@ CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, seq);
 class SqliteHistoryStore:
     """HistoryStore on a local SQLite file, capped to the newest ``keep`` events per user."""
 
-    def __init__(self, path: Path, *, keep: int = 500) -> None:
+    def __init__(self, path: Path, *, keep: int) -> None:
         self.path = path
         self._keep = keep
         # One thread: sqlite3 connections are not shared across threads, and one writer avoids
@@ -47,7 +47,7 @@ class SqliteHistoryStore:
         self._conn: sqlite3.Connection | None = None
 
     @classmethod
-    async def open(cls, path: Path, *, keep: int = 500) -> SqliteHistoryStore:
+    async def open(cls, path: Path, *, keep: int) -> SqliteHistoryStore:
         """Open (creating if needed) the database at ``path``."""
         store = cls(path, keep=keep)
         await store._run(store._connect)

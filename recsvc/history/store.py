@@ -48,7 +48,7 @@ def to_history(user_id: str, rows: Sequence[tuple[int, str, int, float]]) -> His
 class InMemoryHistoryStore:
     """A HistoryStore in a dict: for unit tests of the layers above; not durable."""
 
-    def __init__(self, keep: int = 500) -> None:
+    def __init__(self, keep: int = 1000) -> None:
         self._keep = keep
         self._seq = 0
         self._rows: dict[str, list[tuple[int, str, int, float]]] = defaultdict(list)

@@ -17,14 +17,12 @@ import math
 import torch
 from torch import nn
 
+from recsvc.bundle import PADDING_SCORE
 from recsvc.models._layers import embed_padded
 from recsvc.models.retrieval import RetrievalNet
 
-__all__ = ["PADDING_SCORE", "RankerNet"]
+__all__ = ["RankerNet"]
 
-# Score given to padded candidate slots: far below any real score, yet finite so FP16 engines and
-# downstream sorting never meet infinities or NaNs.
-PADDING_SCORE = -1e4
 
 
 class RankerNet(nn.Module):

@@ -135,7 +135,7 @@ def _fit(
         order = rng.permutation(positions)[: config.max_examples_per_epoch]
         batches = np.array_split(order, max(1, len(order) // config.batch_size))
         total = 0.0
-        bar = tqdm(batches, desc=f"{name} epoch {epoch + 1}/{epochs}", disable=not progress, leave=False)
+        bar = tqdm(batches, desc=f"{name} epoch {epoch + 1}/{epochs}", disable=None if progress else True, leave=False)
         for batch in bar:
             loss = loss_fn(batch)
             optimizer.zero_grad(set_to_none=True)

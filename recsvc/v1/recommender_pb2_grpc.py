@@ -51,7 +51,8 @@ class RecommenderServicer:
 
     def Recommend(self, request, context):
         """Top k items for a user, optionally in the context of items on screen and excluding some.
-        Items the user already interacted with, context items and excluded items are never returned.
+        Items among the user's newest 1000 events (the history the store keeps per user,
+        RECSVC_HISTORY_KEEP), context items and excluded items are never returned.
         Unknown users (no history yet) get the cold-start ranking, not an error.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

@@ -50,7 +50,7 @@ async def test_seen_context_and_excluded_items_never_returned(bundle: ServingBun
     skus = [bundle.catalog.sku(i) for i in range(len(bundle.catalog))]
     seen, context, excluded = skus[-3:], skus[-6:-3], skus[-9:-6]
     await store.append([Event("u", s, EventType.VIEW, float(t)) for t, s in enumerate(seen)])
-    rec = await pipeline.recommend(RecommendQuery("u", 10, tuple(context), tuple(excluded + ["no-such-sku"])))
+    rec = await pipeline.recommend(RecommendQuery("u", 10, tuple(context), (*excluded, "no-such-sku")))
     got = {i.item_id for i in rec.items}
     assert len(got) == 10 and not got & set(seen + context + excluded)
     # The context steers the query: it is in the model's history input after the user's own items.

@@ -30,7 +30,7 @@ def test_only_the_owning_package_imports_each_outside_system() -> None:
     offenders = []
     for name in MODULES:
         source = importlib.util.find_spec(name).origin  # type: ignore[union-attr]
-        text = open(source).read()  # noqa: PTH123
+        text = open(source).read()
         for lib, allowed in owners.items():
             imports = f"import {lib}" in text or f"from {lib}" in text
             if imports and not name.startswith(allowed):

@@ -59,10 +59,10 @@ async def test_limit_returns_newest_and_keep_caps_the_log(store: HistoryStore) -
 
 async def test_sqlite_persists_across_reopen(tmp_path: Path) -> None:
     path = tmp_path / "h.sqlite3"
-    s = await SqliteHistoryStore.open(path)
+    s = await SqliteHistoryStore.open(path, keep=10)
     await s.append([ev("u", "a", 1), ev("u", "b", 2)])
     await s.close()
-    s2 = await SqliteHistoryStore.open(path)
+    s2 = await SqliteHistoryStore.open(path, keep=10)
     try:
         assert (await s2.get("u", 10)).item_ids == ("a", "b")
         assert await s2.count_users() == 1

@@ -6,10 +6,10 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from recsvc.bundle import PADDING_SCORE
 from recsvc.data import Dataset
 from recsvc.models import RankerNet, RetrievalNet
 from recsvc.models.export import export_query_encoder, export_ranker
-from recsvc.models.ranker import PADDING_SCORE
 from recsvc.models.train import Trained, history_matrix
 
 
