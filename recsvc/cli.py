@@ -39,8 +39,8 @@ def _add_data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--interactions", type=Path,
                    help="--dataset files: CSV/Parquet with user_id,item_id,timestamp[,event_type]")
     p.add_argument("--items", type=Path, help="--dataset files: optional CSV/Parquet with item_id[,title,category]")
-    p.add_argument("--synthetic-users", type=int, default=100_000)
-    p.add_argument("--synthetic-items", type=int, default=50_000)
+    p.add_argument("--synthetic-users", type=int, default=20_000)
+    p.add_argument("--synthetic-items", type=int, default=10_000)
     p.add_argument("--seed", type=int, default=0)  # fmt: skip
 
 
@@ -245,7 +245,9 @@ async def _up(settings: Settings, *, exit_after_demo: bool) -> int:
             async with RecsvcClient(target) as client:
                 rec = await client.recommend(DEMO_USER, 10)
             catalog = _latest_catalog(settings)
-            print(f"\nrecsvc is serving on {target}. A sample request for MovieLens user {DEMO_USER}:")
+            print(f"\nrecsvc is serving on {target}. MovieLens user {DEMO_USER} recently watched:")
+            for title in await _recent_titles(settings, DEMO_USER, catalog, 8):
+                print(f"  - {title}")
             _print_recommendation(rec, catalog, DEMO_USER)
             print(
                 "\nQuery it yourself (server reflection is on):\n"
@@ -264,6 +266,17 @@ async def _up(settings: Settings, *, exit_after_demo: bool) -> int:
                 stop.set()
                 await server
     return 0
+
+
+async def _recent_titles(settings: Settings, user: str, catalog: Any, n: int) -> list[str]:
+    from recsvc.history import SqliteHistoryStore
+
+    store = await SqliteHistoryStore.open(settings.resolved_history_db(), keep=settings.history_keep)
+    try:
+        history = await store.get(user, n)
+    finally:
+        await store.close()
+    return [catalog.title(item) or item for item in reversed(history.item_ids)]
 
 
 # ----------------------------------------------------------------------------------------- main

@@ -52,7 +52,7 @@ class TrainConfig:
     sampled_negatives: int = 4096
     ranker_dim: int = 32
     ranker_negatives: int = 31
-    max_examples_per_epoch: int = 2_000_000   # bounds epoch time on synthetic catalogs of millions
+    max_examples_per_epoch: int = 200_000     # bounds epoch time on large data; MovieLens (95k) fits whole
     seed: int = 0
     threads: int = 2
 

@@ -14,7 +14,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
-from .conftest import Stack
+from .conftest import Stack, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -148,3 +148,17 @@ def test_server_keeps_serving_after_bad_requests(stub: pb_grpc.RecommenderStub) 
         with pytest.raises(grpc.RpcError):
             stub.Recommend(pb.RecommendRequest(user_id="", k=1), timeout=10)
     assert len(recommend(stub, "still-fine", 3).items) == 3
+
+
+def test_sigterm_drains_and_exits_cleanly(stack: Stack) -> None:
+    # A second server process on the same store and Triton: it must serve, then stop on SIGTERM with
+    # status 0 within the grace period (what Kubernetes does on every rollout).
+    server, target = start_server(stack.env, stack.tmp, name="second-server")
+    try:
+        with grpc.insecure_channel(target) as ch:
+            r = pb_grpc.RecommenderStub(ch).Recommend(pb.RecommendRequest(user_id="17", k=3), timeout=10)
+            assert len(r.items) == 3 and not r.degraded
+    finally:
+        status = server.stop(timeout=15)
+    assert status == 0, server.tail()
+    assert "shutting down" in server.tail()
