@@ -36,3 +36,5 @@ def setup_logging(level: str = "INFO", fmt: str = "auto") -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # faiss logs every instruction-set probe at INFO on import; only its warnings are worth a line.
+    logging.getLogger("faiss").setLevel(max(logging.WARNING, root.level))

@@ -25,7 +25,9 @@ class HistoryCache:
         self._limit = limit
         self._l1: LRUCache[str, History] = LRUCache(maxsize=maxsize)
         # Single-flight: concurrent misses for one user share one load instead of stampeding the store.
-        self._pending: dict[str, asyncio.Future[History]] = {}
+        # The load is a task of its own, so a caller whose deadline cancels it does not cancel the load
+        # for everyone else waiting on it.
+        self._pending: dict[str, asyncio.Task[History]] = {}
         self.hits = 0
         self.misses = 0
 
@@ -36,23 +38,32 @@ class HistoryCache:
             self.hits += 1
             return cached
         self.misses += 1
-        pending = self._pending.get(user_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future: asyncio.Future[History] = asyncio.get_running_loop().create_future()
-        self._pending[user_id] = future
-        try:
-            history = await self.store.get(user_id, self._limit)
-        except BaseException as exc:
-            future.set_exception(exc)
-            # The waiters have it; mark it retrieved so a lone failure does not log "never retrieved".
-            future.exception()
-            raise
-        finally:
-            del self._pending[user_id]
-        future.set_result(history)
+        task = self._pending.get(user_id)
+        if task is None:
+            task = asyncio.create_task(self._load(user_id), name=f"history-load:{user_id}")
+            self._pending[user_id] = task
+            task.add_done_callback(lambda t: self._finished(user_id, t))
+        return await asyncio.shield(task)
+
+    async def _load(self, user_id: str) -> History:
+        history = await self.store.get(user_id, self._limit)
         self._store_if_newer(history)
         return history
+
+    def _finished(self, user_id: str, task: asyncio.Task[History]) -> None:
+        if self._pending.get(user_id) is task:
+            del self._pending[user_id]
+        if not task.cancelled():
+            # Every waiter may have given up (deadlines); retrieving the exception here keeps asyncio
+            # from logging "exception was never retrieved" for a failure nobody awaited.
+            task.exception()
+
+    async def close(self) -> None:
+        """Cancel loads still in flight (shutdown); waiting callers see CancelledError."""
+        tasks = list(self._pending.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def record(self, events: Sequence[Event]) -> int:
         """Append to the durable store (the acknowledgement point), then refresh touched users in L1."""

@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Protocol
 
-from recsvc.domain import Event, History
+from recsvc.domain import Event, EventType, History
 
 __all__ = ["HistoryStore", "InMemoryHistoryStore", "to_history"]
 
@@ -33,8 +33,6 @@ def to_history(user_id: str, rows: Sequence[tuple[int, str, int, float]]) -> His
     Events are ordered by timestamp, ties by arrival (seq), because frontends may deliver late events;
     the version is the newest seq, so any append changes it even when the event sorts into the past.
     """
-    from recsvc.domain import EventType
-
     ordered = sorted(rows, key=lambda r: (r[3], r[0]))
     return History(
         user_id=user_id,

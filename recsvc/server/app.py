@@ -36,11 +36,13 @@ class Service:
 
     settings: Settings
     store: SqliteHistoryStore
+    history: HistoryCache
     ranker: TritonRanker
     pipeline: Pipeline
 
     async def close(self) -> None:
-        """Close the ranker client, the index and the store (pending writes finish first)."""
+        """Cancel cache loads, close the ranker client, the index and the store (pending writes finish)."""
+        await self.history.close()
         await self.ranker.close()
         await self.pipeline.bundle.close()
         await self.store.close()
@@ -64,7 +66,7 @@ async def build_service(settings: Settings) -> Service:
         # used again as soon as Triton answers.
         log.warning("ranker %s v%s not ready at start-up (%s); responses are degraded until it is", model, version, exc)
     log.info("serving %s version %s (index %s, %d items)", model, version, bundle.index_version, len(bundle.catalog))
-    return Service(settings, store, ranker, Pipeline(settings, history, ranker, bundle))
+    return Service(settings, store, history, ranker, Pipeline(settings, history, ranker, bundle))
 
 
 async def serve(

@@ -2,6 +2,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from recsvc.domain import Event, EventType, History
 from recsvc.history import HistoryCache, InMemoryHistoryStore
 
@@ -36,6 +38,30 @@ async def test_concurrent_misses_load_once() -> None:
     results = await asyncio.gather(*waiters)
     assert store.gets == 1
     assert all(r is results[0] for r in results)
+
+
+async def test_cancelled_caller_does_not_cancel_the_shared_load() -> None:
+    store = SlowStore()
+    cache = HistoryCache(store, maxsize=10, limit=10)
+    first = asyncio.create_task(cache.get("u"))
+    second = asyncio.create_task(cache.get("u"))
+    await asyncio.sleep(0)
+    first.cancel()                      # e.g. its request deadline ran out
+    await asyncio.sleep(0)
+    store.release.set()
+    assert (await second).user_id == "u"
+    assert first.cancelled() and store.gets == 1
+
+
+async def test_close_cancels_loads_in_flight() -> None:
+    store = SlowStore()
+    cache = HistoryCache(store, maxsize=10, limit=10)
+    waiter = asyncio.create_task(cache.get("u"))
+    await asyncio.sleep(0)
+    await cache.close()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert cache._pending == {}
 
 
 async def test_failed_load_propagates_to_all_waiters_and_is_not_cached() -> None:
