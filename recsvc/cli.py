@@ -150,9 +150,7 @@ async def _seed(settings: Settings, ds: Any) -> int:
         if await store.count_users():
             print(f"history store {store.path} already has users; not seeding again")
             return 0
-        rows = zip(ds.user_ids[ds.users].tolist(), ds.item_ids[ds.items].tolist(), ds.event_types.tolist(),
-                   ds.timestamps.astype(float).tolist(), strict=True)  # fmt: skip
-        n = await store.bulk_append(rows)
+        n = await store.bulk_append(ds.event_rows())
         print(f"seeded {n:,} events for {ds.num_users:,} users into {store.path}")
         return 0
     finally:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,6 +78,13 @@ class Dataset:
     def num_interactions(self) -> int:
         """Number of interactions E."""
         return len(self.users)
+
+    def event_rows(self) -> Iterator[tuple[str, str, int, float]]:
+        """Interactions as (user_id, item_id, event_type, timestamp) rows with external ids, as a store takes them."""
+        return zip(
+            self.user_ids[self.users].tolist(), self.item_ids[self.items].tolist(), self.event_types.tolist(),
+            self.timestamps.astype(float).tolist(), strict=True,
+        )  # fmt: skip
 
     def items_frame(self) -> pd.DataFrame:
         """Return the catalog as a DataFrame with columns item_id, title, category; row i is dense item i."""

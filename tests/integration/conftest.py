@@ -142,9 +142,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory, movielens_split: Split, movi
         # The server's history store holds exactly the training interactions, so what it serves can
         # be compared with the offline evaluation of the same bundle.
         store = await SqliteHistoryStore.open(tmp / "var" / "history.sqlite3", keep=Settings().history_keep)
-        tr = movielens_split.train
-        await store.bulk_append(zip(tr.user_ids[tr.users].tolist(), tr.item_ids[tr.items].tolist(),
-                                    tr.event_types.tolist(), tr.timestamps.astype(float).tolist(), strict=True))
+        await store.bulk_append(movielens_split.train.event_rows())
         await store.close()
 
     asyncio.run(seed())

@@ -74,3 +74,14 @@ def test_dtype_and_length_are_checked() -> None:
     with pytest.raises(InvalidArgument, match="length 3 != expected 4") as info:
         Dataset(**{**ds.__dict__, "titles": _obj("a", "b", "c")})
     assert info.value.field == "dataset.titles"
+
+
+def test_event_rows_use_external_ids_in_stored_order() -> None:
+    from recsvc.data import load_movielens
+
+    ds = load_movielens()
+    rows = list(ds.event_rows())
+    assert len(rows) == ds.num_interactions
+    user, item, kind, ts = rows[0]
+    assert (user, item, kind) == (str(ds.user_ids[ds.users[0]]), str(ds.item_ids[ds.items[0]]), 1)
+    assert ts == float(ds.timestamps[0])
