@@ -18,12 +18,17 @@ class EventType(enum.IntEnum):
 
 @dataclass(frozen=True, slots=True)
 class Event:
-    """One user action. ``timestamp`` is Unix seconds; ids are the shop's own strings (SKUs)."""
+    """One user action. ``timestamp`` is Unix seconds; ids are the shop's own strings (SKUs).
+
+    ``event_id`` is the frontend's id for the event ("" when it sent none); stores drop an event whose
+    (user_id, event_id) they already keep, so retried calls do not double-count.
+    """
 
     user_id: str
     item_id: str
     type: EventType
     timestamp: float
+    event_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -19,7 +19,11 @@ class HistoryStore(Protocol):
         ...
 
     async def append(self, events: Sequence[Event]) -> int:
-        """Store all events atomically; return how many were stored."""
+        """Store all events atomically; return how many were new (duplicate event ids are skipped)."""
+        ...
+
+    async def top_users(self, n: int) -> list[str]:
+        """The ``n`` users with the most kept events, most active first (start-up warming)."""
         ...
 
     async def close(self) -> None:

@@ -25,27 +25,31 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brecsvc/v1/recommender.proto\x12\trecsvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x63ontext_item_ids\x18\x03 \x03(\t\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\"1\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\x97\x01\n\x11RecommendResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.recsvc.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x05 \x01(\t\"|\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\"\n\x04type\x18\x03 \x01(\x0e\x32\x14.recsvc.v1.EventType\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"7\n\x13RecordEventsRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.recsvc.v1.Event\"(\n\x14RecordEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05*j\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45VENT_TYPE_VIEW\x10\x01\x12\x13\n\x0f\x45VENT_TYPE_CART\x10\x02\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x03\x32\xa6\x01\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.recsvc.v1.RecommendRequest\x1a\x1c.recsvc.v1.RecommendResponse\x12O\n\x0cRecordEvents\x12\x1e.recsvc.v1.RecordEventsRequest\x1a\x1f.recsvc.v1.RecordEventsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1brecsvc/v1/recommender.proto\x12\trecsvc.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"b\n\x10RecommendRequest\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\t\n\x01k\x18\x02 \x01(\x05\x12\x18\n\x10\x63ontext_item_ids\x18\x03 \x03(\t\x12\x18\n\x10\x65xclude_item_ids\x18\x04 \x03(\t\"1\n\x0fRecommendedItem\x12\x0f\n\x07item_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x02\"\x97\x01\n\x11RecommendResponse\x12)\n\x05items\x18\x01 \x03(\x0b\x32\x1a.recsvc.v1.RecommendedItem\x12\x15\n\rmodel_version\x18\x02 \x01(\t\x12\x15\n\rindex_version\x18\x03 \x01(\t\x12\x10\n\x08\x64\x65graded\x18\x04 \x01(\x08\x12\x17\n\x0f\x64\x65graded_reason\x18\x05 \x01(\t\"\x8e\x01\n\x05\x45vent\x12\x0f\n\x07user_id\x18\x01 \x01(\t\x12\x0f\n\x07item_id\x18\x02 \x01(\t\x12\"\n\x04type\x18\x03 \x01(\x0e\x32\x14.recsvc.v1.EventType\x12-\n\ttimestamp\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08\x65vent_id\x18\x05 \x01(\t\"7\n\x13RecordEventsRequest\x12 \n\x06\x65vents\x18\x01 \x03(\x0b\x32\x10.recsvc.v1.Event\"<\n\x14RecordEventsResponse\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x05\x12\x12\n\nduplicates\x18\x02 \x01(\x05\"#\n\x0fPrefetchRequest\x12\x10\n\x08user_ids\x18\x01 \x03(\t\"3\n\x10PrefetchResponse\x12\x0e\n\x06queued\x18\x01 \x01(\x05\x12\x0f\n\x07\x64ropped\x18\x02 \x01(\x05*j\n\tEventType\x12\x1a\n\x16\x45VENT_TYPE_UNSPECIFIED\x10\x00\x12\x13\n\x0f\x45VENT_TYPE_VIEW\x10\x01\x12\x13\n\x0f\x45VENT_TYPE_CART\x10\x02\x12\x17\n\x13\x45VENT_TYPE_PURCHASE\x10\x03\x32\xeb\x01\n\x0bRecommender\x12\x46\n\tRecommend\x12\x1b.recsvc.v1.RecommendRequest\x1a\x1c.recsvc.v1.RecommendResponse\x12O\n\x0cRecordEvents\x12\x1e.recsvc.v1.RecordEventsRequest\x1a\x1f.recsvc.v1.RecordEventsResponse\x12\x43\n\x08Prefetch\x12\x1a.recsvc.v1.PrefetchRequest\x1a\x1b.recsvc.v1.PrefetchResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'recsvc.v1.recommender_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTTYPE']._serialized_start=605
-  _globals['_EVENTTYPE']._serialized_end=711
+  _globals['_EVENTTYPE']._serialized_start=734
+  _globals['_EVENTTYPE']._serialized_end=840
   _globals['_RECOMMENDREQUEST']._serialized_start=75
   _globals['_RECOMMENDREQUEST']._serialized_end=173
   _globals['_RECOMMENDEDITEM']._serialized_start=175
   _globals['_RECOMMENDEDITEM']._serialized_end=224
   _globals['_RECOMMENDRESPONSE']._serialized_start=227
   _globals['_RECOMMENDRESPONSE']._serialized_end=378
-  _globals['_EVENT']._serialized_start=380
-  _globals['_EVENT']._serialized_end=504
-  _globals['_RECORDEVENTSREQUEST']._serialized_start=506
-  _globals['_RECORDEVENTSREQUEST']._serialized_end=561
-  _globals['_RECORDEVENTSRESPONSE']._serialized_start=563
-  _globals['_RECORDEVENTSRESPONSE']._serialized_end=603
-  _globals['_RECOMMENDER']._serialized_start=714
-  _globals['_RECOMMENDER']._serialized_end=880
+  _globals['_EVENT']._serialized_start=381
+  _globals['_EVENT']._serialized_end=523
+  _globals['_RECORDEVENTSREQUEST']._serialized_start=525
+  _globals['_RECORDEVENTSREQUEST']._serialized_end=580
+  _globals['_RECORDEVENTSRESPONSE']._serialized_start=582
+  _globals['_RECORDEVENTSRESPONSE']._serialized_end=642
+  _globals['_PREFETCHREQUEST']._serialized_start=644
+  _globals['_PREFETCHREQUEST']._serialized_end=679
+  _globals['_PREFETCHRESPONSE']._serialized_start=681
+  _globals['_PREFETCHRESPONSE']._serialized_end=732
+  _globals['_RECOMMENDER']._serialized_start=843
+  _globals['_RECOMMENDER']._serialized_end=1078
 # @@protoc_insertion_point(module_scope)

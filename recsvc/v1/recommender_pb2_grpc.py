@@ -44,6 +44,11 @@ class RecommenderStub:
                 request_serializer=recsvc_dot_v1_dot_recommender__pb2.RecordEventsRequest.SerializeToString,
                 response_deserializer=recsvc_dot_v1_dot_recommender__pb2.RecordEventsResponse.FromString,
                 _registered_method=True)
+        self.Prefetch = channel.unary_unary(
+                '/recsvc.v1.Recommender/Prefetch',
+                request_serializer=recsvc_dot_v1_dot_recommender__pb2.PrefetchRequest.SerializeToString,
+                response_deserializer=recsvc_dot_v1_dot_recommender__pb2.PrefetchResponse.FromString,
+                _registered_method=True)
 
 
 class RecommenderServicer:
@@ -68,6 +73,15 @@ class RecommenderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Prefetch(self, request, context):
+        """Warm the caches for users about to ask (session start, login), so their first Recommend finds
+        history and query vector in memory. Never delays other requests: work goes to a bounded queue and
+        what does not fit is dropped (and counted). At most 1000 user ids per call.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_RecommenderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -80,6 +94,11 @@ def add_RecommenderServicer_to_server(servicer, server):
                     servicer.RecordEvents,
                     request_deserializer=recsvc_dot_v1_dot_recommender__pb2.RecordEventsRequest.FromString,
                     response_serializer=recsvc_dot_v1_dot_recommender__pb2.RecordEventsResponse.SerializeToString,
+            ),
+            'Prefetch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Prefetch,
+                    request_deserializer=recsvc_dot_v1_dot_recommender__pb2.PrefetchRequest.FromString,
+                    response_serializer=recsvc_dot_v1_dot_recommender__pb2.PrefetchResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -136,6 +155,33 @@ class Recommender:
             '/recsvc.v1.Recommender/RecordEvents',
             recsvc_dot_v1_dot_recommender__pb2.RecordEventsRequest.SerializeToString,
             recsvc_dot_v1_dot_recommender__pb2.RecordEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Prefetch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsvc.v1.Recommender/Prefetch',
+            recsvc_dot_v1_dot_recommender__pb2.PrefetchRequest.SerializeToString,
+            recsvc_dot_v1_dot_recommender__pb2.PrefetchResponse.FromString,
             options,
             channel_credentials,
             insecure,
