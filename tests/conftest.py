@@ -8,6 +8,7 @@ import pytest
 
 from recsvc.data import Dataset, generate_synthetic, time_split
 from recsvc.models.train import TrainConfig, Trained, train, write_bundle
+from tests.redis_fixture import redis_cluster, redis_server  # noqa: F401  (session fixtures: real redis-server)
 
 TINY_CONFIG = TrainConfig(dim=16, history_len=10, num_candidates=20, retrieval_epochs=10, ranker_epochs=3,
                           batch_size=128, lr=1e-2, ranker_dim=8, ranker_negatives=7, seed=0)  # fmt: skip

@@ -4,6 +4,10 @@ The default needs no server. One dedicated thread owns the connection, so SQLite
 event loop and writes are serialised without locks. ``append`` returns after COMMIT, and with
 synchronous=FULL a committed transaction has been fsynced: an acknowledged event survives kill -9 and
 power loss.
+
+Event ids are deduplicated by a partial unique index on (user_id, event_id) (rows without an id are not
+in it) and ``INSERT OR IGNORE``; trimming deletes rows, and their ids with them, so the dedupe window is
+the kept history, as the protocol says.
 """
 
 from __future__ import annotations
@@ -23,16 +27,23 @@ __all__ = ["SqliteHistoryStore"]
 
 T = TypeVar("T")
 
-_SCHEMA = """
+_CREATE_TABLE = """
 CREATE TABLE IF NOT EXISTS events (
-    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
-    user_id TEXT    NOT NULL,
-    item_id TEXT    NOT NULL,
-    type    INTEGER NOT NULL,
-    ts      REAL    NOT NULL
-);
-CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, seq);
+    seq      INTEGER PRIMARY KEY AUTOINCREMENT,
+    user_id  TEXT    NOT NULL,
+    item_id  TEXT    NOT NULL,
+    type     INTEGER NOT NULL,
+    ts       REAL    NOT NULL,
+    event_id TEXT    NOT NULL DEFAULT ''
+)
 """
+# Databases written before event ids existed lack the column; users keep their var/history.sqlite3.
+_ADD_EVENT_ID = "ALTER TABLE events ADD COLUMN event_id TEXT NOT NULL DEFAULT ''"
+_INDEXES = [
+    "CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, seq)",
+    # Partial: events without an id are never duplicates, and keeping them out keeps the index small.
+    "CREATE UNIQUE INDEX IF NOT EXISTS events_by_event_id ON events (user_id, event_id) WHERE event_id != ''",
+]
 
 
 class SqliteHistoryStore:
@@ -58,7 +69,21 @@ class SqliteHistoryStore:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
-        conn.executescript(_SCHEMA)
+        # One IMMEDIATE transaction: two processes opening an old database at once must not both add the
+        # column (the second ALTER would fail with "duplicate column name").
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            conn.execute(_CREATE_TABLE)
+            if "event_id" not in {row[1] for row in conn.execute("PRAGMA table_info(events)")}:
+                conn.execute(_ADD_EVENT_ID)
+            for statement in _INDEXES:
+                conn.execute(statement)
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            conn.close()
+            raise
         self._conn = conn
 
     async def _run(self, fn: Callable[[], T]) -> T:
@@ -76,6 +101,9 @@ class SqliteHistoryStore:
 
     async def get(self, user_id: str, limit: int) -> History:
         """See HistoryStore."""
+        if limit < 1:
+            # LIMIT -1 means "no limit" to SQLite; the protocol says empty.
+            return History(user_id=user_id)
 
         def query() -> list[tuple[int, str, int, float]]:
             cur = self._db.execute(
@@ -88,18 +116,22 @@ class SqliteHistoryStore:
 
     async def append(self, events: Sequence[Event]) -> int:
         """See HistoryStore: one transaction, committed (fsynced) before returning."""
-        rows = [(e.user_id, e.item_id, int(e.type), e.timestamp) for e in events]
+        rows = [(e.user_id, e.item_id, int(e.type), e.timestamp, e.event_id) for e in events]
         return await self._run(lambda: self._append_rows(rows))
 
     async def bulk_append(self, rows: Iterable[tuple[str, str, int, float]]) -> int:
-        """Load many (user_id, item_id, type, ts) rows in one transaction (seeding, imports)."""
-        return await self._run(lambda: self._append_rows(list(rows)))
+        """Load many (user_id, item_id, type, ts) rows, without event ids, in one transaction (seeding)."""
+        return await self._run(lambda: self._append_rows([(u, i, t, ts, "") for u, i, t, ts in rows]))
 
-    def _append_rows(self, rows: list[tuple[str, str, int, float]]) -> int:
+    def _append_rows(self, rows: list[tuple[str, str, int, float, str]]) -> int:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
         try:
-            db.executemany("INSERT INTO events (user_id, item_id, type, ts) VALUES (?, ?, ?, ?)", rows)
+            # OR IGNORE skips rows that hit the unique (user_id, event_id) index: already kept, or earlier
+            # in this batch. executemany's rowcount sums the rows actually inserted (sqlite3_changes).
+            new = db.executemany(
+                "INSERT OR IGNORE INTO events (user_id, item_id, type, ts, event_id) VALUES (?, ?, ?, ?, ?)", rows
+            ).rowcount
             # Cap every touched user's log; the index on (user_id, seq) makes this a short range scan.
             db.executemany(
                 "DELETE FROM events WHERE user_id = ?1 AND seq <= "
@@ -110,7 +142,20 @@ class SqliteHistoryStore:
         except BaseException:
             db.execute("ROLLBACK")
             raise
-        return len(rows)
+        return max(new, 0)
+
+    async def top_users(self, n: int) -> list[str]:
+        """See HistoryStore: one GROUP BY over the table (start-up only; ties by user id)."""
+        if n < 1:
+            return []
+
+        def query() -> list[str]:
+            cur = self._db.execute(
+                "SELECT user_id FROM events GROUP BY user_id ORDER BY COUNT(*) DESC, user_id LIMIT ?", (n,)
+            )
+            return [row[0] for row in cur]
+
+        return await self._run(query)
 
     async def count_users(self) -> int:
         """How many users have at least one event."""

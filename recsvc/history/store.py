@@ -12,18 +12,30 @@ __all__ = ["HistoryStore", "InMemoryHistoryStore", "to_history"]
 
 
 class HistoryStore(Protocol):
-    """Durable per-user event log. ``append`` returns only once the events are durable."""
+    """Durable per-user event log, capped to the newest ``keep`` events per user.
+
+    ``append`` returns only once the events are durable (what "durable" means is the backend's to
+    document). Events carry an optional ``event_id``: an event whose (user_id, event_id) is already
+    among that user's kept events is a duplicate (a retried call) and is not stored again; duplicates
+    within one batch count once. The dedupe window is the kept history: once an event has been trimmed
+    (more than ``keep`` newer events of that user), its id may be stored again. Events with an empty id
+    are never duplicates.
+    """
 
     async def get(self, user_id: str, limit: int) -> History:
-        """The user's last ``limit`` events, oldest first (an empty History for unknown users)."""
+        """The user's newest ``limit`` events (by arrival), ordered oldest first as in ``to_history``.
+
+        ``History.version`` is the store's sequence number of the user's newest event (0 if none). An
+        unknown user, or ``limit < 1``, gives an empty History with version 0.
+        """
         ...
 
     async def append(self, events: Sequence[Event]) -> int:
-        """Store all events atomically; return how many were new (duplicate event ids are skipped)."""
+        """Store all events atomically and durably; return how many were new (duplicates skipped)."""
         ...
 
     async def top_users(self, n: int) -> list[str]:
-        """The ``n`` users with the most kept events, most active first (start-up warming)."""
+        """The ``n`` users with the most kept events, most active first (start-up warming); ties in any order."""
         ...
 
     async def close(self) -> None:
@@ -48,27 +60,51 @@ def to_history(user_id: str, rows: Sequence[tuple[int, str, int, float]]) -> His
 
 
 class InMemoryHistoryStore:
-    """A HistoryStore in a dict: for unit tests of the layers above; not durable."""
+    """A HistoryStore in a dict: for unit tests of the layers above; not durable.
+
+    It follows the protocol exactly (dedupe window = kept history, per-user versions from one global
+    sequence), so the shared store suite runs against it and fakes built on it behave like the real thing.
+    """
 
     def __init__(self, keep: int = 1000) -> None:
         self._keep = keep
         self._seq = 0
-        self._rows: dict[str, list[tuple[int, str, int, float]]] = defaultdict(list)
+        # Per user: kept (seq, item_id, type, ts, event_id) rows, oldest first, and the ids among them.
+        self._rows: dict[str, list[tuple[int, str, int, float, str]]] = defaultdict(list)
+        self._ids: dict[str, set[str]] = defaultdict(set)
         self.gets = 0   # lets tests count loads (single-flight)
 
     async def get(self, user_id: str, limit: int) -> History:
         """See HistoryStore."""
         self.gets += 1
-        return to_history(user_id, self._rows.get(user_id, [])[-limit:])
+        if limit < 1:
+            return History(user_id=user_id)
+        return to_history(user_id, [r[:4] for r in self._rows.get(user_id, [])[-limit:]])
 
     async def append(self, events: Sequence[Event]) -> int:
-        """See HistoryStore."""
+        """See HistoryStore. Nothing here awaits, so the batch is atomic for free."""
+        new = 0
         for event in events:
+            ids = self._ids[event.user_id]
+            if event.event_id and event.event_id in ids:
+                continue
             self._seq += 1
+            new += 1
             rows = self._rows[event.user_id]
-            rows.append((self._seq, event.item_id, int(event.type), event.timestamp))
-            del rows[: -self._keep]
-        return len(events)
+            rows.append((self._seq, event.item_id, int(event.type), event.timestamp, event.event_id))
+            if event.event_id:
+                ids.add(event.event_id)
+            if len(rows) > self._keep:
+                # Trimmed events leave the dedupe window with them.
+                for dropped in rows[: -self._keep]:
+                    ids.discard(dropped[4])
+                del rows[: -self._keep]
+        return new
+
+    async def top_users(self, n: int) -> list[str]:
+        """See HistoryStore (ties by user id)."""
+        ranked = sorted(((u, len(rows)) for u, rows in self._rows.items() if rows), key=lambda ur: (-ur[1], ur[0]))
+        return [u for u, _ in ranked[: max(n, 0)]]
 
     async def close(self) -> None:
         """See HistoryStore."""
