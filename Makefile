@@ -9,7 +9,7 @@ up: setup
 	.venv/bin/recsvc up
 
 lint: setup
-	.venv/bin/ruff check recsvc tests model_repository
+	.venv/bin/ruff check recsvc tests model_repository benchmarks
 
 typecheck: setup
 	.venv/bin/mypy recsvc

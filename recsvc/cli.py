@@ -143,15 +143,16 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 async def _seed(settings: Settings, ds: Any) -> int:
-    from recsvc.history import SqliteHistoryStore
+    from recsvc.server.app import open_store
 
-    store = await SqliteHistoryStore.open(settings.resolved_history_db(), keep=settings.history_keep)
+    store: Any = await open_store(settings)       # sqlite or redis: both have count_users and bulk_append
+    where = settings.resolved_history_db() if settings.history_store == "sqlite" else settings.redis_url
     try:
         if await store.count_users():
-            print(f"history store {store.path} already has users; not seeding again")
+            print(f"history store {where} already has users; not seeding again")
             return 0
         n = await store.bulk_append(ds.event_rows())
-        print(f"seeded {n:,} events for {ds.num_users:,} users into {store.path}")
+        print(f"seeded {n:,} events for {ds.num_users:,} users into {where}")
         return 0
     finally:
         await store.close()

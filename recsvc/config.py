@@ -42,11 +42,29 @@ class Settings:
     data_dir: Path = Path("var")                     # history database, downloaded/generated data
     model_repository: Path = Path("model_repository")  # Triton's repository; bundles live in its versions
 
-    # --- history ---
-    history_db: Path | None = None           # default: <data_dir>/history.sqlite3
+    # --- history: durable store ---
+    history_store: str = "sqlite"            # sqlite (embedded, the default) | redis
+    history_db: Path | None = None           # sqlite: default <data_dir>/history.sqlite3
     history_len: int = 50                    # most recent events the models see
     history_keep: int = 1000                 # events kept per user; also the "already seen" window
-    l1_maxsize: int = 100_000                # users held in the in-process LRU
+    redis_url: str = "redis://127.0.0.1:6379/0"   # durable store (history_store=redis), L2, invalidation
+    redis_cluster: bool = False
+    redis_timeout_s: float = 1.0
+
+    # --- history: caches ---
+    l1_policy: str = "tinylfu"               # lru | tinylfu (admission-filtered LRU)
+    l1_max_entries: int = 100_000            # users held in the in-process tier
+    l1_max_bytes: int = 512 * 1024 * 1024
+    l1_ttl_s: float = 300.0                  # bounds staleness if an invalidation is ever lost
+    negative_ttl_s: float = 10.0             # unknown users: cached briefly, so floods of them stay cheap
+    l2_backend: str = "memory"               # none | memory (aiocache, this process) | redis (aiocache, shared)
+    l2_ttl_s: float = 600.0
+    vector_cache_entries: int = 100_000      # query vectors by (user, history version, index version)
+
+    # --- prefetch ---
+    prefetch_queue: int = 10_000             # pending warm-ups; beyond this they are dropped and counted
+    prefetch_workers: int = 4
+    warm_users: int = 1000                   # most active users warmed at start-up (0: none)
 
     # --- retrieval / ranking ---
     num_candidates: int = 100                # retrieved per request, then ranked (the ranker's C)
@@ -123,12 +141,21 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
 def _validate(s: Settings) -> None:
     positive = [
         "max_k", "max_exclude", "max_context", "max_id_len", "max_events_per_call", "history_len",
-        "history_keep", "l1_maxsize", "num_candidates",
+        "history_keep", "l1_max_entries", "l1_max_bytes", "num_candidates", "vector_cache_entries",
+        "prefetch_queue", "prefetch_workers",
     ]  # fmt: skip
     for name in positive:
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name!r} must be > 0, got {getattr(s, name)}")
-    for name in ["grace_s", "request_timeout_s", "triton_timeout_s"]:
+    if s.warm_users < 0:
+        raise ConfigError(f"setting 'warm_users' must be >= 0, got {s.warm_users}")
+    choices = {"history_store": ("sqlite", "redis"), "l1_policy": ("lru", "tinylfu"),
+               "l2_backend": ("none", "memory", "redis")}  # fmt: skip
+    for name, allowed in choices.items():
+        if getattr(s, name) not in allowed:
+            raise ConfigError(f"setting {name!r} must be one of {', '.join(allowed)}; got {getattr(s, name)!r}")
+    for name in ["grace_s", "request_timeout_s", "triton_timeout_s", "redis_timeout_s", "l1_ttl_s",
+                 "negative_ttl_s", "l2_ttl_s"]:  # fmt: skip
         if not getattr(s, name) > 0:
             raise ConfigError(f"setting {name!r} must be > 0 seconds, got {getattr(s, name)}")
     if not 0 <= s.port <= 65535:

@@ -10,19 +10,22 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+from cachetools import LRUCache
 
 from recsvc.bundle import Manifest, verify_bundle
 from recsvc.catalog import Catalog
 from recsvc.config import Settings
-from recsvc.domain import Event, Recommendation, RecommendQuery, ScoredItem
+from recsvc.domain import Event, History, Recommendation, RecommendQuery, ScoredItem
 from recsvc.errors import BundleError, RankerUnavailable
-from recsvc.history import HistoryCache
+from recsvc.history import TieredHistory
 from recsvc.models.query_encoder import QueryEncoder
+from recsvc.prefetch import Prefetcher
 from recsvc.ranking import Ranker
 from recsvc.retrieval import FaissRetriever, Retriever
 
@@ -73,11 +76,19 @@ def load_serving_bundle(version_dir: Path, model_version: str) -> ServingBundle:
 class Pipeline:
     """Recommend and RecordEvents over the history cache, the active bundle and the ranker."""
 
-    def __init__(self, settings: Settings, history: HistoryCache, ranker: Ranker, bundle: ServingBundle) -> None:
+    def __init__(self, settings: Settings, history: TieredHistory, ranker: Ranker, bundle: ServingBundle) -> None:
         self.settings = settings
         self.history = history
         self.ranker = ranker
         self._bundle = bundle
+        # Query vectors by (user, history version, index version): an event bumps the history version
+        # and a new bundle changes the index version, so a stale vector can never be served.
+        self.vectors: LRUCache[tuple[str, int, str], npt.NDArray[np.float32]] = LRUCache(
+            maxsize=settings.vector_cache_entries
+        )
+        self.vector_hits = 0
+        self.vector_misses = 0
+        self.prefetcher: Prefetcher | None = None     # set by the server once its workers exist
 
     @property
     def bundle(self) -> ServingBundle:
@@ -100,14 +111,14 @@ class Pipeline:
         t = _lap(timings, "history", t)
 
         # 2. query: the history's newest items, then what is on screen, as the most recent context.
-        catalog, L = bundle.catalog, bundle.manifest.history_len
+        catalog = bundle.catalog
         history_ids = catalog.dense(history.item_ids)
         context_ids = catalog.dense(query.context_item_ids)
-        sequence = (history_ids + context_ids)[-L:]
-        hist = np.full((1, L), -1, dtype=np.int64)
-        if sequence:
-            hist[0, -len(sequence) :] = sequence
-        vector = await bundle.encoder.encode(hist)
+        hist = self._history_matrix(bundle, history_ids + context_ids)
+        if context_ids:
+            vector = await bundle.encoder.encode(hist)   # depends on what is on screen: not cacheable
+        else:
+            vector = await self._user_vector(bundle, history, hist)
         t = _lap(timings, "query", t)
 
         # 3. retrieve, never returning what the user has seen, what is on screen or what was excluded.
@@ -140,8 +151,51 @@ class Pipeline:
         )  # fmt: skip
 
     async def record(self, events: Sequence[Event]) -> int:
-        """Durably append events (the acknowledgement point), then refresh the cache."""
-        return await self.history.record(events)
+        """Durably append events (the acknowledgement point), refresh the cache, queue vector refreshes.
+
+        Returns how many events were new (the rest were duplicates of stored event ids).
+        """
+        new = await self.history.record(events)
+        if self.prefetcher is not None:
+            # The user is active right now: have the new query vector ready before their next request.
+            self.prefetcher.offer(dict.fromkeys(e.user_id for e in events))
+        return new
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Counters of every cache tier, prefetch and the vector cache (for tests and /metrics)."""
+        out = self.history.stats()
+        if self.prefetcher is not None:
+            out["prefetch"] = {**asdict(self.prefetcher.stats), **out.get("prefetch", {})}
+        out["vectors"] = {"hits": self.vector_hits, "misses": self.vector_misses, "entries": len(self.vectors)}
+        return out
+
+    async def warm(self, user_id: str) -> None:
+        """Prefetch: bring the user's history and query vector into the caches."""
+        bundle = self._bundle
+        history = await self.history.prefetch(user_id)
+        await self._user_vector(bundle, history, self._history_matrix(bundle, bundle.catalog.dense(history.item_ids)))
+
+    @staticmethod
+    def _history_matrix(bundle: ServingBundle, ids: list[int]) -> npt.NDArray[np.int64]:
+        length = bundle.manifest.history_len
+        sequence = ids[-length:]
+        hist = np.full((1, length), -1, dtype=np.int64)
+        if sequence:
+            hist[0, -len(sequence) :] = sequence
+        return hist
+
+    async def _user_vector(
+        self, bundle: ServingBundle, history: History, hist: npt.NDArray[np.int64]
+    ) -> npt.NDArray[np.float32]:
+        key = (history.user_id, history.version, bundle.index_version)
+        vector = self.vectors.get(key)
+        if vector is not None:
+            self.vector_hits += 1
+            return vector
+        self.vector_misses += 1
+        vector = await bundle.encoder.encode(hist)
+        self.vectors[key] = vector
+        return vector
 
 
 def _lap(timings: dict[str, int], stage: str, since_ns: int) -> int:

@@ -1,9 +1,23 @@
-"""User histories: durable stores and the caches in front of them."""
+"""User histories: durable stores and the tiers of caches in front of them."""
 
 from __future__ import annotations
 
-from recsvc.history.cache import HistoryCache
+from recsvc.history.coherence import Invalidator, LocalInvalidator, RedisInvalidator
+from recsvc.history.l2 import AiocacheTier, SharedTier
+from recsvc.history.redis_store import RedisHistoryStore
 from recsvc.history.sqlite import SqliteHistoryStore
 from recsvc.history.store import HistoryStore, InMemoryHistoryStore
+from recsvc.history.tiers import TieredHistory
 
-__all__ = ["HistoryCache", "HistoryStore", "InMemoryHistoryStore", "SqliteHistoryStore"]
+__all__ = [
+    "AiocacheTier",
+    "HistoryStore",
+    "InMemoryHistoryStore",
+    "Invalidator",
+    "LocalInvalidator",
+    "RedisHistoryStore",
+    "RedisInvalidator",
+    "SharedTier",
+    "SqliteHistoryStore",
+    "TieredHistory",
+]

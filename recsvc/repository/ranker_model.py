@@ -124,7 +124,7 @@ class TritonPythonModel:
                 scores = np.ascontiguousarray(scores, dtype=np.float32)
                 if scores.shape != (history.shape[0], candidates.shape[1]):
                     raise ValueError(f"model returned SCORES {list(scores.shape)}")
-            except Exception as exc:  # ORT's exception types are not importable by a stable name
+            except Exception as exc:  # noqa: BLE001 - ORT's exception types have no stable importable name
                 for index, _, _ in members:
                     responses[index] = _error(f"{self.name}: inference failed: {exc}", invalid=False)
                 continue

@@ -15,8 +15,16 @@ from grpc_reflection.v1alpha import reflection
 
 from recsvc.config import Settings
 from recsvc.errors import BundleError, RankerUnavailable
-from recsvc.history import HistoryCache, SqliteHistoryStore
+from recsvc.history import (
+    AiocacheTier,
+    HistoryStore,
+    RedisInvalidator,
+    SqliteHistoryStore,
+    TieredHistory,
+)
+from recsvc.history.tiers import history_size
 from recsvc.pipeline import Pipeline, load_serving_bundle
+from recsvc.prefetch import Prefetcher
 from recsvc.ranking import TritonRanker
 from recsvc.repository import latest_version
 from recsvc.server.servicer import RecommenderServicer
@@ -35,17 +43,61 @@ class Service:
     """The components one server process owns, closed in reverse order of creation."""
 
     settings: Settings
-    store: SqliteHistoryStore
-    history: HistoryCache
+    store: HistoryStore
+    history: TieredHistory
     ranker: TritonRanker
     pipeline: Pipeline
+    prefetcher: Prefetcher
+    warming: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
-        """Cancel cache loads, close the ranker client, the index and the store (pending writes finish)."""
+        """Stop background work first, then the caches, the ranker client, the index and the store."""
+        if self.warming is not None:
+            self.warming.cancel()
+            await asyncio.gather(self.warming, return_exceptions=True)
+        await self.prefetcher.close()
         await self.history.close()
         await self.ranker.close()
         await self.pipeline.bundle.close()
         await self.store.close()
+
+
+async def open_store(settings: Settings) -> HistoryStore:
+    """The durable history store the settings name."""
+    if settings.history_store == "redis":
+        from recsvc.history.redis_store import RedisHistoryStore
+
+        return await RedisHistoryStore.open(
+            settings.redis_url, keep=settings.history_keep, cluster=settings.redis_cluster,
+            timeout_s=settings.redis_timeout_s,
+        )  # fmt: skip
+    return await SqliteHistoryStore.open(settings.resolved_history_db(), keep=settings.history_keep)
+
+
+async def open_history(settings: Settings, store: HistoryStore) -> TieredHistory:
+    """L1 (policy from settings) -> L2 (none | memory | redis) -> store, with cross-replica invalidation."""
+    from recsvc.history.policies import make_l1
+
+    l1 = make_l1(settings.l1_policy, max_entries=settings.l1_max_entries, max_bytes=settings.l1_max_bytes,
+                 ttl=settings.l1_ttl_s, getsizeof=history_size)  # fmt: skip
+    l2 = None
+    if settings.l2_backend == "memory":
+        l2 = AiocacheTier.memory(ttl_s=settings.l2_ttl_s)
+    elif settings.l2_backend == "redis":
+        l2 = AiocacheTier.redis(settings.redis_url, ttl_s=settings.l2_ttl_s, timeout_s=settings.redis_timeout_s,
+                                cluster=settings.redis_cluster)  # fmt: skip
+    history = TieredHistory(store, l1=l1, limit=settings.history_keep, l2=l2, negative_ttl_s=settings.negative_ttl_s)
+    if settings.history_store == "redis" or settings.l2_backend == "redis":
+        # Other replicas share this store: their L1 copies must hear about our writes, and we about theirs.
+        from recsvc.redis_conn import redis_client
+
+        invalidator = RedisInvalidator(
+            redis_client(settings.redis_url, cluster=False, timeout_s=None),
+            history.invalidate_local, history.reset_local,
+        )  # fmt: skip
+        await invalidator.start()
+        history.invalidator = invalidator
+    return history
 
 
 async def build_service(settings: Settings) -> Service:
@@ -55,8 +107,8 @@ async def build_service(settings: Settings) -> Service:
     if version is None:
         raise BundleError(f"no published version of {model!r} in {repo}: run `recsvc train` and `recsvc publish`")
     bundle = await asyncio.to_thread(load_serving_bundle, repo / model / str(version), str(version))
-    store = await SqliteHistoryStore.open(settings.resolved_history_db(), keep=settings.history_keep)
-    history = HistoryCache(store, maxsize=settings.l1_maxsize, limit=settings.history_keep)
+    store = await open_store(settings)
+    history = await open_history(settings, store)
     ranker = TritonRanker.from_settings(settings)
     try:
         if not await ranker.is_model_ready(str(version)):
@@ -66,7 +118,21 @@ async def build_service(settings: Settings) -> Service:
         # used again as soon as Triton answers.
         log.warning("ranker %s v%s not ready at start-up (%s); responses are degraded until it is", model, version, exc)
     log.info("serving %s version %s (index %s, %d items)", model, version, bundle.index_version, len(bundle.catalog))
-    return Service(settings, store, history, ranker, Pipeline(settings, history, ranker, bundle))
+    pipeline = Pipeline(settings, history, ranker, bundle)
+    prefetcher = Prefetcher(pipeline.warm, queue_size=settings.prefetch_queue, workers=settings.prefetch_workers)
+    pipeline.prefetcher = prefetcher
+    prefetcher.start()
+    service = Service(settings, store, history, ranker, pipeline, prefetcher)
+    if settings.warm_users:
+        service.warming = asyncio.create_task(_warm_start(service), name="warm-start")
+    return service
+
+
+async def _warm_start(service: Service) -> None:
+    # In the background: the server answers at once, and the most active users become L1 hits soon after.
+    users = await service.store.top_users(service.settings.warm_users)
+    queued, dropped = service.prefetcher.offer(users)
+    log.info("start-up warming: %d most active users queued (%d dropped)", queued, dropped)
 
 
 async def serve(

@@ -12,7 +12,7 @@ from recsvc.domain import Recommendation
 from recsvc.errors import DeadlineExceeded, RecsvcError
 from recsvc.pipeline import Pipeline
 from recsvc.server.errors import abort_with
-from recsvc.server.validation import events_from_proto, query_from_proto
+from recsvc.server.validation import events_from_proto, prefetch_users_from_proto, query_from_proto
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -65,7 +65,17 @@ class RecommenderServicer(pb_grpc.RecommenderServicer):
         """See the proto. No timeout here: cancelling a write mid-commit would leave the caller unsure."""
         try:
             events = events_from_proto(request, self._settings)
-            accepted = await self._pipeline.record(events)
+            new = await self._pipeline.record(events)
         except RecsvcError as exc:
             await abort_with(context, exc)
-        return pb.RecordEventsResponse(accepted=accepted)
+        return pb.RecordEventsResponse(accepted=len(events), duplicates=len(events) - new)
+
+    async def Prefetch(self, request: pb.PrefetchRequest, context: Context) -> pb.PrefetchResponse:
+        """See the proto: queue warm-ups and return at once."""
+        try:
+            users = prefetch_users_from_proto(request, self._settings)
+        except RecsvcError as exc:
+            await abort_with(context, exc)
+        prefetcher = self._pipeline.prefetcher
+        queued, dropped = prefetcher.offer(users) if prefetcher is not None else (0, len(users))
+        return pb.PrefetchResponse(queued=queued, dropped=dropped)

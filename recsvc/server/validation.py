@@ -10,10 +10,11 @@ from recsvc.domain import Event, EventType, RecommendQuery
 from recsvc.errors import InvalidArgument
 from recsvc.v1 import recommender_pb2 as pb
 
-__all__ = ["MAX_FUTURE_S", "events_from_proto", "query_from_proto"]
+__all__ = ["MAX_FUTURE_S", "MAX_PREFETCH_USERS", "events_from_proto", "prefetch_users_from_proto", "query_from_proto"]
 
 # Clocks differ between frontends and us; beyond this an event timestamp is a bug, not skew.
 MAX_FUTURE_S = 300.0
+MAX_PREFETCH_USERS = 1000
 
 
 def _check_id(field: str, value: str, max_len: int) -> str:
@@ -74,5 +75,16 @@ def events_from_proto(request: pb.RecordEventsRequest, settings: Settings, now: 
                 raise InvalidArgument(f"{field}.timestamp", f"is {ts - now:.0f} s in the future")
         else:
             ts = now
-        events.append(Event(user_id=user_id, item_id=item_id, type=EventType(e.type), timestamp=ts))
+        event_id = e.event_id
+        if len(event_id.encode("utf-8")) > settings.max_id_len:
+            raise InvalidArgument(f"{field}.event_id", f"must be at most {settings.max_id_len} bytes")
+        events.append(Event(user_id=user_id, item_id=item_id, type=EventType(e.type), timestamp=ts,
+                            event_id=event_id))  # fmt: skip
     return events
+
+
+def prefetch_users_from_proto(request: pb.PrefetchRequest, settings: Settings) -> list[str]:
+    """Validate a PrefetchRequest: 1..MAX_PREFETCH_USERS ids, each a valid id."""
+    if not request.user_ids:
+        raise InvalidArgument("user_ids", "must contain at least one user id")
+    return list(_check_ids("user_ids", request.user_ids, MAX_PREFETCH_USERS, settings.max_id_len))

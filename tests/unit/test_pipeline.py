@@ -4,11 +4,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from cachetools import LRUCache
 
 from recsvc.config import Settings
 from recsvc.domain import Event, EventType, RecommendQuery
 from recsvc.errors import RankerUnavailable
-from recsvc.history import HistoryCache, InMemoryHistoryStore
+from recsvc.history import InMemoryHistoryStore, TieredHistory
 from recsvc.pipeline import Pipeline, ServingBundle, load_serving_bundle
 from recsvc.ranking import FakeRanker
 
@@ -29,7 +30,7 @@ def bundle(published: Path) -> ServingBundle:
 def make(bundle: ServingBundle, ranker: FakeRanker) -> tuple[Pipeline, InMemoryHistoryStore]:
     store = InMemoryHistoryStore()
     settings = Settings(num_candidates=bundle.manifest.num_candidates, max_k=10)
-    return Pipeline(settings, HistoryCache(store, maxsize=100, limit=500), ranker, bundle), store
+    return Pipeline(settings, TieredHistory(store, l1=LRUCache(maxsize=100), limit=500), ranker, bundle), store
 
 
 async def test_ranked_by_ranker_scores_and_versions_reported(bundle: ServingBundle) -> None:

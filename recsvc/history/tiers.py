@@ -1,0 +1,207 @@
+"""The tiered history cache: L1 in-process -> L2 shared (aiocache) -> durable store.
+
+    get(user)      L1 hit -> done. Miss -> one load per user at a time (single-flight): L2, then the
+                   store; fill L2 and L1 on the way back. Unknown users are remembered briefly in a
+                   negative cache so a flood of them costs one store query each per negative_ttl.
+    record(events) durable append first (the acknowledgement point) -> drop the users from L2 and tell
+                   other replicas (Invalidator) -> reload them into L1 here.
+
+Tier statistics (hits, misses, evictions, loads, load latency) are plain counters read by tests and by
+the metrics endpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from cachetools import Cache, TTLCache
+
+from recsvc.domain import Event, History
+from recsvc.history.coherence import Invalidator, LocalInvalidator
+from recsvc.history.l2 import SharedTier
+from recsvc.history.store import HistoryStore
+
+__all__ = ["StoreStats", "TieredHistory", "history_size"]
+
+
+def history_size(h: History) -> int:
+    """Approximate bytes an L1 entry holds: the tuples, the item id strings, the floats and enums."""
+    return 232 + 120 * len(h.item_ids)
+
+
+@dataclass
+class StoreStats:
+    """Loads that reached the durable store."""
+
+    loads: int = 0
+    load_seconds: float = 0.0
+    appends: int = 0
+    events_new: int = 0
+    events_duplicate: int = 0
+
+
+class TieredHistory:
+    """Histories through L1 -> L2 -> store, with single-flight loads and negative caching."""
+
+    def __init__(
+        self,
+        store: HistoryStore,
+        *,
+        l1: Cache[str, History],
+        limit: int,
+        l2: SharedTier | None = None,
+        invalidator: Invalidator | None = None,
+        negative_ttl_s: float = 10.0,
+        negative_entries: int = 100_000,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.store = store
+        self.l1 = l1
+        self.l2 = l2
+        self.invalidator: Invalidator = invalidator or LocalInvalidator()
+        self._limit = limit
+        self._timer = timer
+        # Unknown users live apart from L1 with their own short TTL: they must not evict real histories,
+        # and a first event for them must show at once (record() drops them here too).
+        self._negative: TTLCache[str, History] = TTLCache(negative_entries, negative_ttl_s, timer=timer)
+        # Single-flight: one load task per user; callers await it through shield(), so a caller whose
+        # deadline cancels it does not cancel the load for the others.
+        self._pending: dict[str, asyncio.Task[History]] = {}
+        # Users warmed by prefetch and not yet asked for: the first foreground hit counts as "used".
+        # A plain dict (oldest dropped past the bound): the hit path pays one dict lookup for it.
+        self._prefetched: dict[str, None] = {}
+        self._prefetched_max = max(1, int(getattr(l1, "maxsize", 100_000) or 100_000))
+        self._l1_get = l1.get              # bound once: the L1 hit path is the hottest code in the service
+        self.l1_hits = 0
+        self.l1_misses = 0
+        self.negative_hits = 0
+        self.prefetch_used = 0
+        self.store_stats = StoreStats()
+
+    # ------------------------------------------------------------------ reads
+    async def get(self, user_id: str) -> History:
+        """The user's newest ``limit`` events, oldest first."""
+        cached = self._l1_get(user_id)
+        if cached is not None:
+            self.l1_hits += 1
+            if user_id in self._prefetched:
+                del self._prefetched[user_id]
+                self.prefetch_used += 1
+            return cached
+        negative = self._negative.get(user_id)
+        if negative is not None:
+            self.negative_hits += 1
+            return negative
+        self.l1_misses += 1
+        return await asyncio.shield(self._load_task(user_id))
+
+    async def prefetch(self, user_id: str) -> History:
+        """Load into the tiers on behalf of a future request (counted separately from demand loads)."""
+        cached = self.l1.get(user_id)
+        if cached is not None:
+            return cached
+        history = await asyncio.shield(self._load_task(user_id))
+        if history.version:
+            self._prefetched[user_id] = None
+            if len(self._prefetched) > self._prefetched_max:
+                del self._prefetched[next(iter(self._prefetched))]
+        return history
+
+    def _load_task(self, user_id: str) -> asyncio.Task[History]:
+        task = self._pending.get(user_id)
+        if task is None:
+            task = asyncio.create_task(self._load(user_id), name=f"history-load:{user_id}")
+            self._pending[user_id] = task
+            task.add_done_callback(lambda t: self._finished(user_id, t))
+        return task
+
+    async def _load(self, user_id: str) -> History:
+        history = await self.l2.get(user_id) if self.l2 is not None else None
+        if history is None:
+            started = self._timer()
+            history = await self.store.get(user_id, self._limit)
+            self.store_stats.loads += 1
+            self.store_stats.load_seconds += self._timer() - started
+            if self.l2 is not None and history.version:
+                await self.l2.set(history)
+        # An invalidation that arrived while this load ran unregistered it: its result may predate the
+        # write, so it answers the callers already waiting but is not cached.
+        if self._pending.get(user_id) is asyncio.current_task():
+            self._remember(history)
+        return history
+
+    def _finished(self, user_id: str, task: asyncio.Task[History]) -> None:
+        if self._pending.get(user_id) is task:
+            del self._pending[user_id]
+        if not task.cancelled():
+            # Every waiter may have given up (deadlines); retrieving the exception here keeps asyncio
+            # from logging "exception was never retrieved" for a failure nobody awaited.
+            task.exception()
+
+    def _remember(self, history: History) -> None:
+        if not history.version:
+            self._negative[history.user_id] = history
+            return
+        current = self.l1.get(history.user_id)
+        # Keep the higher version if a slower load races a refresh from record().
+        if current is None or current.version <= history.version:
+            self.l1[history.user_id] = history
+
+    # ----------------------------------------------------------------- writes
+    async def record(self, events: Sequence[Event]) -> int:
+        """Append durably, invalidate L2 and other replicas, refresh L1 here; return how many were new."""
+        new = await self.store.append(events)
+        self.store_stats.appends += 1
+        self.store_stats.events_new += new
+        self.store_stats.events_duplicate += len(events) - new
+        users = list(dict.fromkeys(e.user_id for e in events))
+        self.invalidate_local(users)
+        if self.l2 is not None:
+            await self.l2.delete(users)
+        await self.invalidator.publish(users)
+        for user_id in users:
+            # A fresh read of the store, not a local append: the store decides order, dedupe and trimming.
+            self._remember(await self.store.get(user_id, self._limit))
+        return new
+
+    def invalidate_local(self, user_ids: Sequence[str]) -> None:
+        """Forget these users in this process (also cancels caching of their in-flight loads)."""
+        for user_id in user_ids:
+            self.l1.pop(user_id, None)
+            self._negative.pop(user_id, None)
+            self._pending.pop(user_id, None)
+
+    def reset_local(self) -> None:
+        """Forget everything in this process (e.g. after missing invalidations)."""
+        self.l1.clear()
+        self._negative.clear()
+        self._pending.clear()
+
+    # -------------------------------------------------------------- lifecycle
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Per-tier counters, for tests and the metrics endpoint."""
+        l1_stats: dict[str, Any] = {
+            "hits": self.l1_hits, "misses": self.l1_misses, "negative_hits": self.negative_hits,
+            "entries": len(self.l1), "evictions": getattr(self.l1, "evictions", None),
+            "bytes": self.l1.currsize,
+        }  # fmt: skip
+        out: dict[str, dict[str, Any]] = {"l1": l1_stats, "store": asdict(self.store_stats)}
+        if self.l2 is not None:
+            out["l2"] = {"hits": getattr(self.l2, "hits", None), "misses": getattr(self.l2, "misses", None),
+                         "errors": getattr(self.l2, "errors", None)}  # fmt: skip
+        out["prefetch"] = {"used": self.prefetch_used}
+        return out
+
+    async def close(self) -> None:
+        """Cancel loads in flight, stop listening for invalidations, close L2 (not the store)."""
+        tasks = list(self._pending.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.invalidator.close()
+        if self.l2 is not None:
+            await self.l2.close()

@@ -1,0 +1,203 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import pytest
+from cachetools import LRUCache
+
+from recsvc.domain import Event, EventType, History
+from recsvc.history import AiocacheTier, InMemoryHistoryStore, TieredHistory
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def tick(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class SlowStore(InMemoryHistoryStore):
+    """Holds every get until released, so tests control interleavings."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+
+    async def get(self, user_id: str, limit: int) -> History:
+        await self.release.wait()
+        return await super().get(user_id, limit)
+
+
+class RecordingInvalidator:
+    def __init__(self) -> None:
+        self.published: list[list[str]] = []
+
+    async def publish(self, user_ids: Sequence[str]) -> None:
+        self.published.append(list(user_ids))
+
+    async def close(self) -> None:
+        pass
+
+
+def ev(user: str, item: str, ts: float = 1.0) -> Event:
+    return Event(user, item, EventType.VIEW, ts)
+
+
+def tiers(store: InMemoryHistoryStore, **kw: object) -> TieredHistory:
+    return TieredHistory(store, l1=LRUCache(maxsize=kw.pop("maxsize", 10)), limit=10, **kw)  # type: ignore[arg-type]
+
+
+async def test_hit_after_miss_counts_once() -> None:
+    store = InMemoryHistoryStore()
+    await store.append([ev("u", "a")])
+    t = tiers(store)
+    assert (await t.get("u")).item_ids == ("a",)
+    assert (await t.get("u")).item_ids == ("a",)
+    assert (t.l1_misses, t.l1_hits, store.gets, t.store_stats.loads) == (1, 1, 1, 1)
+
+
+async def test_concurrent_misses_load_once() -> None:
+    store = SlowStore()
+    await InMemoryHistoryStore.append(store, [ev("u", "a")])
+    t = tiers(store)
+    waiters = [asyncio.create_task(t.get("u")) for _ in range(50)]
+    await asyncio.sleep(0)
+    store.release.set()
+    results = await asyncio.gather(*waiters)
+    assert store.gets == 1 and all(r is results[0] for r in results)
+
+
+async def test_cancelled_caller_does_not_cancel_the_shared_load() -> None:
+    store = SlowStore()
+    t = tiers(store)
+    first = asyncio.create_task(t.get("u"))
+    second = asyncio.create_task(t.get("u"))
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.sleep(0)
+    store.release.set()
+    assert (await second).user_id == "u"
+    assert first.cancelled() and store.gets == 1
+
+
+async def test_failed_load_reaches_every_waiter_and_is_not_cached() -> None:
+    class Broken(InMemoryHistoryStore):
+        async def get(self, user_id: str, limit: int) -> History:
+            await asyncio.sleep(0.01)
+            raise RuntimeError("disk on fire")
+
+    t = tiers(Broken())
+    results = await asyncio.gather(*(t.get("u") for _ in range(5)), return_exceptions=True)
+    assert all(isinstance(r, RuntimeError) and str(r) == "disk on fire" for r in results)
+    assert t._pending == {} and len(t.l1) == 0
+
+
+async def test_unknown_users_are_negatively_cached_for_a_short_ttl() -> None:
+    store = InMemoryHistoryStore()
+    clock = Clock()
+    t = tiers(store, negative_ttl_s=5.0, timer=clock)
+    for _ in range(3):
+        assert (await t.get("ghost")).version == 0
+    assert store.gets == 1 and t.negative_hits == 2
+    assert len(t.l1) == 0                        # unknown users never take L1 room from real histories
+    clock.tick(6)
+    await t.get("ghost")
+    assert store.gets == 2
+
+
+async def test_first_event_of_a_negatively_cached_user_shows_at_once() -> None:
+    t = tiers(InMemoryHistoryStore())
+    assert (await t.get("new")).item_ids == ()
+    assert await t.record([ev("new", "a")]) == 1
+    assert (await t.get("new")).item_ids == ("a",)
+
+
+async def test_record_refreshes_l1_invalidates_l2_and_tells_replicas() -> None:
+    store = InMemoryHistoryStore()
+    l2 = AiocacheTier.memory(ttl_s=60)
+    inv = RecordingInvalidator()
+    t = tiers(store, l2=l2, invalidator=inv)
+    await store.append([ev("u", "a")])
+    await t.get("u")                                  # fills L2 and L1
+    assert (await l2.get("u")) is not None
+    await t.record([ev("u", "b", 2.0), ev("v", "x", 2.0)])
+    assert await l2.get("u") is None                  # other replicas will reload the fresh history
+    assert inv.published == [["u", "v"]]
+    hits = t.l1_hits
+    assert (await t.get("u")).item_ids == ("a", "b")
+    assert t.l1_hits == hits + 1                       # served from the refreshed L1 entry
+    await l2.close()
+
+
+async def test_l2_hit_avoids_the_store() -> None:
+    store = InMemoryHistoryStore()
+    await store.append([ev("u", "a")])
+    l2 = AiocacheTier.memory(ttl_s=60)
+    first = tiers(store, l2=l2)
+    await first.get("u")
+    second = tiers(store, l2=l2)                       # another "process" sharing the L2
+    assert (await second.get("u")).item_ids == ("a",)
+    assert store.gets == 1 and l2.hits == 1
+    await l2.close()
+
+
+async def test_invalidation_during_a_load_keeps_its_result_out_of_l1() -> None:
+    store = SlowStore()
+    await InMemoryHistoryStore.append(store, [ev("u", "a")])
+    t = tiers(store)
+    loading = asyncio.create_task(t.get("u"))
+    await asyncio.sleep(0)
+    t.invalidate_local(["u"])                         # another replica wrote while we were reading
+    store.release.set()
+    assert (await loading).item_ids == ("a",)         # the waiting caller still gets an answer
+    assert "u" not in t.l1                            # but it may predate the write: not cached
+
+
+async def test_slow_stale_load_does_not_overwrite_fresher_entry() -> None:
+    store = SlowStore()
+    t = tiers(store)
+    stale = asyncio.create_task(t.get("u"))
+    await asyncio.sleep(0)
+    await InMemoryHistoryStore.append(store, [ev("u", "a")])
+    store.release.set()
+    await t.record([ev("u", "b", 2.0)])
+    await stale
+    assert (await t.get("u")).item_ids == ("a", "b")
+
+
+async def test_prefetched_entry_counts_as_used_on_first_hit() -> None:
+    store = InMemoryHistoryStore()
+    await store.append([ev("u", "a")])
+    t = tiers(store)
+    await t.prefetch("u")
+    await t.get("u")
+    await t.get("u")
+    assert t.prefetch_used == 1 and t.stats()["prefetch"]["used"] == 1
+
+
+async def test_close_cancels_loads_in_flight() -> None:
+    store = SlowStore()
+    t = tiers(store)
+    waiter = asyncio.create_task(t.get("u"))
+    await asyncio.sleep(0)
+    await t.close()
+    with pytest.raises(asyncio.CancelledError):
+        await waiter
+    assert t._pending == {}
+
+
+async def test_stats_report_every_tier() -> None:
+    store = InMemoryHistoryStore()
+    await store.append([ev("u", "a")])
+    t = tiers(store, l2=AiocacheTier.memory(ttl_s=60))
+    await t.get("u")
+    await t.get("u")
+    s = t.stats()
+    assert (s["l1"]["hits"], s["l1"]["misses"], s["l1"]["entries"]) == (1, 1, 1)
+    assert (s["l2"]["hits"], s["l2"]["misses"], s["store"]["loads"]) == (0, 1, 1)
+    await t.close()

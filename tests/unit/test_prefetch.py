@@ -1,0 +1,52 @@
+from __future__ import annotations
+
+import asyncio
+
+from recsvc.prefetch import Prefetcher
+
+
+async def test_offers_beyond_the_queue_are_dropped_and_counted() -> None:
+    release = asyncio.Event()
+    warmed: list[str] = []
+
+    async def warm(user: str) -> None:
+        await release.wait()
+        warmed.append(user)
+
+    p = Prefetcher(warm, queue_size=3, workers=1)
+    p.start()
+    await asyncio.sleep(0)
+    assert p.offer(["a"]) == (1, 0)
+    await asyncio.sleep(0)                     # the worker takes "a" and blocks on it
+    assert p.offer(["b", "c", "d", "e"]) == (3, 1)
+    release.set()
+    await p.drain()
+    assert warmed == ["a", "b", "c", "d"]
+    assert (p.stats.issued, p.stats.dropped, p.stats.done) == (4, 1, 4)
+    await p.close()
+
+
+async def test_failures_are_counted_and_work_goes_on() -> None:
+    async def warm(user: str) -> None:
+        if user == "bad":
+            raise RuntimeError("store down")
+
+    p = Prefetcher(warm, queue_size=10, workers=2)
+    p.start()
+    p.offer(["bad", "ok", "ok2"])
+    await p.drain()
+    assert (p.stats.failed, p.stats.done) == (1, 2)
+    await p.close()
+
+
+async def test_close_cancels_workers() -> None:
+    async def warm(user: str) -> None:
+        await asyncio.sleep(3600)
+
+    p = Prefetcher(warm, queue_size=10, workers=2)
+    p.start()
+    p.offer(["a"])
+    await asyncio.sleep(0)
+    tasks = list(p._tasks)
+    await p.close()
+    assert all(t.cancelled() for t in tasks) and p._tasks == set()
