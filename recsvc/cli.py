@@ -325,6 +325,10 @@ def _parser() -> argparse.ArgumentParser:
     _add_data_args(p)
     p.set_defaults(func=cmd_seed)
 
+    from recsvc.bench.cache_sim import register as register_cache_sim
+
+    register_cache_sim(sub)
+
     for name, func in (("recommend", cmd_recommend), ("record", cmd_record)):
         p = sub.add_parser(name, parents=[common], help=func.__doc__)
         p.add_argument("user")

@@ -21,10 +21,11 @@ What every policy shares (``L1Cache``):
   ``expirations``: entries dropped because their TTL ran out. Explicit deletes count in none.
 
 ``TinyLFU`` is W-TinyLFU as in Caffeine (Einziger, Friedman & Manes, "TinyLFU: A Highly Efficient Cache
-Admission Policy", 2017): new entries enter a small LRU *window* (1% of the entries); the window's LRU
-entry then competes for the *main* space, a segmented LRU (probation + protected, 80% of main), and is
-admitted only if the frequency sketch says it is used more often than each main victim it would
-displace. ``docs/PERFORMANCE.md`` has the measurements behind these choices.
+Admission Policy", 2017): new entries enter an LRU *window* (1% of the entries at first, then sized
+by hill climbing on the hit rate, as Caffeine does); the window's LRU entry then competes for the
+*main* space, a segmented LRU (probation + protected, 80% of main), and is admitted only if the
+frequency sketch says it is used more often than each main victim it would displace.
+``docs/PERFORMANCE.md`` has the measurements behind these choices.
 
 The hit path is what these classes are measured on (a hit must cost about what a
 ``cachetools.LRUCache`` hit costs), so ``get`` is written out in one function per policy: a Python
@@ -65,6 +66,9 @@ _M64 = (1 << 64) - 1
 _SEED = 0x5F3759DF                   # any constant: it makes the tuple hash mix the key's hash
 _COUNTER_MAX = 15                    # 4-bit counters as in the paper: a low cap is what lets aging forget
 _HALF = bytes(i >> 1 for i in range(256))   # translate() table halving every counter in one C call
+# Caffeine's hill-climber constants: step 6.25% of capacity, restart on a 5-point hit-rate jump,
+# each step 2% smaller than the last.
+_STEP, _RESTART, _DECAY = 0.0625, 0.05, 0.98
 
 # CPython object sizes for approx_sizeof: empty tuple, one tuple slot, a float, an empty ASCII str.
 _TUPLE, _SLOT, _FLOAT, _STR = sys.getsizeof(()), 8, sys.getsizeof(0.0), sys.getsizeof("")
@@ -297,11 +301,12 @@ class LRU(L1Cache[K, V]):
         if not self._timer() < self._soonest:
             self.expire()
         order = self._order
-        value = order.get(key, _MISSING)
-        if value is _MISSING:
+        try:
+            value = order[key]
+        except KeyError:
             return self.__missing__(key)
         order.move_to_end(key)
-        return value  # type: ignore[no-any-return]
+        return value
 
     @overload
     def get(self, key: K, /) -> V | None: ...
@@ -312,8 +317,9 @@ class LRU(L1Cache[K, V]):
         if not self._timer() < self._soonest:
             self.expire()
         order = self._order
-        value = order.get(key, _MISSING)
-        if value is _MISSING:
+        try:
+            value = order[key]
+        except KeyError:                     # a try costs nothing on a hit; a miss is going to the store
             return default
         order.move_to_end(key)
         return value
@@ -374,8 +380,11 @@ class FrequencySketch:
         # splitmix64 in Python big-int arithmetic did as well at 15 times the cost.
         x = hash((key, _SEED)) & _M64
         x ^= x >> 29
-        h1, h2, mask, width = x & 0xFFFFFFFF, (x >> 32) | 1, self._mask, self.width
-        return (h1 & mask, width + ((h1 + h2) & mask), 2 * width + ((h1 + 2 * h2) & mask),
+        # Double hashing, row r at (h1 + r * h2) mod width; reduced first, so the arithmetic stays on
+        # small ints. h2 is odd, so the rows never all coincide.
+        mask, width = self._mask, self.width
+        h1, h2 = x & mask, ((x >> 32) | 1) & mask
+        return (h1, width + ((h1 + h2) & mask), 2 * width + ((h1 + 2 * h2) & mask),
                 3 * width + ((h1 + 3 * h2) & mask))  # fmt: skip
 
     def increment(self, idx: tuple[int, ...]) -> None:
@@ -445,9 +454,15 @@ class FrequencySketch:
 class TinyLFU(L1Cache[K, V]):
     """W-TinyLFU: an LRU window in front of an admission-filtered segmented LRU (see the module doc).
 
-    * A new key always enters the window (``window`` of ``max_entries``, at least one entry, and the
-      same share of ``max_bytes``), so a value just stored is readable at once. When the window
-      overflows, its LRU entry is the *candidate*.
+    * A new key always enters the window (at first ``window`` of ``max_entries``, at least one entry,
+      and the same share of ``max_bytes``), so a value just stored is readable at once. When the
+      window overflows, its LRU entry is the *candidate*.
+    * With ``adaptive`` (the default) the window's share follows Caffeine's hill climber: after every
+      ``sample_factor * max_entries`` lookups it moves by 6.25% of the entries in the direction that
+      raised the hit rate over the last sample, in steps 2% smaller each time, back to full steps when
+      the hit rate jumps by 5 points. Bursty, recency-driven traffic grows the window towards LRU;
+      frequency-driven traffic shrinks it. Entries move lazily: as stores overflow the window or
+      main.
     * If main has room, the candidate joins main's probation segment. Otherwise main's victims are
       taken in LRU order (probation first, then protected) until the candidate would fit, and it is
       admitted only if its sketch estimate is greater than that of every one of them; if not, it is
@@ -459,7 +474,8 @@ class TinyLFU(L1Cache[K, V]):
       promotion, sketch counts) before every store and ``popitem``. If more hits than that arrive
       between two stores, the oldest go unreplayed; they were hits on resident entries, which is the
       least useful thing to lose. A miss is counted in the sketch at once; stores are not counted (a
-      read-through store follows the miss already counted).
+      read-through store follows the miss already counted). A hit also bumps one integer, the hit
+      count the climber samples.
     * Updating a resident key puts the new value in the window, like a new key; a popular key wins its
       way back into main on its frequency.
 
@@ -481,14 +497,22 @@ class TinyLFU(L1Cache[K, V]):
         sample_factor: int = 10,
         doorkeeper: bool = False,
         read_buffer: int = 256,
+        adaptive: bool = True,
     ) -> None:
         super().__init__(max_entries, max_bytes=max_bytes, ttl=ttl, negative_ttl=negative_ttl,
                          is_negative=is_negative, timer=timer, getsizeof=getsizeof)  # fmt: skip
         if not 0 <= window <= 1 or not 0 <= protected <= 1:
             raise ValueError(f"window and protected are fractions in [0, 1], got {window} and {protected}")
-        self._window_entries = min(max_entries, max(1, round(max_entries * window)))
-        self._window_bytes_max = self._max_bytes * window
-        self._protected_entries = int((max_entries - self._window_entries) * protected)
+        self._protected_share = protected
+        self._resize_window(max_entries * window)
+        # Hill climbing (Caffeine's): every `sample` lookups, move the window's share of the bounds by
+        # `step` in whichever direction raised the hit rate over the last sample, in smaller steps as
+        # it settles; a jump in hit rate (the workload changed) restarts with full steps.
+        self._adaptive = adaptive
+        self._sample_hits = 0
+        self._sample_misses = 0
+        self._previous_hit_rate = 0.0
+        self._step = -_STEP * max_entries            # Caffeine starts by trying a smaller window
         self._window: OrderedDict[K, None] = OrderedDict()
         self._probation: OrderedDict[K, None] = OrderedDict()
         self._protected: OrderedDict[K, None] = OrderedDict()
@@ -502,9 +526,15 @@ class TinyLFU(L1Cache[K, V]):
 
     # ---- lookups (the hit path) ------------------------------------------------------------------
     def __getitem__(self, key: K) -> V:
-        value = self.get(key, _MISSING)
-        if value is _MISSING:
+        if not self._timer() < self._soonest:
+            self.expire()
+        try:
+            value = self._data[key]
+        except KeyError:
+            self._count_miss(key)
             return self.__missing__(key)
+        self._record_hit(key)
+        self._sample_hits += 1
         return value
 
     @overload
@@ -515,15 +545,21 @@ class TinyLFU(L1Cache[K, V]):
         """The live value for ``key``, or ``default``; hit or miss, the lookup is counted."""
         if not self._timer() < self._soonest:
             self.expire()
-        value = self._data.get(key, _MISSING)
-        if value is _MISSING:
-            sketch = self.sketch
-            idx = sketch.indexes(key)
-            sketch.increment(idx)
-            self._missed = (key, idx)
+        try:
+            value = self._data[key]
+        except KeyError:
+            self._count_miss(key)
             return default
         self._record_hit(key)
+        self._sample_hits += 1
         return value
+
+    def _count_miss(self, key: K) -> None:
+        self._sample_misses += 1
+        sketch = self.sketch
+        idx = sketch.indexes(key)
+        sketch.increment(idx)
+        self._missed = (key, idx)
 
     def _replay_reads(self) -> None:
         """Apply the buffered hits: recency and promotion in the segments, then the sketch counts."""
@@ -542,7 +578,7 @@ class TinyLFU(L1Cache[K, V]):
             elif key in probation:
                 del probation[key]
                 protected[key] = None
-                if len(protected) > self._protected_entries:
+                while len(protected) > self._protected_entries:
                     demoted, _ = protected.popitem(last=False)
                     probation[demoted] = None
             else:
@@ -555,6 +591,8 @@ class TinyLFU(L1Cache[K, V]):
         now = self._timer()
         self.expire(now)
         self._replay_reads()
+        if self._adaptive and self._sample_hits + self._sample_misses >= self.sketch.sample_size:
+            self._climb()
         old = self._meta.get(key)
         if old is not None:
             idx = old[_INDEXES]
@@ -607,6 +645,27 @@ class TinyLFU(L1Cache[K, V]):
         self._bytes -= size
         self.evictions += 1
         self.rejections += 1
+
+    def _resize_window(self, entries: float) -> None:
+        """Set the window's share; entries move lazily, as stores overflow the window or main."""
+        self._window_target = min(float(self._max_entries), max(1.0, entries))
+        self._window_entries = max(1, round(self._window_target))
+        share = self._window_target / self._max_entries
+        self._window_bytes_max = self._max_bytes * share
+        self._protected_entries = int((self._max_entries - self._window_entries) * self._protected_share)
+
+    def _climb(self) -> None:
+        requests = self._sample_hits + self._sample_misses
+        hit_rate = self._sample_hits / requests
+        change = hit_rate - self._previous_hit_rate
+        amount = self._step if change >= 0 else -self._step
+        if abs(change) >= _RESTART:
+            self._step = math.copysign(_STEP * self._max_entries, amount)
+        else:
+            self._step = _DECAY * amount
+        self._previous_hit_rate = hit_rate
+        self._sample_hits = self._sample_misses = 0
+        self._resize_window(self._window_target + amount)
 
     def popitem(self) -> tuple[K, V]:
         """Remove and return the live entry this policy values least (probation's LRU entry first)."""

@@ -74,7 +74,8 @@ class TieredHistory:
         # Users warmed by prefetch and not yet asked for: the first foreground hit counts as "used".
         # A plain dict (oldest dropped past the bound): the hit path pays one dict lookup for it.
         self._prefetched: dict[str, None] = {}
-        self._prefetched_max = max(1, int(getattr(l1, "maxsize", 100_000) or 100_000))
+        # max_entries, not maxsize: with a byte bound, cachetools' maxsize counts bytes.
+        self._prefetched_max = max(1, int(getattr(l1, "max_entries", None) or l1.maxsize))
         self._l1_get = l1.get              # bound once: the L1 hit path is the hottest code in the service
         self.l1_hits = 0
         self.l1_misses = 0

@@ -4,6 +4,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import pytest
 
 from recsvc.domain import EventType, History
@@ -253,6 +254,41 @@ def test_probation_hits_promote_to_protected() -> None:
     assert cache.get(5) == 5
     cache[1000] = 0                             # a store replays the buffered hit
     assert 5 in cache._protected and 5 not in cache._probation
+
+
+def test_hill_climber_moves_the_window_towards_higher_hit_rates() -> None:
+    cache: TinyLFU[int, int] = TinyLFU(1000)     # window 10 entries, step 62.5 (6.25%)
+
+    def sample(hits: int, misses: int) -> int:
+        cache._sample_hits, cache._sample_misses = hits, misses
+        cache._climb()
+        return cache._window_entries
+
+    assert sample(50, 50) == 1                  # first sample: try a smaller window (clamped at 1)
+    assert sample(40, 60) == 64                 # worse by >= 5 points: reverse, full step
+    assert sample(42, 58) == 126                # better: keep going
+    assert sample(41, 59) == 65                 # worse by < 5 points: reverse with a decayed step (61.25)
+    assert cache._protected_entries == int((1000 - 65) * 0.8)
+
+
+def session_keys(n: int, seed: int) -> list[int]:
+    """Users come back a few times within a short while: bursty sessions over a long tail."""
+    rng = np.random.default_rng(seed)
+    starts = rng.integers(0, 100_000, n // 4)
+    times = np.repeat(np.arange(len(starts), dtype=np.float64), 4) + rng.uniform(0, 300, len(starts) * 4)
+    return [int(k) for k in np.repeat(starts, 4)[np.argsort(times, kind="stable")]]
+
+
+def test_adaptive_window_follows_bursty_sessions() -> None:
+    # Uniform users, so only recency pays: a fixed 1% window rejects returning users as one-timers;
+    # the climber grows the window towards LRU within ~50 samples of 1,000 lookups.
+    keys = session_keys(50_000, 0)
+    caches: dict[str, L1Cache[int, bool]] = {
+        "fixed": TinyLFU(100, adaptive=False), "adaptive": TinyLFU(100), "lru": LRU(100),
+    }
+    hits = {name: sum(read_through(c, k, True) is not None for k in keys) for name, c in caches.items()}
+    assert caches["fixed"]._window_entries == 1 and caches["adaptive"]._window_entries >= 50  # type: ignore[attr-defined]
+    assert hits["adaptive"] > 3 * hits["fixed"] and hits["adaptive"] > 0.5 * hits["lru"]
 
 
 def test_sketch_counts_saturate_and_halve_after_the_sample() -> None:

@@ -201,3 +201,15 @@ async def test_stats_report_every_tier() -> None:
     assert (s["l1"]["hits"], s["l1"]["misses"], s["l1"]["entries"]) == (1, 1, 1)
     assert (s["l2"]["hits"], s["l2"]["misses"], s["store"]["loads"]) == (0, 1, 1)
     await t.close()
+
+
+async def test_prefetch_tracking_is_bounded_by_entries_not_bytes() -> None:
+    from recsvc.history.policies import make_l1
+
+    store = InMemoryHistoryStore()
+    await store.append([ev(f"u{n}", "a") for n in range(5)])
+    l1 = make_l1("lru", max_entries=3, max_bytes=1 << 30, ttl=60.0)
+    t = TieredHistory(store, l1=l1, limit=10)
+    for n in range(5):
+        await t.prefetch(f"u{n}")
+    assert list(t._prefetched) == ["u2", "u3", "u4"]

@@ -1,0 +1,425 @@
+"""``recsvc cache-sim``: replay an access trace through cache policies and compare hit ratios.
+
+The trace is synthetic (Zipf over ``users`` keys with exponent ``alpha``, seeded: independent draws,
+bursty sessions, or popularity shifting in phases) or recorded (a text file with one key per line, or
+a ``.npy`` array of integer keys). Each policy replays it once per cache
+size, as read-through: a lookup that misses stores the key. Sizes are fractions of the key space: the
+``users`` of a synthetic trace (so 0.2 is "the cache holds 20% of users"), or the distinct keys of a
+recorded one. Every key weighs 1 (entry bounds only), so policies are compared on their choices alone.
+
+Policies: ``opt`` (Belady's offline optimum, an upper bound for every other policy), recsvc's ``lru``
+and ``tinylfu`` (``recsvc.history.policies``), cachetools' ``LRUCache`` and ``LFUCache`` as references,
+and the peer libraries theine (W-TinyLFU), cachebox (LRU, LFU) and moka-py (TinyLFU) where they import;
+one that does not is skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import heapq
+import importlib
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from recsvc.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_SIZES",
+    "POLICIES",
+    "WORKLOADS",
+    "SimResult",
+    "format_table",
+    "load_trace",
+    "next_uses",
+    "opt_hits",
+    "plot",
+    "register",
+    "replay",
+    "run_cache_sim",
+    "session_trace",
+    "shifting_trace",
+    "simulate",
+    "zipf_trace",
+]
+
+DEFAULT_SIZES = (0.01, 0.05, 0.1, 0.2, 0.4)
+
+Trace = npt.NDArray[np.int64]
+
+
+# ------------------------------------------------------------------------------------------ traces
+def zipf_trace(users: int, accesses: int, alpha: float, rng: np.random.Generator) -> Trace:
+    """``accesses`` keys in ``[0, users)``; the key of popularity rank r is drawn with weight r^-alpha.
+
+    Bounded Zipf by inverse CDF (``numpy``'s own ``zipf`` is unbounded and needs alpha > 1). Ranks are
+    then shuffled onto ids, so a key's number says nothing about its popularity.
+    """
+    if users < 1 or accesses < 1 or alpha < 0:
+        raise ConfigError(f"zipf trace needs users >= 1, accesses >= 1, alpha >= 0; got {users}, {accesses}, {alpha}")
+    cdf = np.cumsum(np.arange(1, users + 1, dtype=np.float64) ** -alpha)
+    cdf /= cdf[-1]
+    ranks = np.minimum(np.searchsorted(cdf, rng.random(accesses), side="right"), users - 1)
+    ids: Trace = rng.permutation(users).astype(np.int64)
+    out: Trace = ids[ranks]
+    return out
+
+
+def session_trace(users: int, accesses: int, alpha: float, rng: np.random.Generator, *, length: int = 5,
+                  spread: int = 2000) -> Trace:  # fmt: skip
+    """Bursty traffic: sessions start Zipf-distributed, each makes ``length`` requests close together.
+
+    Session ``i`` starts at position ``i`` of the session sequence; its other requests land uniformly
+    within the next ``spread`` session starts, interleaved with other sessions. A user recently seen
+    is likely to come back soon, whatever their long-run popularity: the recency that LRU rewards and a
+    pure frequency policy misses.
+    """
+    sessions = -(-accesses // length)
+    starts = zipf_trace(users, sessions, alpha, rng)
+    offsets = rng.uniform(0, spread, (sessions, length))
+    offsets[:, 0] = 0
+    times = (np.arange(sessions, dtype=np.float64)[:, None] + offsets).reshape(-1)
+    out: Trace = np.repeat(starts, length)[np.argsort(times, kind="stable")][:accesses]
+    return out
+
+
+def shifting_trace(users: int, accesses: int, alpha: float, rng: np.random.Generator, *,
+                   phases: int = 8) -> Trace:  # fmt: skip
+    """Popularity that changes wholesale: ``phases`` Zipf traces, each over a fresh ranking of the users."""
+    sizes = [accesses // phases + (1 if i < accesses % phases else 0) for i in range(phases)]
+    return np.concatenate([zipf_trace(users, n, alpha, rng) for n in sizes if n])
+
+
+WORKLOADS: dict[str, Callable[[int, int, float, np.random.Generator], Trace]] = {
+    "zipf": zipf_trace, "sessions": session_trace, "shifting": shifting_trace,
+}
+
+
+def load_trace(path: Path) -> Trace:
+    """A recorded trace: a ``.npy`` of integer keys, or text with one key per line (blank lines skipped).
+
+    Text keys are numbered in order of first appearance; policies only compare keys for equality.
+    """
+    if path.suffix == ".npy":
+        array = np.load(path, allow_pickle=False)
+        if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
+            raise ConfigError(f"{path}: expected a 1-D integer array, got {array.dtype} with shape {array.shape}")
+        trace: Trace = array.astype(np.int64)
+        return trace
+    ids: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        keys = [ids.setdefault(line, len(ids)) for raw in f if (line := raw.strip())]
+    return np.asarray(keys, dtype=np.int64)
+
+
+# -------------------------------------------------------------------------------------------- OPT
+def next_uses(trace: Trace) -> Trace:
+    """For each access, the index of the next access to the same key; ``len + key`` if there is none.
+
+    One stable argsort groups each key's accesses in time order, so each one's successor is the next
+    element of its group. The "never again" codes are distinct per key and beyond every real index,
+    so they rank as farthest and still say which key they belong to.
+    """
+    n = len(trace)
+    order = np.argsort(trace, kind="stable")
+    keys = trace[order]
+    out = np.empty(n, dtype=np.int64)
+    if n:
+        same = keys[1:] == keys[:-1]
+        out[order[:-1]] = np.where(same, order[1:], n + keys[:-1])
+        out[order[-1]] = n + keys[-1]
+    return out
+
+
+def opt_hits(trace: Trace, capacity: int) -> int:
+    """Hits of Belady's MIN with ``capacity`` entries: on overflow drop the key used farthest ahead.
+
+    The requested key itself may be the one dropped (the cache may decline to store it), so this is an
+    upper bound for admission-filtered policies too. Heap of next-use positions with lazy deletion: a
+    popped position is current only if it is still its key's next use. The heap is rebuilt from the
+    resident keys whenever stale positions make it twice their number, so memory stays O(capacity).
+    """
+    n = len(trace)
+    keys: list[int] = trace.tolist()
+    nexts: list[int] = next_uses(trace).tolist()
+    resident: dict[int, int] = {}          # key -> position of its next use
+    heap: list[int] = []                   # negated next-use positions: a max-heap
+    push, pop = heapq.heappush, heapq.heappop
+    hits = 0
+    for i in range(n):
+        key, nxt = keys[i], nexts[i]
+        if key in resident:
+            hits += 1
+        resident[key] = nxt
+        push(heap, -nxt)
+        if len(resident) > capacity:
+            while True:
+                far = -pop(heap)
+                victim = keys[far] if far < n else far - n
+                if resident.get(victim) == far:
+                    del resident[victim]
+                    break
+        if len(heap) > 2 * capacity + 1024:
+            heap = [-p for p in resident.values()]
+            heapq.heapify(heap)
+    return hits
+
+
+# ------------------------------------------------------------------------------------- policies
+def _replay_mapping(cache: Any, keys: list[int]) -> int:
+    """Read-through replay for caches with ``get(key) -> value | None`` and ``cache[key] = value``."""
+    get = cache.get
+    hits = 0
+    for key in keys:
+        if get(key) is None:
+            cache[key] = True
+        else:
+            hits += 1
+    return hits
+
+
+def _recsvc(name: str) -> Callable[[list[int], int], int]:
+    def run(keys: list[int], capacity: int) -> int:
+        from recsvc.history.policies import LRU, TinyLFU
+
+        cls = LRU if name == "lru" else TinyLFU
+        return _replay_mapping(cls(capacity), keys)
+
+    return run
+
+
+def _cachetools(name: str) -> Callable[[list[int], int], int]:
+    def run(keys: list[int], capacity: int) -> int:
+        import cachetools
+
+        cls = cachetools.LRUCache if name == "LRUCache" else cachetools.LFUCache
+        return _replay_mapping(cls(capacity), keys)
+
+    return run
+
+
+def _theine(keys: list[int], capacity: int) -> int:
+    theine = importlib.import_module("theine")
+    cache = theine.Cache(capacity, nolock=True)    # single-threaded replay: skip its locks
+    get, put = cache.get, cache.set
+    hits = 0
+    try:
+        for key in keys:
+            if get(key)[1]:
+                hits += 1
+            else:
+                put(key, True)
+    finally:
+        cache.close()                              # stops its background maintenance task
+    return hits
+
+
+def _cachebox(name: str) -> Callable[[list[int], int], int]:
+    def run(keys: list[int], capacity: int) -> int:
+        cachebox = importlib.import_module("cachebox")
+        return _replay_mapping(getattr(cachebox, name)(capacity), keys)
+
+    return run
+
+
+def _moka(keys: list[int], capacity: int) -> int:
+    moka_py = importlib.import_module("moka_py")
+    cache = moka_py.Moka(capacity)                 # its default policy, TinyLFU
+    get, put, settle = cache.get, cache.set, cache.run_pending_tasks
+    hits = 0
+    for key in keys:
+        if get(key) is None:
+            put(key, True)
+            # Moka evicts in deferred maintenance, so without this a tiny cache briefly holds more than
+            # its capacity (with 1 slot it beat OPT); settling after each store keeps the bound exact.
+            settle()
+        else:
+            hits += 1
+    return hits
+
+
+# name -> (what it is, replay(keys, capacity) -> hits); "opt" is handled on its own (it needs the array).
+POLICIES: dict[str, tuple[str, Callable[[list[int], int], int] | None]] = {
+    "opt": ("Belady's optimum (offline)", None),
+    "lru": ("recsvc LRU", _recsvc("lru")),
+    "tinylfu": ("recsvc TinyLFU (W-TinyLFU)", _recsvc("tinylfu")),
+    "cachetools-lru": ("cachetools.LRUCache", _cachetools("LRUCache")),
+    "cachetools-lfu": ("cachetools.LFUCache", _cachetools("LFUCache")),
+    "theine": ("theine (W-TinyLFU)", _theine),
+    "cachebox-lru": ("cachebox.LRUCache", _cachebox("LRUCache")),
+    "cachebox-lfu": ("cachebox.LFUCache", _cachebox("LFUCache")),
+    "moka": ("moka-py (TinyLFU)", _moka),
+}
+
+
+def replay(policy: str, trace: Trace, capacity: int) -> int:
+    """Hits of ``policy`` replaying ``trace`` with room for ``capacity`` keys."""
+    if policy not in POLICIES:
+        raise ConfigError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
+    run = POLICIES[policy][1]
+    if run is None:
+        return opt_hits(trace, capacity)
+    return run(trace.tolist(), capacity)
+
+
+# ------------------------------------------------------------------------------------- simulate
+@dataclass
+class SimResult:
+    """Hit ratios per policy (one per size, in ``sizes`` order) for one trace."""
+
+    trace: str
+    accesses: int
+    distinct: int
+    keys: int                                  # what sizes are fractions of
+    sizes: list[float]
+    capacities: list[int]
+    ratios: dict[str, list[float]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+
+
+def simulate(trace: Trace, sizes: Sequence[float], policies: Sequence[str], *, name: str = "trace",
+             keys: int | None = None, progress: Callable[[str], None] | None = None) -> SimResult:  # fmt: skip
+    """Replay ``trace`` through each policy at each size, a fraction of ``keys`` (default: distinct keys).
+
+    A peer library that fails to import is recorded in ``skipped`` instead of failing the run.
+    """
+    unknown = [p for p in policies if p not in POLICIES]
+    if unknown:
+        raise ConfigError(f"unknown policies {unknown}; known: {', '.join(POLICIES)}")
+    if not sizes or any(not 0 < s <= 1 for s in sizes):
+        raise ConfigError(f"sizes must be fractions in (0, 1], got {list(sizes)}")
+    distinct = int(np.unique(trace).size)
+    keys = distinct if keys is None else keys
+    capacities = [max(1, round(s * keys)) for s in sizes]
+    result = SimResult(name, len(trace), distinct, keys, list(sizes), capacities)
+    for policy in policies:
+        t0 = time.perf_counter()
+        try:
+            hits = [replay(policy, trace, c) for c in capacities]
+        except ImportError as exc:
+            result.skipped[policy] = f"not importable ({exc})"
+            continue
+        result.seconds[policy] = time.perf_counter() - t0
+        result.ratios[policy] = [h / max(1, len(trace)) for h in hits]
+        if progress is not None:
+            progress(f"{policy}: {result.seconds[policy]:.1f} s")
+    return result
+
+
+def format_table(result: SimResult) -> str:
+    """Hit ratios as a Markdown table: a row per policy, a column per size; then skipped policies."""
+    head = " | ".join(f"{s:g} ({c:,})" for s, c in zip(result.sizes, result.capacities, strict=True))
+    lines = [
+        f"{result.trace}: {result.accesses:,} accesses, {result.distinct:,} distinct keys; "
+        f"sizes are fractions of {result.keys:,} keys (entries in parentheses)",
+        "",
+        f"| policy | {head} | seconds |",
+        "|---|" + "---:|" * (len(result.sizes) + 1),
+    ]
+    for policy, ratios in result.ratios.items():
+        cells = " | ".join(f"{r:.4f}" for r in ratios)
+        lines.append(f"| {policy} | {cells} | {result.seconds[policy]:.1f} |")
+    opt = result.ratios.get("opt")
+    if opt is not None:
+        lines += ["", "as a fraction of OPT:", ""]
+        lines.append(f"| policy | {head} |")
+        lines.append("|---|" + "---:|" * len(result.sizes))
+        for policy, ratios in result.ratios.items():
+            if policy != "opt":
+                cells = " | ".join(f"{r / o:.3f}" if o else "-" for r, o in zip(ratios, opt, strict=True))
+                lines.append(f"| {policy} | {cells} |")
+    for policy, why in result.skipped.items():
+        lines.append(f"skipped {policy}: {why}")
+    return "\n".join(lines)
+
+
+def plot(result: SimResult, path: Path) -> None:
+    """Write a PNG of hit ratio against cache size, one line per policy."""
+    from matplotlib.figure import Figure  # Figure, not pyplot: no global state, renders with Agg
+
+    fig = Figure(figsize=(8, 5), layout="constrained")
+    ax = fig.subplots()
+    # Some policies decide identically (LRU in three libraries), so lines overlap: each kind of policy
+    # gets its own line style and each policy its own marker, so the overlaps stay readable.
+    markers = "osD^vP*Xh"
+    for i, (policy, ratios) in enumerate(result.ratios.items()):
+        if policy == "opt":
+            style: dict[str, Any] = {"linestyle": "--", "color": "black", "linewidth": 1.5}
+        elif policy in ("lru", "tinylfu"):
+            style = {"linestyle": "-", "linewidth": 2.5}
+        elif policy.startswith("cachetools"):
+            style = {"linestyle": ":", "linewidth": 1.5}
+        else:
+            style = {"linestyle": "-.", "linewidth": 1.2}
+        ax.plot(result.sizes, ratios, marker=markers[i % len(markers)], markersize=5, label=POLICIES[policy][0],
+                **style)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_xticks(result.sizes, [f"{s:g}" for s in result.sizes])
+    ax.set_xlabel(f"cache size (fraction of {result.keys:,} keys, log scale)")
+    ax.set_ylabel("hit ratio")
+    ax.set_title(f"{result.trace}: {result.accesses:,} accesses, {result.distinct:,} distinct keys", fontsize="medium")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize="small")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, format="png")
+
+
+# ------------------------------------------------------------------------------------------ CLI
+def _floats(text: str) -> list[float]:
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from exc
+
+
+def _names(text: str) -> list[str]:
+    return [x.strip() for x in text.split(",") if x.strip()]
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``cache-sim`` command to ``recsvc``'s subparsers."""
+    p = subparsers.add_parser("cache-sim", help="replay an access trace through cache policies; hit ratios + PNG",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--workload", choices=list(WORKLOADS), default="zipf",
+                   help="synthetic trace: independent Zipf draws (default), bursty user sessions, or "
+                        "popularity that shifts in 8 phases")  # fmt: skip
+    p.add_argument("--alpha", type=float, default=1.2, help="Zipf exponent of the synthetic trace (default 1.2)")
+    p.add_argument("--users", type=int, default=100_000, help="distinct keys of the synthetic trace")
+    p.add_argument("--accesses", type=int, default=2_000_000, help="length of the synthetic trace")
+    p.add_argument("--sizes", type=_floats, default=list(DEFAULT_SIZES),
+                   help="cache sizes as fractions of --users, or of a --trace's distinct keys "
+                        "(default 0.01,0.05,0.1,0.2,0.4)")
+    p.add_argument("--trace", type=Path, help="replay this file instead (one key per line, or .npy of ints)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--png", type=Path, default=Path("cache_sim.png"), help="plot path (default cache_sim.png)")
+    p.add_argument("--policies", type=_names, default=list(POLICIES),
+                   help=f"comma-separated subset of: {', '.join(POLICIES)}")  # fmt: skip
+    p.set_defaults(func=run_cache_sim)
+
+
+def run_cache_sim(args: argparse.Namespace) -> int:
+    """The ``cache-sim`` handler: simulate, print the table, write the PNG; the exit code."""
+    if args.trace is not None:
+        trace, name, keys = load_trace(args.trace), str(args.trace), None
+    else:
+        trace = WORKLOADS[args.workload](args.users, args.accesses, args.alpha, np.random.default_rng(args.seed))
+        kind = "Zipf" if args.workload == "zipf" else f"{args.workload}, Zipf"
+        name, keys = f"{kind} alpha={args.alpha:g} over {args.users:,} users, seed {args.seed}", args.users
+    if len(trace) == 0:
+        raise ConfigError("the trace is empty")
+
+    def progress(line: str) -> None:
+        sys.stderr.write(line + "\n")
+
+    result = simulate(trace, args.sizes, args.policies, name=name, keys=keys, progress=progress)
+    sys.stdout.write(format_table(result) + "\n")
+    plot(result, args.png)
+    sys.stdout.write(f"plot: {args.png}\n")
+    return 0
