@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import shutil
 import signal
-import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,6 +20,8 @@ from pathlib import Path
 
 import pytest
 import redis
+
+from tests.support import free_port
 
 __all__ = [
     "RedisClusterProcess",
@@ -41,13 +42,6 @@ def _require(binary: str) -> None:
     # A machine without Redis skips these tests with the reason, rather than failing the whole suite.
     if not Path(binary).exists():
         pytest.skip(f"{Path(binary).name} is not installed (apt-get install redis-server)")
-
-
-def free_port() -> int:
-    """A TCP port nobody listens on right now (the usual bind-to-0 trick; a small race is accepted)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

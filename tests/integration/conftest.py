@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,10 @@ from recsvc.data import Split, load_movielens, time_split
 from recsvc.history import SqliteHistoryStore
 from recsvc.models.train import TrainConfig, train, write_bundle
 from recsvc.repository import publish
+from tests.support import free_port
 
 # Short training: enough to beat popularity clearly (see docs/EVALUATION.md for the full run).
 FAST = TrainConfig(retrieval_epochs=3, ranker_epochs=1, seed=0)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -15,7 +15,8 @@ from recsvc.ranking import OnnxRanker, TritonRanker
 from recsvc.ranking.tiny import reference_scores
 from recsvc.repository import TritonOptions, TritonServer, publish
 from recsvc.repository.tiny_bundle import write_tiny_bundle
-from tests.integration.triton_fixture import free_ports, running_triton
+from tests.integration.triton_fixture import running_triton
+from tests.support import free_ports
 
 pytestmark = [pytest.mark.integration, pytest.mark.asyncio(loop_scope="module")]
 

@@ -13,22 +13,13 @@ in the exception if start-up fails.
 from __future__ import annotations
 
 import contextlib
-import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 from recsvc.repository import TritonOptions, TritonServer
+from tests.support import free_ports
 
-__all__ = ["free_ports", "running_triton"]
-
-
-def free_ports(count: int) -> list[int]:
-    """Ports free right now, all distinct (held open together while picking)."""
-    with contextlib.ExitStack() as stack:
-        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in sockets]
+__all__ = ["running_triton"]
 
 
 @contextlib.asynccontextmanager

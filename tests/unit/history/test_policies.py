@@ -10,17 +10,9 @@ import pytest
 from recsvc.domain import EventType, History
 from recsvc.errors import ConfigError
 from recsvc.history.policies import LRU, POLICIES, FrequencySketch, L1Cache, TinyLFU, approx_sizeof, make_l1
+from tests.support import FakeClock
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def tick(self, seconds: float) -> None:
-        self.now += seconds
+Clock = FakeClock
 
 
 def history(user: str, n: int) -> History:

@@ -8,17 +8,9 @@ from cachetools import LRUCache
 
 from recsvc.domain import Event, EventType, History
 from recsvc.history import AiocacheTier, InMemoryHistoryStore, TieredHistory
+from tests.support import FakeClock
 
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def tick(self, seconds: float) -> None:
-        self.now += seconds
+Clock = FakeClock
 
 
 class SlowStore(InMemoryHistoryStore):
