@@ -57,7 +57,7 @@ class Settings:
     l1_max_bytes: int = 512 * 1024 * 1024
     l1_ttl_s: float = 300.0                  # bounds staleness if an invalidation is ever lost
     negative_ttl_s: float = 10.0             # unknown users: cached briefly, so floods of them stay cheap
-    l2_backend: str = "memory"               # none | memory (aiocache, this process) | redis (aiocache, shared)
+    l2_backend: str = "auto"                 # auto | none | memory (this process) | redis (shared); see resolved_l2
     l2_ttl_s: float = 600.0
     vector_cache_entries: int = 100_000      # query vectors by (user, history version, index version)
 
@@ -77,6 +77,14 @@ class Settings:
     def resolved_history_db(self) -> Path:
         """Path of the embedded history database."""
         return self.history_db if self.history_db is not None else self.data_dir / "history.sqlite3"
+
+    def resolved_l2(self) -> str:
+        """The L2 backend to run (``auto``: memory, redis, or none on Redis Cluster, per the store)."""
+        if self.l2_backend != "auto":
+            return self.l2_backend
+        if self.history_store == "sqlite":
+            return "memory"
+        return "none" if self.redis_cluster else "redis"
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """Return a copy with ``overrides`` applied (unknown keys rejected, values coerced)."""
@@ -150,10 +158,14 @@ def _validate(s: Settings) -> None:
     if s.warm_users < 0:
         raise ConfigError(f"setting 'warm_users' must be >= 0, got {s.warm_users}")
     choices = {"history_store": ("sqlite", "redis"), "l1_policy": ("lru", "tinylfu"),
-               "l2_backend": ("none", "memory", "redis")}  # fmt: skip
+               "l2_backend": ("auto", "none", "memory", "redis")}  # fmt: skip
     for name, allowed in choices.items():
         if getattr(s, name) not in allowed:
             raise ConfigError(f"setting {name!r} must be one of {', '.join(allowed)}; got {getattr(s, name)!r}")
+    if s.history_store == "redis" and s.l2_backend == "memory":
+        # Other replicas' invalidations reach L1 through pub/sub, but a process-local L2 would hand the
+        # stale history straight back: with a shared store, L2 must be shared too (or absent).
+        raise ConfigError("l2_backend=memory cannot be used with history_store=redis; use redis, none or auto")
     for name in ["grace_s", "request_timeout_s", "triton_timeout_s", "redis_timeout_s", "l1_ttl_s",
                  "negative_ttl_s", "l2_ttl_s"]:  # fmt: skip
         if not getattr(s, name) > 0:

@@ -17,6 +17,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from recsvc.errors import Unavailable
+
 __all__ = ["CHANNEL", "Invalidator", "LocalInvalidator", "RedisInvalidator"]
 
 log = logging.getLogger(__name__)
@@ -56,11 +58,13 @@ class RedisInvalidator:
         on_reset: Callable[[], None],
         *,
         retry_s: float = 1.0,
+        publish_timeout_s: float = 1.0,
     ) -> None:
         self._client = client
         self._on_invalidate = on_invalidate
         self._on_reset = on_reset
         self._retry_s = retry_s
+        self._publish_timeout_s = publish_timeout_s
         self.origin = uuid.uuid4().hex          # this process, so it can skip its own announcements
         self._task: asyncio.Task[None] | None = None
         self._subscribed = asyncio.Event()
@@ -71,13 +75,20 @@ class RedisInvalidator:
     async def start(self, timeout_s: float = 5.0) -> None:
         """Subscribe (waits until the subscription is live, so no invalidation after start is missed)."""
         self._task = asyncio.create_task(self._listen(), name="recsvc-invalidations")
-        async with asyncio.timeout(timeout_s):
-            await self._subscribed.wait()
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._subscribed.wait()
+        except TimeoutError as exc:
+            await self.close()
+            raise Unavailable(f"could not subscribe to Redis channel {CHANNEL!r} within {timeout_s} s") from exc
 
     async def publish(self, user_ids: Sequence[str]) -> None:
         """See Invalidator."""
         try:
-            await self._client.publish(CHANNEL, orjson.dumps({"o": self.origin, "u": list(user_ids)}))
+            # The client has no socket timeout (it also blocks in listen()), so bound the publish here:
+            # a hung Redis must not hang RecordEvents after its events are already durable.
+            async with asyncio.timeout(self._publish_timeout_s):
+                await self._client.publish(CHANNEL, orjson.dumps({"o": self.origin, "u": list(user_ids)}))
             self.published += 1
         except Exception as exc:  # noqa: BLE001 - the write is durable; peers fall back on their L1 TTL
             self.errors += 1
@@ -97,10 +108,17 @@ class RedisInvalidator:
                 async for message in pubsub.listen():
                     if message.get("type") != "message":
                         continue
-                    payload = orjson.loads(message["data"])
-                    if payload.get("o") != self.origin:
+                    try:
+                        payload = orjson.loads(message["data"])
+                        origin, users = payload["o"], [str(u) for u in payload["u"]]
+                    except (orjson.JSONDecodeError, KeyError, TypeError) as exc:
+                        # Someone else's message on our channel: skip it, keep the subscription.
+                        self.errors += 1
+                        log.warning("ignoring malformed invalidation message: %s", exc)
+                        continue
+                    if origin != self.origin:
                         self.received += 1
-                        self._on_invalidate(list(payload.get("u", [])))
+                        self._on_invalidate(users)
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # noqa: BLE001 - keep listening through Redis restarts

@@ -13,12 +13,13 @@ the metrics endpoint.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from cachetools import Cache, TTLCache
+from cachetools import Cache, LRUCache, TTLCache
 
 from recsvc.domain import Event, History
 from recsvc.history.coherence import Invalidator, LocalInvalidator
@@ -26,6 +27,8 @@ from recsvc.history.l2 import SharedTier
 from recsvc.history.store import HistoryStore
 
 __all__ = ["StoreStats", "TieredHistory", "history_size"]
+
+log = logging.getLogger(__name__)
 
 
 def history_size(h: History) -> int:
@@ -71,6 +74,14 @@ class TieredHistory:
         # Single-flight: one load task per user; callers await it through shield(), so a caller whose
         # deadline cancels it does not cancel the load for the others.
         self._pending: dict[str, asyncio.Task[History]] = {}
+        # Bumped by every invalidation of a user: a read that started under an older generation may
+        # predate a write and must not be cached (L1 or L2). Bounded: a forgotten user reads as 0,
+        # which can only make a racing load skip caching, or (after an eviction inside one load's few
+        # milliseconds) cache once more what the L1 TTL then bounds.
+        self._generation: LRUCache[str, int] = LRUCache(maxsize=1_000_000)
+        # Owned tasks not awaited by anyone in particular: record() bodies (shielded from RPC
+        # cancellation) and loads orphaned by an invalidation. close() cancels them.
+        self._background: set[asyncio.Task[Any]] = set()
         # Users warmed by prefetch and not yet asked for: the first foreground hit counts as "used".
         # A plain dict (oldest dropped past the bound): the hit path pays one dict lookup for it.
         self._prefetched: dict[str, None] = {}
@@ -102,9 +113,12 @@ class TieredHistory:
 
     async def prefetch(self, user_id: str) -> History:
         """Load into the tiers on behalf of a future request (counted separately from demand loads)."""
-        cached = self.l1.get(user_id)
+        cached = self._l1_get(user_id)
         if cached is not None:
             return cached
+        negative = self._negative.get(user_id)
+        if negative is not None:
+            return negative
         history = await asyncio.shield(self._load_task(user_id))
         if history.version:
             self._prefetched[user_id] = None
@@ -115,23 +129,27 @@ class TieredHistory:
     def _load_task(self, user_id: str) -> asyncio.Task[History]:
         task = self._pending.get(user_id)
         if task is None:
-            task = asyncio.create_task(self._load(user_id), name=f"history-load:{user_id}")
+            # The generation is taken now, not when the task first runs: an invalidation arriving in
+            # between must still count against this load.
+            generation = self._generation.get(user_id, 0)
+            task = asyncio.create_task(self._load(user_id, generation), name=f"history-load:{user_id}")
             self._pending[user_id] = task
             task.add_done_callback(lambda t: self._finished(user_id, t))
         return task
 
-    async def _load(self, user_id: str) -> History:
+    async def _load(self, user_id: str, generation: int) -> History:
         history = await self.l2.get(user_id) if self.l2 is not None else None
+        from_store = history is None
         if history is None:
             started = self._timer()
             history = await self.store.get(user_id, self._limit)
             self.store_stats.loads += 1
             self.store_stats.load_seconds += self._timer() - started
-            if self.l2 is not None and history.version:
+        # An invalidation that arrived while this load ran may mean its result predates a write: it
+        # answers the callers already waiting but is cached nowhere.
+        if self._generation.get(user_id, 0) == generation:
+            if from_store and self.l2 is not None and history.version:
                 await self.l2.set(history)
-        # An invalidation that arrived while this load ran unregistered it: its result may predate the
-        # write, so it answers the callers already waiting but is not cached.
-        if self._pending.get(user_id) is asyncio.current_task():
             self._remember(history)
         return history
 
@@ -154,33 +172,63 @@ class TieredHistory:
 
     # ----------------------------------------------------------------- writes
     async def record(self, events: Sequence[Event]) -> int:
-        """Append durably, invalidate L2 and other replicas, refresh L1 here; return how many were new."""
+        """Append durably, invalidate L2 and other replicas, refresh L1 here; return how many were new.
+
+        Runs as an owned task awaited through shield(): if the RPC is cancelled (client gone, deadline),
+        a commit that still completes is still followed by its invalidations.
+        """
+        return await asyncio.shield(self._spawn(self._record(events), "history-record"))
+
+    async def _record(self, events: Sequence[Event]) -> int:
         new = await self.store.append(events)
         self.store_stats.appends += 1
         self.store_stats.events_new += new
         self.store_stats.events_duplicate += len(events) - new
         users = list(dict.fromkeys(e.user_id for e in events))
         self.invalidate_local(users)
-        if self.l2 is not None:
-            await self.l2.delete(users)
-        await self.invalidator.publish(users)
-        for user_id in users:
-            # A fresh read of the store, not a local append: the store decides order, dedupe and trimming.
-            self._remember(await self.store.get(user_id, self._limit))
+        # From here on the events are durable: a failure below must not report the write as failed
+        # (a retry without event ids would store it twice). Caches then fall back on their TTLs.
+        try:
+            if self.l2 is not None:
+                await self.l2.delete(users)
+            await self.invalidator.publish(users)
+            for user_id in users:
+                # A fresh read of the store, not a local append: the store decides order, dedupe and
+                # trimming. Cached only if no other invalidation arrived meanwhile.
+                generation = self._generation.get(user_id, 0)
+                fresh = await self.store.get(user_id, self._limit)
+                if self._generation.get(user_id, 0) == generation:
+                    self._remember(fresh)
+                    if self.l2 is not None and fresh.version:
+                        await self.l2.set(fresh)
+        except Exception as exc:  # noqa: BLE001 - see above: the append already succeeded
+            log.warning("events stored, but refreshing caches for %d users failed: %s", len(users), exc)
         return new
+
+    def _spawn(self, coro: Any, name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     def invalidate_local(self, user_ids: Sequence[str]) -> None:
         """Forget these users in this process (also cancels caching of their in-flight loads)."""
         for user_id in user_ids:
+            self._generation[user_id] = self._generation.get(user_id, 0) + 1
             self.l1.pop(user_id, None)
             self._negative.pop(user_id, None)
-            self._pending.pop(user_id, None)
+            orphan = self._pending.pop(user_id, None)
+            if orphan is not None:
+                # Still answers its waiters; owned here so close() can cancel it.
+                self._background.add(orphan)
+                orphan.add_done_callback(self._background.discard)
 
     def reset_local(self) -> None:
         """Forget everything in this process (e.g. after missing invalidations)."""
+        for user_id in list(self._pending):
+            self.invalidate_local([user_id])
         self.l1.clear()
         self._negative.clear()
-        self._pending.clear()
 
     # -------------------------------------------------------------- lifecycle
     def stats(self) -> dict[str, dict[str, Any]]:
@@ -199,7 +247,7 @@ class TieredHistory:
 
     async def close(self) -> None:
         """Cancel loads in flight, stop listening for invalidations, close L2 (not the store)."""
-        tasks = list(self._pending.values())
+        tasks = [*self._pending.values(), *self._background]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)

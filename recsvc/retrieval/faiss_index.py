@@ -16,6 +16,8 @@ import faiss
 import numpy as np
 import numpy.typing as npt
 
+from recsvc.errors import Unavailable
+
 __all__ = ["FaissRetriever", "Retriever"]
 
 log = logging.getLogger(__name__)
@@ -72,7 +74,10 @@ class FaissRetriever:
             return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(len(queries))]
         q = np.ascontiguousarray(queries, dtype=np.float32)
         loop = asyncio.get_running_loop()
-        scores, ids = await loop.run_in_executor(self._executor, self._index.search, q, fetch)
+        try:
+            scores, ids = await loop.run_in_executor(self._executor, self._index.search, q, fetch)
+        except (RuntimeError, ValueError) as exc:    # faiss raises RuntimeError for its C++ errors
+            raise Unavailable(f"retrieval failed: {exc}") from exc
         out = []
         for row_ids, row_scores, excluded in zip(ids, scores, exclude, strict=True):
             # Exact search over-fetched by |excluded| returns >= n eligible items whenever the catalog
@@ -82,5 +87,5 @@ class FaissRetriever:
         return out
 
     async def close(self) -> None:
-        """Stop the search thread after queued searches finish."""
-        self._executor.shutdown(wait=True)
+        """Stop the search thread after queued searches finish (waited for off the event loop)."""
+        await asyncio.to_thread(self._executor.shutdown, wait=True)

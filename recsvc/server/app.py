@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 from collections.abc import Callable
@@ -81,13 +82,14 @@ async def open_history(settings: Settings, store: HistoryStore) -> TieredHistory
     l1 = make_l1(settings.l1_policy, max_entries=settings.l1_max_entries, max_bytes=settings.l1_max_bytes,
                  ttl=settings.l1_ttl_s, getsizeof=history_size)  # fmt: skip
     l2 = None
-    if settings.l2_backend == "memory":
+    backend = settings.resolved_l2()
+    if backend == "memory":
         l2 = AiocacheTier.memory(ttl_s=settings.l2_ttl_s)
-    elif settings.l2_backend == "redis":
+    elif backend == "redis":
         l2 = AiocacheTier.redis(settings.redis_url, ttl_s=settings.l2_ttl_s, timeout_s=settings.redis_timeout_s,
                                 cluster=settings.redis_cluster)  # fmt: skip
     history = TieredHistory(store, l1=l1, limit=settings.history_keep, l2=l2, negative_ttl_s=settings.negative_ttl_s)
-    if settings.history_store == "redis" or settings.l2_backend == "redis":
+    if settings.history_store == "redis" or backend == "redis":
         # Other replicas share this store: their L1 copies must hear about our writes, and we about theirs.
         from recsvc.redis_conn import redis_client
 
@@ -95,8 +97,12 @@ async def open_history(settings: Settings, store: HistoryStore) -> TieredHistory
             redis_client(settings.redis_url, cluster=False, timeout_s=None),
             history.invalidate_local, history.reset_local,
         )  # fmt: skip
-        await invalidator.start()
         history.invalidator = invalidator
+        try:
+            await invalidator.start()
+        except BaseException:
+            await history.close()
+            raise
     return history
 
 
@@ -107,16 +113,25 @@ async def build_service(settings: Settings) -> Service:
     if version is None:
         raise BundleError(f"no published version of {model!r} in {repo}: run `recsvc train` and `recsvc publish`")
     bundle = await asyncio.to_thread(load_serving_bundle, repo / model / str(version), str(version))
-    store = await open_store(settings)
-    history = await open_history(settings, store)
-    ranker = TritonRanker.from_settings(settings)
-    try:
-        if not await ranker.is_model_ready(str(version)):
-            await ranker.load_model()
-    except RankerUnavailable as exc:
-        # Serve anyway: retrieval-only answers flagged degraded beat no answers, and the ranker is
-        # used again as soon as Triton answers.
-        log.warning("ranker %s v%s not ready at start-up (%s); responses are degraded until it is", model, version, exc)
+    async with contextlib.AsyncExitStack() as opened:
+        # Whatever opens before a later step fails is closed again (the stack unwinds on error only:
+        # on success it is emptied with pop_all() and the Service owns everything).
+        opened.push_async_callback(bundle.close)
+        store = await open_store(settings)
+        opened.push_async_callback(store.close)
+        history = await open_history(settings, store)
+        opened.push_async_callback(history.close)
+        ranker = TritonRanker.from_settings(settings)
+        opened.push_async_callback(ranker.close)
+        try:
+            if not await ranker.is_model_ready(str(version)):
+                await ranker.load_model()
+        except RankerUnavailable as exc:
+            # Serve anyway: retrieval-only answers flagged degraded beat no answers, and the ranker is
+            # used again as soon as Triton answers.
+            log.warning("ranker %s v%s not ready at start-up (%s); responses are degraded until it is",
+                        model, version, exc)  # fmt: skip
+        opened.pop_all()
     log.info("serving %s version %s (index %s, %d items)", model, version, bundle.index_version, len(bundle.catalog))
     pipeline = Pipeline(settings, history, ranker, bundle)
     prefetcher = Prefetcher(pipeline.warm, queue_size=settings.prefetch_queue, workers=settings.prefetch_workers)
@@ -140,6 +155,15 @@ async def serve(
 ) -> None:
     """Run until SIGTERM, SIGINT or ``stop`` is set, then drain: health NOT_SERVING, finish RPCs, close."""
     service = await build_service(settings)
+    try:
+        await _serve(service, settings, on_ready, stop)
+    finally:
+        await service.close()
+
+
+async def _serve(
+    service: Service, settings: Settings, on_ready: Callable[[int], None] | None, stop: asyncio.Event | None
+) -> None:
     server = grpc.aio.server()
     servicer = RecommenderServicer(service.pipeline, settings)
     pb_grpc.add_RecommenderServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
@@ -168,7 +192,6 @@ async def serve(
         log.info("shutting down: draining for up to %.1f s", settings.grace_s)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(settings.grace_s)
-        await service.close()
 
 
 def write_port_file(path: Path) -> Callable[[int], None]:

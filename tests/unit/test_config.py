@@ -54,3 +54,11 @@ def test_settings_are_frozen() -> None:
     with pytest.raises(AttributeError):
         s.port = 1  # type: ignore[misc]
     assert s.with_overrides(port=1).port == 1
+
+
+def test_l2_auto_follows_the_store_and_local_l2_with_shared_store_is_refused() -> None:
+    assert load_settings(env={}).resolved_l2() == "memory"
+    assert load_settings(env={"RECSVC_HISTORY_STORE": "redis"}).resolved_l2() == "redis"
+    assert load_settings(env={"RECSVC_HISTORY_STORE": "redis", "RECSVC_REDIS_CLUSTER": "true"}).resolved_l2() == "none"
+    with pytest.raises(ConfigError, match="l2_backend=memory cannot be used with history_store=redis"):
+        load_settings(env={"RECSVC_HISTORY_STORE": "redis", "RECSVC_L2_BACKEND": "memory"})

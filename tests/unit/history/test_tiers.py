@@ -118,7 +118,8 @@ async def test_record_refreshes_l1_invalidates_l2_and_tells_replicas() -> None:
     await t.get("u")                                  # fills L2 and L1
     assert (await l2.get("u")) is not None
     await t.record([ev("u", "b", 2.0), ev("v", "x", 2.0)])
-    assert await l2.get("u") is None                  # other replicas will reload the fresh history
+    fresh = await l2.get("u")                         # written through: other replicas get the new one
+    assert fresh is not None and fresh.item_ids == ("a", "b")
     assert inv.published == [["u", "v"]]
     hits = t.l1_hits
     assert (await t.get("u")).item_ids == ("a", "b")
@@ -205,3 +206,60 @@ async def test_prefetch_tracking_is_bounded_by_entries_not_bytes() -> None:
     for n in range(5):
         await t.prefetch(f"u{n}")
     assert list(t._prefetched) == ["u2", "u3", "u4"]
+
+
+async def test_load_overtaken_by_an_invalidation_is_not_written_to_l2() -> None:
+    store = SlowStore()
+    await InMemoryHistoryStore.append(store, [ev("u", "a")])
+    l2 = AiocacheTier.memory(ttl_s=60)
+    t = tiers(store, l2=l2)
+    loading = asyncio.create_task(t.get("u"))
+    await asyncio.sleep(0)
+    await InMemoryHistoryStore.append(store, [ev("u", "b", 2.0)])   # a write elsewhere ...
+    t.invalidate_local(["u"])                                         # ... announced to us
+    store.release.set()
+    await loading
+    assert await l2.get("u") is None and "u" not in t.l1
+    assert (await t.get("u")).item_ids == ("a", "b")
+    await t.close()
+
+
+async def test_cancelled_record_still_invalidates_after_its_commit() -> None:
+    class SlowAppend(InMemoryHistoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.release = asyncio.Event()
+
+        async def append(self, events: Sequence[Event]) -> int:
+            await self.release.wait()
+            return await super().append(events)
+
+    store = SlowAppend()
+    inv = RecordingInvalidator()
+    t = tiers(store, invalidator=inv)
+    call = asyncio.create_task(t.record([ev("u", "a")]))
+    await asyncio.sleep(0)
+    call.cancel()                                  # the client went away mid-commit
+    store.release.set()
+    await asyncio.sleep(0.01)
+    assert call.cancelled()
+    assert inv.published == [["u"]]                # the durable write was still announced
+    assert (await t.get("u")).item_ids == ("a",)
+
+
+async def test_cache_refresh_failure_after_commit_does_not_fail_the_write() -> None:
+    class FlakyAfterWrite(InMemoryHistoryStore):
+        async def get(self, user_id: str, limit: int) -> History:
+            raise RuntimeError("replica lag")
+
+    store = FlakyAfterWrite()
+    t = tiers(store)
+    assert await t.record([ev("u", "a"), ev("u", "b")]) == 2      # stored: reported as stored
+
+
+async def test_prefetch_answers_unknown_users_from_the_negative_cache() -> None:
+    store = InMemoryHistoryStore()
+    t = tiers(store)
+    await t.get("ghost")
+    await t.prefetch("ghost")
+    assert store.gets == 1
