@@ -68,6 +68,8 @@ class Settings:
 
     # --- retrieval / ranking ---
     num_candidates: int = 100                # retrieved per request, then ranked (the ranker's C)
+    search_max_batch: int = 64               # rows per coalesced FAISS search
+    search_max_wait_us: int = 200            # longest a search waits for company
     triton_url: str = "127.0.0.1:8001"       # gRPC endpoint of Triton
     triton_model: str = "ranker"
     triton_timeout_s: float = 1.0
@@ -150,11 +152,13 @@ def _validate(s: Settings) -> None:
     positive = [
         "max_k", "max_exclude", "max_context", "max_id_len", "max_events_per_call", "history_len",
         "history_keep", "l1_max_entries", "l1_max_bytes", "num_candidates", "vector_cache_entries",
-        "prefetch_queue", "prefetch_workers",
+        "prefetch_queue", "prefetch_workers", "search_max_batch",
     ]  # fmt: skip
     for name in positive:
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name!r} must be > 0, got {getattr(s, name)}")
+    if s.search_max_wait_us < 0:
+        raise ConfigError(f"setting 'search_max_wait_us' must be >= 0, got {s.search_max_wait_us}")
     if s.warm_users < 0:
         raise ConfigError(f"setting 'warm_users' must be >= 0, got {s.warm_users}")
     choices = {"history_store": ("sqlite", "redis"), "l1_policy": ("lru", "tinylfu"),

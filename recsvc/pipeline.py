@@ -51,8 +51,9 @@ class ServingBundle:
         await self.retriever.close()
 
 
-def load_serving_bundle(version_dir: Path, model_version: str) -> ServingBundle:
+def load_serving_bundle(version_dir: Path, model_version: str, settings: Settings | None = None) -> ServingBundle:
     """Load a published version's bundle (blocking: call it in a thread)."""
+    s = settings or Settings()
     bundle = version_dir / "bundle"
     manifest = verify_bundle(bundle)
     catalog = Catalog.read(bundle / "items.parquet")
@@ -68,7 +69,7 @@ def load_serving_bundle(version_dir: Path, model_version: str) -> ServingBundle:
         manifest=manifest,
         catalog=catalog,
         encoder=QueryEncoder(bundle / "query_encoder.onnx"),
-        retriever=FaissRetriever(embeddings),
+        retriever=FaissRetriever(embeddings, max_batch=s.search_max_batch, max_wait_us=s.search_max_wait_us),
         popularity=np.load(bundle / "popularity.npy"),
     )
 

@@ -17,6 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recsvc.errors import Unavailable
+from recsvc.retrieval.batching import SearchBatcher
 
 __all__ = ["FaissRetriever", "Retriever"]
 
@@ -45,7 +46,10 @@ class Retriever(Protocol):
 class FaissRetriever:
     """Exact inner-product index, on every GPU faiss sees (replicated) or on the CPU."""
 
-    def __init__(self, embeddings: npt.NDArray[np.float32], *, use_gpu: bool | None = None) -> None:
+    def __init__(
+        self, embeddings: npt.NDArray[np.float32], *, use_gpu: bool | None = None, max_batch: int = 64,
+        max_wait_us: int = 200,
+    ) -> None:  # fmt: skip
         vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
         cpu_index = faiss.IndexFlatIP(vectors.shape[1])
         cpu_index.add(vectors)
@@ -59,6 +63,9 @@ class FaissRetriever:
         # One thread: a GPU index must not be searched from two threads at once (faiss #367, #985),
         # and FAISS parallelises a single search internally anyway.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="faiss")
+        # Every search goes through one queue: concurrent requests become one batched search.
+        self.batcher = SearchBatcher(self._index.search, self._executor, max_batch=max_batch,
+                                     max_wait_us=max_wait_us)  # fmt: skip
 
     @property
     def num_items(self) -> int:
@@ -73,9 +80,8 @@ class FaissRetriever:
         if fetch == 0:
             return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(len(queries))]
         q = np.ascontiguousarray(queries, dtype=np.float32)
-        loop = asyncio.get_running_loop()
         try:
-            scores, ids = await loop.run_in_executor(self._executor, self._index.search, q, fetch)
+            scores, ids = await self.batcher.search(q, fetch)
         except (RuntimeError, ValueError) as exc:    # faiss raises RuntimeError for its C++ errors
             raise Unavailable(f"retrieval failed: {exc}") from exc
         out = []
@@ -87,5 +93,6 @@ class FaissRetriever:
         return out
 
     async def close(self) -> None:
-        """Stop the search thread after queued searches finish (waited for off the event loop)."""
+        """Stop the queue, then the search thread once its search finishes (waited for off the loop)."""
+        await self.batcher.close()
         await asyncio.to_thread(self._executor.shutdown, wait=True)

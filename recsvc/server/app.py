@@ -112,7 +112,7 @@ async def build_service(settings: Settings) -> Service:
     version = latest_version(repo, model)
     if version is None:
         raise BundleError(f"no published version of {model!r} in {repo}: run `recsvc train` and `recsvc publish`")
-    bundle = await asyncio.to_thread(load_serving_bundle, repo / model / str(version), str(version))
+    bundle = await asyncio.to_thread(load_serving_bundle, repo / model / str(version), str(version), settings)
     async with contextlib.AsyncExitStack() as opened:
         # Whatever opens before a later step fails is closed again (the stack unwinds on error only:
         # on success it is emptied with pop_all() and the Service owns everything).
