@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
+from collections.abc import Set as AbstractSet
 from concurrent.futures import ThreadPoolExecutor
 from typing import Protocol
 
@@ -33,7 +34,7 @@ class Retriever(Protocol):
         ...
 
     async def search(
-        self, queries: npt.NDArray[np.float32], n: int, exclude: Sequence[set[int]]
+        self, queries: npt.NDArray[np.float32], n: int, exclude: Sequence[AbstractSet[int]]
     ) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
         """For each query row: (item ids int64, scores float32), best first, at most n, none excluded."""
         ...
@@ -73,7 +74,7 @@ class FaissRetriever:
         return int(self._index.ntotal)
 
     async def search(
-        self, queries: npt.NDArray[np.float32], n: int, exclude: Sequence[set[int]]
+        self, queries: npt.NDArray[np.float32], n: int, exclude: Sequence[AbstractSet[int]]
     ) -> list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]:
         """See Retriever. Over-fetches by the largest exclusion set so filtering never starves n."""
         fetch = min(self.num_items, n + max((len(e) for e in exclude), default=0))

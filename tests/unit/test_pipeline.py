@@ -85,3 +85,17 @@ async def test_swap_is_atomic_per_request(bundle: ServingBundle, published: Path
     assert old is bundle
     rec = await pipeline.recommend(RecommendQuery("u", 3))
     assert rec.model_version == "2"
+
+
+async def test_user_mapping_cached_per_version_and_context_skips_the_history_vector(bundle: ServingBundle) -> None:
+    pipeline, store = make(bundle, FakeRanker(np.zeros(len(bundle.catalog), dtype=np.float32)))
+    await store.append([Event("u", bundle.catalog.sku(i), EventType.VIEW, float(i)) for i in range(3)])
+    await pipeline.recommend(RecommendQuery("u", 3, context_item_ids=(bundle.catalog.sku(5),)))
+    assert (pipeline.vector_hits, pipeline.vector_misses, len(pipeline.vectors)) == (0, 0, 1)
+    await pipeline.recommend(RecommendQuery("u", 3))
+    await pipeline.recommend(RecommendQuery("u", 3))
+    assert (pipeline.vector_hits, pipeline.vector_misses, len(pipeline.vectors)) == (1, 1, 1)
+    await pipeline.record([Event("u", bundle.catalog.sku(7), EventType.VIEW, 9.0)])   # new version
+    rec = await pipeline.recommend(RecommendQuery("u", 10))
+    assert bundle.catalog.sku(7) not in {i.item_id for i in rec.items}
+    assert (pipeline.vector_misses, len(pipeline.vectors)) == (2, 2)
