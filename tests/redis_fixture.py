@@ -11,7 +11,6 @@ conftest to use them: ``from tests.redis_fixture import redis_cluster, redis_ser
 from __future__ import annotations
 
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 import redis
 
-from tests.support import free_port
+from tests.support import free_port, stop_process
 
 __all__ = [
     "RedisClusterProcess",
@@ -75,13 +74,7 @@ class RedisProcess:
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM (Redis flushes the AOF and exits), SIGKILL if it hangs."""
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
+        stop_process(self.popen, timeout)
 
     def kill(self) -> None:
         """SIGKILL: no shutdown hook runs, only what Redis already wrote (and fsynced) survives."""

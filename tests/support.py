@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import signal
 import socket
+import subprocess
 
 
 def free_ports(count: int) -> list[int]:
@@ -19,6 +21,18 @@ def free_ports(count: int) -> list[int]:
 def free_port() -> int:
     """One free port."""
     return free_ports(1)[0]
+
+
+def stop_process(popen: subprocess.Popen[bytes], timeout: float) -> int:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout``; returns the exit status."""
+    if popen.poll() is None:
+        popen.send_signal(signal.SIGTERM)
+        try:
+            popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            popen.kill()
+            popen.wait()
+    return popen.returncode
 
 
 class FakeClock:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from recsvc.data import Split, load_movielens, time_split
 from recsvc.history import SqliteHistoryStore
 from recsvc.models.train import TrainConfig, train, write_bundle
 from recsvc.repository import publish
-from tests.support import free_port
+from tests.support import free_port, stop_process
 
 # Short training: enough to beat popularity clearly (see docs/EVALUATION.md for the full run).
 FAST = TrainConfig(retrieval_epochs=3, ranker_epochs=1, seed=0)
@@ -43,14 +42,7 @@ class Proc:
             pytest.fail(f"{self.name} exited with {self.popen.returncode}:\n{self.tail()}")
 
     def stop(self, timeout: float = 20.0) -> int:
-        if self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-        return self.popen.returncode
+        return stop_process(self.popen, timeout)
 
 
 def start(name: str, args: list[str], env: dict[str, str], log: Path) -> Proc:
