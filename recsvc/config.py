@@ -28,6 +28,8 @@ class Settings:
     # --- gRPC server ---
     host: str = "127.0.0.1"
     port: int = 50051
+    workers: int = 1                         # server processes sharing the port (SO_REUSEPORT); >1 needs Redis
+    metrics_port: int = 0                    # Prometheus text format on http://host:port/metrics (0: off)
     grace_s: float = 5.0                     # drain time on SIGTERM; matches the Helm terminationGracePeriod
     request_timeout_s: float = 2.0           # budget when the client sends no deadline
 
@@ -70,6 +72,23 @@ class Settings:
     num_candidates: int = 100                # retrieved per request, then ranked (the ranker's C)
     search_max_batch: int = 64               # rows per coalesced FAISS search
     search_max_wait_us: int = 200            # longest a search waits for company
+
+    # --- retrieval index (built by `recsvc build-index`, or at load when a version has none) ---
+    index_kind: str = "auto"                 # auto | flat | ivf_flat | ivf_pq | hnsw | cagra
+    index_flat_max_items: int = 200_000      # auto: exact (flat) up to this many items, ivf_flat above
+    index_nlist: int = 0                     # IVF lists; 0: about 4 * sqrt(items)
+    index_nprobe: int = 0                    # IVF lists probed; 0: tuned at build time to index_target_recall
+    index_pq_m: int = 0                      # IVF-PQ sub-quantizers; 0: dim / 4
+    index_hnsw_m: int = 32                   # HNSW graph degree
+    index_ef_search: int = 0                 # HNSW search breadth; 0: tuned at build time
+    index_target_recall: float = 0.95        # recall@index_recall_k vs exact that tuning aims for
+    index_recall_k: int = 100
+    index_device: str = "auto"               # auto (GPU when faiss sees one) | cpu | gpu | torch (exact, torch CUDA)
+    index_gpu_mode: str = "replicate"        # several GPUs: replicate (throughput) | shard (catalogs too big for one)
+    index_fp16: bool = False                 # GPU: store vectors in float16 (half the memory)
+    deny_list: Path | None = None            # SKUs never recommended; default <data_dir>/deny_list.txt
+    deny_poll_s: float = 1.0                 # how often the deny list file is checked for changes
+    repository_poll_s: float = 2.0           # how often to look for a newer published version (0: never)
     triton_url: str = "127.0.0.1:8001"       # gRPC endpoint of Triton
     triton_model: str = "ranker"
     triton_timeout_s: float = 1.0
@@ -79,6 +98,10 @@ class Settings:
     def resolved_history_db(self) -> Path:
         """Path of the embedded history database."""
         return self.history_db if self.history_db is not None else self.data_dir / "history.sqlite3"
+
+    def resolved_deny_list(self) -> Path:
+        """Path of the deny list file (it need not exist: no file means nothing is denied)."""
+        return self.deny_list if self.deny_list is not None else self.data_dir / "deny_list.txt"
 
     def resolved_l2(self) -> str:
         """The L2 backend to run (``auto``: memory, redis, or none on Redis Cluster, per the store)."""
@@ -152,17 +175,25 @@ def _validate(s: Settings) -> None:
     positive = [
         "max_k", "max_exclude", "max_context", "max_id_len", "max_events_per_call", "history_len",
         "history_keep", "l1_max_entries", "l1_max_bytes", "num_candidates", "vector_cache_entries",
-        "prefetch_queue", "prefetch_workers", "search_max_batch",
+        "prefetch_queue", "prefetch_workers", "search_max_batch", "workers", "index_flat_max_items",
+        "index_hnsw_m", "index_recall_k",
     ]  # fmt: skip
     for name in positive:
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name!r} must be > 0, got {getattr(s, name)}")
     if s.search_max_wait_us < 0:
         raise ConfigError(f"setting 'search_max_wait_us' must be >= 0, got {s.search_max_wait_us}")
+    for name in ["index_nlist", "index_nprobe", "index_pq_m", "index_ef_search"]:
+        if getattr(s, name) < 0:
+            raise ConfigError(f"setting {name!r} must be >= 0 (0: automatic), got {getattr(s, name)}")
+    if not 0 < s.index_target_recall <= 1:
+        raise ConfigError(f"setting 'index_target_recall' must be in (0, 1], got {s.index_target_recall}")
     if s.warm_users < 0:
         raise ConfigError(f"setting 'warm_users' must be >= 0, got {s.warm_users}")
     choices = {"history_store": ("sqlite", "redis"), "l1_policy": ("lru", "tinylfu"),
-               "l2_backend": ("auto", "none", "memory", "redis")}  # fmt: skip
+               "l2_backend": ("auto", "none", "memory", "redis"),
+               "index_kind": ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw", "cagra"),
+               "index_device": ("auto", "cpu", "gpu", "torch"), "index_gpu_mode": ("replicate", "shard")}  # fmt: skip
     for name, allowed in choices.items():
         if getattr(s, name) not in allowed:
             raise ConfigError(f"setting {name!r} must be one of {', '.join(allowed)}; got {getattr(s, name)!r}")
@@ -170,12 +201,18 @@ def _validate(s: Settings) -> None:
         # Other replicas' invalidations reach L1 through pub/sub, but a process-local L2 would hand the
         # stale history straight back: with a shared store, L2 must be shared too (or absent).
         raise ConfigError("l2_backend=memory cannot be used with history_store=redis; use redis, none or auto")
+    if s.workers > 1 and s.history_store != "redis":
+        # Each worker has its own L1: only through Redis do they share histories and hear each other's writes.
+        raise ConfigError(f"workers={s.workers} needs history_store=redis (the embedded store serves one process)")
     for name in ["grace_s", "request_timeout_s", "triton_timeout_s", "redis_timeout_s", "l1_ttl_s",
-                 "negative_ttl_s", "l2_ttl_s"]:  # fmt: skip
+                 "negative_ttl_s", "l2_ttl_s", "deny_poll_s"]:  # fmt: skip
         if not getattr(s, name) > 0:
             raise ConfigError(f"setting {name!r} must be > 0 seconds, got {getattr(s, name)}")
-    if not 0 <= s.port <= 65535:
-        raise ConfigError(f"setting 'port' must be in 0..65535, got {s.port}")
+    for name in ["port", "metrics_port"]:
+        if not 0 <= getattr(s, name) <= 65535:
+            raise ConfigError(f"setting {name!r} must be in 0..65535, got {getattr(s, name)}")
+    if s.repository_poll_s < 0:
+        raise ConfigError(f"setting 'repository_poll_s' must be >= 0 (0: never), got {s.repository_poll_s}")
     if s.max_k > s.num_candidates:
         raise ConfigError(f"max_k ({s.max_k}) cannot exceed num_candidates ({s.num_candidates})")
     if s.history_keep < s.history_len:

@@ -42,6 +42,13 @@ def test_unknown_override_rejected() -> None:
         ({"RECSVC_GRACE_S": "-1"}, "'grace_s' must be > 0"),
         ({"RECSVC_MAX_K": "500"}, "cannot exceed num_candidates"),
         ({"RECSVC_HISTORY_KEEP": "10"}, "history_keep"),
+        ({"RECSVC_INDEX_KIND": "annoy"}, "'index_kind' must be one of auto, flat"),
+        ({"RECSVC_INDEX_DEVICE": "tpu"}, "'index_device' must be one of"),
+        ({"RECSVC_INDEX_NPROBE": "-1"}, "'index_nprobe' must be >= 0"),
+        ({"RECSVC_INDEX_TARGET_RECALL": "1.5"}, "index_target_recall"),
+        ({"RECSVC_METRICS_PORT": "70000"}, "'metrics_port' must be in 0..65535"),
+        ({"RECSVC_WORKERS": "2"}, "workers=2 needs history_store=redis"),
+        ({"RECSVC_REPOSITORY_POLL_S": "-1"}, "repository_poll_s"),
     ],
 )
 def test_invalid_values_rejected(env: dict[str, str], message: str) -> None:
@@ -62,3 +69,9 @@ def test_l2_auto_follows_the_store_and_local_l2_with_shared_store_is_refused() -
     assert load_settings(env={"RECSVC_HISTORY_STORE": "redis", "RECSVC_REDIS_CLUSTER": "true"}).resolved_l2() == "none"
     with pytest.raises(ConfigError, match="l2_backend=memory cannot be used with history_store=redis"):
         load_settings(env={"RECSVC_HISTORY_STORE": "redis", "RECSVC_L2_BACKEND": "memory"})
+
+
+def test_workers_with_redis_and_deny_list_default() -> None:
+    s = load_settings(env={"RECSVC_WORKERS": "4", "RECSVC_HISTORY_STORE": "redis", "RECSVC_DATA_DIR": "/d"})
+    assert s.workers == 4
+    assert s.resolved_deny_list() == Path("/d/deny_list.txt")
