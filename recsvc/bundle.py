@@ -8,6 +8,9 @@ A bundle is a directory written by ``recsvc train``::
     query_encoder.onnx     HISTORY int64 [B, L] -> QUERY float32 [B, dim]
     ranker.onnx            HISTORY int64 [B, L], CANDIDATES int64 [B, C] -> SCORES float32 [B, C]
     popularity.npy         float32 [num_items]: training interaction counts, for cold fallbacks
+    queries.npy            optional float32 [Q, dim]: held-out users' query vectors (index recall is measured on them)
+    index/index.faiss      optional: the item index built by ``recsvc build-index`` (see retrieval/index_build.py)
+    index/index.json       optional: its kind, search parameters and measured recall
 
 Model inputs use dense item ids with -1 as padding; histories are oldest first, padded on the left, so
 the most recent item is always in the last column. ``recsvc publish`` copies a bundle into a Triton
@@ -29,10 +32,12 @@ __all__ = [
     "BUNDLE_FILES",
     "FORMAT_VERSION",
     "MANIFEST",
+    "OPTIONAL_FILES",
     "PADDING_SCORE",
     "Manifest",
     "read_manifest",
     "sha256_file",
+    "update_manifest",
     "update_metrics",
     "verify_bundle",
     "write_manifest",
@@ -50,6 +55,8 @@ BUNDLE_FILES = (
     "ranker.onnx",
     "popularity.npy",
 )
+# Checksummed like the rest whenever present.
+OPTIONAL_FILES = ("queries.npy", "index/index.faiss", "index/index.json")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,10 +93,29 @@ def write_manifest(directory: Path, **fields: Any) -> Manifest:
     missing = [name for name in BUNDLE_FILES if not (directory / name).is_file()]
     if missing:
         raise BundleError(f"cannot write manifest in {directory}: missing {', '.join(missing)}")
-    files = {name: sha256_file(directory / name) for name in BUNDLE_FILES}
-    manifest = Manifest(format=FORMAT_VERSION, files=files, **fields)
+    manifest = Manifest(format=FORMAT_VERSION, files=_checksums(directory), **fields)
     (directory / MANIFEST).write_bytes(manifest.to_json())
     return manifest
+
+
+def _checksums(directory: Path) -> dict[str, str]:
+    names = [*BUNDLE_FILES, *(name for name in OPTIONAL_FILES if (directory / name).is_file())]
+    return {name: sha256_file(directory / name) for name in names}
+
+
+def update_manifest(directory: Path, *, extra: dict[str, Any] | None = None) -> Manifest:
+    """Re-checksum the bundle's files (after e.g. an index was added) and merge ``extra``; atomic."""
+    manifest = read_manifest(directory)
+    updated = Manifest(**{**manifest.__dict__, "files": _checksums(directory),
+                          "extra": {**manifest.extra, **(extra or {})}})  # fmt: skip
+    _replace_manifest(directory, updated)
+    return updated
+
+
+def _replace_manifest(directory: Path, manifest: Manifest) -> None:
+    tmp = directory / (MANIFEST + ".tmp")
+    tmp.write_bytes(manifest.to_json())
+    tmp.replace(directory / MANIFEST)
 
 
 def read_manifest(directory: Path) -> Manifest:
@@ -126,7 +152,5 @@ def update_metrics(directory: Path, metrics: dict[str, float]) -> Manifest:
     """Record evaluation metrics in an existing bundle's manifest (files and checksums unchanged)."""
     manifest = read_manifest(directory)
     updated = Manifest(**{**manifest.__dict__, "metrics": {**manifest.metrics, **metrics}})
-    tmp = directory / (MANIFEST + ".tmp")
-    tmp.write_bytes(updated.to_json())
-    tmp.replace(directory / MANIFEST)
+    _replace_manifest(directory, updated)
     return updated

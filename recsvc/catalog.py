@@ -1,4 +1,13 @@
-"""The item catalog of one bundle: external ids (SKUs) <-> dense ids, with titles for people."""
+"""The item catalog of one bundle: external ids (SKUs) <-> dense ids, with titles for people.
+
+Two optional columns let a catalog change without retraining (``recsvc add-items``):
+
+* ``model_id``: the id the models (query encoder, ranker) know the item by. Trained items are their own
+  model id; a cold-start item added later borrows the model id of a trained item like it (its proxy),
+  so the models can read it in a history and score it as a candidate.
+* ``active``: False for items retired from the catalog. They stay (so dense ids stay stable and old
+  histories still map), but they are never retrieved.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +29,8 @@ class Catalog:
     item_ids: npt.NDArray[np.object_]
     titles: npt.NDArray[np.object_]
     categories: npt.NDArray[np.object_]
+    model_ids: npt.NDArray[np.int64] | None = None     # None: every item is its own model id
+    active: npt.NDArray[np.bool_] | None = None        # None: every item is active
     _index: dict[str, int] = field(repr=False, compare=False, default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -28,12 +39,15 @@ class Catalog:
 
     @classmethod
     def read(cls, path: Path) -> Catalog:
-        """Load items.parquet (columns item_id, title, category)."""
-        table = pq.read_table(path, columns=["item_id", "title", "category"])
+        """Load items.parquet (columns item_id, title, category[, model_id, active])."""
+        table = pq.read_table(path)
+        names = set(table.column_names)
         return cls(
             item_ids=np.array(table.column("item_id").to_pylist(), dtype=object),
             titles=np.array(table.column("title").to_pylist(), dtype=object),
             categories=np.array(table.column("category").to_pylist(), dtype=object),
+            model_ids=table.column("model_id").to_numpy().astype(np.int64) if "model_id" in names else None,
+            active=table.column("active").to_numpy().astype(bool) if "active" in names else None,
         )
 
     def __len__(self) -> int:
@@ -43,6 +57,16 @@ class Catalog:
         """Dense ids of the known SKUs, in order; unknown SKUs are skipped (e.g. items not yet indexed)."""
         index = self._index
         return [index[s] for s in skus if s in index]
+
+    def to_model(self, dense_ids: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+        """Model ids of dense ids (padding -1 stays -1)."""
+        if self.model_ids is None:
+            return dense_ids
+        return np.where(dense_ids >= 0, self.model_ids[np.maximum(dense_ids, 0)], -1)
+
+    def retired(self) -> npt.NDArray[np.bool_] | None:
+        """Mask of items that must never be retrieved (None when all are active)."""
+        return None if self.active is None else ~self.active
 
     def sku(self, dense_id: int) -> str:
         """The external id of a dense id."""

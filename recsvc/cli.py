@@ -127,6 +127,31 @@ def cmd_triton(args: argparse.Namespace) -> int:
     return asyncio.run(serve_triton(options_from_settings(_settings(args))))
 
 
+def cmd_build_index(args: argparse.Namespace) -> int:
+    """Build the bundle's item index (kind from --kind or RECSVC_INDEX_*), tune it and store its recall."""
+    import numpy as np
+
+    from recsvc.bundle import read_manifest
+    from recsvc.retrieval import IndexSpec
+    from recsvc.retrieval.index_build import build_bundle_index
+
+    settings = load_settings(index_kind=args.kind, index_nlist=args.nlist, index_nprobe=args.nprobe,
+                             index_pq_m=args.pq_m, index_hnsw_m=args.hnsw_m, index_ef_search=args.ef_search,
+                             index_recall_k=args.recall_k, index_target_recall=args.target_recall)  # fmt: skip
+    manifest = read_manifest(args.bundle)
+    spec = IndexSpec.from_settings(settings, manifest.num_items)
+    queries = np.load(args.queries) if args.queries else None
+    meta = build_bundle_index(args.bundle, spec, k=settings.index_recall_k, target=settings.index_target_recall,
+                              queries=queries, progress=True)  # fmt: skip
+    recall = "not measured (no queries.npy and no --queries)" if meta.recall is None else f"{meta.recall:.4f}"
+    print(f"{args.bundle}: {meta.spec.describe()} over {meta.num_items:,} items x {meta.dim}, "
+          f"built in {meta.build_seconds} s")  # fmt: skip
+    for step in meta.tuning:
+        print("  tried " + " ".join(f"{k}={v:g}" for k, v in step.items()))
+    print(f"recall@{meta.recall_k} vs exact on {meta.queries} held-out queries: {recall}")
+    return 0
+
+
 # -------------------------------------------------------------------------------------- serving
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the gRPC server (Triton must be reachable at triton_url for ranked answers)."""
@@ -312,6 +337,19 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("publish", parents=[common], help=cmd_publish.__doc__)
     p.add_argument("bundle", type=Path)
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("build-index", parents=[common], help=cmd_build_index.__doc__)
+    p.add_argument("bundle", type=Path)
+    p.add_argument("--kind", choices=["auto", "flat", "ivf_flat", "ivf_pq", "hnsw"], help="RECSVC_INDEX_KIND")
+    p.add_argument("--nlist", type=int, help="IVF lists (0: about 4 sqrt(items))")
+    p.add_argument("--nprobe", type=int, help="IVF lists probed (0: tuned to --target-recall)")
+    p.add_argument("--pq-m", type=int, help="IVF-PQ sub-quantizers (0: dim/4)")
+    p.add_argument("--hnsw-m", type=int, help="HNSW graph degree")
+    p.add_argument("--ef-search", type=int, help="HNSW search breadth (0: tuned)")
+    p.add_argument("--recall-k", type=int, help="k of the recall measurement (default 100)")
+    p.add_argument("--target-recall", type=float, help="recall tuning aims for (default 0.95)")
+    p.add_argument("--queries", type=Path, help="float32 [Q, dim] .npy of held-out queries (default the bundle's)")
+    p.set_defaults(func=cmd_build_index)
 
     p = sub.add_parser("triton", parents=[common], help=cmd_triton.__doc__)
     p.set_defaults(func=cmd_triton)

@@ -7,10 +7,12 @@ atomic and a request never mixes a ranker version with another version's item in
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +29,7 @@ from recsvc.history import TieredHistory
 from recsvc.models.query_encoder import QueryEncoder
 from recsvc.prefetch import Prefetcher
 from recsvc.ranking import Ranker
-from recsvc.retrieval import FaissRetriever, Retriever
+from recsvc.retrieval import Retriever, open_retriever
 
 __all__ = ["Pipeline", "ServingBundle", "load_serving_bundle"]
 
@@ -45,10 +47,43 @@ class ServingBundle:
     encoder: QueryEncoder
     retriever: Retriever
     popularity: npt.NDArray[np.float32]
+    _in_flight: _InFlight = field(default_factory=lambda: _InFlight(), repr=False, compare=False)
+
+    @contextlib.contextmanager
+    def use(self) -> Iterator[ServingBundle]:
+        """Count a request on this bundle for its whole duration (a replaced bundle closes when none is left)."""
+        self._in_flight.count += 1
+        self._in_flight.idle.clear()
+        try:
+            yield self
+        finally:
+            self._in_flight.count -= 1
+            if self._in_flight.count == 0:
+                self._in_flight.idle.set()
+
+    @property
+    def in_flight(self) -> int:
+        """Requests running on this bundle now."""
+        return self._in_flight.count
+
+    async def drain(self, timeout_s: float) -> bool:
+        """Wait until no request uses this bundle (True) or ``timeout_s`` passes (False)."""
+        try:
+            await asyncio.wait_for(self._in_flight.idle.wait(), timeout_s)
+        except TimeoutError:
+            return False
+        return True
 
     async def close(self) -> None:
         """Release the index."""
         await self.retriever.close()
+
+
+class _InFlight:
+    def __init__(self) -> None:
+        self.count = 0
+        self.idle = asyncio.Event()
+        self.idle.set()
 
 
 def load_serving_bundle(version_dir: Path, model_version: str, settings: Settings | None = None) -> ServingBundle:
@@ -69,7 +104,7 @@ def load_serving_bundle(version_dir: Path, model_version: str, settings: Setting
         manifest=manifest,
         catalog=catalog,
         encoder=QueryEncoder(bundle / "query_encoder.onnx"),
-        retriever=FaissRetriever(embeddings, max_batch=s.search_max_batch, max_wait_us=s.search_max_wait_us),
+        retriever=open_retriever(bundle, embeddings, s, retired=catalog.retired()),
         popularity=np.load(bundle / "popularity.npy"),
     )
 
@@ -102,6 +137,7 @@ class Pipeline:
         self.vector_hits = 0
         self.vector_misses = 0
         self.prefetcher: Prefetcher | None = None     # set by the server once its workers exist
+        self.denied_skus: frozenset[str] = frozenset()
 
     @property
     def bundle(self) -> ServingBundle:
@@ -110,12 +146,24 @@ class Pipeline:
 
     def swap(self, bundle: ServingBundle) -> ServingBundle:
         """Make ``bundle`` active for new requests; return the previous one (still used by in-flight ones)."""
+        self._apply_denied(bundle)
         previous, self._bundle = self._bundle, bundle
         return previous
 
+    def set_denied(self, skus: Iterable[str]) -> None:
+        """Replace the deny list (SKUs never recommended, e.g. out of stock) for every later search."""
+        self.denied_skus = frozenset(skus)
+        self._apply_denied(self._bundle)
+
+    def _apply_denied(self, bundle: ServingBundle) -> None:
+        bundle.retriever.set_denied(bundle.catalog.dense(self.denied_skus))
+
     async def recommend(self, query: RecommendQuery) -> Recommendation:
         """Top k for the user; falls back to retrieval order (degraded) when the ranker fails."""
-        bundle = self._bundle       # one version for the whole request
+        with self._bundle.use() as bundle:      # one version for the whole request
+            return await self._recommend(bundle, query)
+
+    async def _recommend(self, bundle: ServingBundle, query: RecommendQuery) -> Recommendation:
         timings: dict[str, int] = {}
         t = time.perf_counter_ns()
 
@@ -148,7 +196,7 @@ class Pipeline:
         scores = cand_scores
         if len(cand_ids):
             candidates = np.full((1, bundle.manifest.num_candidates), -1, dtype=np.int64)
-            candidates[0, : len(cand_ids)] = cand_ids
+            candidates[0, : len(cand_ids)] = catalog.to_model(cand_ids)
             try:
                 ranked = await self.ranker.score(hist, candidates, version=bundle.model_version)
                 scores = ranked[0, : len(cand_ids)]
@@ -183,13 +231,15 @@ class Pipeline:
         if self.prefetcher is not None:
             out["prefetch"] = {**asdict(self.prefetcher.stats), **out.get("prefetch", {})}
         out["vectors"] = {"hits": self.vector_hits, "misses": self.vector_misses, "entries": len(self.vectors)}
+        out["retrieval"] = {**self._bundle.retriever.stats(), "index_version": self._bundle.index_version,
+                            "model_version": self._bundle.model_version}  # fmt: skip
         return out
 
     async def warm(self, user_id: str) -> None:
         """Prefetch: bring the user's history and query vector into the caches."""
-        bundle = self._bundle
-        history = await self.history.prefetch(user_id)
-        await self._user_vector(bundle, self._user_query(bundle, history))
+        with self._bundle.use() as bundle:
+            history = await self.history.prefetch(user_id)
+            await self._user_vector(bundle, self._user_query(bundle, history))
 
     @staticmethod
     def _history_matrix(bundle: ServingBundle, ids: list[int]) -> npt.NDArray[np.int64]:
@@ -197,7 +247,8 @@ class Pipeline:
         sequence = ids[-length:]
         hist = np.full((1, length), -1, dtype=np.int64)
         if sequence:
-            hist[0, -len(sequence) :] = sequence
+            # The models know cold-start items by their proxy's id (see Catalog.model_ids).
+            hist[0, -len(sequence) :] = bundle.catalog.to_model(np.asarray(sequence, dtype=np.int64))
         return hist
 
     def _user_query(self, bundle: ServingBundle, history: History) -> _UserQuery:

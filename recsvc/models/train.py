@@ -29,7 +29,7 @@ from recsvc.models.export import export_query_encoder, export_ranker
 from recsvc.models.ranker import RankerNet
 from recsvc.models.retrieval import RetrievalNet
 
-__all__ = ["TrainConfig", "Trained", "history_matrix", "train", "write_bundle"]
+__all__ = ["TrainConfig", "Trained", "history_matrix", "sample_queries", "train", "write_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -210,6 +210,20 @@ def _ranker_loss(
     return F.cross_entropy(logits, torch.zeros(rows, dtype=torch.int64))
 
 
+def sample_queries(trained: Trained, ds: Dataset, n: int = 2000, seed: int = 0) -> npt.NDArray[np.float32]:
+    """Query vectors of up to ``n`` random users with history, from their latest ``history_len`` items."""
+    users = np.unique(ds.users)
+    if len(users) > n:
+        users = np.sort(np.random.default_rng(seed).choice(users, n, replace=False))
+    flat = ds.items.astype(np.int64)
+    starts = np.searchsorted(ds.users, users, side="left")
+    ends = np.searchsorted(ds.users, users, side="right")
+    history = torch.from_numpy(history_matrix(flat, starts, ends, trained.config.history_len))
+    with torch.no_grad():
+        queries: npt.NDArray[np.float32] = trained.retrieval(history).numpy().astype(np.float32)
+    return queries
+
+
 def write_bundle(
     trained: Trained, ds: Dataset, out_dir: Path, *, metrics: dict[str, float] | None = None
 ) -> Manifest:
@@ -221,6 +235,8 @@ def write_bundle(
         embeddings = trained.retrieval.item_vectors().detach().numpy().astype(np.float32)
     np.save(out_dir / "item_embeddings.npy", embeddings)
     np.save(out_dir / "popularity.npy", trained.popularity)
+    # Real users' query vectors: what `recsvc build-index` measures an approximate index's recall on.
+    np.save(out_dir / "queries.npy", sample_queries(trained, ds))
     export_query_encoder(trained.retrieval, out_dir / "query_encoder.onnx")
     export_ranker(trained.ranker, cfg.history_len, cfg.num_candidates, out_dir / "ranker.onnx")
     return write_manifest(

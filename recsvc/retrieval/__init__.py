@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+from recsvc.retrieval.backends import FaissBackend, TorchBackend
 from recsvc.retrieval.batching import SearchBatcher
-from recsvc.retrieval.faiss_index import FaissRetriever, Retriever
+from recsvc.retrieval.index_build import IndexMeta, IndexSpec, build_and_tune, read_index, write_index
+from recsvc.retrieval.retriever import IndexRetriever, Retriever, open_retriever
 
-__all__ = ["FaissRetriever", "Retriever", "SearchBatcher"]
+__all__ = [
+    "FaissBackend",
+    "IndexMeta",
+    "IndexRetriever",
+    "IndexSpec",
+    "Retriever",
+    "SearchBatcher",
+    "TorchBackend",
+    "build_and_tune",
+    "open_retriever",
+    "read_index",
+    "write_index",
+]

@@ -1,0 +1,243 @@
+"""The retriever: one search thread, one batching queue, filters and adaptive over-fetch over a backend.
+
+Filtering has two layers:
+
+* **Item-wide** (the run-time deny list, e.g. out-of-stock items, and items retired from the catalog):
+  one allowed-mask per retriever, applied inside the search where the backend can (an IDSelector
+  bitmap on faiss CPU indexes, a score mask in torch), so denied items cost nothing.
+* **Per request** (what the user has seen, what is on screen, what the caller excluded): removed after
+  the search. To still return n items the search over-fetches. Fetching ``n + |excluded|`` is always
+  enough but wasteful (a user with 1000 seen items rarely has more than a few among their top 100), so
+  the first fetch is ``n`` plus a running estimate of how many get removed; rows that come back short
+  are searched again at the guaranteed bound. The estimate adapts to the traffic.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterable, Sequence
+from collections.abc import Set as AbstractSet
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import numpy.typing as npt
+
+from recsvc.config import Settings
+from recsvc.errors import ConfigError, Unavailable
+from recsvc.retrieval.backends import FaissBackend, Filter, SearchBackend, TorchBackend, torch_cuda_available
+from recsvc.retrieval.batching import SearchBatcher
+from recsvc.retrieval.index_build import IndexMeta, IndexSpec, build_and_tune, build_cagra, faiss_gpus, read_index
+
+__all__ = ["IndexRetriever", "RetrievalStats", "Retriever", "open_retriever"]
+
+log = logging.getLogger(__name__)
+
+Rows = list[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]]]
+_EMA = 0.1             # weight of the newest request in the removed-items estimate
+_MARGIN = 8            # extra rows fetched beyond the estimate: a short first fetch costs a second search
+
+
+class Retriever(Protocol):
+    """Top-n items by inner product with each query, never returning an excluded or denied item."""
+
+    @property
+    def num_items(self) -> int:
+        """Items in the index."""
+        ...
+
+    async def search(self, queries: npt.NDArray[np.float32], n: int, exclude: Sequence[AbstractSet[int]]) -> Rows:
+        """For each query row: (item ids int64, scores float32), best first, at most n, none excluded."""
+        ...
+
+    def set_denied(self, item_ids: Iterable[int]) -> None:
+        """Replace the run-time deny list (dense ids); takes effect for searches that start afterwards."""
+        ...
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for metrics."""
+        ...
+
+    async def close(self) -> None:
+        """Release the index and its thread."""
+        ...
+
+
+@dataclass
+class RetrievalStats:
+    """What the retriever did (cumulative)."""
+
+    requests: int = 0
+    retries: int = 0              # rows searched a second time because filtering left them short
+    fetched: int = 0              # rows x k asked of the index
+    removed_estimate: float = 0.0
+
+
+class IndexRetriever:
+    """Retriever over a SearchBackend; see the module docstring."""
+
+    def __init__(self, backend: SearchBackend, *, retired: npt.NDArray[np.bool_] | None = None, max_batch: int = 64,
+                 max_wait_us: int = 200, meta: IndexMeta | None = None) -> None:  # fmt: skip
+        self._backend = backend
+        self.meta = meta
+        n = backend.ntotal
+        self._retired = np.zeros(n, dtype=bool) if retired is None else retired.astype(bool, copy=True)
+        if len(self._retired) != n:
+            raise ValueError(f"retired mask has {len(self._retired)} entries for {n} items")
+        self._filter: Filter | None = None
+        self.set_denied(())
+        # One thread: the backend is searched from nowhere else (GPU indexes are not thread-safe).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
+        self.batcher = SearchBatcher(self._search_batch, self._executor, max_batch=max_batch, max_wait_us=max_wait_us)
+        self._stats = RetrievalStats()
+        log.info("retriever: %d items on %s (%s)", n, backend.device, "exact" if meta is None else meta.spec.kind)
+
+    @property
+    def num_items(self) -> int:
+        """Items in the index."""
+        return self._backend.ntotal
+
+    @property
+    def device(self) -> str:
+        """Where searches run."""
+        return self._backend.device
+
+    def set_denied(self, item_ids: Iterable[int]) -> None:
+        """See Retriever. Ids outside the index are ignored (they cannot be returned anyway)."""
+        allowed = ~self._retired
+        ids = np.fromiter(item_ids, dtype=np.int64)
+        ids = ids[(ids >= 0) & (ids < len(allowed))]
+        allowed[ids] = False
+        # Swapped as one reference: a search uses either the old filter or the new one, never a mix.
+        self._filter = Filter(allowed) if not allowed.all() else None
+
+    def _search_batch(self, queries: npt.NDArray[np.float32], k: int) -> tuple[Any, Any]:
+        # On the search thread; reads the newest filter (at least as new as the caller's snapshot).
+        return self._backend.search(queries, k, self._filter)
+
+    async def search(self, queries: npt.NDArray[np.float32], n: int, exclude: Sequence[AbstractSet[int]]) -> Rows:
+        """See Retriever."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if len(q) != len(exclude):
+            raise ValueError(f"{len(q)} queries but {len(exclude)} exclusion sets")
+        flt = self._filter
+        total = self.num_items
+        if total == 0 or n <= 0:
+            return [(np.empty(0, np.int64), np.empty(0, np.float32)) for _ in range(len(q))]
+        # Denied items the backend cannot skip inside the search count against the fetch as well.
+        outside = 0 if flt is None or self._backend.filters_inside else flt.denied
+        bounds = [min(total, n + len(e) + outside) for e in exclude]
+        estimate = math.ceil(1.5 * self._stats.removed_estimate) + _MARGIN
+        fetch = min(max(bounds), n + estimate)
+        excluded = [np.fromiter(e, np.int64, len(e)) for e in exclude]
+        rows = await self._fetch(q, fetch)
+        out: Rows = []
+        short: list[int] = []
+        for i, (ids, scores) in enumerate(rows):
+            kept, removed = self._filter_row(ids, scores, excluded[i], flt, n)
+            out.append(kept)
+            self._observe(removed)
+            if len(kept[0]) < n and fetch < bounds[i] and bool((ids >= 0).all()):
+                short.append(i)
+        if short:
+            # The estimate was too low for these rows: search again at the bound that cannot come up short.
+            self._stats.retries += len(short)
+            again = await self._fetch(q[short], max(bounds[i] for i in short))
+            for i, (ids, scores) in zip(short, again, strict=True):
+                out[i] = self._filter_row(ids, scores, excluded[i], flt, n)[0]
+        self._stats.requests += len(q)
+        return out
+
+    async def _fetch(self, q: npt.NDArray[np.float32], k: int) -> list[tuple[Any, Any]]:
+        self._stats.fetched += len(q) * k
+        try:
+            scores, ids = await self.batcher.search(q, k)
+        except (RuntimeError, ValueError) as exc:    # faiss raises RuntimeError for its C++ errors
+            raise Unavailable(f"retrieval failed: {exc}") from exc
+        return list(zip(ids, scores, strict=True))
+
+    @staticmethod
+    def _filter_row(
+        ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float32], excluded: npt.NDArray[np.int64],
+        flt: Filter | None, n: int,
+    ) -> tuple[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]], int]:  # fmt: skip
+        keep = ids >= 0
+        if len(excluded):
+            keep &= ~np.isin(ids, excluded)
+        if flt is not None:
+            keep &= flt.allowed[np.where(keep, ids, 0)]
+        positions = np.flatnonzero(keep)[:n]
+        # Removed items ranked above the n-th survivor: what the next fetch should allow for.
+        removed = int(positions[-1]) + 1 - len(positions) if len(positions) else int((ids >= 0).sum())
+        return (ids[positions].astype(np.int64), scores[positions].astype(np.float32)), removed
+
+    def _observe(self, removed: int) -> None:
+        s = self._stats
+        s.removed_estimate = (1 - _EMA) * s.removed_estimate + _EMA * removed
+
+    def stats(self) -> dict[str, Any]:
+        """Counters, batch sizes and what index serves."""
+        out: dict[str, Any] = {**asdict(self._stats), "device": self.device, "items": self.num_items,
+                               "denied": 0 if self._filter is None else self._filter.denied,
+                               "batches": dict(self.batcher.batch_sizes)}  # fmt: skip
+        if self.meta is not None:
+            out.update(kind=self.meta.spec.kind, recall=self.meta.recall, recall_k=self.meta.recall_k)
+        return out
+
+    async def close(self) -> None:
+        """Stop the queue, then the search thread once its search finishes (waited for off the loop)."""
+        await self.batcher.close()
+        await asyncio.to_thread(self._executor.shutdown, wait=True)
+        self._backend.close()
+
+
+def open_retriever(
+    bundle: Path, embeddings: npt.NDArray[np.float32], settings: Settings, *,
+    retired: npt.NDArray[np.bool_] | None = None, progress: bool = False,
+) -> IndexRetriever:  # fmt: skip
+    """The retriever the settings ask for over a bundle's embeddings (blocking: call it in a thread).
+
+    The bundle's stored index (``recsvc build-index``) is used when its kind matches ``index_kind``
+    (any kind matches ``auto``); otherwise the index is built now, which for exact search is instant.
+    """
+    vectors = np.ascontiguousarray(embeddings, dtype=np.float32)
+    batching: dict[str, Any] = {"max_batch": settings.search_max_batch, "max_wait_us": settings.search_max_wait_us}
+    device = settings.index_device
+    # `auto` on a CUDA host without faiss-gpu: exact torch search on the GPU beats faiss on the CPU.
+    if device == "torch" or (device == "auto" and faiss_gpus() == 0 and _cuda_host() and torch_cuda_available()):
+        backend: SearchBackend = TorchBackend(vectors, device="cuda", fp16=settings.index_fp16)
+        return IndexRetriever(backend, retired=retired, **batching)
+    wanted = IndexSpec.from_settings(settings, len(vectors))
+    if wanted.kind == "cagra":
+        gpu_index, meta = build_cagra(vectors, k=settings.index_recall_k)
+        return IndexRetriever(FaissBackend.gpu_only(gpu_index, meta.spec), retired=retired, meta=meta, **batching)
+    stored = read_index(bundle)
+    if stored is not None and (settings.index_kind == "auto" or stored[1].spec.kind == wanted.kind):
+        index, meta = stored
+        if index.ntotal != len(vectors):
+            raise ConfigError(f"{bundle}: stored index has {index.ntotal} items, embeddings {len(vectors)}")
+        # Search breadth given in the settings overrides the tuned one (e.g. trading recall for speed).
+        spec = meta.spec
+        if settings.index_nprobe:
+            spec = replace(spec, nprobe=settings.index_nprobe)
+        if settings.index_ef_search:
+            spec = replace(spec, ef_search=settings.index_ef_search)
+        meta = replace(meta, spec=spec)
+    else:
+        queries = np.load(bundle / "queries.npy") if (bundle / "queries.npy").is_file() else None
+        if wanted.kind != "flat":
+            log.info("no stored %s index in %s: building one now (use `recsvc build-index` to build it once)",
+                     wanted.kind, bundle)  # fmt: skip
+        index, meta = build_and_tune(vectors, wanted, queries, k=settings.index_recall_k,
+                                     target=settings.index_target_recall, progress=progress)  # fmt: skip
+    backend = FaissBackend(index, meta.spec, device=device, gpu_mode=settings.index_gpu_mode, fp16=settings.index_fp16)
+    return IndexRetriever(backend, retired=retired, meta=meta, **batching)
+
+
+def _cuda_host() -> bool:
+    # Cheap check before importing torch (seconds) on the many hosts that have no NVIDIA driver at all.
+    return Path("/proc/driver/nvidia/version").exists()

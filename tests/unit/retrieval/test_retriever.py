@@ -1,0 +1,185 @@
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+
+from recsvc.retrieval import FaissBackend, IndexRetriever, IndexSpec, TorchBackend, build_and_tune
+from recsvc.retrieval.backends import Filter, SearchBackend
+from recsvc.retrieval.index_build import build_index
+
+
+def _faiss(emb: np.ndarray) -> SearchBackend:
+    spec = IndexSpec("flat")
+    return FaissBackend(build_index(emb, spec), spec, device="cpu")
+
+
+def _torch(emb: np.ndarray) -> SearchBackend:
+    return TorchBackend(emb, device="cpu")
+
+
+class _NoInsideFilter:
+    """The faiss CPU backend, but pretending it cannot filter inside the search (like GPU indexes)."""
+
+    filters_inside = False
+
+    def __init__(self, emb: np.ndarray) -> None:
+        self._inner = _faiss(emb)
+        self.device = "cpu (filters outside)"
+        self.ks: list[int] = []
+
+    @property
+    def ntotal(self) -> int:
+        return self._inner.ntotal
+
+    def search(self, queries: np.ndarray, k: int, allowed: Filter | None) -> tuple[np.ndarray, np.ndarray]:
+        self.ks.append(k)
+        return self._inner.search(queries, k, None)
+
+    def close(self) -> None:
+        pass
+
+
+BACKENDS: dict[str, Callable[[np.ndarray], SearchBackend]] = {
+    "faiss-flat": _faiss, "torch-cpu": _torch, "filters-outside": _NoInsideFilter,
+}  # fmt: skip
+
+
+def _data(seed: int, n: int = 200, d: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((4, d)).astype(np.float32)
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+def make(request: pytest.FixtureRequest) -> Callable[..., IndexRetriever]:
+    def build(emb: np.ndarray, **kwargs: object) -> IndexRetriever:
+        return IndexRetriever(BACKENDS[request.param](emb), **kwargs)  # type: ignore[arg-type]
+
+    return build
+
+
+async def test_matches_exact_numpy_search(make: Callable[..., IndexRetriever]) -> None:
+    emb, q = _data(0)
+    r = make(emb)
+    results = await r.search(q, 5, [set()] * len(q))
+    for row, (ids, scores) in enumerate(results):
+        expected = np.argsort(-(emb @ q[row]), kind="stable")[:5]
+        assert ids.tolist() == expected.tolist()
+        np.testing.assert_allclose(scores, (emb @ q[row])[expected], rtol=1e-4)
+    await r.close()
+
+
+async def test_exclusions_removed_and_n_still_returned_even_when_the_estimate_is_short(
+    make: Callable[..., IndexRetriever],
+) -> None:
+    emb, q = _data(1)
+    r = make(emb)
+    order = np.argsort(-(emb @ q[0]))
+    excluded = set(order[:40].tolist())          # the 40 best: far more than the first fetch allows for
+    [(ids, _)] = await r.search(q[:1], 5, [excluded])
+    assert ids.tolist() == order[40:45].tolist()
+    assert r.stats()["retries"] == 1             # the first fetch came back short and was repeated
+    await r.close()
+
+
+async def test_over_fetch_adapts_to_what_gets_removed(make: Callable[..., IndexRetriever]) -> None:
+    emb, _ = _data(2, n=2000)
+    r = make(emb)
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        query = rng.standard_normal((1, 8)).astype(np.float32)
+        order = np.argsort(-(emb @ query[0]))
+        # 500 excluded items of which 20 are among the best: the guaranteed bound would fetch 510 rows.
+        excluded = set(order[:20].tolist()) | set(order[-480:].tolist())
+        [(ids, _)] = await r.search(query, 10, [excluded])
+        assert ids.tolist() == order[20:30].tolist()
+    stats = r.stats()
+    assert stats["removed_estimate"] > 10
+    assert stats["fetched"] / stats["requests"] < 100     # far below the 510-row bound
+    assert stats["retries"] < 30                          # the estimate learned to fetch enough at once
+    await r.close()
+
+
+async def test_deny_list_applies_to_later_searches_and_n_is_still_returned(make: Callable[..., IndexRetriever]) -> None:
+    emb, q = _data(4)
+    r = make(emb)
+    order = np.argsort(-(emb @ q[0]))
+    denied = order[:30].tolist()
+    r.set_denied(denied)
+    [(ids, _)] = await r.search(q[:1], 10, [set()])
+    assert ids.tolist() == order[30:40].tolist()
+    assert r.stats()["denied"] == 30
+    r.set_denied([])                              # replaced, not merged
+    [(ids, _)] = await r.search(q[:1], 10, [set()])
+    assert ids.tolist() == order[:10].tolist()
+    r.set_denied([-5, 10_000])                    # ids outside the index are ignored
+    assert r.stats()["denied"] == 0
+    await r.close()
+
+
+async def test_retired_items_are_never_returned_and_stay_retired_under_a_new_deny_list(
+    make: Callable[..., IndexRetriever],
+) -> None:
+    emb, q = _data(5)
+    order = np.argsort(-(emb @ q[0]))
+    retired = np.zeros(len(emb), dtype=bool)
+    retired[order[:3]] = True
+    r = make(emb, retired=retired)
+    r.set_denied([int(order[3])])
+    [(ids, _)] = await r.search(q[:1], 5, [set()])
+    assert ids.tolist() == order[4:9].tolist()
+    await r.close()
+
+
+async def test_small_catalog_returns_what_exists(make: Callable[..., IndexRetriever]) -> None:
+    emb, q = _data(6, n=6)
+    r = make(emb)
+    r.set_denied([5])
+    [(ids, _)] = await r.search(q[:1], 10, [{0, 1}])
+    assert sorted(ids.tolist()) == [2, 3, 4]
+    [(ids, _)] = await r.search(q[:1], 10, [set(range(6))])
+    assert ids.tolist() == []
+    await r.close()
+
+
+async def test_filters_outside_the_backend_over_fetch_by_the_denied_count() -> None:
+    emb, q = _data(7)
+    backend = _NoInsideFilter(emb)
+    r = IndexRetriever(backend)  # type: ignore[arg-type]
+    order = np.argsort(-(emb @ q[0]))
+    r.set_denied(order[:50].tolist())
+    [(ids, _)] = await r.search(q[:1], 10, [set()])
+    assert ids.tolist() == order[50:60].tolist()
+    assert max(backend.ks) == 60                 # the bound: n + every denied item
+    await r.close()
+
+
+async def test_concurrent_searches_are_batched() -> None:
+    import asyncio
+
+    emb, _ = _data(8, n=500)
+    r = IndexRetriever(_faiss(emb), max_batch=64, max_wait_us=5000)
+    rng = np.random.default_rng(9)
+    queries = rng.standard_normal((32, 8)).astype(np.float32)
+    results = await asyncio.gather(*(r.search(queries[i : i + 1], 5, [set()]) for i in range(32)))
+    for i, [(ids, _)] in enumerate(results):
+        assert ids.tolist() == np.argsort(-(emb @ queries[i]))[:5].tolist()
+    assert max(r.stats()["batches"]) > 1
+    await r.close()
+
+
+async def test_approximate_index_through_the_retriever_filters_too() -> None:
+    rng = np.random.default_rng(10)
+    centers = rng.standard_normal((20, 16)).astype(np.float32)
+    emb = (centers[rng.integers(0, 20, 4000)] + 0.3 * rng.standard_normal((4000, 16))).astype(np.float32)
+    queries = (centers[rng.integers(0, 20, 50)] + 0.3 * rng.standard_normal((50, 16))).astype(np.float32)
+    index, meta = build_and_tune(emb, IndexSpec("ivf_flat"), queries, k=20, target=0.95)
+    r = IndexRetriever(FaissBackend(index, meta.spec, device="cpu"), meta=meta)
+    order = np.argsort(-(emb @ queries[0]))
+    r.set_denied(order[:5].tolist())
+    [(ids, _)] = await r.search(queries[:1], 10, [set(order[5:8].tolist())])
+    assert not set(ids.tolist()) & set(order[:8].tolist())
+    assert len(ids) == 10
+    assert r.stats()["kind"] == "ivf_flat" and r.stats()["recall"] >= 0.95
+    await r.close()
