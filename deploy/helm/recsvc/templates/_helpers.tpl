@@ -1,0 +1,239 @@
+{{/*
+Names. Object names are DNS labels (63 characters at most). fullname is cut to 40 so that suffixed
+names stay valid too: a StatefulSet "<fullname>-redis" also names its pods and its controller-revision-hash
+label ("<name>-<10-char hash>"), and the publish Job adds "-publish-<hash>" plus a pod suffix.
+*/}}
+{{- define "recsvc.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "recsvc.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 40 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 40 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "recsvc.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/*
+Labels. selectorLabels never change over a release's life (Deployment selectors are immutable);
+a component label tells the pods of one release apart.
+*/}}
+{{- define "recsvc.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "recsvc.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "recsvc.labels" -}}
+helm.sh/chart: {{ include "recsvc.chart" . }}
+{{ include "recsvc.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: recsvc
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Usage: include "recsvc.componentSelectorLabels" (list $ "server") */}}
+{{- define "recsvc.componentSelectorLabels" -}}
+{{ include "recsvc.selectorLabels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{- define "recsvc.componentLabels" -}}
+{{ include "recsvc.labels" (index . 0) }}
+app.kubernetes.io/component: {{ index . 1 }}
+{{- end }}
+
+{{- define "recsvc.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "recsvc.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{/* Image references: a digest pins harder than a tag. Usage: include "recsvc.imageRef" .image */}}
+{{- define "recsvc.imageRef" -}}
+{{- if .digest }}
+{{- printf "%s@%s" .repository .digest }}
+{{- else }}
+{{- printf "%s:%s" .repository (toString .tag) }}
+{{- end }}
+{{- end }}
+
+{{- define "recsvc.image" -}}
+{{- $img := .Values.image }}
+{{- include "recsvc.imageRef" (dict "repository" $img.repository "tag" (default .Chart.AppVersion $img.tag) "digest" $img.digest) }}
+{{- end }}
+
+{{/* Object names of the parts. */}}
+{{- define "recsvc.tritonName" -}}{{ include "recsvc.fullname" . }}-triton{{- end }}
+{{- define "recsvc.redisName" -}}{{ include "recsvc.fullname" . }}-redis{{- end }}
+{{- define "recsvc.scriptsName" -}}{{ include "recsvc.fullname" . }}-scripts{{- end }}
+{{- define "recsvc.denyListName" -}}{{ include "recsvc.fullname" . }}-deny-list{{- end }}
+
+{{- define "recsvc.modelsClaimName" -}}
+{{- default (printf "%s-models" (include "recsvc.fullname" .)) .Values.modelRepository.pvc.existingClaim }}
+{{- end }}
+
+{{/*
+Paths inside every pod. The repository volume holds repository/ (what Triton loads) and bundles/
+(what the publish Job reads), so Triton never sees bundles as models.
+*/}}
+{{- define "recsvc.modelsMount" -}}/models{{- end }}
+{{- define "recsvc.repositoryPath" -}}/models/repository{{- end }}
+{{- define "recsvc.bundlesPath" -}}/models/bundles{{- end }}
+{{- define "recsvc.dataPath" -}}/var/lib/recsvc{{- end }}
+{{- define "recsvc.denyListDir" -}}/etc/recsvc/deny-list{{- end }}
+{{- define "recsvc.scriptsPath" -}}/opt/recsvc-deploy{{- end }}
+
+{{/* Triton's gRPC address as recsvc dials it (RECSVC_TRITON_URL). */}}
+{{- define "recsvc.tritonUrl" -}}
+{{- printf "%s:%d" (include "recsvc.tritonName" .) (int .Values.triton.ports.grpc) }}
+{{- end }}
+
+{{/* Whether the Redis address is a Redis Cluster (RECSVC_REDIS_CLUSTER). */}}
+{{- define "recsvc.redisIsCluster" -}}
+{{- if eq .Values.redis.mode "external" }}{{ .Values.redis.external.cluster }}{{ else }}false{{ end }}
+{{- end }}
+
+{{/*
+Environment that names Redis for recsvc containers. For the bundled Redis a password is spliced into the
+URL with Kubernetes' $(VAR) expansion, so it never appears in the manifest.
+*/}}
+{{- define "recsvc.redisEnv" -}}
+- name: RECSVC_HISTORY_STORE
+  value: redis
+- name: RECSVC_REDIS_CLUSTER
+  value: {{ include "recsvc.redisIsCluster" . | quote }}
+{{- if eq .Values.redis.mode "external" }}
+{{- if .Values.redis.external.existingSecret }}
+- name: RECSVC_REDIS_URL
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.external.existingSecret }}
+      key: {{ .Values.redis.external.existingSecretKey }}
+{{- else }}
+- name: RECSVC_REDIS_URL
+  value: {{ required "redis.external.url is required when redis.mode=external" .Values.redis.external.url | quote }}
+{{- end }}
+{{- else if .Values.redis.auth.existingSecret }}
+- name: REDIS_PASSWORD
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.redis.auth.existingSecret }}
+      key: {{ .Values.redis.auth.existingSecretKey }}
+- name: RECSVC_REDIS_URL
+  value: {{ printf "redis://:$(REDIS_PASSWORD)@%s:6379/0" (include "recsvc.redisName" .) | quote }}
+{{- else }}
+- name: RECSVC_REDIS_URL
+  value: {{ printf "redis://%s:6379/0" (include "recsvc.redisName" .) | quote }}
+{{- end }}
+{{- end }}
+
+{{/* Settings every recsvc-image container shares: where the repository is and which model. */}}
+{{- define "recsvc.commonEnv" -}}
+- name: RECSVC_MODEL_REPOSITORY
+  value: {{ include "recsvc.repositoryPath" . | quote }}
+- name: RECSVC_TRITON_MODEL
+  value: {{ .Values.triton.model | quote }}
+- name: RECSVC_DATA_DIR
+  value: {{ include "recsvc.dataPath" . | quote }}
+# The root filesystem is read-only: libraries that cache under $HOME (torch, matplotlib) write to /tmp.
+- name: HOME
+  value: /tmp
+{{- end }}
+
+{{/* The model repository volume (pvc: the shared claim; objectStorage: this pod's local copy). */}}
+{{- define "recsvc.modelsVolume" -}}
+- name: models
+{{- if eq .Values.modelRepository.source "pvc" }}
+  persistentVolumeClaim:
+    claimName: {{ include "recsvc.modelsClaimName" . }}
+{{- else }}
+  emptyDir:
+    sizeLimit: {{ .Values.modelRepository.objectStorage.localSizeLimit }}
+{{- end }}
+{{- end }}
+
+{{/* Environment of the rclone containers. */}}
+{{- define "recsvc.rcloneEnv" -}}
+- name: REMOTE
+  value: {{ required "modelRepository.objectStorage.remote is required when modelRepository.source=objectStorage" .Values.modelRepository.objectStorage.remote | quote }}
+- name: MODEL
+  value: {{ .Values.triton.model | quote }}
+- name: REPOSITORY
+  value: {{ include "recsvc.repositoryPath" . | quote }}
+- name: HOME
+  value: /tmp
+{{- range $k, $v := .Values.modelRepository.objectStorage.env }}
+- name: {{ $k }}
+  value: {{ $v | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "recsvc.rcloneEnvFrom" -}}
+{{- with .Values.modelRepository.objectStorage.envFromSecret }}
+envFrom:
+  - secretRef:
+      name: {{ . }}
+{{- end }}
+{{- end }}
+
+{{- define "recsvc.rcloneImage" -}}
+{{- include "recsvc.imageRef" .Values.modelRepository.objectStorage.image }}
+{{- end }}
+
+{{/* Pod-level security for pods whose images run as `uid`. Usage: include "recsvc.podSecurity" 10001 */}}
+{{- define "recsvc.podSecurity" -}}
+runAsNonRoot: true
+runAsUser: {{ . }}
+runAsGroup: {{ . }}
+fsGroup: {{ . }}
+seccompProfile:
+  type: RuntimeDefault
+{{- end }}
+
+{{/* Container-level security shared by every container the chart runs. */}}
+{{- define "recsvc.containerSecurity" -}}
+allowPrivilegeEscalation: false
+readOnlyRootFilesystem: true
+capabilities:
+  drop: [ALL]
+{{- end }}
+
+{{/* The Triton model configuration flavour for the target (recsvc/repository/templates/ranker_<flavour>.pbtxt). */}}
+{{- define "recsvc.flavour" -}}{{ .Values.triton.target }}{{- end }}
+
+{{/* Pods that run `recsvc serve`, as a NetworkPolicy peer. */}}
+{{- define "recsvc.serverPeer" -}}
+podSelector:
+  matchLabels:
+    {{- include "recsvc.componentSelectorLabels" (list . "server") | nindent 4 }}
+{{- end }}
+
+{{/* How build-engines.sh builds a TensorRT engine (shared by Triton's init container and the publish Job). */}}
+{{- define "recsvc.engineEnv" -}}
+{{- $e := .Values.triton.engine -}}
+- name: OPT_BATCH
+  value: {{ $e.optBatch | quote }}
+- name: MAX_BATCH
+  value: {{ $e.maxBatch | quote }}
+- name: FP16
+  value: {{ ternary "1" "0" $e.fp16 | quote }}
+- name: TRTEXEC_EXTRA_ARGS
+  value: {{ join " " $e.extraArgs | quote }}
+- name: HOME
+  value: /tmp
+{{- end }}
