@@ -152,6 +152,36 @@ def cmd_build_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_update_catalog(args: argparse.Namespace) -> int:
+    """Add cold-start items (content-based embeddings from their category) and retire items, as a new bundle."""
+    from recsvc.catalog_update import read_items, update_catalog
+
+    add = read_items(args.add) if args.add else None
+    result = update_catalog(args.bundle, args.out, add=add, retire=args.retire)
+    print(f"{args.out}: {result.added} items added, {result.reactivated} re-activated, {result.retired} retired; "
+          f"{result.num_items:,} items ({result.model_items:,} known to the models). Publish it with "
+          f"`recsvc publish {args.out}`")  # fmt: skip
+    return 0
+
+
+def cmd_deny(args: argparse.Namespace) -> int:
+    """Show or change the deny list (SKUs never recommended); running servers pick it up within a second."""
+    from recsvc.deny import read_deny_list, update_deny_list
+
+    settings = _settings(args)
+    path = settings.resolved_deny_list()
+    if args.action == "list":
+        skus = read_deny_list(path)
+    else:
+        skus = update_deny_list(path, add=args.skus if args.action == "add" else (),
+                                remove=args.skus if args.action == "remove" else (), clear=args.action == "clear",
+                                max_id_len=settings.max_id_len)  # fmt: skip
+    for sku in sorted(skus):
+        print(sku)
+    print(f"{len(skus)} SKUs denied ({path})", file=sys.stderr)
+    return 0
+
+
 # -------------------------------------------------------------------------------------- serving
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the gRPC server (Triton must be reachable at triton_url for ranked answers)."""
@@ -350,6 +380,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--target-recall", type=float, help="recall tuning aims for (default 0.95)")
     p.add_argument("--queries", type=Path, help="float32 [Q, dim] .npy of held-out queries (default the bundle's)")
     p.set_defaults(func=cmd_build_index)
+
+    p = sub.add_parser("update-catalog", parents=[common], help=cmd_update_catalog.__doc__)
+    p.add_argument("bundle", type=Path, help="the bundle to start from (e.g. model_repository/ranker/3/bundle)")
+    p.add_argument("--out", type=Path, required=True, help="directory of the new bundle")
+    p.add_argument("--add", type=Path, help="CSV/Parquet of new items: item_id[,title,category]")
+    p.add_argument("--retire", nargs="*", default=[], help="SKUs never to retrieve again")
+    p.set_defaults(func=cmd_update_catalog)
+
+    p = sub.add_parser("deny", parents=[common], help=cmd_deny.__doc__)
+    p.add_argument("action", choices=["list", "add", "remove", "clear"])
+    p.add_argument("skus", nargs="*")
+    p.set_defaults(func=cmd_deny)
 
     p = sub.add_parser("triton", parents=[common], help=cmd_triton.__doc__)
     p.set_defaults(func=cmd_triton)

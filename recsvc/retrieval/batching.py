@@ -51,10 +51,14 @@ class SearchBatcher:
         self._max_wait_s = max_wait_us / 1e6
         self._queue: asyncio.Queue[_Request] = asyncio.Queue()
         self._runner: asyncio.Task[None] | None = None
+        self._closed = False
         self.batch_sizes: Counter[int] = Counter()     # rows per executed search -> how many searches
 
     async def search(self, queries: npt.NDArray[np.float32], k: int) -> Result:
         """Top-k (scores, ids) for each query row; waits at most ``max_wait_us`` for company."""
+        if self._closed:
+            # Nothing would ever answer: fail now instead of waiting forever.
+            raise RuntimeError("the search queue is closed")
         if self._runner is None:
             # Started on first use, in the running loop; owned here and cancelled by close().
             self._runner = asyncio.create_task(self._run(), name="search-batcher")
@@ -102,7 +106,8 @@ class SearchBatcher:
                 start += n
 
     async def close(self) -> None:
-        """Stop the runner; requests still queued are cancelled."""
+        """Stop the runner; requests still queued are cancelled, later ones refused."""
+        self._closed = True
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):

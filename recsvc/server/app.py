@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recsvc.config import Settings
+from recsvc.deny import DenyListWatcher
 from recsvc.errors import BundleError, RankerUnavailable
 from recsvc.history import (
     AiocacheTier,
@@ -31,6 +32,7 @@ from recsvc.repository import latest_version
 from recsvc.server.servicer import RecommenderServicer
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
+from recsvc.versions import VersionFollower
 
 __all__ = ["SERVICE_NAME", "Service", "build_service", "serve", "write_port_file"]
 
@@ -49,6 +51,8 @@ class Service:
     ranker: TritonRanker
     pipeline: Pipeline
     prefetcher: Prefetcher
+    follower: VersionFollower
+    deny: DenyListWatcher
     warming: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
@@ -56,6 +60,8 @@ class Service:
         if self.warming is not None:
             self.warming.cancel()
             await asyncio.gather(self.warming, return_exceptions=True)
+        await self.follower.close()
+        await self.deny.close()
         await self.prefetcher.close()
         await self.history.close()
         await self.ranker.close()
@@ -137,7 +143,11 @@ async def build_service(settings: Settings) -> Service:
     prefetcher = Prefetcher(pipeline.warm, queue_size=settings.prefetch_queue, workers=settings.prefetch_workers)
     pipeline.prefetcher = prefetcher
     prefetcher.start()
-    service = Service(settings, store, history, ranker, pipeline, prefetcher)
+    deny = DenyListWatcher(settings.resolved_deny_list(), pipeline.set_denied, poll_s=settings.deny_poll_s)
+    await deny.start()
+    follower = VersionFollower(pipeline, ranker, settings)
+    follower.start()
+    service = Service(settings, store, history, ranker, pipeline, prefetcher, follower, deny)
     if settings.warm_users:
         service.warming = asyncio.create_task(_warm_start(service), name="warm-start")
     return service

@@ -71,3 +71,12 @@ async def test_close_cancels_the_runner() -> None:
         runner = batcher._runner
         await batcher.close()
         assert runner is not None and runner.cancelled()
+
+
+async def test_search_after_close_fails_at_once() -> None:
+    with ThreadPoolExecutor(1) as pool:
+        batcher = SearchBatcher(lambda q, k: (np.zeros((len(q), k), np.float32), np.zeros((len(q), k), np.int64)), pool)
+        await batcher.search(np.zeros((1, 2), np.float32), 1)
+        await batcher.close()
+        with pytest.raises(RuntimeError, match="closed"):
+            await batcher.search(np.zeros((1, 2), np.float32), 1)

@@ -1,0 +1,126 @@
+"""Hot swap: follow the model repository and switch the service to the newest published version.
+
+A published version is a ranker version plus the bundle (catalog, embeddings, item index) it belongs
+with, so one switch changes both. The switch:
+
+1. loads the new bundle beside the current one (index built or read, off the event loop); a bundle that
+   fails to load is logged, remembered and skipped, and the current one keeps serving;
+2. makes sure Triton has the new ranker version ready (EXPLICIT mode: it asks Triton to load it);
+   if Triton cannot, the new bundle is dropped and the switch is tried again at the next poll;
+3. swaps the pipeline's bundle reference: requests that start afterwards use the new version, requests
+   in flight finish on the one they started with;
+4. closes the old bundle once its last request has finished (or after a bounded wait).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+from recsvc.config import Settings
+from recsvc.errors import RankerUnavailable, RecsvcError
+from recsvc.pipeline import Pipeline, ServingBundle, load_serving_bundle
+from recsvc.repository import latest_version
+
+__all__ = ["ModelControl", "VersionFollower"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelControl(Protocol):
+    """What the follower needs from the model server (TritonRanker in production)."""
+
+    async def is_model_ready(self, version: str = "") -> bool:
+        """Whether ``version`` of the ranker is loaded and ready."""
+        ...
+
+    async def load_model(self, name: str | None = None) -> None:
+        """Ask the model server to (re)load the ranker's versions."""
+        ...
+
+
+Loader = Callable[[Path, str, Settings], ServingBundle]
+
+
+class VersionFollower:
+    """Polls the repository every ``repository_poll_s`` and switches to its newest version."""
+
+    def __init__(self, pipeline: Pipeline, models: ModelControl, settings: Settings,
+                 loader: Loader = load_serving_bundle) -> None:  # fmt: skip
+        self._pipeline = pipeline
+        self._models = models
+        self._settings = settings
+        self._loader = loader
+        self._failed: set[int] = set()                 # versions that would not load: not retried
+        self._closing: set[asyncio.Task[None]] = set()  # old bundles waiting for their last request
+        self._task: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+        self.switches = 0
+
+    def start(self) -> None:
+        """Start polling (no-op when ``repository_poll_s`` is 0)."""
+        if self._settings.repository_poll_s > 0 and self._task is None:
+            self._task = asyncio.create_task(self._run(), name="version-follower")
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.repository_poll_s)
+            try:
+                await self.check()
+            except Exception:  # a bad poll must not end following; the next one retries
+                log.exception("checking the model repository failed")
+
+    async def check(self) -> bool:
+        """Switch if the repository's newest version is not the one serving; True if it switched."""
+        async with self._lock:
+            s = self._settings
+            newest = await asyncio.to_thread(latest_version, s.model_repository, s.triton_model)
+            current = self._pipeline.bundle.model_version
+            if newest is None or str(newest) == current or newest in self._failed:
+                return False
+            directory = s.model_repository / s.triton_model / str(newest)
+            try:
+                bundle = await asyncio.to_thread(self._loader, directory, str(newest), s)
+            except (RecsvcError, OSError, ValueError) as exc:
+                self._failed.add(newest)
+                log.error("version %d of %s cannot be served, staying on %s: %s", newest, s.triton_model, current, exc)
+                return False
+            try:
+                if not await self._models.is_model_ready(str(newest)):
+                    await self._models.load_model()
+                ready = await self._models.is_model_ready(str(newest))
+            except RankerUnavailable as exc:
+                ready = False
+                log.warning("ranker version %d not loadable yet (%s); retrying at the next poll", newest, exc)
+            if not ready:
+                await bundle.close()
+                return False
+            previous = self._pipeline.swap(bundle)
+            self.switches += 1
+            log.info("switched to %s version %d (index %s); version %s drains", s.triton_model, newest,
+                     bundle.index_version, previous.model_version)  # fmt: skip
+            task = asyncio.create_task(self._retire(previous), name=f"retire-{previous.model_version}")
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
+            return True
+
+    async def _retire(self, bundle: ServingBundle) -> None:
+        # A request has at most request_timeout_s; waiting longer only happens if one is stuck.
+        wait = self._settings.request_timeout_s + self._settings.grace_s
+        if not await bundle.drain(wait):
+            log.warning("version %s still has %d requests after %.1f s; closing it anyway",
+                        bundle.model_version, bundle.in_flight, wait)  # fmt: skip
+        await bundle.close()
+
+    async def close(self) -> None:
+        """Stop polling and close every replaced bundle (waiting for their requests as usual)."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -1,0 +1,150 @@
+from __future__ import annotations
+
+import asyncio
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from cachetools import LRUCache
+
+from recsvc.config import Settings
+from recsvc.domain import RecommendQuery
+from recsvc.errors import RankerUnavailable, Unavailable
+from recsvc.history import InMemoryHistoryStore, TieredHistory
+from recsvc.pipeline import Pipeline, load_serving_bundle
+from recsvc.ranking import FakeRanker
+from recsvc.repository import publish
+from recsvc.versions import VersionFollower
+
+
+class Models:
+    """Triton as the follower sees it: versions become ready when loaded."""
+
+    def __init__(self, repo: Path) -> None:
+        self.repo = repo
+        self.ready: set[str] = set()
+        self.loads = 0
+        self.down = False
+
+    async def is_model_ready(self, version: str = "") -> bool:
+        if self.down:
+            raise RankerUnavailable("triton down")
+        return version in self.ready
+
+    async def load_model(self, name: str | None = None) -> None:
+        self.loads += 1
+        self.ready |= {p.name for p in (self.repo / "ranker").iterdir() if p.name.isdigit()}
+
+
+class GatedRanker(FakeRanker):
+    """Holds every score() call until ``gate`` is set, so a request can be caught in flight."""
+
+    def __init__(self, scores: np.ndarray) -> None:
+        super().__init__(scores)
+        self.gate = asyncio.Event()
+        self.gate.set()
+        self.entered = asyncio.Event()
+
+    async def score(self, history: np.ndarray, candidates: np.ndarray, *, version: str) -> np.ndarray:
+        self.entered.set()
+        await self.gate.wait()
+        return await super().score(history, candidates, version=version)
+
+
+@pytest.fixture
+def repo(tmp_path: Path, tiny_bundle: Path) -> Path:
+    publish(tiny_bundle, tmp_path / "repo")
+    return tmp_path / "repo"
+
+
+def _setup(repo: Path) -> tuple[Pipeline, GatedRanker, Models, VersionFollower]:
+    settings = Settings(model_repository=repo, repository_poll_s=0, num_candidates=20, max_k=10,
+                        request_timeout_s=1.0, grace_s=1.0)  # fmt: skip
+    bundle = load_serving_bundle(repo / "ranker" / "1", "1", settings)
+    ranker = GatedRanker(np.zeros(len(bundle.catalog), dtype=np.float32))
+    pipeline = Pipeline(settings, TieredHistory(InMemoryHistoryStore(), l1=LRUCache(maxsize=10), limit=500),
+                        ranker, bundle)  # fmt: skip
+    models = Models(repo)
+    models.ready.add("1")
+    return pipeline, ranker, models, VersionFollower(pipeline, models, settings)
+
+
+async def test_switch_waits_for_in_flight_requests_on_the_old_version(repo: Path, tiny_bundle: Path) -> None:
+    pipeline, ranker, models, follower = _setup(repo)
+    old = pipeline.bundle
+    assert not await follower.check()                   # nothing newer
+    publish(tiny_bundle, repo)
+    ranker.gate.clear()
+    in_flight = asyncio.create_task(pipeline.recommend(RecommendQuery("u", 5)))
+    await ranker.entered.wait()
+    assert old.in_flight == 1
+    assert await follower.check()                       # loads v2 beside v1, asks Triton to load it, swaps
+    assert pipeline.bundle.model_version == "2" and models.loads == 1
+    fresh = await asyncio.wait_for(asyncio.shield(asyncio.ensure_future(_unblocked(pipeline, ranker))), 5)
+    assert fresh.model_version == "2"
+    rec = await in_flight                               # finished on the version it started with
+    assert rec.model_version == "1" and len(rec.items) == 5
+    await follower.close()                              # the old bundle was retired once idle
+    assert old.in_flight == 0
+    assert old.retriever.num_items > 0
+    with pytest.raises(Unavailable, match="closed"):      # its search queue is gone
+        await old.retriever.search(np.zeros((1, old.manifest.dim), np.float32), 5, [set()])
+    await pipeline.bundle.close()
+
+
+async def _unblocked(pipeline: Pipeline, ranker: GatedRanker):  # type: ignore[no-untyped-def]
+    task = asyncio.create_task(pipeline.recommend(RecommendQuery("v", 5)))
+    await asyncio.sleep(0.05)
+    ranker.gate.set()
+    return await task
+
+
+async def test_broken_version_is_refused_once_and_the_next_good_one_is_taken(repo: Path, tiny_bundle: Path) -> None:
+    pipeline, _, _, follower = _setup(repo)
+    publish(tiny_bundle, repo)
+    (repo / "ranker" / "2" / "bundle" / "item_embeddings.npy").write_bytes(b"corrupt")
+    assert not await follower.check()
+    assert pipeline.bundle.model_version == "1"
+    assert not await follower.check()                   # remembered: not reloaded every poll
+    publish(tiny_bundle, repo)
+    assert await follower.check() and pipeline.bundle.model_version == "3"
+    await follower.close()
+    await pipeline.bundle.close()
+
+
+async def test_triton_not_ready_keeps_the_old_version_and_retries(repo: Path, tiny_bundle: Path) -> None:
+    pipeline, _, models, follower = _setup(repo)
+    publish(tiny_bundle, repo)
+    models.down = True
+    assert not await follower.check()
+    assert pipeline.bundle.model_version == "1"
+    models.down = False
+    assert await follower.check() and pipeline.bundle.model_version == "2"
+    await follower.close()
+    await pipeline.bundle.close()
+
+
+async def test_rollback_by_removing_the_newest_version_switches_back(repo: Path, tiny_bundle: Path) -> None:
+    pipeline, _, _, follower = _setup(repo)
+    publish(tiny_bundle, repo)
+    assert await follower.check() and pipeline.bundle.model_version == "2"
+    shutil.rmtree(repo / "ranker" / "2")
+    assert await follower.check() and pipeline.bundle.model_version == "1"
+    await follower.close()
+    await pipeline.bundle.close()
+
+
+async def test_polling_runs_in_an_owned_task(repo: Path, tiny_bundle: Path) -> None:
+    pipeline, _, _, _ = _setup(repo)
+    settings = pipeline.settings.with_overrides(repository_poll_s=0.05)
+    follower = VersionFollower(pipeline, Models(repo), settings)
+    follower.start()
+    publish(tiny_bundle, repo)
+    for _ in range(100):
+        if pipeline.bundle.model_version == "2":
+            break
+        await asyncio.sleep(0.05)
+    assert pipeline.bundle.model_version == "2" and follower.switches == 1
+    await follower.close()
+    await pipeline.bundle.close()
