@@ -1,0 +1,621 @@
+"""The Helm chart, rendered by Helm's own engine for every profile, against Kubernetes and recsvc.
+
+No helm binary and no cluster: helm-python-sdk embeds Helm's Go SDK (render, lint, values.schema.json),
+kubernetes-validate holds Kubernetes' OpenAPI schemas. What a cluster would only reveal at run time is
+checked here as wiring: names, ports, selectors and RECSVC_* settings must agree across objects.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import helm_python
+import kubernetes_validate
+import pytest
+
+from recsvc.config import ENV_PREFIX, Settings, load_settings
+from recsvc.repository import config_template
+from recsvc.server.app import SERVICE_NAME
+from tests.deploy.chart import (
+    CHART,
+    PROFILES,
+    PROFILES_DIR,
+    Manifests,
+    container,
+    containers,
+    env_of,
+    manifests,
+    manifests_for,
+    pod_labels,
+    pod_spec,
+    profile_values,
+    render,
+    selects,
+)
+
+ALL = sorted(PROFILES)
+# The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest schemas available.
+KUBE_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]
+# Custom resources have no schema in kubernetes-validate; test_service_monitors checks them.
+CUSTOM_KINDS = {"ServiceMonitor"}
+SETTINGS_FIELDS = {f.name for f in dataclasses.fields(Settings)}
+
+
+def _schema() -> dict[str, Any]:
+    schema: dict[str, Any] = json.loads((CHART / "values.schema.json").read_text())
+    return schema
+
+
+# ------------------------------------------------------------------------------------------ Helm itself
+def test_every_profile_file_is_tested() -> None:
+    used = {file for files, _ in PROFILES.values() for file in files}
+    assert used == {p.name for p in PROFILES_DIR.glob("*.yaml")}
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_lint_is_clean(profile: str) -> None:
+    report = helm_python.lint(CHART, profile_values(profile), strict=True, kube_version="v1.29.0")
+    # Severity 1 is informational ("icon is recommended"); warnings and errors fail.
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert problems == [] and report["errors"] == []
+
+
+@pytest.mark.parametrize("profile", ALL)
+@pytest.mark.parametrize("kube_version", KUBE_VERSIONS)
+def test_manifests_match_kubernetes_schemas(profile: str, kube_version: str) -> None:
+    m = manifests(profile)
+    assert m.objects, "nothing rendered"
+    for obj in m.objects:
+        if obj["kind"] in CUSTOM_KINDS:
+            continue
+        # strict: unknown fields (a typo, a field from a newer Kubernetes) fail too.
+        kubernetes_validate.validate(obj, kube_version, strict=True)
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_object_names_are_unique_labelled_and_valid(profile: str) -> None:
+    m = manifests(profile)
+    seen = set()
+    for obj in m.objects:
+        meta = obj["metadata"]
+        key = (obj["kind"], meta["name"])
+        assert key not in seen, f"{key} rendered twice"
+        seen.add(key)
+        assert re.fullmatch(r"[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?", meta["name"]), meta["name"]
+        labels = meta["labels"]
+        assert labels["app.kubernetes.io/name"] == "recsvc"
+        assert labels["app.kubernetes.io/instance"] == "shop"
+        assert labels["app.kubernetes.io/managed-by"] == "Helm"
+        assert labels["helm.sh/chart"].startswith("recsvc-")
+
+
+def test_long_release_names_stay_valid() -> None:
+    """fullname is cut so that suffixed names ("-triton", "-redis-headless", "-publish-<hash>") stay DNS labels."""
+    chart = helm_python.Chart.load(CHART)
+    values = profile_values("everything")
+    out = chart.render(values, name="a" * 53, namespace="recs")  # Helm's own release name limit
+    names = re.findall(r"^  name: (\S+)$", "\n".join(out.values()), flags=re.M)
+    assert names and all(len(n) <= 63 for n in names), [n for n in names if len(n) > 63]
+    statefulsets = re.findall(r"kind: StatefulSet\nmetadata:\n  name: (\S+)", "\n".join(out.values()))
+    # The controller-revision-hash label is "<name>-<10 characters>" and must be a valid label value.
+    assert all(len(n) + 11 <= 63 for n in statefulsets)
+
+
+# ------------------------------------------------------------------------------- values.schema.json
+@pytest.mark.parametrize(
+    ("values", "field"),
+    [
+        ({"recsvc": {"workers": 0}}, "/recsvc/workers"),
+        ({"recsvc": {"port": 70000}}, "/recsvc/port"),
+        ({"recsvc": {"metricsPort": -1}}, "/recsvc/metricsPort"),
+        ({"recsvc": {"graceSeconds": 0}}, "/recsvc/graceSeconds"),
+        ({"recsvc": {"settings": {"triton_url": "x:1"}}}, "triton_url"),  # the chart sets it
+        ({"recsvc": {"settings": {"no_such_setting": 1}}}, "no_such_setting"),  # recsvc would refuse to start
+        ({"recsvc": {"extraEnv": [{"name": "RECSVC_PORT", "value": "1"}]}}, "/recsvc/extraEnv/0/name"),
+        ({"recsvc": {"replcas": 3}}, "replcas"),
+        ({"triton": {"target": "tpu"}}, "/triton/target"),
+        ({"triton": {"gpusPerPod": 0}}, "/triton/gpusPerPod"),
+        ({"redis": {"mode": "cluster"}}, "/redis/mode"),
+        ({"redis": {"external": {"url": "http://redis:6379"}}}, "/redis/external/url"),
+        ({"redis": {"external": {"url": ""}}}, "/redis/external/url"),
+        ({"modelRepository": {"source": "objectStorage"}}, "/modelRepository/objectStorage/remote"),
+        ({"modelRepository": {"pvc": {"create": False}}}, "/modelRepository/pvc/existingClaim"),
+        ({"modelRepository": {"objectStorage": {"keepVersions": 1}}}, "/modelRepository/objectStorage/keepVersions"),
+        ({"publish": {"bundle": "../../etc"}}, "/publish/bundle"),
+        ({"publish": {"bundle": "/abs/path"}}, "/publish/bundle"),
+        ({"networkPolicy": {"frontends": []}}, "/networkPolicy/frontends"),
+        ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "/metrics/serviceMonitor/interval"),
+        ({"image": {"digest": "md5:abc"}}, "/image/digest"),
+    ],
+)
+def test_schema_rejects_bad_values(values: dict[str, Any], field: str) -> None:
+    with pytest.raises(helm_python.HelmValuesError) as caught:
+        render(values)
+    assert field in str(caught.value)
+
+
+def test_schema_accepts_every_profile() -> None:
+    chart = helm_python.Chart.load(CHART)
+    for profile in ALL:
+        chart.validate_schema(profile_values(profile))
+
+
+def test_schema_is_draft_07_and_closed() -> None:
+    schema = _schema()
+    assert schema["$schema"] == "http://json-schema.org/draft-07/schema#"
+
+    def walk(node: dict[str, Any], path: str) -> None:
+        props = node.get("properties")
+        if props and node.get("type") == "object":
+            assert node.get("additionalProperties") is False, f"{path or '/'} accepts unknown keys"
+        for key, child in (props or {}).items():
+            walk(child, f"{path}/{key}")
+
+    walk(schema, "")
+
+
+def test_values_yaml_keys_are_all_in_the_schema() -> None:
+    """Every default value is described by the schema (a key missing there would be rejected anyway)."""
+    chart = helm_python.Chart.load(CHART)
+    chart.validate_schema(chart.values)
+
+
+def test_settings_schema_matches_recsvc_settings() -> None:
+    """recsvc.settings accepts exactly the fields the chart does not set itself: nothing unknown to recsvc,
+    nothing that would fight the chart's own value, and no field unreachable from values."""
+    allowed = set(_schema()["properties"]["recsvc"]["properties"]["settings"]["propertyNames"]["enum"])
+    rendered = {
+        name[len(ENV_PREFIX) :].lower()
+        for profile in ALL
+        for w in manifests(profile).workloads()
+        for c in containers(w)
+        for name in env_of(c)
+        if name.startswith(ENV_PREFIX) and w["metadata"]["name"].endswith("recsvc")  # the server's own
+    }
+    assert allowed <= SETTINGS_FIELDS, allowed - SETTINGS_FIELDS
+    set_by_chart = rendered - {"l1_policy", "num_candidates"}  # what the "everything" profile sets via settings
+    assert not allowed & set_by_chart, allowed & set_by_chart
+    assert allowed | set_by_chart == SETTINGS_FIELDS, SETTINGS_FIELDS - (allowed | set_by_chart)
+
+
+# --------------------------------------------------------------------------- RECSVC_* and recsvc itself
+# Stand-ins for values that come from Secrets at run time.
+SECRET_STANDINS = {"RECSVC_REDIS_URL": "redis://:secret@redis.example:6379/0"}
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_every_recsvc_variable_is_a_setting_and_accepted(profile: str) -> None:
+    m = manifests(profile)
+    checked = 0
+    for w in m.workloads():
+        for c in containers(w):
+            env = env_of(c)
+            recsvc_env = {k: v for k, v in env.items() if k.startswith(ENV_PREFIX)}
+            if not recsvc_env:
+                continue
+            for name in recsvc_env:
+                assert name[len(ENV_PREFIX) :].lower() in SETTINGS_FIELDS, f"{c['name']}: {name} is no setting"
+            resolved = {
+                k: (v if isinstance(v, str) else SECRET_STANDINS[k]).replace("$(REDIS_PASSWORD)", "pw")
+                for k, v in recsvc_env.items()
+            }
+            # Raises ConfigError exactly as `recsvc serve` would at start-up.
+            load_settings(resolved)
+            checked += 1
+    assert checked >= 2  # at least the server and the wait/loader containers
+
+
+def _server(m: Manifests) -> tuple[dict[str, Any], dict[str, Any], Settings]:
+    deployment = m.component("server")
+    c = container(deployment, "recsvc")
+    env = {k: v if isinstance(v, str) else SECRET_STANDINS[k] for k, v in env_of(c).items() if k.startswith("RECSVC_")}
+    return deployment, c, load_settings({k: v.replace("$(REDIS_PASSWORD)", "pw") for k, v in env.items()})
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_server_ports_probes_and_settings_agree(profile: str) -> None:
+    m = manifests(profile)
+    _, c, settings = _server(m)
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert settings.host == "0.0.0.0"
+    assert ports["grpc"] == settings.port
+    if settings.metrics_port:
+        assert ports["metrics"] == settings.metrics_port
+    else:
+        assert "metrics" not in ports
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["grpc"]["port"] == settings.port
+    # The server registers health for "" and the Recommender service; readiness must ask the latter.
+    assert c["readinessProbe"]["grpc"]["service"] == SERVICE_NAME == "recsvc.v1.Recommender"
+    assert c["startupProbe"]["grpc"]["service"] == SERVICE_NAME
+    assert c["livenessProbe"]["grpc"]["service"] == ""
+    assert settings.history_store == "redis"
+    assert settings.workers == m.merged["recsvc"]["workers"]
+    assert c["command"] == ["recsvc", "serve"]
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_termination_outlasts_the_drain(profile: str) -> None:
+    m = manifests(profile)
+    deployment, c, settings = _server(m)
+    sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
+    grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
+    assert grace > sleep + settings.grace_s
+    # Liveness must not kill a pod that is draining (health is NOT_SERVING then).
+    live = c["livenessProbe"]
+    assert live["periodSeconds"] * live["failureThreshold"] > settings.grace_s
+
+
+def test_liveness_shorter_than_the_drain_is_refused() -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=r"failureThreshold must exceed recsvc\.graceSeconds"):
+        render({"recsvc": {"graceSeconds": 60}})
+
+
+def test_settings_values_become_recsvc_variables() -> None:
+    m = manifests("everything")
+    _, _, settings = _server(m)
+    assert settings.l1_policy == "lru"
+    assert settings.num_candidates == 200
+    deny = m.get("ConfigMap", "shop-recsvc-deny-list")["data"]["deny_list.txt"]
+    assert deny.split() == ["sku-1", "sku-2"]
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_triton_wiring(profile: str) -> None:
+    m = manifests(profile)
+    _, _, settings = _server(m)
+    triton = m.component("triton")
+    t = container(triton, "triton")
+    args = dict(a.removeprefix("--").split("=", 1) for a in t["args"] if "=" in a)
+    ports = {p["name"]: p["containerPort"] for p in t["ports"]}
+    assert args["model-control-mode"] == "explicit"
+    assert args["load-model"] == settings.triton_model
+    assert (int(args["grpc-port"]), int(args["http-port"]), int(args["metrics-port"])) == (
+        ports["grpc"], ports["http"], ports["metrics"])  # fmt: skip
+    # recsvc dials the Triton Service on its gRPC port, which forwards to the container's.
+    host, port = settings.triton_url.rsplit(":", 1)
+    service = m.get("Service", host)
+    assert selects({"matchLabels": service["spec"]["selector"]}, pod_labels(triton))
+    svc_ports = {p["name"]: p for p in service["spec"]["ports"]}
+    assert svc_ports["grpc"]["port"] == int(port) and svc_ports["grpc"]["targetPort"] == "grpc"
+    assert settings.triton_http_port == ports["http"] and settings.triton_metrics_port == ports["metrics"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert t[probe]["httpGet"]["port"] == "http"
+    assert t["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # The same repository directory for both: recsvc reads each version's bundle/ that Triton loads.
+    assert args["model-repository"] == str(settings.model_repository)
+    for workload, c in ((m.component("server"), "recsvc"), (triton, "triton")):
+        mounts = {v["name"]: v for v in container(workload, c)["volumeMounts"]}
+        assert str(settings.model_repository).startswith(mounts["models"]["mountPath"] + "/")
+        assert mounts["models"].get("readOnly") is True
+    # /dev/shm as memory for the python backend stubs and TensorRT.
+    volumes = {v["name"]: v for v in pod_spec(triton)["volumes"]}
+    shm_mount = [v for v in t["volumeMounts"] if v["mountPath"] == "/dev/shm"]
+    assert len(shm_mount) == 1 and volumes[shm_mount[0]["name"]]["emptyDir"]["medium"] == "Memory"
+    loader = env_of(container(triton, "model-loader"))
+    assert loader["RECSVC_TRITON_URL"] == f"127.0.0.1:{ports['grpc']}"
+
+
+@pytest.mark.parametrize("profile", [p for p in ALL if profile_values(p).get("triton", {}).get("target") != "cpu"])
+def test_gpu_target(profile: str) -> None:
+    m = manifests(profile)
+    triton = m.component("triton")
+    gpus = m.merged["triton"]["gpusPerPod"]
+    gpu_containers = [c for c in containers(triton) if "nvidia.com/gpu" in c["resources"].get("limits", {})]
+    assert {c["name"] for c in gpu_containers} == {"triton", "build-engines"}
+    for c in gpu_containers:
+        # Extended resources are not overcommitted: request must equal limit.
+        assert c["resources"]["requests"]["nvidia.com/gpu"] == c["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    assert container(triton, "triton")["image"].startswith("nvcr.io/nvidia/tritonserver:24.10")
+    assert container(triton, "build-engines")["image"].startswith("nvcr.io/nvidia/tensorrt:24.10")
+    assert any(t["key"] == "nvidia.com/gpu" for t in pod_spec(triton)["tolerations"])
+    assert container(triton, "model-loader")["env"][-1] == {"name": "LOADER_REQUIRED_FILE", "value": "model.plan"}
+
+
+@pytest.mark.parametrize("profile", ["cpu-only", "quickstart", "cpu-publish", "everything"])
+def test_cpu_target_needs_no_gpu(profile: str) -> None:
+    m = manifests(profile)
+    text = json.dumps(m.objects)
+    assert "nvidia.com/gpu" not in text and "nvcr.io" not in text
+    t = container(m.component("triton"), "triton")
+    assert t["command"] == ["tritonserver-bundled"]
+    assert t["image"] == container(m.component("server"), "recsvc")["image"]
+
+
+def test_engine_profile_matches_the_gpu_model_config() -> None:
+    """The engine's largest batch must be the config's max_batch_size, or Triton rejects the engine."""
+    max_batch = int(re.search(r"^max_batch_size:\s*(\d+)", config_template("gpu"), flags=re.M).group(1))  # type: ignore[union-attr]
+    engine = helm_python.Chart.load(CHART).values["triton"]["engine"]
+    assert engine["maxBatch"] == max_batch
+    assert 1 <= engine["optBatch"] <= engine["maxBatch"]
+
+
+# -------------------------------------------------------------------------------- selectors and labels
+@pytest.mark.parametrize("profile", ALL)
+def test_services_select_exactly_one_workload_on_named_ports(profile: str) -> None:
+    m = manifests(profile)
+    for service in m.of_kind("Service"):
+        selector = {"matchLabels": service["spec"]["selector"]}
+        targets = [w for w in m.workloads() if w["kind"] != "Job" and selects(selector, pod_labels(w))]
+        assert len(targets) == 1, f"Service {service['metadata']['name']} selects {len(targets)} workloads"
+        port_names = {p["name"] for c in containers(targets[0], init=False) for p in c.get("ports", [])}
+        for port in service["spec"]["ports"]:
+            assert port["targetPort"] in port_names, (service["metadata"]["name"], port)
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_workload_selectors_match_their_pods(profile: str) -> None:
+    m = manifests(profile)
+    for w in m.workloads():
+        if w["kind"] == "Job":
+            continue
+        assert selects(w["spec"]["selector"], pod_labels(w))
+        others = [o for o in m.workloads() if o is not w and selects(w["spec"]["selector"], pod_labels(o))]
+        assert others == [], f"{w['metadata']['name']} also selects {[o['metadata']['name'] for o in others]}"
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_pdbs_and_hpa_target_the_right_workloads(profile: str) -> None:
+    m = manifests(profile)
+    for pdb in m.of_kind("PodDisruptionBudget"):
+        matched = [w for w in m.workloads() if selects(pdb["spec"]["selector"], pod_labels(w))]
+        assert len(matched) == 1 and matched[0]["kind"] == "Deployment", pdb["metadata"]["name"]
+    server = m.component("server")
+    hpas = m.of_kind("HorizontalPodAutoscaler")
+    if m.merged["autoscaling"]["enabled"]:
+        (hpa,) = hpas
+        ref = hpa["spec"]["scaleTargetRef"]
+        assert (ref["kind"], ref["name"]) == ("Deployment", server["metadata"]["name"])
+        # Helm must not reset the replica count the HPA chose on every upgrade.
+        assert "replicas" not in server["spec"]
+        metrics = {x["type"]: x for x in hpa["spec"]["metrics"]}
+        assert metrics["Resource"]["resource"]["name"] == "cpu"
+        assert metrics["Pods"]["pods"]["metric"]["name"] == m.merged["autoscaling"]["inflight"]["metricName"]
+        assert "cpu" in container(server, "recsvc")["resources"]["requests"]  # utilization is relative to it
+    else:
+        assert hpas == [] and server["spec"]["replicas"] == m.merged["recsvc"]["replicas"]
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_network_policies(profile: str) -> None:
+    m = manifests(profile)
+    policies = {p["metadata"]["name"]: p for p in m.of_kind("NetworkPolicy")}
+    if not m.merged["networkPolicy"]["enabled"]:
+        assert policies == {}
+        return
+    server, triton = m.component("server"), m.component("triton")
+    for policy in policies.values():
+        targets = [w for w in m.workloads() if selects(policy["spec"]["podSelector"], pod_labels(w))]
+        assert len(targets) == 1
+        port_names = {p["name"] for c in containers(targets[0], init=False) for p in c.get("ports", [])}
+        for rule in policy["spec"]["ingress"]:
+            assert all(p["port"] in port_names for p in rule["ports"]), (policy["metadata"]["name"], rule)
+    # Frontends reach recsvc's gRPC port.
+    server_rules = policies[server["metadata"]["name"]]["spec"]["ingress"]
+    assert server_rules[0]["from"] == m.merged["networkPolicy"]["frontends"]
+    assert server_rules[0]["ports"] == [{"port": "grpc", "protocol": "TCP"}]
+    # Only recsvc reaches Triton's gRPC port.
+    triton_rules = policies[triton["metadata"]["name"]]["spec"]["ingress"]
+    grpc_rules = [r for r in triton_rules if {"port": "grpc", "protocol": "TCP"} in r["ports"]]
+    assert len(grpc_rules) == 1
+    peers = [w for w in m.workloads() for peer in grpc_rules[0]["from"] if selects(peer["podSelector"], pod_labels(w))]
+    assert peers == [server]
+    # Only recsvc (and the seed Job) reach the bundled Redis.
+    if m.merged["redis"]["mode"] == "standalone":
+        redis = m.component("redis")
+        (rule,) = policies[redis["metadata"]["name"]]["spec"]["ingress"]
+        admitted = {pod_labels(w)["app.kubernetes.io/component"] for w in m.workloads()
+                    if selects(rule["from"][0]["podSelector"], pod_labels(w))}  # fmt: skip
+        assert admitted <= {"server", "seed"} and "server" in admitted
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_service_monitors(profile: str) -> None:
+    m = manifests(profile)
+    monitors = m.of_kind("ServiceMonitor")
+    if not m.merged["metrics"]["serviceMonitor"]["enabled"]:
+        assert monitors == []
+        return
+    assert {mon["apiVersion"] for mon in monitors} == {"monitoring.coreos.com/v1"}
+    assert len(monitors) == (2 if m.merged["recsvc"]["metricsPort"] else 1)
+    for mon in monitors:
+        assert mon["metadata"]["labels"].items() >= m.merged["metrics"]["serviceMonitor"]["labels"].items()
+        services = [s for s in m.of_kind("Service") if selects(mon["spec"]["selector"], s["metadata"]["labels"])]
+        # One Service per component: the headless one would double every sample.
+        assert len(services) == 1, [s["metadata"]["name"] for s in services]
+        names = {p["name"] for p in services[0]["spec"]["ports"]}
+        assert all(e["port"] in names for e in mon["spec"]["endpoints"])
+        assert mon["spec"]["namespaceSelector"]["matchNames"] == ["recs"]
+
+
+# ------------------------------------------------------------------------------------------ pods
+@pytest.mark.parametrize("profile", ALL)
+def test_every_container_is_locked_down(profile: str) -> None:
+    m = manifests(profile)
+    for w in m.workloads():
+        names = [c["name"] for c in containers(w)]
+        assert len(names) == len(set(names)), f"{w['metadata']['name']}: container names must be unique: {names}"
+        pod_sc = pod_spec(w).get("securityContext", {})
+        assert pod_sc.get("runAsNonRoot") is True, w["metadata"]["name"]
+        assert pod_sc.get("seccompProfile", {}).get("type") == "RuntimeDefault"
+        assert pod_spec(w).get("automountServiceAccountToken") is False
+        for c in containers(w):
+            sc = c.get("securityContext", {})
+            where = f"{w['metadata']['name']}/{c['name']}"
+            assert sc.get("readOnlyRootFilesystem") is True, where
+            assert sc.get("allowPrivilegeEscalation") is False, where
+            assert sc.get("capabilities", {}).get("drop") == ["ALL"], where
+            assert sc.get("runAsUser", pod_sc.get("runAsUser", 0)) > 0, where
+            assert "resources" in c and c["resources"].get("requests"), where
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_volumes_and_config_maps_exist(profile: str) -> None:
+    m = manifests(profile)
+    config_maps = {c["metadata"]["name"]: c for c in m.of_kind("ConfigMap")}
+    claims = {c["metadata"]["name"] for c in m.of_kind("PersistentVolumeClaim")}
+    existing = m.merged["modelRepository"]["pvc"]["existingClaim"]
+    scripts = next(c for name, c in config_maps.items() if name.endswith("-scripts"))
+    for w in m.workloads():
+        volumes = {v["name"]: v for v in pod_spec(w).get("volumes", [])}
+        templates = {t["metadata"]["name"] for t in w["spec"].get("volumeClaimTemplates", [])}
+        for c in containers(w):
+            for mount in c.get("volumeMounts", []):
+                assert mount["name"] in volumes or mount["name"] in templates, (c["name"], mount["name"])
+            # Every script a container runs is in the scripts ConfigMap.
+            for arg in c.get("command", []):
+                if arg.startswith("/opt/recsvc-deploy/"):
+                    assert Path(arg).name in scripts["data"], arg
+        for v in volumes.values():
+            if "configMap" in v:
+                assert v["configMap"]["name"] in config_maps
+            if "persistentVolumeClaim" in v:
+                assert v["persistentVolumeClaim"]["claimName"] in claims | {existing}
+    assert set(scripts["data"]) == {p.name for p in (CHART / "files").iterdir()}
+
+
+def test_deny_list_is_mounted_where_recsvc_reads_it() -> None:
+    m = manifests("everything")
+    server, c, settings = _server(m)
+    mounts = {v["mountPath"]: v for v in c["volumeMounts"]}
+    mount = mounts[str(settings.deny_list.parent)]
+    assert "subPath" not in mount  # subPath mounts never see ConfigMap updates
+    volume = next(v for v in pod_spec(server)["volumes"] if v["name"] == mount["name"])
+    config_map = m.get("ConfigMap", volume["configMap"]["name"])
+    assert settings.deny_list.name in config_map["data"]
+    # The service reloads the list itself: changing it must not roll the pods.
+    assert not any("deny" in k for k in server["spec"]["template"]["metadata"]["annotations"])
+
+
+def test_writable_paths_are_volumes() -> None:
+    """With a read-only root filesystem, the data dir and /tmp must be mounted volumes."""
+    m = manifests("defaults")
+    _, c, settings = _server(m)
+    mount_paths = {v["mountPath"] for v in c["volumeMounts"]}
+    assert {str(settings.data_dir), "/tmp"} <= mount_paths
+
+
+# ------------------------------------------------------------------------------------- publish Job
+@pytest.mark.parametrize(
+    ("profile", "init", "main"),
+    [
+        ("cpu-publish", [], ["publish"]),
+        ("gpu-publish", ["stage", "build-engine"], ["commit"]),
+        ("cpu-object-storage-publish", ["fetch", "stage"], ["upload"]),
+        ("gpu-object-storage-publish", ["fetch", "stage", "build-engine"], ["upload"]),
+        ("quickstart", [], ["publish"]),
+    ],
+)
+def test_publish_job_steps(profile: str, init: list[str], main: list[str]) -> None:
+    m = manifests(profile)
+    job = m.component("publish")
+    spec = pod_spec(job)
+    assert [c["name"] for c in spec.get("initContainers", [])] == init
+    assert [c["name"] for c in spec["containers"]] == main
+    assert spec["restartPolicy"] == "Never"
+    if "build-engine" in init:
+        # Built on a GPU like Triton's: same node selection and tolerations.
+        triton = pod_spec(m.component("triton"))
+        assert spec.get("nodeSelector") == triton.get("nodeSelector")
+        assert spec["tolerations"] == triton["tolerations"]
+        assert container(job, "build-engine")["resources"]["limits"]["nvidia.com/gpu"] == 1
+    writers = {c["name"] for c in containers(job) for v in c.get("volumeMounts", [])
+               if v["name"] == "models" and not v.get("readOnly")}  # fmt: skip
+    assert writers <= {"publish", "commit"}
+
+
+def test_no_publish_job_without_a_bundle() -> None:
+    assert [w for w in manifests("defaults").workloads() if w["kind"] == "Job"] == []
+
+
+def test_publish_job_name_follows_the_bundle() -> None:
+    """A new bundle makes a new Job (Job templates are immutable); the same values keep the same Job."""
+
+    def job_name(values: dict[str, Any]) -> str:
+        name: str = manifests_for(values).component("publish")["metadata"]["name"]
+        return name
+
+    first = job_name({"publish": {"bundle": "a"}})
+    again = job_name({"publish": {"bundle": "a"}, "recsvc": {"replicas": 5}})
+    other = job_name({"publish": {"bundle": "b"}})
+    assert first == again != other
+    assert first.startswith("shop-recsvc-publish-")
+
+
+def test_publish_bundle_path_and_flavour() -> None:
+    m = manifests("gpu-publish")
+    env = env_of(container(m.component("publish"), "stage"))
+    assert env["BUNDLE_DIR"] == "/models/bundles/movielens-2026-11-30"
+    assert env["FLAVOUR"] == "gpu" and env["MODEL"] == "ranker"
+    obj = env_of(container(manifests("gpu-object-storage-publish").component("publish"), "fetch"))
+    assert obj["BUNDLE"] == "movielens-2026-11-30" and obj["REMOTE"] == "s3:my-models/recsvc"
+
+
+def test_object_storage_pods_sync_their_own_copy() -> None:
+    m = manifests("object-storage")
+    for component in ("server", "triton"):
+        w = m.component(component)
+        spec = pod_spec(w)
+        assert spec["initContainers"][0]["name"] == "fetch-models"
+        assert any(c["name"] == "sync-models" for c in spec["containers"])
+        models = next(v for v in spec["volumes"] if v["name"] == "models")
+        assert "emptyDir" in models
+        sidecar = container(w, "sync-models")
+        assert sidecar["command"][-1] == "loop" and env_of(sidecar)["KEEP_VERSIONS"] == "3"
+
+
+def test_seed_job_uses_the_servers_redis() -> None:
+    m = manifests("everything")
+    _, c, _ = _server(m)
+    seed = container(m.component("seed"), "seed")
+    for name in ("RECSVC_HISTORY_STORE", "RECSVC_REDIS_URL", "RECSVC_REDIS_CLUSTER"):
+        assert env_of(seed)[name] == env_of(c)[name]
+
+
+@pytest.mark.parametrize("profile", ["bundled-redis", "quickstart"])
+def test_bundled_redis(profile: str) -> None:
+    m = manifests(profile)
+    redis = m.component("redis")
+    r = container(redis, "redis")
+    assert r["args"][r["args"].index("--appendonly") + 1] == "yes"
+    assert r["args"][r["args"].index("--appendfsync") + 1] == "always"
+    _, _, settings = _server(m)
+    service = m.get("Service", "shop-recsvc-redis")
+    assert settings.redis_url.startswith("redis://") and "shop-recsvc-redis:6379" in settings.redis_url
+    assert selects({"matchLabels": service["spec"]["selector"]}, pod_labels(redis))
+    assert redis["spec"]["serviceName"] in {s["metadata"]["name"] for s in m.of_kind("Service")}
+    if profile == "bundled-redis":
+        assert "--requirepass" in r["args"]
+        assert "$(REDIS_PASSWORD)" in env_of(container(m.component("server"), "recsvc"))["RECSVC_REDIS_URL"]
+
+
+def test_external_redis_cluster_from_a_secret() -> None:
+    m = manifests("external-redis")
+    env = env_of(container(m.component("server"), "recsvc"))
+    assert env["RECSVC_REDIS_CLUSTER"] == "true"
+    assert env["RECSVC_REDIS_URL"] == {"secretKeyRef": {"name": "recsvc-redis", "key": "redis-url"}}
+    assert m.of_kind("StatefulSet") == []
+
+
+def test_notes_explain_next_steps() -> None:
+    notes = manifests("quickstart").notes
+    assert "shop-recsvc.recs.svc:50051" in notes
+    assert "trains and publishes a first model" in notes
+    assert "grpc.health.v1.Health/Check" in notes
+
+
+def test_workers_need_cpu_per_worker_in_profiles() -> None:
+    """A profile that runs several workers requests at least one CPU for each (the HPA's CPU target is
+    relative to the request, so an undersized request would scale out a pod that is not busy)."""
+    for profile in ALL:
+        r = manifests(profile).merged["recsvc"]
+        if r["workers"] == 1:
+            continue
+        cpu = str(r["resources"]["requests"]["cpu"])
+        cores = int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
+        assert cores >= r["workers"] or math.isclose(cores, r["workers"]), profile
