@@ -75,6 +75,8 @@ check_config() {
 
 mkdir -p "$WORK"
 rm -f "$WORK/SKIP" "$WORK/VERSION"
+# A repository set up for the other Triton target is reported even when there is nothing to publish.
+if [ -n "$REPOSITORY" ]; then check_config "$REPOSITORY/$MODEL/config.pbtxt"; fi
 
 if [ -z "$BUNDLE_DIR" ]; then
     [ "$TRAIN_IF_EMPTY" = 1 ] || skip "no bundle given; nothing to publish"
@@ -96,7 +98,6 @@ done
 case $mode in
     direct)
         [ -n "$REPOSITORY" ] || die "direct mode needs REPOSITORY"
-        check_config "$REPOSITORY/$MODEL/config.pbtxt"
         RECSVC_MODEL_REPOSITORY=$REPOSITORY recsvc publish "$BUNDLE_DIR"
         ;;
     stage)
