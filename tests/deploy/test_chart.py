@@ -315,6 +315,9 @@ def test_gpu_target(profile: str) -> None:
     assert container(triton, "build-engines")["image"].startswith("nvcr.io/nvidia/tensorrt:24.10")
     assert any(t["key"] == "nvidia.com/gpu" for t in pod_spec(triton)["tolerations"])
     assert container(triton, "model-loader")["env"][-1] == {"name": "LOADER_REQUIRED_FILE", "value": "model.plan"}
+    # Engines record their builder; it must be the image that builds them.
+    builder = env_of(container(triton, "build-engines"))["BUILDER"]
+    assert builder == container(triton, "build-engines")["image"]
 
 
 @pytest.mark.parametrize("profile", ["cpu-only", "quickstart", "cpu-publish", "everything"])

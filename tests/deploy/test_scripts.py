@@ -99,13 +99,17 @@ def test_publish_direct_is_idempotent(tmp_path: Path, bundles: tuple[Path, Path]
     assert (repo / "ranker" / "config.pbtxt").read_text() == config_template("cpu")
     # The same bundle again (helm upgrade re-running the Job): nothing new.
     out = _run("publish.sh", "direct", env={**env, "BUNDLE_DIR": str(b1)})
-    assert "already published" in out and list_versions(repo) == [1]
+    assert "already the newest published version" in out and list_versions(repo) == [1]
     assert (tmp_path / "work" / "SKIP").exists()
     _run("publish.sh", "direct", env={**env, "BUNDLE_DIR": str(b2)})
     assert list_versions(repo) == [1, 2]
+    # An older bundle again is a roll-back: it becomes the newest version.
+    _run("publish.sh", "direct", env={**env, "BUNDLE_DIR": str(b1)})
+    assert list_versions(repo) == [1, 2, 3]
+    assert (repo / "ranker" / "3" / "bundle" / "manifest.json").read_bytes() == (b1 / "manifest.json").read_bytes()
     # Bootstrap training happens only while nothing is published.
     out = _run("publish.sh", "direct", env={**env, "TRAIN_IF_EMPTY": "1"})
-    assert "already published" in out and list_versions(repo) == [1, 2]
+    assert "not training" in out and list_versions(repo) == [1, 2, 3]
     # A repository set up for the other Triton target is refused before anything is written.
     out = _run("publish.sh", "direct", env={**env, "FLAVOUR": "gpu", "BUNDLE_DIR": str(b2)}, check=False)
     assert out.startswith("rc=1") and "is not a gpu model config" in out
@@ -151,8 +155,8 @@ def test_object_store_publish_and_sync(tmp_path: Path, bundles: tuple[Path, Path
         return out + _run("object-store.sh", "upload", env=dict(env))
 
     publish("b1")
+    assert "already the newest" in publish("b1")  # idempotent against the bucket too
     publish("b2")
-    assert "already published" in publish("b1")  # idempotent against the bucket too
     stored = remote / "recsvc" / "repository" / "ranker"
     assert sorted(p.name for p in stored.iterdir()) == [
         "1.manifest.json", "1.tar", "2.manifest.json", "2.tar", "config.pbtxt",
@@ -173,17 +177,23 @@ def test_build_engines_uses_the_bundle_shapes(tmp_path: Path, bundles: tuple[Pat
         version = repo / "ranker" / str(n)
         shutil.copytree(b1, version / "bundle")
         shutil.copyfile(b1 / "ranker.onnx", version / "model.onnx")
+    builder = "nvcr.io/nvidia/tensorrt:24.10-py3"
     (repo / "ranker" / "3" / "model.plan").write_text("already built")
+    (repo / "ranker" / "3" / "model.plan.builder").write_text(builder + "\n")
+    # Built by an older TensorRT: Triton 24.10 could not deserialise it.
+    (repo / "ranker" / "2" / "model.plan").write_text("old engine")
+    (repo / "ranker" / "2" / "model.plan.builder").write_text("nvcr.io/nvidia/tensorrt:24.01-py3\n")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     (bin_dir / "trtexec").write_text(FAKE_TRTEXEC)
     (bin_dir / "trtexec").chmod(0o755)
     env = {"REPOSITORY": str(repo), "MODEL": "ranker", "LATEST": "2", "MAX_BATCH": "64", "OPT_BATCH": "16",
-           "FP16": "1", "EXTRA_PATH": str(bin_dir)}  # fmt: skip
+           "FP16": "1", "BUILDER": builder, "EXTRA_PATH": str(bin_dir)}  # fmt: skip
     _run("build-engines.sh", env=env, shell="bash")
-    # Only the newest two versions are Triton's to load; version 3 kept its engine.
+    # Only the newest two versions are Triton's to load; version 3 kept its engine, version 2's was rebuilt.
     assert not (repo / "ranker" / "1" / "model.plan").exists()
     assert (repo / "ranker" / "3" / "model.plan").read_text() == "already built"
+    assert (repo / "ranker" / "2" / "model.plan.builder").read_text().strip() == builder
     args = (repo / "ranker" / "2" / "model.plan").read_text().split()
     manifest = json.loads((b1 / "manifest.json").read_text())
     length, candidates = manifest["history_len"], manifest["num_candidates"]

@@ -4,7 +4,7 @@
 # and the GPU model it was built with, so this runs on the GPU that will serve it).
 #
 # Versions considered: numeric directories under $REPOSITORY/$MODEL with model.onnx and
-# bundle/manifest.json but no model.plan; only the newest $LATEST of them when LATEST is set (Triton
+# bundle/manifest.json but no model.plan built by this $BUILDER; only the newest $LATEST of them when LATEST is set (Triton
 # loads the newest two). The optimisation profile fixes L and C to the bundle's history_len and
 # num_candidates (the service always pads to them) and lets the batch range from 1 to MAX_BATCH, which
 # must match max_batch_size in ranker_gpu.pbtxt.
@@ -17,6 +17,8 @@ OPT_BATCH=${OPT_BATCH:-16}
 MAX_BATCH=${MAX_BATCH:-64}
 FP16=${FP16:-0}
 LATEST=${LATEST:-}
+# The engine builder's image (set by the chart); engines from another builder are rebuilt.
+BUILDER=${BUILDER:-unknown}
 read -r -a extra <<<"${TRTEXEC_EXTRA_ARGS:-}"
 
 trtexec=$(command -v trtexec || true)
@@ -42,8 +44,10 @@ fi
 
 for n in "${versions[@]}"; do
     dir=$model_dir/$n
-    if [ -f "$dir/model.plan" ]; then
-        echo "build-engines: $MODEL version $n already has an engine"
+    # model.plan.builder names the image that built the engine: after a Triton/TensorRT upgrade the
+    # engines of the versions Triton will load are rebuilt instead of failing to deserialise.
+    if [ -f "$dir/model.plan" ] && [ "$(cat "$dir/model.plan.builder" 2>/dev/null || true)" = "$BUILDER" ]; then
+        echo "build-engines: $MODEL version $n already has an engine from $BUILDER"
         continue
     fi
     read -r L C < <(python3 -c 'import json, sys; m = json.load(open(sys.argv[1])); print(m["history_len"], m["num_candidates"])' \
@@ -58,5 +62,7 @@ for n in "${versions[@]}"; do
         --maxShapes="HISTORY:${MAX_BATCH}x$L,CANDIDATES:${MAX_BATCH}x$C" \
         "${precision[@]}" "${extra[@]}"
     sync "$tmp"
+    echo "$BUILDER" >"$tmp.builder"
+    mv -f "$tmp.builder" "$dir/model.plan.builder"
     mv -f "$tmp" "$dir/model.plan"
 done

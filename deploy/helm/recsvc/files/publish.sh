@@ -9,8 +9,9 @@
 #                       (commit-version.sh on a volume, object-store.sh upload to a bucket).
 #
 # The bundle is $BUNDLE_DIR; when that is empty and TRAIN_IF_EMPTY=1 and nothing is published yet, one is
-# trained with `recsvc train $TRAIN_ARGS`. Publishing is idempotent: a bundle whose manifest.json equals a
-# published version's is not published again, so re-running the Job (helm upgrade, a retry) is harmless.
+# trained with `recsvc train $TRAIN_ARGS`. Publishing is idempotent: a bundle whose manifest.json equals the
+# newest version's is not published again, so re-running the Job (helm upgrade, a retry) is harmless,
+# while an older bundle published again becomes the newest version (a model roll-back).
 #
 # What is already published is read from $REPOSITORY/$MODEL/N/bundle/manifest.json (volume), or from
 # $WORK/remote/versions and $WORK/remote/N.manifest.json that object-store.sh fetch wrote (bucket).
@@ -39,14 +40,16 @@ taken_numbers() {
     fi
 }
 
-# Manifests of the published versions, one path per line.
+# Manifests of the published versions, one path per line, oldest first.
 published_manifests() {
     if [ -n "$REPOSITORY" ]; then
-        for m in "$REPOSITORY/$MODEL"/*/bundle/manifest.json; do
+        for n in $(taken_numbers | sort -n); do
+            m=$REPOSITORY/$MODEL/$n/bundle/manifest.json
             if [ -f "$m" ]; then echo "$m"; fi
         done
     else
-        for m in "$WORK/remote"/*.manifest.json; do
+        for n in $(taken_numbers | sort -n); do
+            m=$WORK/remote/$n.manifest.json
             if [ -f "$m" ]; then echo "$m"; fi
         done
     fi
@@ -89,11 +92,12 @@ if [ -z "$BUNDLE_DIR" ]; then
 fi
 
 [ -f "$BUNDLE_DIR/manifest.json" ] || die "$BUNDLE_DIR is not a bundle (no manifest.json)"
-for m in $(published_manifests); do
-    if cmp -s "$m" "$BUNDLE_DIR/manifest.json"; then
-        skip "$BUNDLE_DIR is already published ($m); nothing to do"
-    fi
-done
+# Only the newest version counts: publishing an older bundle again is how a model is rolled back (it
+# becomes the newest version, which every pod switches to).
+newest=$(published_manifests | tail -n 1)
+if [ -n "$newest" ] && cmp -s "$newest" "$BUNDLE_DIR/manifest.json"; then
+    skip "$BUNDLE_DIR is already the newest published version ($newest); nothing to do"
+fi
 
 case $mode in
     direct)

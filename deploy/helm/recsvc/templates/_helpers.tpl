@@ -234,6 +234,8 @@ podSelector:
   value: {{ ternary "1" "0" $e.fp16 | quote }}
 - name: TRTEXEC_EXTRA_ARGS
   value: {{ join " " $e.extraArgs | quote }}
+- name: BUILDER
+  value: {{ include "recsvc.imageRef" $e.image | quote }}
 - name: HOME
   value: /tmp
 {{- end }}
