@@ -9,8 +9,10 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
+import orjson
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -29,6 +31,7 @@ from recsvc.pipeline import Pipeline, load_serving_bundle
 from recsvc.prefetch import Prefetcher
 from recsvc.ranking import TritonRanker
 from recsvc.repository import latest_version
+from recsvc.server.metrics import MetricsServer, render
 from recsvc.server.servicer import RecommenderServicer
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -161,21 +164,67 @@ async def _warm_start(service: Service) -> None:
 
 
 async def serve(
-    settings: Settings, *, on_ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None
-) -> None:
-    """Run until SIGTERM, SIGINT or ``stop`` is set, then drain: health NOT_SERVING, finish RPCs, close."""
+    settings: Settings, *, on_ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None,
+    snapshot_file: Path | None = None,
+) -> None:  # fmt: skip
+    """Run until SIGTERM, SIGINT or ``stop`` is set, then drain: health NOT_SERVING, finish RPCs, close.
+
+    With ``workers`` > 1 this process becomes the supervisor of that many server processes sharing the
+    port (see server/workers.py). ``snapshot_file`` is how such a worker hands its metrics over.
+    """
+    if settings.workers > 1:
+        from recsvc.server.workers import supervise
+
+        await supervise(settings, on_ready=on_ready, stop=stop)
+        return
     service = await build_service(settings)
     try:
-        await _serve(service, settings, on_ready, stop)
+        await _serve(service, settings, on_ready, stop, snapshot_file)
     finally:
         await service.close()
 
 
 async def _serve(
-    service: Service, settings: Settings, on_ready: Callable[[int], None] | None, stop: asyncio.Event | None
-) -> None:
+    service: Service, settings: Settings, on_ready: Callable[[int], None] | None, stop: asyncio.Event | None,
+    snapshot_file: Path | None = None,
+) -> None:  # fmt: skip
     server = grpc.aio.server()
     servicer = RecommenderServicer(service.pipeline, settings)
+
+    def samples() -> tuple[dict[str, Any], dict[str, Any]]:
+        return servicer.metrics.snapshot(), service.pipeline.stats()
+
+    async with contextlib.AsyncExitStack() as background:
+        if settings.metrics_port:
+            metrics = MetricsServer(lambda: render({"0": samples()}), settings.host, settings.metrics_port)
+            await metrics.start()
+            background.push_async_callback(metrics.close)
+        if snapshot_file is not None:
+            writer = asyncio.create_task(_write_snapshots(snapshot_file, samples), name="metrics-snapshots")
+            background.push_async_callback(_cancel, writer)
+        await _run_grpc(server, servicer, settings, on_ready, stop)
+
+
+async def _write_snapshots(path: Path, samples: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> None:
+    # A worker's metrics, for the supervisor's /metrics: rewritten atomically every second.
+    tmp = path.with_suffix(".tmp")
+    while True:
+        rpc, stats = samples()
+        tmp.write_bytes(orjson.dumps({"rpc": rpc, "stats": stats}, default=str, option=orjson.OPT_NON_STR_KEYS))
+        tmp.replace(path)
+        await asyncio.sleep(1.0)
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _run_grpc(
+    server: grpc.aio.Server, servicer: RecommenderServicer, settings: Settings,
+    on_ready: Callable[[int], None] | None, stop: asyncio.Event | None,
+) -> None:  # fmt: skip
     pb_grpc.add_RecommenderServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

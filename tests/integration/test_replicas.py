@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import signal
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,7 +20,8 @@ from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
 from ..redis_fixture import RedisProcess, start_redis
-from .conftest import Stack, start_server
+from ..support import free_port
+from .conftest import Stack, start, start_server, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -138,3 +142,68 @@ def test_every_acknowledged_event_survives_kill_9(stack: Stack, redis: RedisProc
     items = asyncio.run(stored())
     expected = {(u, str(100 + int(eid.split("-")[0]) * 5 + int(eid.split("-")[1]))) for u, eid in acked}
     assert expected <= items and len(expected) == 200
+
+
+def _scrape(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        return str(r.read().decode())
+
+
+def _ok_recommends(text: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line.startswith('recsvc_requests_total{') and 'method="Recommend"' in line and 'code="OK"' in line:
+            worker = line.split('worker="')[1].split('"')[0]
+            out[worker] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def test_worker_processes_share_the_port_report_metrics_and_are_restarted(
+    stack: Stack, redis: RedisProcess
+) -> None:
+    port, metrics = free_port(), free_port()
+    env = {**redis_env(stack, redis), "RECSVC_WORKERS": "2", "RECSVC_METRICS_PORT": str(metrics),
+           "RECSVC_WARM_USERS": "0"}  # fmt: skip
+
+    port_file = stack.tmp / "workers.port"
+    port_file.unlink(missing_ok=True)
+    proc = start("workers", ["--log-format", "json", "serve", "--port", str(port), "--port-file", str(port_file)],
+                 env, stack.tmp / "workers.log")  # fmt: skip
+    try:
+        wait_until(proc, port_file.exists, 120, "workers")
+        target = f"127.0.0.1:{port}"
+        for u in range(60):                            # a new connection each: the kernel spreads them
+            assert top(target, str(u + 1))
+        deadline = time.monotonic() + 10
+        counts: dict[str, float] = {}
+        while time.monotonic() < deadline:
+            counts = _ok_recommends(_scrape(metrics))
+            if sum(counts.values()) == 60:
+                break
+            time.sleep(0.3)
+        assert sum(counts.values()) == 60, counts
+        assert set(counts) == {"0", "1"} and min(counts.values()) > 0, counts   # both workers served
+        assert "recsvc_requests_in_flight" in _scrape(metrics)
+
+        pids = [json.loads(line)["msg"] for line in proc.log.read_text().splitlines()
+                if line.startswith("{") and "started (pid" in line]  # fmt: skip
+        victim = int(pids[0].split("pid ")[1].rstrip(")"))
+        os.kill(victim, signal.SIGKILL)
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and "restarting it" not in proc.log.read_text():
+            time.sleep(0.2)
+        assert "restarting it" in proc.log.read_text()
+        time.sleep(3)
+        for u in range(20):                            # served throughout by the other worker and the new one
+            assert top(target, str(u + 1))
+    finally:
+        assert proc.stop() == 0
+    # Every worker went with the supervisor.
+    started = [int(json.loads(line)["msg"].split("pid ")[1].rstrip(")")) for line in proc.log.read_text().splitlines()
+               if line.startswith("{") and "started (pid" in line]  # fmt: skip
+    for pid in started:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            continue
+        pytest.fail(f"worker pid {pid} outlived the supervisor")

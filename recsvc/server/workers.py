@@ -1,0 +1,151 @@
+"""Worker processes: ``workers`` copies of the server sharing one port, under one supervisor.
+
+One Python process serves gRPC on one core (the GIL), so a pod with several cores runs several
+processes. They bind the same port with SO_REUSEPORT (on by default in gRPC on Linux) and the kernel
+spreads connections across them. They share histories and invalidations through Redis, which is
+why config refuses ``workers`` > 1 with the embedded store.
+
+The supervisor (this module, the process the container starts):
+* starts the workers as ``recsvc serve`` child processes and restarts one that dies (with a pause);
+* serves ``/metrics`` for all of them: each worker writes a metrics snapshot file every second and
+  the supervisor renders them with a ``worker`` label;
+* on SIGTERM forwards it, so every worker drains like a single server would, and waits for them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+from recsvc.config import Settings
+from recsvc.errors import ConfigError
+from recsvc.server.metrics import MetricsServer, render
+
+__all__ = ["supervise"]
+
+log = logging.getLogger(__name__)
+
+_RESTART_PAUSE_S = 1.0
+
+
+class _Worker:
+    def __init__(self, index: int, rundir: Path, settings: Settings) -> None:
+        self.index = index
+        self.port_file = rundir / f"worker-{index}.port"
+        self.snapshot = rundir / f"worker-{index}.json"
+        self._settings = settings
+        self.proc: asyncio.subprocess.Process | None = None
+        self.restarts = 0
+
+    async def start(self) -> None:
+        s = self._settings
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RECSVC_")}
+        env.update({k: v for k, v in os.environ.items() if k.startswith("RECSVC_")})
+        # What CLI flags may have set on the supervisor reaches the workers through their environment.
+        env.update(RECSVC_WORKERS="1", RECSVC_METRICS_PORT="0", RECSVC_PORT=str(s.port), RECSVC_HOST=s.host,
+                   RECSVC_DATA_DIR=str(s.data_dir), RECSVC_MODEL_REPOSITORY=str(s.model_repository),
+                   RECSVC_TRITON_URL=s.triton_url)  # fmt: skip
+        self.port_file.unlink(missing_ok=True)
+        self.proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "recsvc.cli", "serve", "--port-file", str(self.port_file),
+            "--snapshot-file", str(self.snapshot), env=env,
+        )  # fmt: skip
+        log.info("worker %d started (pid %d)", self.index, self.proc.pid)
+
+    def sample(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
+        try:
+            data = orjson.loads(self.snapshot.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            return None         # not written yet, or a worker mid-restart: skipped this scrape
+        return data["rpc"], data["stats"]
+
+
+async def supervise(
+    settings: Settings, *, on_ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None
+) -> None:
+    """Run ``settings.workers`` servers on ``settings.port`` until SIGTERM/SIGINT or ``stop``."""
+    if settings.port == 0:
+        raise ConfigError("workers > 1 needs a fixed port: the workers share it (port 0 would give each its own)")
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    rundir = Path(tempfile.mkdtemp(prefix="recsvc-workers-"))
+    workers = [_Worker(i, rundir, settings) for i in range(settings.workers)]
+    metrics: MetricsServer | None = None
+    try:
+        for w in workers:
+            await w.start()
+        if settings.metrics_port:
+            def collect() -> str:
+                return render({str(w.index): s for w in workers if (s := w.sample()) is not None})
+
+            metrics = MetricsServer(collect, settings.host, settings.metrics_port)
+            await metrics.start()
+        await _wait_ready(workers, stop)
+        if on_ready is not None and not stop.is_set():
+            on_ready(settings.port)
+            log.info("%d workers serving on %s:%d", len(workers), settings.host, settings.port)
+        await _watch(workers, stop)
+    finally:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+        await _stop_all(workers, settings.grace_s + 10.0)
+        if metrics is not None:
+            await metrics.close()
+        shutil.rmtree(rundir, ignore_errors=True)
+
+
+async def _wait_ready(workers: list[_Worker], stop: asyncio.Event) -> None:
+    while not stop.is_set() and not all(w.port_file.exists() for w in workers):
+        for w in workers:
+            if w.proc is not None and w.proc.returncode is not None:
+                raise ConfigError(f"worker {w.index} exited with {w.proc.returncode} during start-up (see its log)")
+        await asyncio.sleep(0.1)
+
+
+async def _watch(workers: list[_Worker], stop: asyncio.Event) -> None:
+    stopping = asyncio.create_task(stop.wait())
+    try:
+        while not stop.is_set():
+            exits = {asyncio.create_task(w.proc.wait()): w for w in workers if w.proc is not None}
+            done, _ = await asyncio.wait({stopping, *exits}, return_when=asyncio.FIRST_COMPLETED)
+            for task in exits:
+                if task not in done:
+                    task.cancel()
+            for task in done & exits.keys():
+                w = exits[task]
+                if stop.is_set():
+                    break
+                log.error("worker %d exited with %s; restarting it in %.0f s", w.index, task.result(),
+                          _RESTART_PAUSE_S)  # fmt: skip
+                await asyncio.sleep(_RESTART_PAUSE_S)
+                w.restarts += 1
+                await w.start()
+    finally:
+        stopping.cancel()
+
+
+async def _stop_all(workers: list[_Worker], timeout_s: float) -> None:
+    running = [w.proc for w in workers if w.proc is not None and w.proc.returncode is None]
+    for proc in running:
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(signal.SIGTERM)          # each worker drains like a single server
+    try:
+        await asyncio.wait_for(asyncio.gather(*(p.wait() for p in running)), timeout_s)
+    except TimeoutError:
+        for proc in running:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        await asyncio.gather(*(p.wait() for p in running))
