@@ -29,7 +29,15 @@ from recsvc.models.export import export_query_encoder, export_ranker
 from recsvc.models.ranker import RankerNet
 from recsvc.models.retrieval import RetrievalNet
 
-__all__ = ["TrainConfig", "Trained", "history_matrix", "sample_queries", "train", "write_bundle"]
+__all__ = [
+    "TrainConfig",
+    "Trained",
+    "history_matrix",
+    "sample_queries",
+    "sample_ranker_inputs",
+    "train",
+    "write_bundle",
+]
 
 log = logging.getLogger(__name__)
 
@@ -210,18 +218,45 @@ def _ranker_loss(
     return F.cross_entropy(logits, torch.zeros(rows, dtype=torch.int64))
 
 
-def sample_queries(trained: Trained, ds: Dataset, n: int = 2000, seed: int = 0) -> npt.NDArray[np.float32]:
-    """Query vectors of up to ``n`` random users with history, from their latest ``history_len`` items."""
+def _sample_histories(trained: Trained, ds: Dataset, n: int, seed: int) -> tuple[_Ints, _Ints, _Ints]:
     users = np.unique(ds.users)
     if len(users) > n:
         users = np.sort(np.random.default_rng(seed).choice(users, n, replace=False))
     flat = ds.items.astype(np.int64)
     starts = np.searchsorted(ds.users, users, side="left")
     ends = np.searchsorted(ds.users, users, side="right")
-    history = torch.from_numpy(history_matrix(flat, starts, ends, trained.config.history_len))
+    return history_matrix(flat, starts, ends, trained.config.history_len), starts, ends
+
+
+def sample_queries(trained: Trained, ds: Dataset, n: int = 2000, seed: int = 0) -> npt.NDArray[np.float32]:
+    """Query vectors of up to ``n`` random users with history, from their latest ``history_len`` items."""
+    history, _, _ = _sample_histories(trained, ds, n, seed)
     with torch.no_grad():
-        queries: npt.NDArray[np.float32] = trained.retrieval(history).numpy().astype(np.float32)
+        queries: npt.NDArray[np.float32] = trained.retrieval(torch.from_numpy(history)).numpy().astype(np.float32)
     return queries
+
+
+def sample_ranker_inputs(trained: Trained, ds: Dataset, n: int = 512, seed: int = 1) -> dict[str, _Ints]:
+    """Real ranker inputs: HISTORY [n, L] of random users and CANDIDATES [n, C], their retrieval top C.
+
+    What the served ranker sees, for INT8 calibration, the publish canary and latency benchmarks.
+    Seen items are excluded from the candidates, as the service does.
+    """
+    history, starts, ends = _sample_histories(trained, ds, n, seed)
+    flat = ds.items.astype(np.int64)
+    with torch.no_grad():
+        queries = trained.retrieval(torch.from_numpy(history)).numpy()
+        items = trained.retrieval.item_vectors().numpy()
+    c = min(trained.config.num_candidates, items.shape[0])
+    candidates = np.full((len(history), trained.config.num_candidates), -1, dtype=np.int64)
+    for lo in range(0, len(history), 64):      # bounds the [64, num_items] score matrix
+        scores = queries[lo : lo + 64] @ items.T
+        for row, (s, e) in enumerate(zip(starts[lo : lo + 64], ends[lo : lo + 64], strict=True)):
+            scores[row, flat[s:e]] = -np.inf
+        top = np.argpartition(-scores, c - 1, axis=1)[:, :c]
+        order = np.argsort(-np.take_along_axis(scores, top, 1), axis=1)
+        candidates[lo : lo + 64, :c] = np.take_along_axis(top, order, 1)
+    return {"HISTORY": history, "CANDIDATES": candidates}
 
 
 def write_bundle(
@@ -237,6 +272,7 @@ def write_bundle(
     np.save(out_dir / "popularity.npy", trained.popularity)
     # Real users' query vectors: what `recsvc build-index` measures an approximate index's recall on.
     np.save(out_dir / "queries.npy", sample_queries(trained, ds))
+    np.savez(out_dir / "samples.npz", **sample_ranker_inputs(trained, ds))
     export_query_encoder(trained.retrieval, out_dir / "query_encoder.onnx")
     export_ranker(trained.ranker, cfg.history_len, cfg.num_candidates, out_dir / "ranker.onnx")
     return write_manifest(
