@@ -256,6 +256,11 @@ def test_liveness_shorter_than_the_drain_is_refused() -> None:
         render({"recsvc": {"graceSeconds": 60}})
 
 
+def test_inflight_autoscaling_without_metrics_is_refused() -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=r"autoscaling\.inflight needs recsvc\.metricsPort"):
+        render({"autoscaling": {"enabled": True}, "recsvc": {"metricsPort": 0}})
+
+
 def test_settings_values_become_recsvc_variables() -> None:
     m = manifests("everything")
     _, _, settings = _server(m)
