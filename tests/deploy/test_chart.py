@@ -256,6 +256,19 @@ def test_liveness_shorter_than_the_drain_is_refused() -> None:
         render({"recsvc": {"graceSeconds": 60}})
 
 
+async def test_hpa_metric_is_one_recsvc_exports() -> None:
+    """The HPA's custom metric must be a gauge recsvc's /metrics actually serves."""
+    from recsvc.server.metrics import RpcMetrics
+    from recsvc.server.metrics import render as render_metrics
+
+    rpc = RpcMetrics()
+    async with rpc.track("Recommend", lambda: "OK"):
+        text = render_metrics({"0": (rpc.snapshot(), {})})
+    name = helm_python.Chart.load(CHART).values["autoscaling"]["inflight"]["metricName"]
+    assert f"# TYPE {name} gauge" in text
+    assert re.search(rf'^{name}{{[^}}]*method="Recommend"[^}}]*}} 1$', text, flags=re.M), text
+
+
 def test_inflight_autoscaling_without_metrics_is_refused() -> None:
     with pytest.raises(helm_python.HelmRenderError, match=r"autoscaling\.inflight needs recsvc\.metricsPort"):
         render({"autoscaling": {"enabled": True}, "recsvc": {"metricsPort": 0}})
