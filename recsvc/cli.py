@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from recsvc.config import Settings, load_settings
-from recsvc.errors import RecsvcError
+from recsvc.errors import ConfigError, RecsvcError
 
 __all__ = ["main"]
 
@@ -111,12 +111,61 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 # ------------------------------------------------------------------------------------ repository
 def cmd_publish(args: argparse.Namespace) -> int:
-    """Publish a bundle as the next ranker version in the model repository."""
+    """Publish a bundle as the next ranker version, then roll it out through Triton (load, canary, switch, drain)."""
     from recsvc.repository import publish
+    from recsvc.repository.rollout import rollout_lock
 
     settings = _settings(args)
-    version = publish(args.bundle, settings.model_repository, settings.triton_model)
-    print(f"published {args.bundle} as {settings.triton_model} version {version} in {settings.model_repository}")
+    repo, model = settings.model_repository, settings.triton_model
+    with rollout_lock(repo, model):
+        version = publish(args.bundle, repo, model)
+        print(f"published {args.bundle} as {model} version {version} in {repo}")
+        if args.no_rollout:
+            return 0
+        return _rollout(settings, version, args.drain_s)
+
+
+def cmd_rollout(args: argparse.Namespace) -> int:
+    """Roll a published version out: load it in Triton, canary, switch the service, drain, unload the old."""
+    from recsvc.repository.rollout import rollout_lock
+
+    settings = _settings(args)
+    with rollout_lock(settings.model_repository, settings.triton_model):
+        return _rollout(settings, args.version, args.drain_s)
+
+
+def cmd_rollback(args: argparse.Namespace) -> int:
+    """Roll back to the previous version (or --to V), with the same load, canary, switch and drain."""
+    from recsvc.repository.rollout import read_serving, rollout_lock
+
+    settings = _settings(args)
+    repo, model = settings.model_repository, settings.triton_model
+    with rollout_lock(repo, model):
+        state = read_serving(repo, model)
+        target = args.to if args.to is not None else (state.previous if state else None)
+        if target is None:
+            raise ConfigError(f"nothing to roll back to: {repo / model} has no previous serving version (use --to)")
+        return _rollout(settings, target, args.drain_s)
+
+
+def _rollout(settings: Settings, version: int, drain_s: float | None) -> int:
+    from recsvc.ranking import TritonRanker
+    from recsvc.repository.rollout import rollout
+
+    async def run() -> None:
+        triton = TritonRanker(settings.triton_url, model_name=settings.triton_model,
+                              timeout_s=max(settings.triton_timeout_s, 10.0))  # fmt: skip
+        try:
+            report = await rollout(settings.model_repository, settings.triton_model, version, triton,
+                                   drain_s=settings.rollout_drain_s if drain_s is None else drain_s,
+                                   ready_timeout_s=settings.rollout_ready_timeout_s)  # fmt: skip
+        finally:
+            await triton.close()
+        for name, seconds in report.steps:
+            print(f"  {seconds:7.2f} s  {name}")
+        print(f"{settings.triton_model} version {version} is serving (previous: {report.previous})")
+
+    asyncio.run(run())
     return 0
 
 
@@ -367,7 +416,19 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("publish", parents=[common], help=cmd_publish.__doc__)
     p.add_argument("bundle", type=Path)
+    p.add_argument("--no-rollout", action="store_true", help="only write the version (Triton not contacted)")
+    p.add_argument("--drain-s", type=float, help="wait before unloading the old version (RECSVC_ROLLOUT_DRAIN_S)")
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("rollout", parents=[common], help=cmd_rollout.__doc__)
+    p.add_argument("version", type=int)
+    p.add_argument("--drain-s", type=float, help="wait before unloading the old version (RECSVC_ROLLOUT_DRAIN_S)")
+    p.set_defaults(func=cmd_rollout)
+
+    p = sub.add_parser("rollback", parents=[common], help=cmd_rollback.__doc__)
+    p.add_argument("--to", type=int, help="version to serve (default: the previous serving version)")
+    p.add_argument("--drain-s", type=float, help="wait before unloading the old version (RECSVC_ROLLOUT_DRAIN_S)")
+    p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("build-index", parents=[common], help=cmd_build_index.__doc__)
     p.add_argument("bundle", type=Path)

@@ -89,6 +89,8 @@ class Settings:
     deny_list: Path | None = None            # SKUs never recommended; default <data_dir>/deny_list.txt
     deny_poll_s: float = 1.0                 # how often the deny list file is checked for changes
     repository_poll_s: float = 2.0           # how often to look for a newer published version (0: never)
+    rollout_drain_s: float = 30.0            # publish/rollback: time for replicas to switch and drain before unload
+    rollout_ready_timeout_s: float = 120.0   # publish/rollback: longest wait for Triton to report a version ready
     triton_url: str = "127.0.0.1:8001"       # gRPC endpoint of Triton
     triton_model: str = "ranker"
     triton_timeout_s: float = 1.0
@@ -205,12 +207,14 @@ def _validate(s: Settings) -> None:
         # Each worker has its own L1: only through Redis do they share histories and hear each other's writes.
         raise ConfigError(f"workers={s.workers} needs history_store=redis (the embedded store serves one process)")
     for name in ["grace_s", "request_timeout_s", "triton_timeout_s", "redis_timeout_s", "l1_ttl_s",
-                 "negative_ttl_s", "l2_ttl_s", "deny_poll_s"]:  # fmt: skip
+                 "negative_ttl_s", "l2_ttl_s", "deny_poll_s", "rollout_ready_timeout_s"]:  # fmt: skip
         if not getattr(s, name) > 0:
             raise ConfigError(f"setting {name!r} must be > 0 seconds, got {getattr(s, name)}")
     for name in ["port", "metrics_port"]:
         if not 0 <= getattr(s, name) <= 65535:
             raise ConfigError(f"setting {name!r} must be in 0..65535, got {getattr(s, name)}")
+    if s.rollout_drain_s < 0:
+        raise ConfigError(f"setting 'rollout_drain_s' must be >= 0, got {s.rollout_drain_s}")
     if s.repository_poll_s < 0:
         raise ConfigError(f"setting 'repository_poll_s' must be >= 0 (0: never), got {s.repository_poll_s}")
     if s.max_k > s.num_candidates:

@@ -1,4 +1,9 @@
-"""Hot swap: follow the model repository and switch the service to the newest published version.
+"""Hot swap: follow the model repository and switch the service to the version it should serve.
+
+Which version: the one ``serving.json`` names (written by ``recsvc publish``/``rollback`` after the
+version passed its canary; see repository/rollout.py), or, before any rollout, the newest published one.
+The follower also keeps its version pinned in Triton: when Triton restarts (EXPLICIT mode comes back
+with nothing loaded) or the version disappears, it loads the rollout's ``loaded`` set again.
 
 A published version is a ranker version plus the bundle (catalog, embeddings, item index) it belongs
 with, so one switch changes both. The switch:
@@ -17,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -25,6 +30,7 @@ from recsvc.config import Settings
 from recsvc.errors import RankerUnavailable, RecsvcError
 from recsvc.pipeline import Pipeline, ServingBundle, load_serving_bundle
 from recsvc.repository import latest_version
+from recsvc.repository.rollout import ServingState, read_serving
 
 __all__ = ["ModelControl", "VersionFollower"]
 
@@ -39,7 +45,11 @@ class ModelControl(Protocol):
         ...
 
     async def load_model(self, name: str | None = None) -> None:
-        """Ask the model server to (re)load the ranker's versions."""
+        """Ask the model server to (re)load the ranker's versions (per the config's version policy)."""
+        ...
+
+    async def load_versions(self, versions: Sequence[int], config_pbtxt: str) -> None:
+        """Make exactly ``versions`` loaded."""
         ...
 
 
@@ -60,6 +70,7 @@ class VersionFollower:
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
         self.switches = 0
+        self.repins = 0
 
     def start(self) -> None:
         """Start polling (no-op when ``repository_poll_s`` is 0)."""
@@ -75,12 +86,19 @@ class VersionFollower:
                 log.exception("checking the model repository failed")
 
     async def check(self) -> bool:
-        """Switch if the repository's newest version is not the one serving; True if it switched."""
+        """Switch if the repository says another version should serve; True if it switched."""
         async with self._lock:
             s = self._settings
-            newest = await asyncio.to_thread(latest_version, s.model_repository, s.triton_model)
+            state = await asyncio.to_thread(read_serving, s.model_repository, s.triton_model)
+            if state is not None:
+                newest: int | None = state.version
+            else:
+                newest = await asyncio.to_thread(latest_version, s.model_repository, s.triton_model)
             current = self._pipeline.bundle.model_version
-            if newest is None or str(newest) == current or newest in self._failed:
+            if newest is not None and str(newest) == current:
+                await self._keep_pinned(state, current)
+                return False
+            if newest is None or newest in self._failed:
                 return False
             directory = s.model_repository / s.triton_model / str(newest)
             try:
@@ -91,7 +109,7 @@ class VersionFollower:
                 return False
             try:
                 if not await self._models.is_model_ready(str(newest)):
-                    await self._models.load_model()
+                    await self._pin(state)
                 ready = await self._models.is_model_ready(str(newest))
             except RankerUnavailable as exc:
                 ready = False
@@ -107,6 +125,28 @@ class VersionFollower:
             self._closing.add(task)
             task.add_done_callback(self._closing.discard)
             return True
+
+    async def _keep_pinned(self, state: ServingState | None, current: str) -> None:
+        try:
+            if await self._models.is_model_ready(current):
+                return
+        except RankerUnavailable:
+            return      # Triton unreachable: answers are degraded until it is back, then it is re-pinned
+        log.warning("ranker version %s is not loaded in Triton (restarted?): loading it again", current)
+        self.repins += 1
+        try:
+            await self._pin(state)
+        except RankerUnavailable as exc:
+            log.warning("re-pinning version %s failed, retrying at the next poll: %s", current, exc)
+
+    async def _pin(self, state: ServingState | None) -> None:
+        # Exactly the set the rollout asked for, so no replica can unload a version another one uses.
+        if state is None:
+            await self._models.load_model()
+            return
+        s = self._settings
+        config = await asyncio.to_thread((s.model_repository / s.triton_model / "config.pbtxt").read_text)
+        await self._models.load_versions(list(state.loaded), config)
 
     async def _retire(self, bundle: ServingBundle) -> None:
         # A request has at most request_timeout_s; waiting longer only happens if one is stuck.

@@ -7,7 +7,7 @@ is served. Every method excludes the items the user interacted with in training,
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,21 @@ METHODS = ("popularity", "retrieval", "retrieval+ranking")
 
 @dataclass(frozen=True)
 class EvalReport:
-    """Mean recall@k and NDCG@k per method over ``users`` test users."""
+    """Mean recall@k and NDCG@k per method over ``users`` test users; candidate AUC over ``auc_users``.
+
+    ``auc`` (for "retrieval" and "retrieval+ranking") is how well each method's scores separate the
+    retrieval candidates that are held-out items from the other candidates: per user the fraction of
+    (held-out, other) candidate pairs scored in the right order, ties counting half, averaged over the
+    ``auc_users`` users with at least one held-out item and one other item among their candidates.
+    It measures the ranker on exactly the choice it makes in production, independent of k.
+    """
 
     k: int
     users: int
     recall: dict[str, float]
     ndcg: dict[str, float]
+    auc: dict[str, float] = field(default_factory=dict)
+    auc_users: int = 0
 
     def as_metrics(self) -> dict[str, float]:
         """Flat dict for the bundle manifest."""
@@ -64,12 +73,17 @@ def evaluate_bundle(
     max_users: int | None = None,
     rng: np.random.Generator | None = None,
     threads: int = 2,
+    ranker: Path | None = None,
 ) -> EvalReport:
-    """Evaluate a bundle trained on ``train`` against each test user's held-out items."""
+    """Evaluate a bundle trained on ``train`` against each test user's held-out items.
+
+    ``ranker`` replaces the bundle's ranker.onnx with another ONNX file of the same interface (a
+    compressed variant, say); retrieval still comes from the bundle.
+    """
     manifest = read_manifest(bundle)
     embeddings = np.load(bundle / "item_embeddings.npy")
     encoder = _session(bundle / "query_encoder.onnx", threads)
-    ranker = _session(bundle / "ranker.onnx", threads)
+    ranker_session = _session(ranker if ranker is not None else bundle / "ranker.onnx", threads)
     users = np.array(sorted(u for u, items in test.items() if len(items)), dtype=np.int64)
     if max_users is not None and len(users) > max_users:
         users = np.sort((rng or np.random.default_rng(0)).choice(users, max_users, replace=False))
@@ -80,6 +94,8 @@ def evaluate_bundle(
     popular = popularity_ranking(train)
     n_items, n_cand = embeddings.shape[0], min(manifest.num_candidates, embeddings.shape[0])
     sums = {m: [0.0, 0.0] for m in METHODS}
+    auc_sums = {"retrieval": 0.0, "retrieval+ranking": 0.0}
+    auc_users = 0
     chunk = max(1, min(256, 20_000_000 // n_items))   # bound the [chunk, n_items] score matrix
     for lo in range(0, len(users), chunk):
         sl = slice(lo, lo + chunk)
@@ -90,7 +106,8 @@ def evaluate_bundle(
             scores[row, flat[s:e]] = -np.inf
         top = np.argpartition(-scores, n_cand - 1, axis=1)[:, :n_cand]
         top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
-        ranked = ranker.run(["SCORES"], {"HISTORY": history, "CANDIDATES": top.astype(np.int64)})[0]
+        top_scores = np.take_along_axis(scores, top, 1)
+        ranked = ranker_session.run(["SCORES"], {"HISTORY": history, "CANDIDATES": top.astype(np.int64)})[0]
         reranked = np.take_along_axis(top, np.argsort(-ranked, axis=1, kind="stable"), 1)
         for row, user in enumerate(users[sl]):
             relevant = test[int(user)]
@@ -100,8 +117,27 @@ def evaluate_bundle(
                                  ("retrieval+ranking", reranked[row, :k])):  # fmt: skip
                 sums[method][0] += recall_at_k(recs, relevant, k)
                 sums[method][1] += ndcg_at_k(recs, relevant, k)
+            # Seen items only fill the candidates of users who saw almost the whole catalog (-inf scores);
+            # they are never served, so they are not negatives.
+            valid = np.isfinite(top_scores[row])
+            positive = np.isin(top[row], relevant) & valid
+            if positive.any() and (valid & ~positive).any():
+                auc_users += 1
+                auc_sums["retrieval"] += _pair_auc(top_scores[row], positive, valid)
+                auc_sums["retrieval+ranking"] += _pair_auc(ranked[row], positive, valid)
     n = max(len(users), 1)
     return EvalReport(
         k=k, users=len(users),
         recall={m: v[0] / n for m, v in sums.items()}, ndcg={m: v[1] / n for m, v in sums.items()},
+        auc={m: v / max(auc_users, 1) for m, v in auc_sums.items()}, auc_users=auc_users,
     )  # fmt: skip
+
+
+def _pair_auc(scores: npt.NDArray[np.floating[Any]], positive: npt.NDArray[np.bool_],
+              valid: npt.NDArray[np.bool_]) -> float:  # fmt: skip
+    """Fraction of (positive, negative) pairs with the positive scored higher, ties counting half."""
+    pos = scores[positive].astype(np.float64)
+    neg = scores[valid & ~positive].astype(np.float64)
+    # A few positives against at most num_candidates negatives: the pairwise matrix is tiny.
+    diff = pos[:, None] - neg[None, :]
+    return float(((diff > 0).sum() + 0.5 * (diff == 0).sum()) / diff.size)

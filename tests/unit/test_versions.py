@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from recsvc.history import InMemoryHistoryStore, TieredHistory
 from recsvc.pipeline import Pipeline, load_serving_bundle
 from recsvc.ranking import FakeRanker
 from recsvc.repository import publish
+from recsvc.repository.rollout import ServingState, write_serving
 from recsvc.versions import VersionFollower
 
 
@@ -26,6 +28,7 @@ class Models:
         self.ready: set[str] = set()
         self.loads = 0
         self.down = False
+        self.pinned: list[list[int]] = []
 
     async def is_model_ready(self, version: str = "") -> bool:
         if self.down:
@@ -35,6 +38,11 @@ class Models:
     async def load_model(self, name: str | None = None) -> None:
         self.loads += 1
         self.ready |= {p.name for p in (self.repo / "ranker").iterdir() if p.name.isdigit()}
+
+    async def load_versions(self, versions: Sequence[int], config_pbtxt: str) -> None:
+        self.loads += 1
+        self.pinned.append(sorted(versions))
+        self.ready = {str(v) for v in versions}
 
 
 class GatedRanker(FakeRanker):
@@ -146,5 +154,22 @@ async def test_polling_runs_in_an_owned_task(repo: Path, tiny_bundle: Path) -> N
             break
         await asyncio.sleep(0.05)
     assert pipeline.bundle.model_version == "2" and follower.switches == 1
+    await follower.close()
+    await pipeline.bundle.close()
+
+
+async def test_serving_json_decides_and_a_lost_version_is_pinned_again(repo: Path, tiny_bundle: Path) -> None:
+    pipeline, _, models, follower = _setup(repo)
+    publish(tiny_bundle, repo)
+    publish(tiny_bundle, repo)
+    write_serving(repo, "ranker", ServingState(version=2, loaded=(1, 2)))
+    models.ready = {"1", "2"}
+    assert await follower.check() and pipeline.bundle.model_version == "2"    # not 3: the rollout said 2
+    assert not await follower.check()
+    models.ready = set()                                   # Triton restarted: EXPLICIT mode loads nothing
+    assert not await follower.check()
+    assert follower.repins == 1 and models.pinned == [[1, 2]]               # exactly the rollout's set
+    models.down = True                                     # unreachable: nothing to do but wait
+    assert not await follower.check() and follower.repins == 1
     await follower.close()
     await pipeline.bundle.close()
