@@ -91,6 +91,8 @@ class Settings:
     repository_poll_s: float = 2.0           # how often to look for a newer published version (0: never)
     rollout_drain_s: float = 30.0            # publish/rollback: time for replicas to switch and drain before unload
     rollout_ready_timeout_s: float = 120.0   # publish/rollback: longest wait for Triton to report a version ready
+    rank_max_batch: int = 1                  # >1: coalesce concurrent ranker calls (1: Triton's dynamic batcher alone)
+    rank_max_wait_us: int = 200              # longest a ranker call waits for company
     triton_url: str = "127.0.0.1:8001"       # gRPC endpoint of Triton
     triton_model: str = "ranker"
     triton_timeout_s: float = 1.0
@@ -178,13 +180,14 @@ def _validate(s: Settings) -> None:
         "max_k", "max_exclude", "max_context", "max_id_len", "max_events_per_call", "history_len",
         "history_keep", "l1_max_entries", "l1_max_bytes", "num_candidates", "vector_cache_entries",
         "prefetch_queue", "prefetch_workers", "search_max_batch", "workers", "index_flat_max_items",
-        "index_hnsw_m", "index_recall_k",
+        "index_hnsw_m", "index_recall_k", "rank_max_batch",
     ]  # fmt: skip
     for name in positive:
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name!r} must be > 0, got {getattr(s, name)}")
-    if s.search_max_wait_us < 0:
-        raise ConfigError(f"setting 'search_max_wait_us' must be >= 0, got {s.search_max_wait_us}")
+    for name in ["search_max_wait_us", "rank_max_wait_us"]:
+        if getattr(s, name) < 0:
+            raise ConfigError(f"setting {name!r} must be >= 0, got {getattr(s, name)}")
     for name in ["index_nlist", "index_nprobe", "index_pq_m", "index_ef_search"]:
         if getattr(s, name) < 0:
             raise ConfigError(f"setting {name!r} must be >= 0 (0: automatic), got {getattr(s, name)}")

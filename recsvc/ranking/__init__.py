@@ -7,8 +7,18 @@ for every backend failure.
 from __future__ import annotations
 
 from recsvc.ranking.base import PADDING_SCORE, Ranker, check_batch
+from recsvc.ranking.batching import BatchingRanker
 from recsvc.ranking.fake import FakeRanker, RankCall
 from recsvc.ranking.onnx_ranker import OnnxRanker
 from recsvc.ranking.triton_ranker import TritonRanker
 
-__all__ = ["PADDING_SCORE", "FakeRanker", "OnnxRanker", "RankCall", "Ranker", "TritonRanker", "check_batch"]
+__all__ = [
+    "PADDING_SCORE",
+    "BatchingRanker",
+    "FakeRanker",
+    "OnnxRanker",
+    "RankCall",
+    "Ranker",
+    "TritonRanker",
+    "check_batch",
+]

@@ -2,34 +2,27 @@
 
 FAISS answers a batch far faster per query than single queries (batch-1 search does not even use a
 second thread), and a GPU index must not be searched from two threads at once. So every search goes
-through one queue: a runner task takes the first waiting request, collects more for at most
-``max_wait_us`` or until ``max_batch`` rows, runs ONE search for all of them on the index's thread,
-and hands each caller its rows. Batch sizes are counted for metrics.
+through one queue (recsvc.coalesce): concurrent searches within ``max_wait_us``, up to ``max_batch``
+rows, become ONE search on the index's thread, at the largest k asked; each caller gets its own rows
+and its own k. Batch sizes are counted for metrics.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
-from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
+from recsvc.coalesce import Coalescer
+
 __all__ = ["SearchBatcher"]
 
 Result = tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]   # scores [n, k], ids [n, k]
-
-
-@dataclass
-class _Request:
-    queries: npt.NDArray[np.float32]
-    k: int
-    future: asyncio.Future[Result]
+_Query = tuple[npt.NDArray[np.float32], int]
 
 
 class SearchBatcher:
@@ -47,70 +40,30 @@ class SearchBatcher:
             raise ValueError("max_batch must be >= 1 and max_wait_us >= 0")
         self._search = search_fn
         self._executor = executor
-        self._max_batch = max_batch
-        self._max_wait_s = max_wait_us / 1e6
-        self._queue: asyncio.Queue[_Request] = asyncio.Queue()
-        self._runner: asyncio.Task[None] | None = None
-        self._closed = False
-        self.batch_sizes: Counter[int] = Counter()     # rows per executed search -> how many searches
+        self._queue: Coalescer[_Query, Result] = Coalescer(
+            self._run, max_rows=max_batch, max_wait_us=max_wait_us, rows=lambda q: len(q[0]), name="search-batcher"
+        )
+
+    @property
+    def batch_sizes(self) -> Counter[int]:
+        """Rows per executed search -> how many searches."""
+        return self._queue.batch_sizes
 
     async def search(self, queries: npt.NDArray[np.float32], k: int) -> Result:
         """Top-k (scores, ids) for each query row; waits at most ``max_wait_us`` for company."""
-        if self._closed:
-            # Nothing would ever answer: fail now instead of waiting forever.
-            raise RuntimeError("the search queue is closed")
-        if self._runner is None:
-            # Started on first use, in the running loop; owned here and cancelled by close().
-            self._runner = asyncio.create_task(self._run(), name="search-batcher")
-        future: asyncio.Future[Result] = asyncio.get_running_loop().create_future()
-        await self._queue.put(_Request(np.ascontiguousarray(queries, dtype=np.float32), k, future))
-        return await future
+        return await self._queue.submit((np.ascontiguousarray(queries, dtype=np.float32), k))
 
-    async def _run(self) -> None:
+    async def _run(self, batch: Sequence[_Query]) -> list[Result]:
+        k = max(k for _, k in batch)
+        stacked = np.concatenate([q for q, _ in batch]) if len(batch) > 1 else batch[0][0]
         loop = asyncio.get_running_loop()
-        while True:
-            batch = [await self._queue.get()]
-            rows = len(batch[0].queries)
-            deadline = time.perf_counter() + self._max_wait_s
-            while rows < self._max_batch:
-                try:
-                    request = self._queue.get_nowait()
-                except asyncio.QueueEmpty:
-                    remaining = deadline - time.perf_counter()
-                    if remaining <= 0:
-                        break
-                    try:
-                        request = await asyncio.wait_for(self._queue.get(), remaining)
-                    except TimeoutError:
-                        break
-                batch.append(request)
-                rows += len(request.queries)
-            live = [r for r in batch if not r.future.cancelled()]
-            if not live:
-                continue
-            k = max(r.k for r in live)
-            stacked = np.concatenate([r.queries for r in live]) if len(live) > 1 else live[0].queries
-            self.batch_sizes[len(stacked)] += 1
-            try:
-                scores, ids = await loop.run_in_executor(self._executor, self._search, stacked, k)
-            except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the error
-                for r in live:
-                    if not r.future.done():
-                        r.future.set_exception(exc)
-                continue
-            start = 0
-            for r in live:
-                n = len(r.queries)
-                if not r.future.done():
-                    r.future.set_result((scores[start : start + n, : r.k], ids[start : start + n, : r.k]))
-                start += n
+        scores, ids = await loop.run_in_executor(self._executor, self._search, stacked, k)
+        out, start = [], 0
+        for q, own_k in batch:
+            out.append((scores[start : start + len(q), :own_k], ids[start : start + len(q), :own_k]))
+            start += len(q)
+        return out
 
     async def close(self) -> None:
-        """Stop the runner; requests still queued are cancelled, later ones refused."""
-        self._closed = True
-        if self._runner is not None:
-            self._runner.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
-        while not self._queue.empty():
-            self._queue.get_nowait().future.cancel()
+        """Stop the queue; requests still queued are cancelled, later ones refused."""
+        await self._queue.close()

@@ -29,7 +29,7 @@ from recsvc.history import (
 from recsvc.history.tiers import history_size
 from recsvc.pipeline import Pipeline, load_serving_bundle
 from recsvc.prefetch import Prefetcher
-from recsvc.ranking import TritonRanker
+from recsvc.ranking import BatchingRanker, TritonRanker
 from recsvc.repository import latest_version
 from recsvc.server.metrics import MetricsServer, render
 from recsvc.server.servicer import RecommenderServicer
@@ -56,6 +56,7 @@ class Service:
     prefetcher: Prefetcher
     follower: VersionFollower
     deny: DenyListWatcher
+    scorer: BatchingRanker | None = None
     warming: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
@@ -67,6 +68,8 @@ class Service:
         await self.deny.close()
         await self.prefetcher.close()
         await self.history.close()
+        if self.scorer is not None:
+            await self.scorer.close()
         await self.ranker.close()
         await self.pipeline.bundle.close()
         await self.store.close()
@@ -142,7 +145,10 @@ async def build_service(settings: Settings) -> Service:
                         model, version, exc)  # fmt: skip
         opened.pop_all()
     log.info("serving %s version %s (index %s, %d items)", model, version, bundle.index_version, len(bundle.catalog))
-    pipeline = Pipeline(settings, history, ranker, bundle)
+    # Our own batching in front of Triton only where it measured faster (see BatchingRanker).
+    scorer = (BatchingRanker(ranker, max_batch=settings.rank_max_batch, max_wait_us=settings.rank_max_wait_us)
+              if settings.rank_max_batch > 1 else None)  # fmt: skip
+    pipeline = Pipeline(settings, history, scorer or ranker, bundle)
     prefetcher = Prefetcher(pipeline.warm, queue_size=settings.prefetch_queue, workers=settings.prefetch_workers)
     pipeline.prefetcher = prefetcher
     prefetcher.start()
@@ -150,7 +156,7 @@ async def build_service(settings: Settings) -> Service:
     await deny.start()
     follower = VersionFollower(pipeline, ranker, settings)
     follower.start()
-    service = Service(settings, store, history, ranker, pipeline, prefetcher, follower, deny)
+    service = Service(settings, store, history, ranker, pipeline, prefetcher, follower, deny, scorer)
     if settings.warm_users:
         service.warming = asyncio.create_task(_warm_start(service), name="warm-start")
     return service

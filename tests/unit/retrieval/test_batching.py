@@ -68,7 +68,7 @@ async def test_close_cancels_the_runner() -> None:
     with ThreadPoolExecutor(1) as pool:
         batcher = SearchBatcher(exact(np.eye(2, dtype=np.float32)), pool)  # type: ignore[arg-type]
         await batcher.search(np.eye(2, dtype=np.float32)[:1], 1)
-        runner = batcher._runner
+        runner = batcher._queue._runner
         await batcher.close()
         assert runner is not None and runner.cancelled()
 

@@ -1,0 +1,130 @@
+"""Coalescing concurrent calls into batches: the one mechanism behind the search and ranking queues.
+
+FAISS and Triton both answer one call of 64 rows far faster than 64 calls of one row. So callers
+``submit`` their rows to a queue; one runner task takes the first waiting item, gathers more for at
+most ``max_wait_us`` or until ``max_rows`` rows (items with the same key only: e.g. one model version
+per Triton call), hands the batch to ``handle`` once, and gives each caller its own result. A caller
+that was cancelled meanwhile is skipped; a failed batch fails exactly its callers. Batch sizes are
+counted for metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import Counter
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import Generic, TypeVar
+
+__all__ = ["Coalescer"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass
+class _Pending(Generic[T, R]):
+    item: T
+    rows: int
+    key: Hashable
+    future: asyncio.Future[R]
+
+
+class Coalescer(Generic[T, R]):
+    """Batches ``submit(item)`` calls into ``handle(items) -> results`` calls (one result per item)."""
+
+    def __init__(
+        self,
+        handle: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        *,
+        max_rows: int,
+        max_wait_us: int,
+        rows: Callable[[T], int] = lambda _: 1,
+        key: Callable[[T], Hashable] = lambda _: None,
+        name: str = "coalescer",
+    ) -> None:
+        if max_rows < 1 or max_wait_us < 0:
+            raise ValueError("max_rows must be >= 1 and max_wait_us >= 0")
+        self._handle = handle
+        self._max_rows = max_rows
+        self._max_wait_s = max_wait_us / 1e6
+        self._rows = rows
+        self._key = key
+        self._name = name
+        self._queue: asyncio.Queue[_Pending[T, R]] = asyncio.Queue()
+        self._held: _Pending[T, R] | None = None        # taken from the queue, but for the next batch
+        self._runner: asyncio.Task[None] | None = None
+        self._closed = False
+        self.batch_sizes: Counter[int] = Counter()      # rows per handled batch -> how many batches
+
+    async def submit(self, item: T) -> R:
+        """The result for ``item``, computed in a batch with whatever arrives within ``max_wait_us``."""
+        if self._closed:
+            # Nothing would ever answer: fail now instead of waiting forever.
+            raise RuntimeError(f"the {self._name} queue is closed")
+        if self._runner is None:
+            # Started on first use, in the running loop; owned here and cancelled by close().
+            self._runner = asyncio.create_task(self._run(), name=self._name)
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        await self._queue.put(_Pending(item, self._rows(item), self._key(item), future))
+        return await future
+
+    async def _next(self, wait_s: float | None) -> _Pending[T, R] | None:
+        if self._held is not None:
+            held, self._held = self._held, None
+            return held
+        if wait_s is None:
+            return await self._queue.get()
+        try:
+            return self._queue.get_nowait()
+        except asyncio.QueueEmpty:
+            if wait_s <= 0:
+                return None
+        try:
+            return await asyncio.wait_for(self._queue.get(), wait_s)
+        except TimeoutError:
+            return None
+
+    async def _run(self) -> None:
+        while True:
+            first = await self._next(None)
+            assert first is not None
+            batch, rows = [first], first.rows
+            deadline = time.perf_counter() + self._max_wait_s
+            while rows < self._max_rows:
+                pending = await self._next(deadline - time.perf_counter())
+                if pending is None:
+                    break
+                if pending.key != first.key or rows + pending.rows > self._max_rows:
+                    self._held = pending     # another key, or it would overflow: it opens the next batch
+                    break
+                batch.append(pending)
+                rows += pending.rows
+            live = [p for p in batch if not p.future.cancelled()]
+            if not live:
+                continue
+            self.batch_sizes[sum(p.rows for p in live)] += 1
+            try:
+                results = await self._handle([p.item for p in live])
+            except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the error
+                for p in live:
+                    if not p.future.done():
+                        p.future.set_exception(exc)
+                continue
+            for p, result in zip(live, results, strict=True):
+                if not p.future.done():
+                    p.future.set_result(result)
+
+    async def close(self) -> None:
+        """Stop the runner; items still queued are cancelled, later ones refused."""
+        self._closed = True
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
+        if self._held is not None:
+            self._held.future.cancel()
+        while not self._queue.empty():
+            self._queue.get_nowait().future.cancel()

@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+import numpy as np
+import pytest
+
+from recsvc.coalesce import Coalescer
+from recsvc.ranking import BatchingRanker, FakeRanker
+
+
+async def test_items_of_one_key_share_a_batch_and_keys_never_mix() -> None:
+    batches: list[list[tuple[str, int]]] = []
+
+    async def handle(items: Sequence[tuple[str, int]]) -> list[int]:
+        batches.append(list(items))
+        return [n * 10 for _, n in items]
+
+    c: Coalescer[tuple[str, int], int] = Coalescer(handle, max_rows=100, max_wait_us=20_000, key=lambda i: i[0])
+    calls = [("a", 1), ("a", 2), ("b", 3), ("a", 4)]
+    results = await asyncio.gather(*(c.submit(i) for i in calls))
+    assert results == [10, 20, 30, 40]
+    assert all(len({k for k, _ in b}) == 1 for b in batches)       # one key per batch
+    assert sum(len(b) for b in batches) == 4 and len(batches) < 4
+    await c.close()
+
+
+async def test_an_item_that_would_overflow_opens_the_next_batch() -> None:
+    sizes: list[int] = []
+
+    async def handle(items: Sequence[int]) -> list[int]:
+        sizes.append(sum(items))
+        return list(items)
+
+    c: Coalescer[int, int] = Coalescer(handle, max_rows=5, max_wait_us=20_000, rows=lambda n: n)
+    assert await asyncio.gather(c.submit(3), c.submit(3), c.submit(2)) == [3, 3, 2]
+    assert max(sizes) <= 5 and sum(sizes) == 8
+    await c.close()
+
+
+async def test_failure_reaches_exactly_its_batch_and_cancelled_callers_are_skipped() -> None:
+    seen: list[list[int]] = []
+
+    async def handle(items: Sequence[int]) -> list[int]:
+        seen.append(list(items))
+        if 13 in items:
+            raise RuntimeError("unlucky batch")
+        return list(items)
+
+    c: Coalescer[int, int] = Coalescer(handle, max_rows=1, max_wait_us=0)
+    with pytest.raises(RuntimeError, match="unlucky"):
+        await c.submit(13)
+    assert await c.submit(7) == 7
+    await c.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        await c.submit(1)
+
+
+async def test_batching_ranker_scores_like_the_inner_ranker_in_fewer_calls() -> None:
+    scores = np.arange(50, dtype=np.float32)
+    inner = FakeRanker(scores)
+    ranker = BatchingRanker(inner, max_batch=64, max_wait_us=20_000)
+    rng = np.random.default_rng(0)
+    histories = [rng.integers(-1, 50, (1, 5)) for _ in range(12)]
+    candidates = [rng.integers(-1, 50, (1, 8)) for _ in range(12)]
+    versions = ["1"] * 8 + ["2"] * 4
+    got = await asyncio.gather(*(ranker.score(h, c, version=v) for h, c, v in zip(histories, candidates, versions,
+                                                                                     strict=True)))  # fmt: skip
+    for c, g in zip(candidates, got, strict=True):
+        expected = await FakeRanker(scores).score(np.zeros((1, 5), np.int64), c, version="x")
+        np.testing.assert_array_equal(g, expected)
+    assert len(inner.calls) < 12                                     # coalesced
+    assert {call.version for call in inner.calls} == {"1", "2"}
+    assert all(len(set(call.history.shape)) >= 1 for call in inner.calls)
+    assert sum(call.candidates.shape[0] for call in inner.calls) == 12
+    await ranker.close()
+    assert not inner.closed                                         # the inner ranker belongs to its maker
