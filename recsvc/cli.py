@@ -134,6 +134,33 @@ def cmd_rollout(args: argparse.Namespace) -> int:
         return _rollout(settings, args.version, args.drain_s)
 
 
+def cmd_triton_sync(args: argparse.Namespace) -> int:
+    """Keep one Triton (e.g. the one beside this sidecar) holding exactly the versions serving.json lists."""
+    from recsvc.errors import RankerUnavailable
+    from recsvc.ranking import TritonRanker
+    from recsvc.repository.rollout import reconcile
+
+    settings = _settings(args)
+    period = settings.repository_poll_s or 2.0
+
+    async def run() -> None:
+        triton = TritonRanker.from_settings(settings)
+        try:
+            while True:
+                try:
+                    await reconcile(settings.model_repository, settings.triton_model, triton)
+                except RankerUnavailable as exc:
+                    log.warning("triton not reachable yet: %s", exc)
+                if args.once:
+                    return
+                await asyncio.sleep(period)
+        finally:
+            await triton.close()
+
+    asyncio.run(run())
+    return 0
+
+
 def cmd_rollback(args: argparse.Namespace) -> int:
     """Roll back to the previous version (or --to V), with the same load, canary, switch and drain."""
     from recsvc.repository.rollout import read_serving, rollout_lock
@@ -173,7 +200,8 @@ def cmd_triton(args: argparse.Namespace) -> int:
     """Run the bundled tritonserver on the model repository (EXPLICIT model control)."""
     from recsvc.repository import options_from_settings, serve_triton
 
-    return asyncio.run(serve_triton(options_from_settings(_settings(args))))
+    models = () if args.no_models else None
+    return asyncio.run(serve_triton(options_from_settings(_settings(args), models=models)))
 
 
 def cmd_build_index(args: argparse.Namespace) -> int:
@@ -425,6 +453,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--drain-s", type=float, help="wait before unloading the old version (RECSVC_ROLLOUT_DRAIN_S)")
     p.set_defaults(func=cmd_rollout)
 
+    p = sub.add_parser("triton-sync", parents=[common], help=cmd_triton_sync.__doc__)
+    p.add_argument("--once", action="store_true", help="one reconciliation, then exit")
+    p.set_defaults(func=cmd_triton_sync)
+
     p = sub.add_parser("rollback", parents=[common], help=cmd_rollback.__doc__)
     p.add_argument("--to", type=int, help="version to serve (default: the previous serving version)")
     p.add_argument("--drain-s", type=float, help="wait before unloading the old version (RECSVC_ROLLOUT_DRAIN_S)")
@@ -456,6 +488,8 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_deny)
 
     p = sub.add_parser("triton", parents=[common], help=cmd_triton.__doc__)
+    p.add_argument("--no-models", action="store_true",
+                   help="load nothing at start (like an official Triton image in EXPLICIT mode); recsvc pins it")
     p.set_defaults(func=cmd_triton)
 
     p = sub.add_parser("serve", parents=[common], help=cmd_serve.__doc__)

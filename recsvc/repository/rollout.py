@@ -56,6 +56,7 @@ __all__ = [
     "ServingState",
     "canary_inputs",
     "read_serving",
+    "reconcile",
     "rollout",
     "rollout_lock",
     "write_serving",
@@ -206,6 +207,24 @@ def check_canary(
         rho = _spearman(got[row, real], expected[row, real])
         if rho < _MIN_SPEARMAN:
             raise RolloutError(f"canary: row {row} ranks differently from the reference (Spearman {rho:.3f})")
+
+
+async def reconcile(repository: Path, model: str, admin: ModelAdmin) -> bool:
+    """Make one Triton hold exactly serving.json's ``loaded`` set; True if it had to load.
+
+    For Triton replicas the rollout never talks to (several behind one Service): a sidecar per replica
+    runs this in a loop (``recsvc triton-sync``), so every replica follows the same rollout.
+    """
+    state = read_serving(repository, model)
+    if state is None or not state.loaded:
+        return False
+    ready = [await admin.is_model_ready(str(v)) for v in state.loaded]
+    if all(ready):
+        return False
+    config = (repository / model / "config.pbtxt").read_text(encoding="utf-8")
+    await admin.load_versions(list(state.loaded), config)
+    log.info("triton now holds %s versions %s", model, list(state.loaded))
+    return True
 
 
 @dataclass

@@ -124,3 +124,17 @@ def test_canary_checks_shape_values_padding_and_order() -> None:
         check_canary(np.array([[3.0, 2.0, 1.0, 0.0]], np.float32), expected, candidates)
     with pytest.raises(RolloutError, match="ranks differently"):
         check_canary(np.array([[1.0, 2.0, 3.0, PADDING_SCORE]], np.float32), expected, candidates)
+
+
+async def test_reconcile_brings_another_triton_to_the_rollout_set(tmp_path: Path, bundle: Path) -> None:
+    from recsvc.repository.rollout import reconcile
+
+    repo = tmp_path / "repo"
+    publish(bundle, repo)
+    publish(bundle, repo)
+    assert not await reconcile(repo, "ranker", FakeTriton(repo))       # no rollout yet: nothing to follow
+    await rollout(repo, "ranker", 2, FakeTriton(repo), drain_s=0)
+    replica = FakeTriton(repo)                                          # a second Triton, freshly started
+    assert await reconcile(repo, "ranker", replica)
+    assert replica.loaded == {2}
+    assert not await reconcile(repo, "ranker", replica)                # already right: no reload
