@@ -9,7 +9,7 @@ up: setup
 	.venv/bin/recsvc up
 
 lint: setup
-	.venv/bin/ruff check recsvc tests model_repository benchmarks
+	.venv/bin/ruff check recsvc tests model_repository benchmarks deploy
 
 typecheck: setup
 	.venv/bin/mypy recsvc
