@@ -51,10 +51,15 @@ _RANKER_OUTPUT = "SCORES"
 
 
 def config_template(flavour: str = "cpu") -> str:
-    """Text of the packaged ranker config for ``flavour`` ("cpu": python backend, "gpu": TensorRT)."""
-    source = resources.files("recsvc.repository").joinpath("templates", f"ranker_{flavour}.pbtxt")
-    if not source.is_file():
-        raise ConfigError(f"no ranker config template for flavour {flavour!r} (known: cpu, gpu)")
+    """Text of the packaged ranker config for ``flavour`` (one Triton target per template).
+
+    "cpu": python backend + ONNX Runtime; "gpu": TensorRT engine; "gpu-onnx": onnxruntime backend with the
+    TensorRT accelerator; "gpu-torch": python backend running TorchScript on CUDA.
+    """
+    flavours = ("cpu", "gpu", "gpu-onnx", "gpu-torch")
+    source = resources.files("recsvc.repository").joinpath("templates", f"ranker_{flavour.replace('-', '_')}.pbtxt")
+    if flavour not in flavours or not source.is_file():
+        raise ConfigError(f"no ranker config template for flavour {flavour!r} (known: {', '.join(flavours)})")
     return source.read_text(encoding="utf-8")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -20,13 +21,17 @@ def parse(path: Path) -> mc.ModelConfig:
     return text_format.Parse(path.read_text(), mc.ModelConfig())
 
 
+FLAVOURS = {"cpu": "ranker_cpu.pbtxt", "gpu": "ranker_gpu.pbtxt", "gpu-onnx": "ranker_gpu_onnx.pbtxt",
+            "gpu-torch": "ranker_gpu_torch.pbtxt"}  # fmt: skip
+# The bundle defaults (TrainConfig): warm-up samples need fixed dims, and these are the ones the templates use.
+WARMUP_DIMS = {"HISTORY": [50], "CANDIDATES": [100]}
+
+
 def test_the_configs_exist() -> None:
     names = {p.relative_to(ROOT).as_posix() for p in CONFIGS}
-    assert {
-        "model_repository/ranker/config.pbtxt",
-        "recsvc/repository/templates/ranker_cpu.pbtxt",
-        "recsvc/repository/templates/ranker_gpu.pbtxt",
-    } <= names
+    assert {"model_repository/ranker/config.pbtxt"} | {
+        f"recsvc/repository/templates/{name}" for name in FLAVOURS.values()
+    } == names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -47,9 +52,26 @@ def test_config_has_the_ranker_contract(path: Path) -> None:
     assert not config.dynamic_batching.HasField("default_queue_policy")
     assert config.version_policy.WhichOneof("policy_choice") == "latest"
     assert config.version_policy.latest.num_versions == 2
+    assert config.instance_group and all(g.count >= 1 for g in config.instance_group)
 
 
-@pytest.mark.parametrize("path", [p for p in CONFIGS if p.name != "ranker_gpu.pbtxt"], ids=lambda p: p.name)
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_config_warms_up_every_input_at_one_row_and_at_the_full_batch(path: Path) -> None:
+    config = parse(path)
+    declared = {i.name: i.data_type for i in config.input}
+    assert [w.batch_size for w in config.model_warmup] == [1, config.max_batch_size]
+    for sample in config.model_warmup:
+        assert sample.name
+        assert set(sample.inputs) == set(declared)
+        for name, spec in sample.inputs.items():
+            assert spec.data_type == declared[name]
+            # Triton refuses [-1] here; the bundle defaults L = 50, C = 100.
+            assert list(spec.dims) == WARMUP_DIMS[name]
+            # random_data would be random bytes: item ids outside the catalog.
+            assert spec.WhichOneof("input_data_type") == "zero_data"
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if not p.name.startswith("ranker_gpu")], ids=lambda p: p.name)
 def test_cpu_configs_use_the_python_backend_on_cpu(path: Path) -> None:
     config = parse(path)
     assert config.backend == "python"
@@ -66,14 +88,52 @@ def test_gpu_template_is_a_tensorrt_plan_on_gpu() -> None:
     assert config.backend == ""
     assert config.default_model_filename == "model.plan"
     assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    # A plan is run as built: no accelerator to configure on top of it.
+    assert not config.optimization.execution_accelerators.gpu_execution_accelerator
+
+
+def test_gpu_onnx_template_is_onnxruntime_with_the_tensorrt_accelerator_in_fp16() -> None:
+    config = parse(TEMPLATES / "ranker_gpu_onnx.pbtxt")
+    assert config.backend == "onnxruntime"
+    assert config.platform == ""
+    assert config.default_model_filename == "model.onnx"      # what publish already writes
+    assert [g.kind for g in config.instance_group] == [mc.ModelInstanceGroup.KIND_GPU]
+    [accelerator] = config.optimization.execution_accelerators.gpu_execution_accelerator
+    assert accelerator.name == "tensorrt"
+    assert accelerator.parameters["precision_mode"] == "FP16"
+    assert int(accelerator.parameters["max_workspace_size_bytes"]) >= 1 << 28
+    # ONNX Runtime's engine cache is keyed by graph, not weights: a retrained ranker would reuse a stale engine.
+    assert "trt_engine_cache_enable" not in accelerator.parameters
+    assert not config.optimization.execution_accelerators.cpu_execution_accelerator
+
+
+def test_gpu_torch_template_runs_model_torch_on_gpu_in_fp16() -> None:
+    config = parse(TEMPLATES / "ranker_gpu_torch.pbtxt")
+    assert config.backend == "python"
+    assert config.platform == ""
+    # A version directory holds both python models; this name picks the torch one.
+    assert config.default_model_filename == "model_torch.py"
+    assert (ROOT / "recsvc" / "repository" / "model_torch.py").is_file()
+    assert [(g.kind, g.count) for g in config.instance_group] == [(mc.ModelInstanceGroup.KIND_GPU, 1)]
+    assert config.parameters["TORCH_PRECISION"].string_value == "fp16"
+    assert config.parameters["TORCH_THREADS"].string_value.isdigit()
 
 
 def test_repository_config_is_the_packaged_cpu_template() -> None:
     # publish() writes the packaged template into repositories that have no config; the two must not drift.
     assert (ROOT / "model_repository" / "ranker" / "config.pbtxt").read_text() == config_template("cpu")
-    assert config_template("gpu") == (TEMPLATES / "ranker_gpu.pbtxt").read_text()
+    for flavour, name in FLAVOURS.items():
+        assert config_template(flavour) == (TEMPLATES / name).read_text()
 
 
-def test_unknown_flavour_is_a_config_error() -> None:
-    with pytest.raises(ConfigError, match="flavour"):
-        config_template("tpu")
+def test_deploy_scripts_still_recognise_the_cpu_and_gpu_configs() -> None:
+    # deploy/helm/recsvc/files/publish.sh and commit-version.sh tell the targets apart by these first lines.
+    assert re.search(r'^backend: *"python"', config_template("cpu"), flags=re.M)
+    assert re.search(r'^platform: *"tensorrt_plan"', config_template("gpu"), flags=re.M)
+    assert not re.search(r'^platform: *"tensorrt_plan"', config_template("gpu-onnx"), flags=re.M)
+
+
+@pytest.mark.parametrize("flavour", ["tpu", "gpu_onnx", "GPU"])
+def test_unknown_flavour_is_a_config_error(flavour: str) -> None:
+    with pytest.raises(ConfigError, match=r"flavour .* \(known: cpu, gpu, gpu-onnx, gpu-torch\)"):
+        config_template(flavour)
