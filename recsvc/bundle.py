@@ -9,6 +9,7 @@ A bundle is a directory written by ``recsvc train``::
     ranker.onnx            HISTORY int64 [B, L], CANDIDATES int64 [B, C] -> SCORES float32 [B, C]
     popularity.npy         float32 [num_items]: training interaction counts, for cold fallbacks
     queries.npy            optional float32 [Q, dim]: held-out users' query vectors (index recall is measured on them)
+    ranker.pt              optional: the ranker as TorchScript (the gpu-torch target runs it in FP16 on CUDA)
     samples.npz            optional: real ranker inputs HISTORY [N, L] and CANDIDATES [N, C] (INT8 calibration,
                            the publish canary, latency benchmarks)
     index/index.faiss      optional: the item index built by ``recsvc build-index`` (see retrieval/index_build.py)
@@ -58,7 +59,7 @@ BUNDLE_FILES = (
     "popularity.npy",
 )
 # Checksummed like the rest whenever present.
-OPTIONAL_FILES = ("queries.npy", "samples.npz", "index/index.faiss", "index/index.json")
+OPTIONAL_FILES = ("queries.npy", "samples.npz", "ranker.pt", "index/index.faiss", "index/index.json")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -506,6 +506,10 @@ def _parser() -> argparse.ArgumentParser:
 
     register_cache_sim(sub)
 
+    from recsvc.repository.engines import register as register_build_engine
+
+    register_build_engine(sub)
+
     for name, func in (("recommend", cmd_recommend), ("record", cmd_record)):
         p = sub.add_parser(name, parents=[common], help=func.__doc__)
         p.add_argument("user")

@@ -30,7 +30,7 @@ from recsvc.config import Settings
 from recsvc.errors import RankerUnavailable, RecsvcError
 from recsvc.pipeline import Pipeline, ServingBundle, load_serving_bundle
 from recsvc.repository import latest_version
-from recsvc.repository.rollout import ServingState, read_serving
+from recsvc.repository.rollout import ServingState, fitted_config, read_serving
 
 __all__ = ["ModelControl", "VersionFollower"]
 
@@ -145,7 +145,7 @@ class VersionFollower:
             await self._models.load_model()
             return
         s = self._settings
-        config = await asyncio.to_thread((s.model_repository / s.triton_model / "config.pbtxt").read_text)
+        config = await asyncio.to_thread(fitted_config, s.model_repository, s.triton_model, state.version)
         await self._models.load_versions(list(state.loaded), config)
 
     async def _retire(self, bundle: ServingBundle) -> None:

@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from recsvc.bundle import Manifest, write_manifest
 from recsvc.data import Dataset
-from recsvc.models.export import export_query_encoder, export_ranker
+from recsvc.models.export import export_query_encoder, export_ranker, export_ranker_torchscript
 from recsvc.models.ranker import RankerNet
 from recsvc.models.retrieval import RetrievalNet
 
@@ -275,6 +275,8 @@ def write_bundle(
     np.savez(out_dir / "samples.npz", **sample_ranker_inputs(trained, ds))
     export_query_encoder(trained.retrieval, out_dir / "query_encoder.onnx")
     export_ranker(trained.ranker, cfg.history_len, cfg.num_candidates, out_dir / "ranker.onnx")
+    # The same ranker as TorchScript, for the gpu-torch target (torch CUDA FP16 in Triton's python backend).
+    export_ranker_torchscript(trained.ranker, cfg.history_len, cfg.num_candidates, out_dir / "ranker.pt")
     return write_manifest(
         out_dir,
         dataset=ds.name,

@@ -28,7 +28,15 @@ from recsvc.repository.publishing import config_template
 if TYPE_CHECKING:
     from recsvc.models.tensorrt import EngineInfo, EngineSpec
 
-__all__ = ["PRECISIONS", "EngineSource", "build_engine_for", "config_for_bundle", "register", "resolve_source"]
+__all__ = [
+    "PRECISIONS",
+    "EngineSource",
+    "build_engine_for",
+    "config_for_bundle",
+    "fit_warmup",
+    "register",
+    "resolve_source",
+]
 
 PLAN = "model.plan"
 # recsvc.models.tensorrt.PRECISIONS (a test keeps them equal). Every `recsvc` command builds the parser, so
@@ -111,14 +119,23 @@ def config_for_bundle(flavour: str, manifest: Manifest) -> str:
     The text keeps the template's comments. ConfigError when the template's warm-up samples do not each
     name both inputs (a template edit this function would otherwise silently miss).
     """
-    text = config_template(flavour)
+    return fit_warmup(config_template(flavour), manifest, what=f"the {flavour} template", required=True)
+
+
+def fit_warmup(text: str, manifest: Manifest, *, what: str = "the config", required: bool = False) -> str:
+    """``text`` (a ranker config.pbtxt) with its warm-up dims set to the bundle's L and C.
+
+    A config without warm-up samples is returned as is unless ``required``.
+    """
     sizes = {"HISTORY": manifest.history_len, "CANDIDATES": manifest.num_candidates}
     counts: dict[str, int] = {}
     for name, pattern in _WARMUP_DIMS.items():
         text, counts[name] = pattern.subn(rf"\g<1>{sizes[name]}\g<2>", text)
     samples = len(re.findall(r"^\s*batch_size:", text, flags=re.M))
+    if not required and samples == 0 and not any(counts.values()):
+        return text
     if samples == 0 or set(counts.values()) != {samples}:
-        raise ConfigError(f"the {flavour} template has {samples} warm-up samples but warm-up dims {counts}")
+        raise ConfigError(f"{what} has {samples} warm-up samples but warm-up dims {counts}")
     return text
 
 

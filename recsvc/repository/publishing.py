@@ -5,6 +5,7 @@ Layout of one model (``repository/<model>/``)::
     config.pbtxt          shared by all versions (written from templates/ranker_cpu.pbtxt if missing)
     1/                    one complete version
         model.py          copy of recsvc/repository/ranker_model.py (Triton's python backend runs it)
+        model_torch.py    copy of recsvc/repository/model_torch.py (the gpu-torch target runs it)
         model.onnx        copy of the bundle's ranker.onnx
         bundle/           the whole bundle: the service loads the item index from here, so the ranker
                           version and the index that belongs to it switch together
@@ -177,8 +178,10 @@ def _next_version(model_dir: Path) -> int:
 
 def _write_version(staging: Path, bundle_dir: Path) -> None:
     staging.mkdir()
-    model_source = resources.files("recsvc.repository").joinpath("ranker_model.py")
-    (staging / "model.py").write_bytes(model_source.read_bytes())
+    package = resources.files("recsvc.repository")
+    (staging / "model.py").write_bytes(package.joinpath("ranker_model.py").read_bytes())
+    # The gpu-torch target's python-backend model (its config names it): every version can serve any target.
+    (staging / "model_torch.py").write_bytes(package.joinpath("model_torch.py").read_bytes())
     shutil.copyfile(bundle_dir / "ranker.onnx", staging / "model.onnx")
     shutil.copytree(bundle_dir, staging / "bundle")
     # Check what Triton and the service will actually read, not just what we meant to copy.

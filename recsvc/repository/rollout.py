@@ -55,6 +55,7 @@ __all__ = [
     "RolloutError",
     "ServingState",
     "canary_inputs",
+    "fitted_config",
     "read_serving",
     "reconcile",
     "rollout",
@@ -209,6 +210,14 @@ def check_canary(
             raise RolloutError(f"canary: row {row} ranks differently from the reference (Spearman {rho:.3f})")
 
 
+def fitted_config(repository: Path, model: str, version: int) -> str:
+    """The model's config.pbtxt with warm-up shaped like ``version``'s bundle (Triton refuses a misfit)."""
+    from recsvc.repository.engines import fit_warmup
+
+    text = (repository / model / "config.pbtxt").read_text(encoding="utf-8")
+    return fit_warmup(text, read_manifest(version_dir(repository, model, version) / "bundle"))
+
+
 async def reconcile(repository: Path, model: str, admin: ModelAdmin) -> bool:
     """Make one Triton hold exactly serving.json's ``loaded`` set; True if it had to load.
 
@@ -221,8 +230,7 @@ async def reconcile(repository: Path, model: str, admin: ModelAdmin) -> bool:
     ready = [await admin.is_model_ready(str(v)) for v in state.loaded]
     if all(ready):
         return False
-    config = (repository / model / "config.pbtxt").read_text(encoding="utf-8")
-    await admin.load_versions(list(state.loaded), config)
+    await admin.load_versions(list(state.loaded), fitted_config(repository, model, state.version))
     log.info("triton now holds %s versions %s", model, list(state.loaded))
     return True
 
@@ -251,7 +259,7 @@ async def rollout(
         log.info("rollout of %s version %d: %s", model, version, name)
 
     state = read_serving(repository, model)
-    config = (repository / model / "config.pbtxt").read_text(encoding="utf-8")
+    config = fitted_config(repository, model, version)
     if state is None:
         # Before the first rollout replicas serve the newest version: the one before this, if any.
         older = [v for v in list_versions(repository, model) if v < version]

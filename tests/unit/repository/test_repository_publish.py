@@ -39,7 +39,7 @@ def test_first_publish_is_version_1_with_model_onnx_and_bundle(tmp_path: Path, b
     repo = tmp_path / "repo"
     assert publish(bundle, repo) == 1
     v1 = version_dir(repo, "ranker", 1)
-    assert sorted(p.name for p in v1.iterdir()) == ["bundle", "model.onnx", "model.py"]
+    assert sorted(p.name for p in v1.iterdir()) == ["bundle", "model.onnx", "model.py", "model_torch.py"]
     assert (v1 / "model.py").read_bytes() == RANKER_MODEL_SOURCE.read_bytes()
     assert (v1 / "model.onnx").read_bytes() == (bundle / "ranker.onnx").read_bytes()
     assert verify_bundle(v1 / "bundle") == read_manifest(bundle)
