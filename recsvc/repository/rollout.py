@@ -276,6 +276,20 @@ async def rollout(
                           f"run `recsvc rollout {version}` once Triton is up")  # fmt: skip
     keep = () if current is None else (current,)
     base = state or ServingState(version=version, loaded=())
+    try:
+        # Pre-flight, before Triton sees the version: the model must run here and give sane SCORES.
+        # (A version that fails inside Triton can take Triton down with it: 2.51 sometimes crashes while
+        # tearing down a python-backend model whose warm-up failed.)
+        bundle = version_dir(repository, model, version) / "bundle"
+        inputs = canary_inputs(bundle)
+        expected = await asyncio.to_thread(_reference_scores, version_dir(repository, model, version) / "model.onnx",
+                                           inputs)  # fmt: skip
+        check_canary(expected, expected, inputs["CANDIDATES"])
+        step("pre-flight passed (ONNX Runtime here)")
+    except (RolloutError, BundleError, OSError, ValueError, RuntimeError) as exc:
+        if state is not None:
+            write_serving(repository, model, state.with_(refused=(*state.refused, version)))
+        raise RolloutError(f"version {version} refused before loading, {current} keeps serving: {exc}") from exc
     write_serving(repository, model, base.with_(loaded=(*keep, version)))
     try:
         await admin.load_versions([*keep, version], config)
@@ -286,9 +300,6 @@ async def rollout(
                 raise RolloutError(f"version {version} not ready within {ready_timeout_s:.0f} s")
             await asyncio.sleep(0.2)
         step("ready")
-        inputs = canary_inputs(version_dir(repository, model, version) / "bundle")
-        expected = await asyncio.to_thread(_reference_scores, version_dir(repository, model, version) / "model.onnx",
-                                           inputs)  # fmt: skip
         got = await admin.score(inputs["HISTORY"], inputs["CANDIDATES"], version=str(version))
         check_canary(got, expected, inputs["CANDIDATES"])
         step("canary passed")
@@ -298,7 +309,7 @@ async def rollout(
             refused = (*state.refused, version)
             write_serving(repository, model, state.with_(refused=refused))
             with contextlib.suppress(RankerUnavailable):
-                await admin.load_versions(list(state.loaded), config)
+                await admin.load_versions(list(state.loaded), fitted_config(repository, model, state.version))
         raise RolloutError(f"version {version} refused, {current} keeps serving: {exc}") from exc
     switched = ServingState(version=version, loaded=(*keep, version), previous=current,
                             refused=state.refused if state else ())  # fmt: skip

@@ -187,8 +187,9 @@ async def test_a_broken_version_is_refused_and_nothing_fails(rollouts: Rollouts,
     async with Load(rollouts.target, rollouts.users, clients=16) as load:
         code, out = await _recsvc(rollouts.env, "publish", str(broken), "--drain-s", "1")
         await asyncio.sleep(1.5)
-    # Refused at Triton's load (its model_warmup runs the model) or, failing that, by the canary.
-    assert code == 2 and f"refused, {before.version} keeps serving" in out and "SCORES" in out, out
+    # Refused before Triton ever loads it: the pre-flight runs the model here first.
+    assert code == 2 and f"refused before loading, {before.version} keeps serving" in out, out
+    assert "SCORES shape" in out, out
     after = read_serving(rollouts.tmp / "repo", "ranker")
     assert after is not None and after.version == before.version and after.loaded == before.loaded
     assert after.refused and after.refused[-1] > before.version

@@ -65,7 +65,8 @@ async def test_rollout_loads_beside_checks_switches_then_unloads_the_old(tmp_pat
     state = read_serving(repo, "ranker")
     assert state is not None and (state.version, state.previous, state.loaded) == (2, 1, (2,))
     assert triton.loads == [[1, 2], [2]]               # both loaded during the switch, then only the new one
-    assert [name for name, _ in report.steps][:3] == ["loaded beside the current version", "ready", "canary passed"]
+    assert [name for name, _ in report.steps][:4] == [
+        "pre-flight passed (ONNX Runtime here)", "loaded beside the current version", "ready", "canary passed"]
 
     # Rollback is a rollout to the previous version.
     await rollout(repo, "ranker", 1, triton, drain_s=0)
@@ -81,11 +82,32 @@ async def test_broken_version_is_refused_and_the_current_one_keeps_serving(tmp_p
     triton = FakeTriton(repo)
     await rollout(repo, "ranker", 2, triton, drain_s=0)
     publish(broken_bundle(bundle, tmp_path / "broken"), repo)       # static checks pass
-    with pytest.raises(RolloutError, match=r"version 3 refused, 2 keeps serving: canary: SCORES shape \(8, 101\)"):
+    loads = len(triton.loads)
+    with pytest.raises(RolloutError, match=r"version 3 refused before loading, 2 keeps serving: canary: SCORES shape "
+                                           r"\(8, 101\), expected \(8, 100\)"):  # fmt: skip
         await rollout(repo, "ranker", 3, triton, drain_s=0)
     state = read_serving(repo, "ranker")
     assert state is not None and (state.version, state.loaded, state.refused) == (2, (2,), (3,))
-    assert triton.loaded == {2}                        # the refused version was unloaded again
+    assert len(triton.loads) == loads and triton.loaded == {2}     # Triton never saw the broken version
+
+
+async def test_a_version_failing_only_inside_triton_is_unloaded_again(tmp_path: Path, bundle: Path) -> None:
+    repo = tmp_path / "repo"
+    for _ in range(3):
+        publish(bundle, repo)
+    triton = FakeTriton(repo)
+    await rollout(repo, "ranker", 2, triton, drain_s=0)
+    real_score = triton.score
+
+    async def garbled(history: np.ndarray, candidates: np.ndarray, *, version: str) -> np.ndarray:
+        scores = await real_score(history, candidates, version=version)
+        # a backend that inverts the order (padding left alone)
+        return np.where(candidates >= 0, -scores, scores).astype(np.float32) if version == "3" else scores
+
+    triton.score = garbled  # type: ignore[method-assign]
+    with pytest.raises(RolloutError, match="version 3 refused, 2 keeps serving: canary: row 0 ranks differently"):
+        await rollout(repo, "ranker", 3, triton, drain_s=0)
+    assert triton.loads[-2:] == [[2, 3], [2]] and triton.loaded == {2}
 
 
 async def test_a_version_that_never_gets_ready_is_refused(tmp_path: Path, bundle: Path) -> None:
