@@ -33,6 +33,8 @@ class EvalReport:
     (held-out, other) candidate pairs scored in the right order, ties counting half, averaged over the
     ``auc_users`` users with at least one held-out item and one other item among their candidates.
     It measures the ranker on exactly the choice it makes in production, independent of k.
+    ``user_ndcg`` holds each method's NDCG@k per test user, in user order, so two reports over the same
+    users can be compared pairwise (a difference with its standard error).
     """
 
     k: int
@@ -41,6 +43,7 @@ class EvalReport:
     ndcg: dict[str, float]
     auc: dict[str, float] = field(default_factory=dict)
     auc_users: int = 0
+    user_ndcg: dict[str, npt.NDArray[np.float64]] = field(default_factory=dict)
 
     def as_metrics(self) -> dict[str, float]:
         """Flat dict for the bundle manifest."""
@@ -94,6 +97,7 @@ def evaluate_bundle(
     popular = popularity_ranking(train)
     n_items, n_cand = embeddings.shape[0], min(manifest.num_candidates, embeddings.shape[0])
     sums = {m: [0.0, 0.0] for m in METHODS}
+    user_ndcg: dict[str, list[float]] = {m: [] for m in METHODS}
     auc_sums = {"retrieval": 0.0, "retrieval+ranking": 0.0}
     auc_users = 0
     chunk = max(1, min(256, 20_000_000 // n_items))   # bound the [chunk, n_items] score matrix
@@ -116,7 +120,8 @@ def evaluate_bundle(
             for method, recs in (("popularity", pop), ("retrieval", top[row, :k]),
                                  ("retrieval+ranking", reranked[row, :k])):  # fmt: skip
                 sums[method][0] += recall_at_k(recs, relevant, k)
-                sums[method][1] += ndcg_at_k(recs, relevant, k)
+                user_ndcg[method].append(ndcg_at_k(recs, relevant, k))
+                sums[method][1] += user_ndcg[method][-1]
             # Seen items only fill the candidates of users who saw almost the whole catalog (-inf scores);
             # they are never served, so they are not negatives.
             valid = np.isfinite(top_scores[row])
@@ -130,6 +135,7 @@ def evaluate_bundle(
         k=k, users=len(users),
         recall={m: v[0] / n for m, v in sums.items()}, ndcg={m: v[1] / n for m, v in sums.items()},
         auc={m: v / max(auc_users, 1) for m, v in auc_sums.items()}, auc_users=auc_users,
+        user_ndcg={m: np.asarray(v, dtype=np.float64) for m, v in user_ndcg.items()},
     )  # fmt: skip
 
 
