@@ -11,7 +11,9 @@ callers, each sending one request of one row (HISTORY [1, L], CANDIDATES [1, C])
 * ``recsvc``: TritonRanker.score, what the service calls with ``rank_max_batch=1`` (Triton's dynamic
   batcher does all the batching);
 * ``recsvc+batching``: BatchingRanker(TritonRanker) with ``rank_max_batch=64``, ``rank_max_wait_us=200``:
-  concurrent calls leave the service as one request of many rows.
+  concurrent calls leave the service as one request of many rows;
+* ``recsvc+batching(wait 0)``: the same with ``rank_max_wait_us=0``: no timer, a call leaves at once when
+  nothing is in flight, and calls that arrive meanwhile leave together with the next one.
 
 Inputs are the bundle's samples.npz (real histories and their retrieval candidates), cycled. The three
 ways are interleaved in every repetition and the median per way is reported, with ratios to ``raw``
@@ -86,9 +88,13 @@ async def main(args: argparse.Namespace) -> None:
             raw_client = InferenceServerClient(server.grpc_url)
             ranker = TritonRanker(server.grpc_url, timeout_s=30.0)
             batching = BatchingRanker(ranker, max_batch=64, max_wait_us=200)
+            # No timer: a call goes at once when the queue is idle; calls arriving while one is in flight
+            # wait for it and leave together.
+            natural = BatchingRanker(ranker, max_batch=64, max_wait_us=0)
 
             async def raw(h: np.ndarray, c: np.ndarray) -> object:
-                inputs = [InferInput("HISTORY", list(h.shape), "INT64"), InferInput("CANDIDATES", list(c.shape), "INT64")]
+                inputs = [InferInput("HISTORY", list(h.shape), "INT64"),
+                          InferInput("CANDIDATES", list(c.shape), "INT64")]
                 inputs[0].set_data_from_numpy(h)
                 inputs[1].set_data_from_numpy(c)
                 result = await raw_client.infer("ranker", inputs, model_version=version, client_timeout=30)
@@ -98,6 +104,7 @@ async def main(args: argparse.Namespace) -> None:
                 "raw": raw,
                 "recsvc": lambda h, c: ranker.score(h, c, version=version),
                 "recsvc+batching": lambda h, c: batching.score(h, c, version=version),
+                "recsvc+batching(wait 0)": lambda h, c: natural.score(h, c, version=version),
             }
             for call in ways.values():                      # warm-up: connections, Triton's instance
                 await _drive(call, rows, 8, 1.0)
@@ -108,19 +115,24 @@ async def main(args: argparse.Namespace) -> None:
             print("|---|---|---|---|---|")
             for concurrency in args.concurrency:
                 results: dict[str, list[float]] = {name: [] for name in ways}
-                before = sum(batching.batch_sizes.values())
-                rows_before = sum(k * v for k, v in batching.batch_sizes.items())
+                batchers = {"recsvc+batching": batching, "recsvc+batching(wait 0)": natural}
+                before = {name: (sum(b.batch_sizes.values()), sum(k * v for k, v in b.batch_sizes.items()))
+                          for name, b in batchers.items()}  # fmt: skip
                 for _ in range(args.reps):
                     for name, call in ways.items():
                         results[name].append(await _drive(call, rows, concurrency, args.seconds))
-                calls = sum(batching.batch_sizes.values()) - before
-                batched_rows = sum(k * v for k, v in batching.batch_sizes.items()) - rows_before
                 raw_median = statistics.median(results["raw"])
                 for name, values in results.items():
                     median = statistics.median(values)
-                    per_row = f"{calls / batched_rows:.3f}" if name == "recsvc+batching" and batched_rows else "1"
+                    per_row = "1"
+                    if name in batchers:
+                        b = batchers[name]
+                        calls = sum(b.batch_sizes.values()) - before[name][0]
+                        batched = sum(k * v for k, v in b.batch_sizes.items()) - before[name][1]
+                        per_row = f"{calls / batched:.3f}" if batched else "-"
                     print(f"| {concurrency} | {name} | {median:,.0f} | {median / raw_median:.2f} | {per_row} |")
             await batching.close()
+            await natural.close()
             await ranker.close()
             await raw_client.close()
 

@@ -91,8 +91,8 @@ class Settings:
     repository_poll_s: float = 2.0           # how often to look for a newer published version (0: never)
     rollout_drain_s: float = 30.0            # publish/rollback: time for replicas to switch and drain before unload
     rollout_ready_timeout_s: float = 120.0   # publish/rollback: longest wait for Triton to report a version ready
-    rank_max_batch: int = 1                  # >1: coalesce concurrent ranker calls (1: Triton's dynamic batcher alone)
-    rank_max_wait_us: int = 200              # longest a ranker call waits for company
+    rank_max_batch: int = 64                 # >1: coalesce concurrent ranker calls (1: Triton's dynamic batcher alone)
+    rank_max_wait_us: int = 0                # 0: no timer; calls arriving while one is in flight leave together
     triton_url: str = "127.0.0.1:8001"       # gRPC endpoint of Triton
     triton_model: str = "ranker"
     triton_timeout_s: float = 1.0

@@ -3,8 +3,10 @@
 Triton's dynamic batcher merges concurrent requests too, but each request still costs a gRPC call, a
 protobuf (de)serialisation and a trip through Triton's scheduler. Coalescing in the service first sends
 one request of B rows instead of B requests of one row. Whether that wins depends on the backend and
-the load, so it is a setting (``rank_max_batch``; 1 leaves batching to Triton) chosen by measurement:
-see docs/PERFORMANCE.md, "Ranking: our batching vs Triton's dynamic batcher".
+the load, so it is a setting (``rank_max_batch``; 1 leaves batching to Triton) chosen by measurement
+(docs/PERFORMANCE.md, "Ranking stage"): with no timer (``rank_max_wait_us=0``) a call leaves at once
+when nothing is in flight, and the calls that arrive meanwhile leave together with the next one. On the
+CPU target that doubled rows/s at 16 and 64 concurrent callers and cost ~10% at a single caller.
 """
 
 from __future__ import annotations
