@@ -23,6 +23,7 @@ RELEASE = "shop"
 NAMESPACE = "recs"
 
 BUNDLE = {"publish": {"bundle": "movielens-2026-11-30"}}
+ROLLBACK = {"rollback": {"request": "2026-12-01-a"}}
 # name -> (profile files, inline overrides). Every file in profiles/ appears at least once
 # (test_every_profile_file_is_tested).
 PROFILES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
@@ -39,9 +40,11 @@ PROFILES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "cpu-publish": (("cpu-only.yaml",), BUNDLE),
     "gpu-object-storage-publish": (("gpu.yaml", "object-storage.yaml"), BUNDLE),
     "cpu-object-storage-publish": (("cpu-only.yaml", "object-storage.yaml"), BUNDLE),
+    "rollback": ((), ROLLBACK),
+    "object-storage-rollback": (("object-storage.yaml",), {"rollback": {"request": "r2", "toVersion": 3}}),
     "everything": (
         ("cpu-only.yaml", "bundled-redis.yaml", "autoscaling.yaml", "servicemonitor.yaml"),
-        {**BUNDLE, "seed": {"enabled": True}, "recsvc": {"denyList": ["sku-1", "sku-2"],
+        {**BUNDLE, **ROLLBACK, "seed": {"enabled": True}, "recsvc": {"denyList": ["sku-1", "sku-2"],
                                                          "settings": {"l1_policy": "lru", "num_candidates": 200}}},
     ),
     "minimal": ((), {"networkPolicy": {"enabled": False}, "recsvc": {"pdb": {"enabled": False}, "metricsPort": 0,

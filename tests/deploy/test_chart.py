@@ -128,6 +128,12 @@ def test_long_release_names_stay_valid() -> None:
         ({"modelRepository": {"objectStorage": {"keepVersions": 1}}}, "/modelRepository/objectStorage/keepVersions"),
         ({"publish": {"bundle": "../../etc"}}, "/publish/bundle"),
         ({"publish": {"bundle": "/abs/path"}}, "/publish/bundle"),
+        ({"rollback": {"request": "a b"}}, "/rollback/request"),
+        ({"rollback": {"request": "../x"}}, "/rollback/request"),
+        ({"rollback": {"toVersion": -1}}, "/rollback/toVersion"),
+        ({"rollout": {"drainSeconds": -1}}, "/rollout/drainSeconds"),
+        ({"triton": {"loader": {"pollSeconds": 2}}}, "loader"),  # the model-loader sidecar is gone
+        ({"modelRepository": {"objectStorage": {"servingPollSeconds": 0}}}, "servingPollSeconds"),
         ({"networkPolicy": {"frontends": []}}, "/networkPolicy/frontends"),
         ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "/metrics/serviceMonitor/interval"),
         ({"image": {"digest": "md5:abc"}}, "/image/digest"),
@@ -167,7 +173,8 @@ def test_values_yaml_keys_are_all_in_the_schema() -> None:
 
 def test_settings_schema_matches_recsvc_settings() -> None:
     """recsvc.settings accepts exactly the fields the chart does not set itself: nothing unknown to recsvc,
-    nothing that would fight the chart's own value, and no field unreachable from values."""
+    nothing that would fight a value the chart sets (in the server, the sidecars or the Jobs), and no field
+    unreachable from values."""
     allowed = set(_schema()["properties"]["recsvc"]["properties"]["settings"]["propertyNames"]["enum"])
     rendered = {
         name[len(ENV_PREFIX) :].lower()
@@ -175,7 +182,7 @@ def test_settings_schema_matches_recsvc_settings() -> None:
         for w in manifests(profile).workloads()
         for c in containers(w)
         for name in env_of(c)
-        if name.startswith(ENV_PREFIX) and w["metadata"]["name"].endswith("recsvc")  # the server's own
+        if name.startswith(ENV_PREFIX)
     }
     assert allowed <= SETTINGS_FIELDS, allowed - SETTINGS_FIELDS
     set_by_chart = rendered - {"l1_policy", "num_candidates"}  # what the "everything" profile sets via settings
@@ -292,7 +299,9 @@ def test_triton_wiring(profile: str) -> None:
     args = dict(a.removeprefix("--").split("=", 1) for a in t["args"] if "=" in a)
     ports = {p["name"]: p["containerPort"] for p in t["ports"]}
     assert args["model-control-mode"] == "explicit"
-    assert args["load-model"] == settings.triton_model
+    # Nothing loads at start: triton-sync loads exactly the rollout's versions (a start that loaded the
+    # config's newest two could load a version never rolled out, or a refused one).
+    assert not any(a.startswith("--load-model") for a in t["args"])
     assert (int(args["grpc-port"]), int(args["http-port"]), int(args["metrics-port"])) == (
         ports["grpc"], ports["http"], ports["metrics"])  # fmt: skip
     # recsvc dials the Triton Service on its gRPC port, which forwards to the container's.
@@ -304,7 +313,9 @@ def test_triton_wiring(profile: str) -> None:
     assert settings.triton_http_port == ports["http"] and settings.triton_metrics_port == ports["metrics"]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert t[probe]["httpGet"]["port"] == "http"
-    assert t["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
+    # Ready once it holds a version of the ranker (after triton-sync loaded serving.json's set).
+    assert t["readinessProbe"]["httpGet"]["path"] == f"/v2/models/{settings.triton_model}/ready"
+    assert t["startupProbe"]["httpGet"]["path"] == t["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
     # The same repository directory for both: recsvc reads each version's bundle/ that Triton loads.
     assert args["model-repository"] == str(settings.model_repository)
     for workload, c in ((m.component("server"), "recsvc"), (triton, "triton")):
@@ -315,8 +326,25 @@ def test_triton_wiring(profile: str) -> None:
     volumes = {v["name"]: v for v in pod_spec(triton)["volumes"]}
     shm_mount = [v for v in t["volumeMounts"] if v["mountPath"] == "/dev/shm"]
     assert len(shm_mount) == 1 and volumes[shm_mount[0]["name"]]["emptyDir"]["medium"] == "Memory"
-    loader = env_of(container(triton, "model-loader"))
-    assert loader["RECSVC_TRITON_URL"] == f"127.0.0.1:{ports['grpc']}"
+    # Every replica holds the rollout's versions: `recsvc triton-sync` against its own Triton, reading the
+    # same serving.json the server reads.
+    sync = container(triton, "triton-sync")
+    assert sync["command"] == ["recsvc", "triton-sync"]
+    sync_settings = load_settings({k: v for k, v in env_of(sync).items() if k.startswith(ENV_PREFIX)})
+    assert sync_settings.triton_url == f"127.0.0.1:{ports['grpc']}"
+    assert sync_settings.repository_poll_s == m.merged["triton"]["sync"]["pollSeconds"]
+    assert (sync_settings.model_repository, sync_settings.triton_model) == (settings.model_repository,
+                                                                            settings.triton_model)  # fmt: skip
+    mounts = {v["name"]: v for v in sync["volumeMounts"]}
+    assert mounts["models"]["readOnly"] is True and str(settings.model_repository).startswith(
+        mounts["models"]["mountPath"]
+    )
+    assert "wait-for-model" not in {c["name"] for c in containers(triton)}  # Triton may start before any version
+    # The Jobs reach every Triton pod, Ready or not, through the admin Service.
+    admin = m.get("Service", "shop-recsvc-triton-admin")
+    assert admin["spec"]["publishNotReadyAddresses"] is True and admin["spec"]["clusterIP"] == "None"
+    assert selects({"matchLabels": admin["spec"]["selector"]}, pod_labels(triton))
+    assert [(p["port"], p["targetPort"]) for p in admin["spec"]["ports"]] == [(ports["grpc"], "grpc")]
 
 
 @pytest.mark.parametrize("profile", [p for p in ALL if profile_values(p).get("triton", {}).get("target") != "cpu"])
@@ -332,7 +360,6 @@ def test_gpu_target(profile: str) -> None:
     assert container(triton, "triton")["image"].startswith("nvcr.io/nvidia/tritonserver:24.10")
     assert container(triton, "build-engines")["image"].startswith("nvcr.io/nvidia/tensorrt:24.10")
     assert any(t["key"] == "nvidia.com/gpu" for t in pod_spec(triton)["tolerations"])
-    assert container(triton, "model-loader")["env"][-1] == {"name": "LOADER_REQUIRED_FILE", "value": "model.plan"}
     # Engines record their builder; it must be the image that builds them.
     builder = env_of(container(triton, "build-engines"))["BUILDER"]
     assert builder == container(triton, "build-engines")["image"]
@@ -420,12 +447,13 @@ def test_network_policies(profile: str) -> None:
     server_rules = policies[server["metadata"]["name"]]["spec"]["ingress"]
     assert server_rules[0]["from"] == m.merged["networkPolicy"]["frontends"]
     assert server_rules[0]["ports"] == [{"port": "grpc", "protocol": "TCP"}]
-    # Only recsvc reaches Triton's gRPC port.
+    # Only recsvc and the Jobs that roll models out (publish, rollback) reach Triton's gRPC port.
     triton_rules = policies[triton["metadata"]["name"]]["spec"]["ingress"]
     grpc_rules = [r for r in triton_rules if {"port": "grpc", "protocol": "TCP"} in r["ports"]]
     assert len(grpc_rules) == 1
     peers = [w for w in m.workloads() for peer in grpc_rules[0]["from"] if selects(peer["podSelector"], pod_labels(w))]
-    assert peers == [server]
+    rollers = [w for w in m.workloads() if pod_labels(w)["app.kubernetes.io/component"] in ("publish", "rollback")]
+    assert sorted(w["metadata"]["name"] for w in peers) == sorted(w["metadata"]["name"] for w in [server, *rollers])
     # Only recsvc (and the seed Job) reach the bundled Redis.
     if m.merged["redis"]["mode"] == "standalone":
         redis = m.component("redis")
@@ -526,9 +554,9 @@ def test_writable_paths_are_volumes() -> None:
     ("profile", "init", "main"),
     [
         ("cpu-publish", [], ["publish"]),
-        ("gpu-publish", ["stage", "build-engine"], ["commit"]),
-        ("cpu-object-storage-publish", ["fetch", "stage"], ["upload"]),
-        ("gpu-object-storage-publish", ["fetch", "stage", "build-engine"], ["upload"]),
+        ("gpu-publish", ["stage", "build-engine", "commit"], ["rollout"]),
+        ("cpu-object-storage-publish", ["fetch", "stage", "upload"], ["rollout"]),
+        ("gpu-object-storage-publish", ["fetch", "stage", "build-engine", "upload"], ["rollout"]),
         ("quickstart", [], ["publish"]),
     ],
 )
@@ -547,7 +575,7 @@ def test_publish_job_steps(profile: str, init: list[str], main: list[str]) -> No
         assert container(job, "build-engine")["resources"]["limits"]["nvidia.com/gpu"] == 1
     writers = {c["name"] for c in containers(job) for v in c.get("volumeMounts", [])
                if v["name"] == "models" and not v.get("readOnly")}  # fmt: skip
-    assert writers <= {"publish", "commit"}
+    assert writers <= {"publish", "commit", "rollout"}
 
 
 def test_no_publish_job_without_a_bundle() -> None:
@@ -577,6 +605,104 @@ def test_publish_bundle_path_and_flavour() -> None:
     assert obj["BUNDLE"] == "movielens-2026-11-30" and obj["REMOTE"] == "s3:my-models/recsvc"
 
 
+# The step of each Job that rolls out, and the recsvc command it runs (files/rollout.py runs it).
+ROLLERS = {"publish": ("publish", ["sh", "/opt/recsvc-deploy/publish.sh", "direct"]),
+           "rollout": ("rollout", ["python", "/opt/recsvc-deploy/rollout.py", "rollout"]),
+           "rollback": ("rollback", ["python", "/opt/recsvc-deploy/rollout.py", "rollback"])}  # fmt: skip
+
+
+def _rolling_step(job: dict[str, Any]) -> dict[str, Any]:
+    """The Job's container: the one that runs the rollout (publish direct, rollout, rollback)."""
+    (main,) = pod_spec(job)["containers"]
+    assert main["name"] in ROLLERS and main["command"] == ROLLERS[main["name"]][1], main["command"]
+    return main
+
+
+@pytest.mark.parametrize(
+    "profile",
+    ["cpu-publish", "gpu-publish", "cpu-object-storage-publish", "gpu-object-storage-publish", "quickstart",
+     "rollback", "object-storage-rollback", "everything"],
+)  # fmt: skip
+def test_jobs_roll_out_through_triton_with_the_servers_settings(profile: str) -> None:
+    """The publish and rollback Jobs run recsvc's rollout against the Triton Service's pods, on the repository
+    recsvc and triton-sync read, and drain at least as long as a replica needs to switch."""
+    m = manifests(profile)
+    _, _, server = _server(m)
+    triton = m.component("triton")
+    grpc_port = next(p["containerPort"] for p in container(triton, "triton")["ports"] if p["name"] == "grpc")
+    object_storage = m.merged["modelRepository"]["source"] == "objectStorage"
+    jobs = [w for w in m.workloads() if w["kind"] == "Job" and pod_labels(w)["app.kubernetes.io/component"]
+            in ("publish", "rollback")]  # fmt: skip
+    assert jobs
+    for job in jobs:
+        step = _rolling_step(job)
+        env = env_of(step)
+        settings = load_settings({k: v for k, v in env.items() if k.startswith(ENV_PREFIX)})
+        host, port = settings.triton_url.rsplit(":", 1)
+        admin = m.get("Service", host)
+        assert admin["spec"].get("publishNotReadyAddresses") is True
+        assert selects({"matchLabels": admin["spec"]["selector"]}, pod_labels(triton)) and int(port) == grpc_port
+        assert settings.rollout_drain_s == m.merged["rollout"]["drainSeconds"]
+        assert settings.rollout_ready_timeout_s == m.merged["rollout"]["readyTimeoutSeconds"]
+        assert settings.rollout_drain_s >= server.repository_poll_s + server.request_timeout_s
+        assert int(env["TRITON_WAIT_S"]) == m.merged["rollout"]["tritonWaitSeconds"]
+        assert settings.triton_model == server.triton_model
+        mounts = {v["name"]: v for v in step["volumeMounts"]}
+        if object_storage:
+            # The fetch step's scratch copy, and the bucket it uploads serving.json to.
+            assert str(settings.model_repository) == "/work/repository" and mounts["work"]["mountPath"] == "/work"
+            assert env["RCLONE"] == "/work/bin/rclone" and env["REMOTE"] == m.merged["modelRepository"][
+                "objectStorage"]["remote"]  # fmt: skip
+            assert float(env["ACK_MAX_AGE_S"]) > 2 * float(
+                env_of(container(triton, "sync-models"))["ACK_SECONDS"])  # fmt: skip
+            assert int(env["KEEP_VERSIONS"]) == m.merged["modelRepository"]["objectStorage"]["keepVersions"]
+            assert pod_spec(job)["initContainers"][0]["name"] == "fetch"
+        else:
+            # serving.json is written where the server and triton-sync read it: the volume, mounted writable.
+            assert settings.model_repository == server.model_repository
+            assert str(settings.model_repository).startswith(mounts["models"]["mountPath"] + "/")
+            assert not mounts["models"].get("readOnly")
+        if step["name"] == "rollback":
+            assert env["ROLLBACK_REQUEST"] == m.merged["rollback"]["request"]
+            assert int(env["ROLLBACK_TO"]) == m.merged["rollback"]["toVersion"]
+
+
+def test_rollback_job_runs_per_request() -> None:
+    """No request, no Job; each request is its own Job (the Job records it and never repeats it)."""
+    assert [w for w in manifests("defaults").workloads() if w["kind"] == "Job"] == []
+    first = manifests_for({"rollback": {"request": "a"}}).component("rollback")
+    again = manifests_for({"rollback": {"request": "a"}, "recsvc": {"replicas": 5}}).component("rollback")
+    other = manifests_for({"rollback": {"request": "b"}}).component("rollback")
+    to = manifests_for({"rollback": {"request": "a", "toVersion": 4}}).component("rollback")
+    assert first["metadata"]["name"] == again["metadata"]["name"] != other["metadata"]["name"]
+    assert first["metadata"]["name"].startswith("shop-recsvc-rollback-") and to["metadata"]["name"] != first[
+        "metadata"]["name"]  # fmt: skip
+    assert env_of(_rolling_step(to))["ROLLBACK_TO"] == "4"
+    assert to["metadata"]["annotations"]["recsvc.io/rollback"] == "a: version 4"
+    assert [c["name"] for c in containers(first)] == ["rollback"]
+    # With object storage the fetch step makes the scratch copy the rollback works on.
+    job = manifests("object-storage-rollback").component("rollback")
+    assert [c["name"] for c in containers(job)] == ["fetch", "rollback"]
+    assert "BUNDLE" not in env_of(container(job, "fetch"))
+    assert "rollback.request=$(date" in manifests("defaults").notes
+
+
+def test_drain_shorter_than_a_switch_is_refused() -> None:
+    """rollout.drainSeconds >= repositoryPollSeconds + request_timeout_s (+ servingPollSeconds with a bucket).
+    The chart assumes recsvc's default request_timeout_s; this keeps the two in step."""
+    timeout = Settings().request_timeout_s
+    poll = helm_python.Chart.load(CHART).values["recsvc"]["repositoryPollSeconds"]
+    render({"rollout": {"drainSeconds": poll + timeout}})
+    with pytest.raises(helm_python.HelmRenderError, match=r"rollout\.drainSeconds .* must be at least"):
+        render({"rollout": {"drainSeconds": poll + timeout - 0.5}})
+    with pytest.raises(helm_python.HelmRenderError, match=r"must be at least 12"):
+        render({"rollout": {"drainSeconds": 10}, "recsvc": {"settings": {"request_timeout_s": 10}}})
+    bucket = profile_values("object-storage")
+    serving_poll = helm_python.Chart.load(CHART).values["modelRepository"]["objectStorage"]["servingPollSeconds"]
+    with pytest.raises(helm_python.HelmRenderError, match=r"must be at least"):
+        render({**bucket, "rollout": {"drainSeconds": poll + timeout + serving_poll - 0.5}})
+
+
 def test_object_storage_pods_sync_their_own_copy() -> None:
     m = manifests("object-storage")
     for component in ("server", "triton"):
@@ -588,6 +714,15 @@ def test_object_storage_pods_sync_their_own_copy() -> None:
         assert "emptyDir" in models
         sidecar = container(w, "sync-models")
         assert sidecar["command"][-1] == "loop" and env_of(sidecar)["KEEP_VERSIONS"] == "3"
+        # serving.json reaches every pod that reads it: recsvc replicas and triton-sync.
+        assert env_of(sidecar)["SERVING_POLL_SECONDS"] == "2"
+        assert env_of(container(w, "fetch-models"))["KEEP_VERSIONS"] == "3"
+        # Triton pods report the versions their copies hold; the Jobs wait on that before a rollout.
+        ack = env_of(sidecar).get("ACK_NAME")
+        if component == "triton":
+            assert ack == {"fieldRef": {"fieldPath": "metadata.name"}}
+        else:
+            assert ack is None
 
 
 def test_seed_job_uses_the_servers_redis() -> None:

@@ -1,5 +1,7 @@
 #!/bin/sh
-# Move the version that publish.sh staged (and build-engines.sh completed) into the shared repository.
+# Move the version that publish.sh staged (and build-engines.sh completed) into the shared repository;
+# rollout.py then rolls it out. Nothing is served before that: a version directory alone is only a
+# candidate, and serving.json says what serves.
 #
 # It follows `recsvc publish`'s own protocol, so the two can run side by side: the flock on the model
 # directory serialises publishers, the number is one above every numeric directory, and the version is

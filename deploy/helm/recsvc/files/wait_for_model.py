@@ -1,7 +1,8 @@
 """Wait until the model repository holds a complete published version (an init container's job).
 
-recsvc and Triton (started with --load-model) both refuse to start without one. Waiting here keeps the pod
-in Init, which says what is missing, instead of a crash loop with growing back-off.
+recsvc refuses to start without one (Triton pods need no such wait: they start with nothing loaded and load
+what serving.json lists). Waiting here keeps the pod in Init, which says what is missing, instead of a
+crash loop with growing back-off.
 Reads RECSVC_MODEL_REPOSITORY and RECSVC_TRITON_MODEL like the service does.
 """
 

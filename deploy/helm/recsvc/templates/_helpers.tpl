@@ -79,6 +79,7 @@ app.kubernetes.io/component: {{ index . 1 }}
 
 {{/* Object names of the parts. */}}
 {{- define "recsvc.tritonName" -}}{{ include "recsvc.fullname" . }}-triton{{- end }}
+{{- define "recsvc.tritonAdminName" -}}{{ include "recsvc.fullname" . }}-triton-admin{{- end }}
 {{- define "recsvc.redisName" -}}{{ include "recsvc.fullname" . }}-redis{{- end }}
 {{- define "recsvc.scriptsName" -}}{{ include "recsvc.fullname" . }}-scripts{{- end }}
 {{- define "recsvc.denyListName" -}}{{ include "recsvc.fullname" . }}-deny-list{{- end }}
@@ -101,6 +102,31 @@ Paths inside every pod. The repository volume holds repository/ (what Triton loa
 {{/* Triton's gRPC address as recsvc dials it (RECSVC_TRITON_URL). */}}
 {{- define "recsvc.tritonUrl" -}}
 {{- printf "%s:%d" (include "recsvc.tritonName" .) (int .Values.triton.ports.grpc) }}
+{{- end }}
+
+{{/*
+Triton's gRPC address for the publish and rollback Jobs: the admin Service, which also reaches Triton pods
+that are not Ready yet. A Triton pod is Ready once it holds a ranker version, and before the first rollout
+none does: the first rollout must reach one anyway.
+*/}}
+{{- define "recsvc.tritonAdminUrl" -}}
+{{- printf "%s:%d" (include "recsvc.tritonAdminName" .) (int .Values.triton.ports.grpc) }}
+{{- end }}
+
+{{/*
+rollout.drainSeconds must cover a replica noticing the switch (its serving.json poll, and the bucket's
+with object storage) and its last request on the old version. recsvc's default request_timeout_s is 2.0
+(tests/deploy checks this against recsvc.config.Settings).
+*/}}
+{{- define "recsvc.checkDrain" -}}
+{{- $timeout := float64 (default 2.0 (index .Values.recsvc.settings "request_timeout_s")) }}
+{{- $bound := addf (float64 .Values.recsvc.repositoryPollSeconds) $timeout }}
+{{- if eq .Values.modelRepository.source "objectStorage" }}
+{{- $bound = addf $bound (float64 .Values.modelRepository.objectStorage.servingPollSeconds) }}
+{{- end }}
+{{- if lt (float64 .Values.rollout.drainSeconds) $bound }}
+{{- fail (printf "rollout.drainSeconds (%v) must be at least %v: recsvc.repositoryPollSeconds + request_timeout_s (+ modelRepository.objectStorage.servingPollSeconds), or replicas still use the old version when it is unloaded" .Values.rollout.drainSeconds $bound) }}
+{{- end }}
 {{- end }}
 
 {{/* Whether the Redis address is a Redis Cluster (RECSVC_REDIS_CLUSTER). */}}
@@ -144,12 +170,18 @@ URL with Kubernetes' $(VAR) expansion, so it never appears in the manifest.
 
 {{/* Settings every recsvc-image container shares: where the repository is and which model. */}}
 {{- define "recsvc.commonEnv" -}}
+{{ include "recsvc.commonEnvAt" (list . (include "recsvc.repositoryPath" .)) }}
+{{- end }}
+
+{{/* commonEnv with the repository somewhere else. Usage: include "recsvc.commonEnvAt" (list $ "/work/repository") */}}
+{{- define "recsvc.commonEnvAt" -}}
+{{- $root := index . 0 -}}
 - name: RECSVC_MODEL_REPOSITORY
-  value: {{ include "recsvc.repositoryPath" . | quote }}
+  value: {{ index . 1 | quote }}
 - name: RECSVC_TRITON_MODEL
-  value: {{ .Values.triton.model | quote }}
+  value: {{ $root.Values.triton.model | quote }}
 - name: RECSVC_DATA_DIR
-  value: {{ include "recsvc.dataPath" . | quote }}
+  value: {{ include "recsvc.dataPath" $root | quote }}
 # The root filesystem is read-only: libraries that cache under $HOME (torch, matplotlib) write to /tmp.
 - name: HOME
   value: /tmp
@@ -169,19 +201,31 @@ URL with Kubernetes' $(VAR) expansion, so it never appears in the manifest.
 
 {{/* Environment of the rclone containers. */}}
 {{- define "recsvc.rcloneEnv" -}}
-- name: REMOTE
-  value: {{ required "modelRepository.objectStorage.remote is required when modelRepository.source=objectStorage" .Values.modelRepository.objectStorage.remote | quote }}
+{{ include "recsvc.remoteEnv" . }}
 - name: MODEL
   value: {{ .Values.triton.model | quote }}
 - name: REPOSITORY
   value: {{ include "recsvc.repositoryPath" . | quote }}
 - name: HOME
   value: /tmp
+{{- end }}
+
+{{/* Where the bucket is and how rclone reaches it (credentials: recsvc.rcloneEnvFrom). */}}
+{{- define "recsvc.remoteEnv" -}}
+- name: REMOTE
+  value: {{ required "modelRepository.objectStorage.remote is required when modelRepository.source=objectStorage" .Values.modelRepository.objectStorage.remote | quote }}
 {{- range $k, $v := .Values.modelRepository.objectStorage.env }}
 - name: {{ $k }}
   value: {{ $v | quote }}
 {{- end }}
 {{- end }}
+
+{{/*
+How often a Triton pod's sync sidecar writes its heartbeat (the versions its copy holds) to the bucket, and
+how old a heartbeat may be before the Jobs consider that pod gone.
+*/}}
+{{- define "recsvc.ackSeconds" -}}10{{- end }}
+{{- define "recsvc.ackMaxAgeSeconds" -}}35{{- end }}
 
 {{- define "recsvc.rcloneEnvFrom" -}}
 {{- with .Values.modelRepository.objectStorage.envFromSecret }}
@@ -215,13 +259,6 @@ capabilities:
 
 {{/* The Triton model configuration flavour for the target (recsvc/repository/templates/ranker_<flavour>.pbtxt). */}}
 {{- define "recsvc.flavour" -}}{{ .Values.triton.target }}{{- end }}
-
-{{/* Pods that run `recsvc serve`, as a NetworkPolicy peer. */}}
-{{- define "recsvc.serverPeer" -}}
-podSelector:
-  matchLabels:
-    {{- include "recsvc.componentSelectorLabels" (list . "server") | nindent 4 }}
-{{- end }}
 
 {{/* How build-engines.sh builds a TensorRT engine (shared by Triton's init container and the publish Job). */}}
 {{- define "recsvc.engineEnv" -}}
