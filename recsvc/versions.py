@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Protocol
@@ -54,6 +55,7 @@ class ModelControl(Protocol):
 
 
 Loader = Callable[[Path, str, Settings], ServingBundle]
+_RETRY_FAILED_S = 30.0
 
 
 class VersionFollower:
@@ -65,7 +67,7 @@ class VersionFollower:
         self._models = models
         self._settings = settings
         self._loader = loader
-        self._failed: set[int] = set()                 # versions that would not load: not retried
+        self._failed: dict[int, float] = {}            # version that would not load -> when to try again
         self._closing: set[asyncio.Task[None]] = set()  # old bundles waiting for their last request
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -98,13 +100,14 @@ class VersionFollower:
             if newest is not None and str(newest) == current:
                 await self._keep_pinned(state, current)
                 return False
-            if newest is None or newest in self._failed:
+            if newest is None or self._failed.get(newest, 0.0) > time.monotonic():
                 return False
             directory = s.model_repository / s.triton_model / str(newest)
             try:
                 bundle = await asyncio.to_thread(self._loader, directory, str(newest), s)
             except (RecsvcError, OSError, ValueError) as exc:
-                self._failed.add(newest)
+                # Not every poll (a broken version stays broken), but not never (a half-synced copy heals).
+                self._failed[newest] = time.monotonic() + _RETRY_FAILED_S
                 log.error("version %d of %s cannot be served, staying on %s: %s", newest, s.triton_model, current, exc)
                 return False
             try:

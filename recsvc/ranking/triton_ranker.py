@@ -172,6 +172,17 @@ class TritonRanker:
                 raise
             raise self._error(f"load of model {name}", exc) from exc
 
+    async def loaded_versions(self) -> set[int]:
+        """Versions of the model Triton holds READY now (from its repository index)."""
+        try:
+            index: Any = await self._get_client().get_model_repository_index(client_timeout=self.timeout_s)
+        except Exception as exc:
+            if not _is_client_error(exc):
+                raise
+            raise self._error("repository index", exc) from exc
+        return {int(m.version) for m in index.models
+                if m.name == self.model_name and m.state == "READY" and m.version.isdigit()}  # fmt: skip
+
     async def load_versions(self, versions: Sequence[int], config_pbtxt: str) -> None:
         """Make exactly ``versions`` of the model loaded (EXPLICIT mode), whatever the file's version policy.
 

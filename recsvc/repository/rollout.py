@@ -93,6 +93,10 @@ class ServingState:
 class ModelAdmin(Protocol):
     """The model server as the rollout drives it (TritonRanker in production)."""
 
+    async def loaded_versions(self) -> set[int]:
+        """Versions of the model loaded and ready now."""
+        ...
+
     async def is_server_ready(self) -> bool:
         """Whether the model server answers at all."""
         ...
@@ -210,6 +214,13 @@ def check_canary(
             raise RolloutError(f"canary: row {row} ranks differently from the reference (Spearman {rho:.3f})")
 
 
+async def _reachable(admin: ModelAdmin) -> bool:
+    try:
+        return await admin.is_server_ready()
+    except RankerUnavailable:
+        return False
+
+
 def fitted_config(repository: Path, model: str, version: int) -> str:
     """The model's config.pbtxt with warm-up shaped like ``version``'s bundle (Triton refuses a misfit)."""
     from recsvc.repository.engines import fit_warmup
@@ -219,16 +230,19 @@ def fitted_config(repository: Path, model: str, version: int) -> str:
 
 
 async def reconcile(repository: Path, model: str, admin: ModelAdmin) -> bool:
-    """Make one Triton hold exactly serving.json's ``loaded`` set; True if it had to load.
+    """Make one Triton hold exactly serving.json's ``loaded`` set; True if it had to (un)load.
 
     For Triton replicas the rollout never talks to (several behind one Service): a sidecar per replica
-    runs this in a loop (``recsvc triton-sync``), so every replica follows the same rollout.
+    runs this in a loop (``recsvc triton-sync``), so every replica follows the same rollout, including
+    unloading what a drain released. Before the first rollout it loads the newest version.
     """
     state = read_serving(repository, model)
-    if state is None or not state.loaded:
-        return False
-    ready = [await admin.is_model_ready(str(v)) for v in state.loaded]
-    if all(ready):
+    if state is None:
+        versions = list_versions(repository, model)
+        if not versions:
+            return False
+        state = ServingState(version=versions[-1], loaded=(versions[-1],))
+    if await admin.loaded_versions() == set(state.loaded):
         return False
     await admin.load_versions(list(state.loaded), fitted_config(repository, model, state.version))
     log.info("triton now holds %s versions %s", model, list(state.loaded))
@@ -304,6 +318,12 @@ async def rollout(
         check_canary(got, expected, inputs["CANDIDATES"])
         step("canary passed")
     except (RolloutError, RankerUnavailable, BundleError, OSError) as exc:
+        if isinstance(exc, RankerUnavailable) and not await _reachable(admin):
+            # Triton went away mid-rollout: not the version's fault. Nothing is refused or switched.
+            if state is not None:
+                write_serving(repository, model, state.with_())
+            raise ConfigError(f"Triton became unreachable during the rollout of version {version} ({exc}); "
+                              f"{current} still serves; run `recsvc rollout {version}` again") from exc
         # Back to exactly what served before; the current version never stopped serving.
         if state is not None:
             refused = (*state.refused, version)

@@ -31,6 +31,7 @@ from recsvc.pipeline import Pipeline, load_serving_bundle
 from recsvc.prefetch import Prefetcher
 from recsvc.ranking import BatchingRanker, TritonRanker
 from recsvc.repository import latest_version
+from recsvc.repository.rollout import fitted_config, read_serving
 from recsvc.server.metrics import MetricsServer, render
 from recsvc.server.servicer import RecommenderServicer
 from recsvc.v1 import recommender_pb2 as pb
@@ -119,9 +120,10 @@ async def open_history(settings: Settings, store: HistoryStore) -> TieredHistory
 
 
 async def build_service(settings: Settings) -> Service:
-    """Load the newest published bundle, open the history store and connect to Triton."""
+    """Load the serving bundle (serving.json's, else the newest), open the history store, connect to Triton."""
     repo, model = settings.model_repository, settings.triton_model
-    version = latest_version(repo, model)
+    state = await asyncio.to_thread(read_serving, repo, model)
+    version = state.version if state is not None else latest_version(repo, model)
     if version is None:
         raise BundleError(f"no published version of {model!r} in {repo}: run `recsvc train` and `recsvc publish`")
     bundle = await asyncio.to_thread(load_serving_bundle, repo / model / str(version), str(version), settings)
@@ -137,7 +139,12 @@ async def build_service(settings: Settings) -> Service:
         opened.push_async_callback(ranker.close)
         try:
             if not await ranker.is_model_ready(str(version)):
-                await ranker.load_model()
+                if state is None:
+                    await ranker.load_model()       # before any rollout: the config's version policy
+                else:
+                    # Exactly the rollout's set: never unload a version another replica serves.
+                    config = await asyncio.to_thread(fitted_config, repo, model, version)
+                    await ranker.load_versions(list(state.loaded), config)
         except RankerUnavailable as exc:
             # Serve anyway: retrieval-only answers flagged degraded beat no answers, and the ranker is
             # used again as soon as Triton answers.

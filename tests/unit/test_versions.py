@@ -115,6 +115,8 @@ async def test_broken_version_is_refused_once_and_the_next_good_one_is_taken(rep
     assert not await follower.check()
     assert pipeline.bundle.model_version == "1"
     assert not await follower.check()                   # remembered: not reloaded every poll
+    follower._failed[2] = 0.0                           # ...but retried once its pause is over
+    assert not await follower.check() and follower._failed[2] > 0.0
     publish(tiny_bundle, repo)
     assert await follower.check() and pipeline.bundle.model_version == "3"
     await follower.close()

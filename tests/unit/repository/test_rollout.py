@@ -34,6 +34,9 @@ class FakeTriton:
     async def is_server_ready(self) -> bool:
         return self.up
 
+    async def loaded_versions(self) -> set[int]:
+        return {v for v in self.loaded if v not in self.never_ready}
+
     async def load_versions(self, versions: Sequence[int], config_pbtxt: str) -> None:
         assert "backend" in config_pbtxt
         self.loads.append(sorted(versions))
@@ -154,9 +157,32 @@ async def test_reconcile_brings_another_triton_to_the_rollout_set(tmp_path: Path
     repo = tmp_path / "repo"
     publish(bundle, repo)
     publish(bundle, repo)
-    assert not await reconcile(repo, "ranker", FakeTriton(repo))       # no rollout yet: nothing to follow
-    await rollout(repo, "ranker", 2, FakeTriton(repo), drain_s=0)
+    before = FakeTriton(repo)
+    assert await reconcile(repo, "ranker", before) and before.loaded == {2}   # no rollout yet: the newest
+    await rollout(repo, "ranker", 1, FakeTriton(repo), drain_s=0)
     replica = FakeTriton(repo)                                          # a second Triton, freshly started
     assert await reconcile(repo, "ranker", replica)
-    assert replica.loaded == {2}
+    assert replica.loaded == {1}
     assert not await reconcile(repo, "ranker", replica)                # already right: no reload
+    replica.loaded = {1, 2}                                             # still holds what a drain released
+    assert await reconcile(repo, "ranker", replica) and replica.loaded == {1}
+
+
+async def test_triton_lost_mid_rollout_refuses_nothing(tmp_path: Path, bundle: Path) -> None:
+    from recsvc.errors import RankerUnavailable
+
+    repo = tmp_path / "repo"
+    for _ in range(3):
+        publish(bundle, repo)
+    triton = FakeTriton(repo)
+    await rollout(repo, "ranker", 2, triton, drain_s=0)
+
+    async def crash(versions: Sequence[int], config_pbtxt: str) -> None:
+        triton.up = False
+        raise RankerUnavailable("triton: Socket closed")
+
+    triton.load_versions = crash  # type: ignore[method-assign]
+    with pytest.raises(ConfigError, match="Triton became unreachable during the rollout of version 3"):
+        await rollout(repo, "ranker", 3, triton, drain_s=0)
+    state = read_serving(repo, "ranker")
+    assert state is not None and (state.version, state.loaded, state.refused) == (2, (2,), ())
