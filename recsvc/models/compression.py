@@ -85,7 +85,8 @@ class DistillConfig:
     max_examples: int = 100_000     # training examples whose teacher scores are precomputed
     seed: int = 0
     # One thread: a step of so small a student is too little work to split, and on a shared 2-core machine
-    # two threads ran each epoch 4x slower than one (they wait on each other whenever a core is busy).
+    # two threads made distillation several times slower than one (they wait on each other whenever a
+    # core is busy).
     threads: int = 1
 
 
