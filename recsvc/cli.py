@@ -506,6 +506,10 @@ def _parser() -> argparse.ArgumentParser:
 
     register_cache_sim(sub)
 
+    from recsvc.bench.compression import register as register_compress
+
+    register_compress(sub)
+
     from recsvc.repository.engines import register as register_build_engine
 
     register_build_engine(sub)

@@ -1,9 +1,10 @@
 """``recsvc compress BUNDLE``: the bundle's ranker as FP32, FP16, INT8 and a distilled student, compared.
 
-Writes ranker.<variant>.onnx for every variant into ``--out`` (default ``BUNDLE/compressed``), each
-with the bundle's ranker interface, then prints a Markdown table of size, quality on the time split
-(NDCG@10, recall@10, candidate AUC), agreement with FP32 and ONNX Runtime CPU speed, and writes it as
-report.md and report.json beside them. Pass the data arguments the bundle was trained with: the time
+Writes ranker.<variant>.onnx for every variant into ``--out`` (default ``BUNDLE.compressed``: beside the
+bundle, so `recsvc publish` does not copy the variants along), each with the bundle's ranker interface,
+then prints a Markdown table of size, quality on the time split (NDCG@10, recall@10, candidate AUC),
+agreement with FP32 and ONNX Runtime CPU speed, and writes it as report.md and report.json beside them.
+Pass the data arguments the bundle was trained with: the time
 split is recomputed from them. What each variant is and how it is measured: recsvc/models/compression.py.
 """
 
@@ -30,7 +31,7 @@ def register(subparsers: Any) -> None:
                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("bundle", type=Path)
     _add_data_args(p)
-    p.add_argument("--out", type=Path, help="where the variants and the report go (default BUNDLE/compressed)")
+    p.add_argument("--out", type=Path, help="where the variants and the report go (default BUNDLE.compressed)")
     p.add_argument("--test-per-user", type=int, default=5, help="held-out latest interactions per user, as in train")
     p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many test users")
     # The names are recsvc.models.compression.VARIANTS, spelled out: importing it here would load torch.
@@ -54,7 +55,7 @@ def run_compress(args: argparse.Namespace) -> int:
     from recsvc.models.compression import BenchConfig, DistillConfig, compress
 
     split = time_split(_load_dataset(args), test_per_user=args.test_per_user)
-    out = args.out if args.out is not None else args.bundle / "compressed"
+    out = args.out if args.out is not None else args.bundle.with_name(args.bundle.name + ".compressed")
     student = {"dim": args.student_dim, "hidden": args.student_hidden}
     if args.quick:
         distill = DistillConfig(**student, epochs=1, max_examples=20_000)
