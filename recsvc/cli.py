@@ -118,11 +118,30 @@ def cmd_publish(args: argparse.Namespace) -> int:
     settings = _settings(args)
     repo, model = settings.model_repository, settings.triton_model
     with rollout_lock(repo, model):
-        version = publish(args.bundle, repo, model)
+        version = publish(args.bundle, repo, model, target=args.target)
         print(f"published {args.bundle} as {model} version {version} in {repo}")
         if args.no_rollout:
             return 0
         return _rollout(settings, version, args.drain_s)
+
+
+def cmd_render_config(args: argparse.Namespace) -> int:
+    """Write the model's config.pbtxt for a Triton target (cpu, gpu, gpu-onnx, gpu-torch)."""
+    from recsvc.bundle import read_manifest
+    from recsvc.repository import latest_version, version_dir
+    from recsvc.repository.publishing import write_config
+
+    settings = _settings(args)
+    repo, model = settings.model_repository, settings.triton_model
+    bundle = args.bundle
+    if bundle is None:
+        newest = latest_version(repo, model)
+        if newest is None:
+            raise ConfigError(f"no published version in {repo / model} to shape the warm-up on: pass --bundle")
+        bundle = version_dir(repo, model, newest) / "bundle"
+    path = write_config(repo / model, args.target, read_manifest(bundle))
+    print(f"wrote {path} for target {args.target}; the next rollout loads versions with it")
+    return 0
 
 
 def cmd_rollout(args: argparse.Namespace) -> int:
@@ -445,8 +464,15 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("publish", parents=[common], help=cmd_publish.__doc__)
     p.add_argument("bundle", type=Path)
     p.add_argument("--no-rollout", action="store_true", help="only write the version (Triton not contacted)")
+    p.add_argument("--target", choices=["cpu", "gpu", "gpu-onnx", "gpu-torch"], default="cpu",
+                   help="Triton target of config.pbtxt when the model has none yet (see render-config)")
     p.add_argument("--drain-s", type=float, help="wait before unloading the old version (RECSVC_ROLLOUT_DRAIN_S)")
     p.set_defaults(func=cmd_publish)
+
+    p = sub.add_parser("render-config", parents=[common], help=cmd_render_config.__doc__)
+    p.add_argument("--target", choices=["cpu", "gpu", "gpu-onnx", "gpu-torch"], required=True)
+    p.add_argument("--bundle", type=Path, help="bundle whose L and C shape the warm-up (default: newest version's)")
+    p.set_defaults(func=cmd_render_config)
 
     p = sub.add_parser("rollout", parents=[common], help=cmd_rollout.__doc__)
     p.add_argument("version", type=int)

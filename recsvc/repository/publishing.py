@@ -41,6 +41,7 @@ __all__ = [
     "list_versions",
     "publish",
     "version_dir",
+    "write_config",
 ]
 
 log = logging.getLogger(__name__)
@@ -87,10 +88,12 @@ def latest_version(repository: Path, model_name: str = "ranker") -> int | None:
     return versions[-1] if versions else None
 
 
-def publish(bundle_dir: Path, repository: Path, model_name: str = "ranker") -> int:
+def publish(bundle_dir: Path, repository: Path, model_name: str = "ranker", *, target: str = "cpu") -> int:
     """Copy a verified bundle into the repository as the next version; return its number.
 
-    Raises BundleError (and writes nothing) when the bundle fails verification or its ranker does not
+    ``target`` picks the config.pbtxt written when the model has none yet (see ``config_template``); an
+    existing config is kept (``write_config`` changes it). Raises BundleError (and writes nothing) when
+    the bundle fails verification or its ranker does not
     have the model contract's tensors; ConfigError when the repository cannot be written.
     """
     manifest = verify_bundle(bundle_dir)
@@ -100,7 +103,8 @@ def publish(bundle_dir: Path, repository: Path, model_name: str = "ranker") -> i
         model_dir.mkdir(parents=True, exist_ok=True)
         with _locked(model_dir):
             _remove_leftover_staging(model_dir)
-            _ensure_config(model_dir)
+            if not (model_dir / "config.pbtxt").exists():
+                write_config(model_dir, target, manifest)
             version = _next_version(model_dir)
             staging = model_dir / f"{STAGING_PREFIX}{version}"
             try:
@@ -160,14 +164,17 @@ def _remove_leftover_staging(model_dir: Path) -> None:
             shutil.rmtree(entry)
 
 
-def _ensure_config(model_dir: Path) -> None:
-    config = model_dir / "config.pbtxt"
-    if config.exists():
-        return
+def write_config(model_dir: Path, target: str, manifest: Manifest) -> Path:
+    """Write ``target``'s config.pbtxt (warm-up shaped like ``manifest``'s bundle) atomically."""
+    from recsvc.repository.engines import config_for_bundle
+
+    text = config_for_bundle(target, manifest)
+    model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / ".config.pbtxt.tmp"
-    tmp.write_text(config_template("cpu"), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     _fsync_file(tmp)
-    tmp.rename(config)
+    tmp.rename(model_dir / "config.pbtxt")
+    return model_dir / "config.pbtxt"
 
 
 def _next_version(model_dir: Path) -> int:

@@ -349,6 +349,8 @@ async def test_the_real_tritonserver_needs_warmup_dims_that_match_the_bundle(tmp
     update_manifest(tmp_path / "b")        # an exported ranker fixes L: HISTORY is [B, 10]
     repo = tmp_path / "repo"
     publish(tmp_path / "b", repo)
+    # publish shapes the warm-up like the bundle; put the unshaped template (L = 50) back to see the refusal.
+    (repo / "ranker" / "config.pbtxt").write_text(config_template("cpu"))
     with pytest.raises(RankerUnavailable, match="during start-up") as refused:
         async with running_triton(repo, startup_timeout_s=60):
             pass

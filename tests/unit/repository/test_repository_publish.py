@@ -13,12 +13,13 @@ from recsvc.errors import BundleError, ConfigError
 from recsvc.ranking.tiny import random_embeddings, write_tiny_ranker
 from recsvc.repository import (
     STAGING_PREFIX,
-    config_template,
     latest_version,
     list_versions,
     publish,
     version_dir,
 )
+from recsvc.repository.engines import config_for_bundle
+from recsvc.repository.publishing import write_config
 from recsvc.repository.tiny_bundle import write_tiny_bundle
 
 RANKER_MODEL_SOURCE = Path(publish_module.__file__).with_name("ranker_model.py")
@@ -44,7 +45,8 @@ def test_first_publish_is_version_1_with_model_onnx_and_bundle(tmp_path: Path, b
     assert (v1 / "model.onnx").read_bytes() == (bundle / "ranker.onnx").read_bytes()
     assert verify_bundle(v1 / "bundle") == read_manifest(bundle)
     # A fresh repository gets the packaged CPU config, shared by all versions.
-    assert (repo / "ranker" / "config.pbtxt").read_text() == config_template("cpu")
+    # The cpu template, its warm-up shaped like this bundle.
+    assert (repo / "ranker" / "config.pbtxt").read_text() == config_for_bundle("cpu", read_manifest(bundle))
     assert entries(repo / "ranker") == ["1", "config.pbtxt"]
 
 
@@ -188,3 +190,24 @@ def test_unwritable_repository_is_a_config_error(tmp_path: Path, bundle: Path) -
     blocker.write_text("not a directory")
     with pytest.raises(ConfigError, match="cannot publish"):
         publish(bundle, blocker / "repo")
+
+
+def test_target_picks_the_config_and_render_config_switches_it(tmp_path: Path, tiny_bundle: Path) -> None:
+    from google.protobuf import text_format
+    from tritonclient.grpc import model_config_pb2 as mc
+
+    from recsvc.cli import main
+
+    repo = tmp_path / "repo"
+    publish(tiny_bundle, repo, target="gpu-torch")
+    config = text_format.Parse((repo / "ranker" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert config.backend == "python" and config.default_model_filename == "model_torch.py"
+    # Warm-up shaped like this bundle (L=10, C=20), not the templates' defaults.
+    dims = {name: list(t.dims) for sample in config.model_warmup for name, t in sample.inputs.items()}
+    assert dims == {"HISTORY": [10], "CANDIDATES": [20]}
+    publish(tiny_bundle, repo, target="gpu")                      # an existing config is kept
+    assert "model_torch.py" in (repo / "ranker" / "config.pbtxt").read_text()
+    assert main(["render-config", "--model-repository", str(repo), "--target", "gpu"]) == 0
+    config = text_format.Parse((repo / "ranker" / "config.pbtxt").read_text(), mc.ModelConfig())
+    assert config.platform == "tensorrt_plan"
+    assert write_config(tmp_path / "other", "cpu", read_manifest(tiny_bundle)).is_file()
