@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -117,29 +118,44 @@ def start_server(env: dict[str, str], tmp: Path, name: str = "server") -> tuple[
     return proc, f"127.0.0.1:{port_file.read_text()}"
 
 
-@pytest.fixture(scope="session")
-def stack(tmp_path_factory: pytest.TempPathFactory, movielens_split: Split, movielens_bundle: Path) -> Iterator[Stack]:
-    tmp = tmp_path_factory.mktemp("stack")
-    env = stack_env(tmp, free_port())
-    version = publish(movielens_bundle, tmp / "repo")
+def triton_ready(env: dict[str, str]) -> bool:
+    return http_ok(f"http://127.0.0.1:{env['RECSVC_TRITON_HTTP_PORT']}/v2/health/ready")
+
+
+@contextlib.contextmanager
+def running_stack(tmp: Path, split: Split, bundle: Path, **settings: str) -> Iterator[Stack]:
+    """Publish ``bundle``, seed the SQLite store with ``split``'s training events, run Triton and the server.
+
+    ``settings`` are extra RECSVC_* variables for both (e.g. RECSVC_REPOSITORY_POLL_S="0.2").
+    """
+    env = {**stack_env(tmp, free_port()), **settings}
+    version = publish(bundle, tmp / "repo")
     catalog = Catalog.read(tmp / "repo" / "ranker" / str(version) / "bundle" / "items.parquet")
 
     async def seed() -> None:
         # The server's history store holds exactly the training interactions, so what it serves can
         # be compared with the offline evaluation of the same bundle.
         store = await SqliteHistoryStore.open(tmp / "var" / "history.sqlite3", keep=Settings().history_keep)
-        await store.bulk_append(movielens_split.train.event_rows())
+        await store.bulk_append(split.train.event_rows())
         await store.close()
 
     asyncio.run(seed())
     triton = start("triton", ["triton"], env, tmp / "triton.log")
     server = None
+    stack = None
     try:
-        wait_until(triton, lambda: http_ok(f"http://127.0.0.1:{env['RECSVC_TRITON_HTTP_PORT']}/v2/health/ready"),
-                   120, "tritonserver")  # fmt: skip
+        wait_until(triton, lambda: triton_ready(env), 120, "tritonserver")
         server, target = start_server(env, tmp)
-        yield Stack(target, env, movielens_split, catalog, movielens_bundle, triton, server, tmp)
+        stack = Stack(target, env, split, catalog, bundle, triton, server, tmp)
+        yield stack
     finally:
         if server is not None:
             server.stop()
-        triton.stop()
+        # A test may have replaced Triton (a restart): stop whichever runs now.
+        (stack.triton if stack is not None else triton).stop()
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory: pytest.TempPathFactory, movielens_split: Split, movielens_bundle: Path) -> Iterator[Stack]:
+    with running_stack(tmp_path_factory.mktemp("stack"), movielens_split, movielens_bundle) as running:
+        yield running

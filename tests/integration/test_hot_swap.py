@@ -24,16 +24,13 @@ import pytest
 from recsvc.bundle import read_manifest
 from recsvc.catalog import Catalog
 from recsvc.catalog_update import update_catalog
-from recsvc.config import Settings
 from recsvc.data import Split
 from recsvc.deny import update_deny_list
-from recsvc.history import SqliteHistoryStore
 from recsvc.repository import publish
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
-from tests.support import free_port
 
-from .conftest import Proc, http_ok, stack_env, start, start_server, wait_until
+from .conftest import Proc, running_stack
 
 pytestmark = pytest.mark.integration
 
@@ -51,27 +48,10 @@ class Swapping:
 def swapping(tmp_path_factory: pytest.TempPathFactory, movielens_split: Split, movielens_bundle: Path) -> Iterator[
         Swapping]:  # fmt: skip
     tmp = tmp_path_factory.mktemp("swap")
-    env = stack_env(tmp, free_port())
-    env.update(RECSVC_REPOSITORY_POLL_S="0.2", RECSVC_DENY_POLL_S="0.2", RECSVC_WARM_USERS="0")
-    publish(movielens_bundle, tmp / "repo")
-
-    async def seed() -> None:
-        store = await SqliteHistoryStore.open(tmp / "var" / "history.sqlite3", keep=Settings().history_keep)
-        await store.bulk_append(movielens_split.train.event_rows())
-        await store.close()
-
-    asyncio.run(seed())
-    triton = start("triton", ["triton"], env, tmp / "triton.log")
-    server = None
-    try:
-        wait_until(triton, lambda: http_ok(f"http://127.0.0.1:{env['RECSVC_TRITON_HTTP_PORT']}/v2/health/ready"),
-                   120, "tritonserver")  # fmt: skip
-        server, target = start_server(env, tmp)
-        yield Swapping(target, tmp / "repo", tmp / "var" / "deny_list.txt", {"1": movielens_bundle}, server)
-    finally:
-        if server is not None:
-            server.stop()
-        triton.stop()
+    with running_stack(tmp, movielens_split, movielens_bundle, RECSVC_REPOSITORY_POLL_S="0.2",
+                       RECSVC_DENY_POLL_S="0.2", RECSVC_WARM_USERS="0") as running:  # fmt: skip
+        yield Swapping(running.target, tmp / "repo", tmp / "var" / "deny_list.txt", {"1": movielens_bundle},
+                       running.server)  # fmt: skip
 
 
 def _index_version(bundle: Path) -> str:

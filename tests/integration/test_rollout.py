@@ -14,7 +14,6 @@ import signal
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -24,66 +23,32 @@ import pytest
 
 from recsvc.bundle import read_manifest
 from recsvc.catalog_update import update_catalog
-from recsvc.config import Settings
 from recsvc.data import Split
-from recsvc.history import SqliteHistoryStore
-from recsvc.repository import publish
 from recsvc.repository.rollout import read_serving
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 from tests.broken_models import broken_bundle
-from tests.support import free_port
 
-from .conftest import Proc, http_ok, stack_env, start, start_server, wait_until
+from .conftest import Stack, running_stack, start, triton_ready, wait_until
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class Rollouts:
-    target: str
-    env: dict[str, str]
-    tmp: Path
-    users: list[str]
-    triton: Proc
-    server: Proc
-    index_of: dict[str, str] = field(default_factory=dict)     # model version -> index version published with it
 
 
 def _index_version(bundle: Path) -> str:
     return read_manifest(bundle).files["item_embeddings.npy"][:12]
 
 
-def _triton_ready(env: dict[str, str]) -> bool:
-    return http_ok(f"http://127.0.0.1:{env['RECSVC_TRITON_HTTP_PORT']}/v2/health/ready")
+@pytest.fixture(scope="module")
+def rollouts(tmp_path_factory: pytest.TempPathFactory, movielens_split: Split, movielens_bundle: Path) -> Iterator[
+        Stack]:  # fmt: skip
+    with running_stack(tmp_path_factory.mktemp("rollout"), movielens_split, movielens_bundle,
+                       RECSVC_REPOSITORY_POLL_S="0.2", RECSVC_WARM_USERS="0") as running:  # fmt: skip
+        yield running
 
 
 @pytest.fixture(scope="module")
-def rollouts(tmp_path_factory: pytest.TempPathFactory, movielens_split: Split, movielens_bundle: Path) -> Iterator[
-        Rollouts]:  # fmt: skip
-    tmp = tmp_path_factory.mktemp("rollout")
-    env = stack_env(tmp, free_port())
-    env.update(RECSVC_REPOSITORY_POLL_S="0.2", RECSVC_WARM_USERS="0")
-    publish(movielens_bundle, tmp / "repo")
-
-    async def seed() -> None:
-        store = await SqliteHistoryStore.open(tmp / "var" / "history.sqlite3", keep=Settings().history_keep)
-        await store.bulk_append(movielens_split.train.event_rows())
-        await store.close()
-
-    asyncio.run(seed())
-    triton = start("triton", ["triton"], env, tmp / "triton.log")
-    server = None
-    try:
-        wait_until(triton, lambda: _triton_ready(env), 120, "tritonserver")
-        server, target = start_server(env, tmp)
-        users = [str(u) for u in movielens_split.train.user_ids[:300]]
-        state = Rollouts(target, env, tmp, users, triton, server, {"1": _index_version(movielens_bundle)})
-        yield state
-    finally:
-        if server is not None:
-            server.stop()
-        state.triton.stop() if "state" in locals() else triton.stop()
+def users(movielens_split: Split) -> list[str]:
+    return [str(u) for u in movielens_split.train.user_ids[:300]]
 
 
 class Load:
@@ -141,15 +106,16 @@ async def _until(predicate, limit_s: float, what: str) -> None:  # type: ignore[
 
 
 async def test_three_publishes_and_a_rollback_under_load(
-    rollouts: Rollouts, movielens_bundle: Path, tmp_path: Path
+    rollouts: Stack, users: list[str], movielens_bundle: Path, tmp_path: Path
 ) -> None:
     variant = tmp_path / "variant"
     new_items = pd.DataFrame({"item_id": ["NEW-1", "NEW-2"], "category": ["Drama"] * 2})
     update_catalog(movielens_bundle, variant, add=new_items)
     plan = [("2", movielens_bundle), ("3", variant), ("4", movielens_bundle)]
+    index_of = {"1": _index_version(movielens_bundle)}        # model version -> index published with it
     for version, bundle in plan:
-        rollouts.index_of[version] = _index_version(bundle)
-    async with Load(rollouts.target, rollouts.users) as load:
+        index_of[version] = _index_version(bundle)
+    async with Load(rollouts.target, users) as load:
         started = time.perf_counter()
         for version, bundle in plan:
             code, out = await _recsvc(rollouts.env, "publish", str(bundle), "--drain-s", "1")
@@ -173,18 +139,19 @@ async def test_three_publishes_and_a_rollback_under_load(
     assert rate >= 100, f"the load was too light to mean anything: {rate:.0f} requests/s"
     assert {r[2] for r in load.ok} >= {"1", "2", "3", "4"}
     for _, _, model, index, degraded in load.ok:
-        assert rollouts.index_of[model] == index, f"model {model} answered with index {index}"
+        assert index_of[model] == index, f"model {model} answered with index {index}"
         assert not degraded
     state = read_serving(rollouts.tmp / "repo", "ranker")
     assert state is not None and (state.version, state.previous, state.loaded) == (3, 4, (3,))
 
 
-async def test_a_broken_version_is_refused_and_nothing_fails(rollouts: Rollouts, movielens_bundle: Path,
-                                                            tmp_path: Path) -> None:  # fmt: skip
+async def test_a_broken_version_is_refused_and_nothing_fails(
+    rollouts: Stack, users: list[str], movielens_bundle: Path, tmp_path: Path
+) -> None:
     before = read_serving(rollouts.tmp / "repo", "ranker")
     assert before is not None
     broken = broken_bundle(movielens_bundle, tmp_path / "broken")
-    async with Load(rollouts.target, rollouts.users, clients=16) as load:
+    async with Load(rollouts.target, users, clients=16) as load:
         code, out = await _recsvc(rollouts.env, "publish", str(broken), "--drain-s", "1")
         await asyncio.sleep(1.5)
     # Refused before Triton ever loads it: the pre-flight runs the model here first.
@@ -196,8 +163,8 @@ async def test_a_broken_version_is_refused_and_nothing_fails(rollouts: Rollouts,
     assert not load.failures and all(r[2] == str(before.version) and not r[4] for r in load.ok)
 
 
-async def test_triton_restart_is_recovered_without_operator_action(rollouts: Rollouts) -> None:
-    async with Load(rollouts.target, rollouts.users, clients=8) as load:
+async def test_triton_restart_is_recovered_without_operator_action(rollouts: Stack, users: list[str]) -> None:
+    async with Load(rollouts.target, users, clients=8) as load:
         # A crash: tritonserver itself is killed; its `recsvc triton` wrapper then exits by itself.
         for pid in _children(rollouts.triton.popen.pid):
             os.kill(pid, signal.SIGKILL)
@@ -206,7 +173,7 @@ async def test_triton_restart_is_recovered_without_operator_action(rollouts: Rol
         await _until(lambda: any(r[4] for r in load.ok if r[0] > killed_at), 30, "degraded answers, Triton down")
         # An official Triton image in EXPLICIT mode comes back with nothing loaded: recsvc must re-pin.
         rollouts.triton = start("triton-2", ["triton", "--no-models"], rollouts.env, rollouts.tmp / "triton-2.log")
-        await asyncio.to_thread(wait_until, rollouts.triton, lambda: _triton_ready(rollouts.env), 120, "tritonserver")
+        await asyncio.to_thread(wait_until, rollouts.triton, lambda: triton_ready(rollouts.env), 120, "tritonserver")
         back = time.perf_counter()
         await _until(lambda: any(not r[4] for r in load.ok if r[0] > back), 60, "undegraded answers again")
         healed = next(r[0] for r in load.ok if r[0] > back and not r[4])
