@@ -4,8 +4,9 @@ FAISS and Triton both answer one call of 64 rows far faster than 64 calls of one
 ``submit`` their rows to a queue; one runner task takes the first waiting item, gathers more for at
 most ``max_wait_us`` or until ``max_rows`` rows (items with the same key only: e.g. one model version
 per Triton call), hands the batch to ``handle`` once, and gives each caller its own result. A caller
-that was cancelled meanwhile is skipped; a failed batch fails exactly its callers. Batch sizes are
-counted for metrics.
+that was cancelled meanwhile is skipped; a failed batch fails exactly its callers. Up to
+``max_in_flight`` batches run at once (the next one forms while the current one computes). Batch sizes
+are counted for metrics.
 """
 
 from __future__ import annotations
@@ -19,6 +20,8 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 __all__ = ["Coalescer"]
+
+_TIMER_RESOLUTION_S = 0.002    # waits shorter than this yield to the loop instead of arming a timer
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -44,9 +47,10 @@ class Coalescer(Generic[T, R]):
         rows: Callable[[T], int] = lambda _: 1,
         key: Callable[[T], Hashable] = lambda _: None,
         name: str = "coalescer",
+        max_in_flight: int = 1,
     ) -> None:
-        if max_rows < 1 or max_wait_us < 0:
-            raise ValueError("max_rows must be >= 1 and max_wait_us >= 0")
+        if max_rows < 1 or max_wait_us < 0 or max_in_flight < 1:
+            raise ValueError("max_rows and max_in_flight must be >= 1 and max_wait_us >= 0")
         self._handle = handle
         self._max_rows = max_rows
         self._max_wait_s = max_wait_us / 1e6
@@ -56,6 +60,10 @@ class Coalescer(Generic[T, R]):
         self._queue: asyncio.Queue[_Pending[T, R]] = asyncio.Queue()
         self._held: _Pending[T, R] | None = None        # taken from the queue, but for the next batch
         self._runner: asyncio.Task[None] | None = None
+        # With 2+, the next batch forms (and its Python work runs) while the backend computes the current
+        # one. It did not pay for FAISS on 2 cores (the search already uses both): 1 is the default.
+        self._slots = asyncio.Semaphore(max_in_flight)
+        self._in_flight: set[asyncio.Task[None]] = set()
         self._closed = False
         self.batch_sizes: Counter[int] = Counter()      # rows per handled batch -> how many batches
 
@@ -71,59 +79,87 @@ class Coalescer(Generic[T, R]):
         await self._queue.put(_Pending(item, self._rows(item), self._key(item), future))
         return await future
 
-    async def _next(self, wait_s: float | None) -> _Pending[T, R] | None:
+    async def _next(self, deadline: float | None) -> _Pending[T, R] | None:
         if self._held is not None:
             held, self._held = self._held, None
             return held
-        if wait_s is None:
+        if deadline is None:
             return await self._queue.get()
-        try:
-            return self._queue.get_nowait()
-        except asyncio.QueueEmpty:
-            if wait_s <= 0:
+        yielded = False
+        while True:
+            try:
+                return self._queue.get_nowait()
+            except asyncio.QueueEmpty:
+                pass
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0 and yielded:
                 return None
-        try:
-            return await asyncio.wait_for(self._queue.get(), wait_s)
-        except TimeoutError:
-            return None
+            if remaining >= _TIMER_RESOLUTION_S:
+                try:
+                    return await asyncio.wait_for(self._queue.get(), remaining)
+                except TimeoutError:
+                    return None
+            # asyncio's selector rounds a timer up to a millisecond, five times a 200 us budget; yielding
+            # instead lets every caller that is ready to run enqueue first (at least once, even at max_wait 0).
+            await asyncio.sleep(0)
+            yielded = True
 
     async def _run(self) -> None:
         while True:
-            first = await self._next(None)
-            assert first is not None
-            batch, rows = [first], first.rows
-            deadline = time.perf_counter() + self._max_wait_s
-            while rows < self._max_rows:
-                pending = await self._next(deadline - time.perf_counter())
-                if pending is None:
-                    break
-                if pending.key != first.key or rows + pending.rows > self._max_rows:
-                    self._held = pending     # another key, or it would overflow: it opens the next batch
-                    break
-                batch.append(pending)
-                rows += pending.rows
-            live = [p for p in batch if not p.future.cancelled()]
+            # A free slot first, then the batch: it forms as late as possible and so grows as large as it can.
+            await self._slots.acquire()
+            try:
+                live = await self._collect()
+            except BaseException:
+                self._slots.release()
+                raise
             if not live:
+                self._slots.release()
                 continue
             self.batch_sizes[sum(p.rows for p in live)] += 1
-            try:
-                results = await self._handle([p.item for p in live])
-            except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the error
-                for p in live:
-                    if not p.future.done():
-                        p.future.set_exception(exc)
-                continue
-            for p, result in zip(live, results, strict=True):
+            task = asyncio.create_task(self._dispatch(live), name=f"{self._name}-batch")
+            self._in_flight.add(task)
+            task.add_done_callback(self._in_flight.discard)
+
+    async def _collect(self) -> list[_Pending[T, R]]:
+        first = await self._next(None)
+        assert first is not None
+        batch, rows = [first], first.rows
+        deadline = time.perf_counter() + self._max_wait_s
+        while rows < self._max_rows:
+            pending = await self._next(deadline)
+            if pending is None:
+                break
+            if pending.key != first.key or rows + pending.rows > self._max_rows:
+                self._held = pending     # another key, or it would overflow: it opens the next batch
+                break
+            batch.append(pending)
+            rows += pending.rows
+        return [p for p in batch if not p.future.cancelled()]
+
+    async def _dispatch(self, live: list[_Pending[T, R]]) -> None:
+        try:
+            results = await self._handle([p.item for p in live])
+        except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the error
+            for p in live:
                 if not p.future.done():
-                    p.future.set_result(result)
+                    p.future.set_exception(exc)
+            return
+        finally:
+            self._slots.release()
+        for p, result in zip(live, results, strict=True):
+            if not p.future.done():
+                p.future.set_result(result)
 
     async def close(self) -> None:
-        """Stop the runner; items still queued are cancelled, later ones refused."""
+        """Stop the runner and the batches in flight; items still queued are cancelled, later ones refused."""
         self._closed = True
-        if self._runner is not None:
-            self._runner.cancel()
+        tasks = [t for t in (self._runner, *self._in_flight) if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._runner
+                await task
         if self._held is not None:
             self._held.future.cancel()
         while not self._queue.empty():

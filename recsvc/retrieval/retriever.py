@@ -165,6 +165,12 @@ class IndexRetriever:
         ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float32], excluded: npt.NDArray[np.int64],
         flt: Filter | None, n: int,
     ) -> tuple[tuple[npt.NDArray[np.int64], npt.NDArray[np.float32]], int]:  # fmt: skip
+        if not len(excluded) and flt is None and (len(ids) <= n or ids[n - 1] >= 0):
+            # Nothing to remove (the common case without a history): skip the masks, ~1 us per request.
+            top = ids[:n]
+            if top.size and top[-1] < 0:
+                top = top[top >= 0]
+            return (top.astype(np.int64, copy=False), scores[: len(top)].astype(np.float32, copy=False)), 0
         keep = ids >= 0
         if len(excluded):
             keep &= ~np.isin(ids, excluded)

@@ -76,3 +76,51 @@ async def test_batching_ranker_scores_like_the_inner_ranker_in_fewer_calls() -> 
     assert sum(call.candidates.shape[0] for call in inner.calls) == 12
     await ranker.close()
     assert not inner.closed                                         # the inner ranker belongs to its maker
+
+
+async def test_sub_millisecond_waits_never_arm_a_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+    # asyncio's selector rounds a timer up to 1 ms: a 200 us budget must be spent yielding, not sleeping.
+    import recsvc.coalesce
+
+    timers: list[float] = []
+    real_wait_for = asyncio.wait_for
+
+    async def spy(aw, seconds):  # type: ignore[no-untyped-def]
+        timers.append(seconds)
+        return await real_wait_for(aw, seconds)
+
+    monkeypatch.setattr(recsvc.coalesce.asyncio, "wait_for", spy)
+
+    async def handle(items: Sequence[int]) -> list[int]:
+        return list(items)
+
+    short: Coalescer[int, int] = Coalescer(handle, max_rows=64, max_wait_us=200)
+    assert [await short.submit(i) for i in range(5)] == [0, 1, 2, 3, 4]
+    assert timers == []
+    long: Coalescer[int, int] = Coalescer(handle, max_rows=64, max_wait_us=5000)
+    assert await long.submit(7) == 7
+    assert timers and 0 < timers[0] <= 0.005              # a real wait still uses a timer
+    await short.close()
+    await long.close()
+
+
+async def test_more_than_one_batch_in_flight_when_allowed() -> None:
+    running = 0
+    peak = 0
+    release = asyncio.Event()
+
+    async def handle(items: Sequence[int]) -> list[int]:
+        nonlocal running, peak
+        running += 1
+        peak = max(peak, running)
+        await release.wait()
+        running -= 1
+        return list(items)
+
+    c: Coalescer[int, int] = Coalescer(handle, max_rows=1, max_wait_us=0, max_in_flight=2)
+    calls = [asyncio.create_task(c.submit(i)) for i in range(4)]
+    await asyncio.sleep(0.01)
+    assert peak == 2                           # two batches computing, the rest queued
+    release.set()
+    assert await asyncio.gather(*calls) == [0, 1, 2, 3]
+    await c.close()
