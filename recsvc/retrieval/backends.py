@@ -17,7 +17,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recsvc.errors import ConfigError
-from recsvc.retrieval.index_build import IndexSpec, faiss_gpus, search_params
+from recsvc.retrieval.index_build import IndexSpec, faiss_gpus, search_index, search_params
 
 __all__ = ["GPU_MAX_K", "FaissBackend", "Filter", "SearchBackend", "TorchBackend", "torch_cuda_available"]
 
@@ -126,7 +126,8 @@ class FaissBackend:
             scores, ids = self._gpu.search(queries, k)
         else:
             selector = allowed.selector if allowed is not None and allowed.denied else None
-            scores, ids = self._cpu.search(queries, k, params=search_params(self._cpu, self._spec, selector))
+            params = search_params(self._cpu, self._spec, selector)
+            scores, ids = search_index(self._cpu, self._spec, queries, k, params)
         return scores, ids.astype(np.int64, copy=False)
 
     def close(self) -> None:

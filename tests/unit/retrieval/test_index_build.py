@@ -8,7 +8,7 @@ import pytest
 from recsvc.config import Settings
 from recsvc.errors import BundleError, ConfigError
 from recsvc.retrieval import IndexSpec, build_and_tune, open_retriever, read_index, write_index
-from recsvc.retrieval.index_build import build_cagra, exact_top_k, faiss_gpus
+from recsvc.retrieval.index_build import build_cagra, exact_top_k, faiss_gpus, search_index, search_params
 
 
 def _clustered(n: int, q: int, d: int = 16, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -108,3 +108,17 @@ def test_exact_top_k_is_exact() -> None:
     ids = exact_top_k(emb, queries, 7)
     for q, row in zip(queries, ids, strict=True):
         assert row.tolist() == np.argsort(-(emb @ q), kind="stable")[:7].tolist()
+
+
+def test_hnsw_searches_inner_product_through_the_l2_transform() -> None:
+    # Norms that vary a lot (like trained embeddings): raw inner product is no metric for a graph.
+    rng = np.random.default_rng(3)
+    emb, queries = _clustered(4000, 60, seed=3)
+    emb = (emb * rng.uniform(0.2, 3.0, (len(emb), 1))).astype(np.float32)
+    index, meta = build_and_tune(emb, IndexSpec("hnsw", hnsw_m=16), queries, k=20, target=0.95)
+    assert meta.spec.l2_norm2 >= float((emb * emb).sum(1).max())
+    assert index.d == emb.shape[1] + 1 and meta.recall is not None and meta.recall >= 0.95
+    scores, ids = search_index(index, meta.spec, queries[:5], 20, search_params(index, meta.spec))
+    for q, row_ids, row_scores in zip(queries[:5], ids, scores, strict=True):
+        np.testing.assert_allclose(row_scores, emb[row_ids] @ q, rtol=1e-3, atol=1e-3)   # true inner products
+        assert list(row_scores) == sorted(row_scores, reverse=True)
