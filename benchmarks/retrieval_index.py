@@ -53,6 +53,7 @@ from recsvc.retrieval.index_build import (
     exact_top_k,
     read_index,
     recall_at_k,
+    search_index,
     search_params,
     tune_index,
 )
@@ -167,7 +168,8 @@ def _searcher(index: faiss.Index, spec: IndexSpec, k: int) -> Callable[..., Any]
     params = search_params(index, spec)
 
     def search(q: Queries, kk: int = k) -> Any:
-        return index.search(q, kk, params=params)
+        # search_index, not index.search: it undoes the HNSW L2 transform (a no-op for the other kinds).
+        return search_index(index, spec, q, kk, params)
 
     return search
 
