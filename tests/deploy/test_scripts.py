@@ -22,7 +22,9 @@ from pathlib import Path
 
 import pytest
 
+from recsvc.bundle import read_manifest
 from recsvc.repository import config_template, list_versions
+from recsvc.repository.engines import config_for_bundle
 from recsvc.repository.rollout import read_serving
 from recsvc.repository.tiny_bundle import write_tiny_bundle
 from tests.broken_models import broken_bundle
@@ -150,7 +152,7 @@ def test_publish_direct_rolls_each_bundle_out_once(tmp_path: Path, bundles: tupl
         out = _run("publish.sh", "direct", env={**env, "BUNDLE_DIR": str(b1)})
         assert "$ recsvc publish" in out and "ranker version 1 is serving" in out
         assert list_versions(repo) == [1] and _serving(repo) == (1, None, (1,))
-        assert (repo / "ranker" / "config.pbtxt").read_text() == config_template("cpu")
+        assert (repo / "ranker" / "config.pbtxt").read_text() == config_for_bundle("cpu", read_manifest(b1))
         # The same bundle again (helm upgrade re-running the Job): nothing new.
         out = _run("publish.sh", "direct", env={**env, "BUNDLE_DIR": str(b1)})
         assert "already published as version 1 and was rolled out" in out and list_versions(repo) == [1]
@@ -264,7 +266,7 @@ def test_stage_commit_then_rollout(tmp_path: Path, bundles: tuple[Path, Path, Pa
     _run("commit-version.sh", env=dict(env))
     assert list_versions(repo) == [7] and (work / "VERSION").read_text().strip() == "7"
     assert (repo / "ranker" / "7" / "model.plan").read_bytes() == b"engine"
-    assert (repo / "ranker" / "config.pbtxt").read_text() == config_template("gpu")
+    assert (repo / "ranker" / "config.pbtxt").read_text() == config_for_bundle("gpu", read_manifest(b1))
     assert not list((repo / "ranker").glob(".staging-*"))
     assert read_serving(repo, "ranker") is None  # committed is not serving
     with serve(repo) as (triton, url):
@@ -361,7 +363,7 @@ def test_object_store_publish_rollout_and_rollback(tmp_path: Path, bundles: tupl
         # A recsvc pod starting now: its init container copies the versions, then serving.json.
         _run("object-store.sh", "once", env={**bucket.base, "REPOSITORY": str(server_copy)})
         assert list_versions(server_copy) == [1, 2] and _serving(server_copy) == (2, 1, (2,))
-        assert (server_copy / "ranker" / "config.pbtxt").read_text() == config_template("cpu")
+        assert (server_copy / "ranker" / "config.pbtxt").read_text() == config_for_bundle("cpu", read_manifest(b1))
         assert not list((server_copy / "ranker").glob(".sync-*"))
         # A rollback request: the Job downloads the previous version, recsvc rolls back, the pods follow.
         out = bucket.rollback("r1", 0, url)

@@ -155,11 +155,8 @@ case $mode in
             mkdir -p "$scratch/$MODEL"
             for n in $(taken_numbers); do mkdir "$scratch/$MODEL/$n"; done
         fi
-        if [ ! -f "$scratch/$MODEL/config.pbtxt" ]; then
-            python -c 'import sys; from recsvc.repository import config_template; sys.stdout.write(config_template(sys.argv[1]))' \
-                "$FLAVOUR" >"$scratch/$MODEL/config.pbtxt"
-        fi
-        RECSVC_MODEL_REPOSITORY=$scratch recsvc publish --no-rollout "$BUNDLE_DIR"
+        # Without a config yet, recsvc writes the target's, its warm-up shaped like this bundle.
+        RECSVC_MODEL_REPOSITORY=$scratch recsvc publish --no-rollout --target "$FLAVOUR" "$BUNDLE_DIR"
         python -c 'import sys; from pathlib import Path; from recsvc.repository import latest_version; print(latest_version(Path(sys.argv[1]), sys.argv[2]))' \
             "$scratch" "$MODEL" >"$WORK/VERSION"
         log "staged $MODEL version $(cat "$WORK/VERSION")"
