@@ -12,12 +12,13 @@ are counted for metrics.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
+
+from recsvc.tasks import cancel_and_wait
 
 __all__ = ["Coalescer"]
 
@@ -165,12 +166,7 @@ class Coalescer(Generic[T, R]):
     async def close(self) -> None:
         """Stop the runner and the batches in flight; items still queued are cancelled, later ones refused."""
         self._closed = True
-        tasks = [t for t in (self._runner, *self._in_flight) if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(self._runner, *self._in_flight)
         if self._held is not None:
             self._held.future.cancel()
         while self._items:

@@ -11,7 +11,6 @@ denied.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
 import os
@@ -19,6 +18,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from recsvc.errors import InvalidArgument
+from recsvc.tasks import cancel_and_wait
 
 __all__ = ["DenyListWatcher", "read_deny_list", "update_deny_list"]
 
@@ -98,7 +98,4 @@ class DenyListWatcher:
 
     async def close(self) -> None:
         """Stop following the file."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)

@@ -9,10 +9,11 @@ cancelled by close().
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+
+from recsvc.tasks import cancel_and_wait
 
 __all__ = ["PrefetchStats", "Prefetcher"]
 
@@ -79,10 +80,5 @@ class Prefetcher:
 
     async def close(self) -> None:
         """Cancel the workers; queued warm-ups are abandoned."""
-        tasks = list(self._tasks)
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await cancel_and_wait(*self._tasks)
         self._tasks.clear()       # done-callbacks run a loop iteration later; be explicit

@@ -20,7 +20,6 @@ with, so one switch changes both. The switch:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -32,6 +31,7 @@ from recsvc.errors import RankerUnavailable, RecsvcError
 from recsvc.pipeline import Pipeline, ServingBundle, load_serving_bundle
 from recsvc.repository import latest_version
 from recsvc.repository.rollout import ServingState, fitted_config, read_serving
+from recsvc.tasks import cancel_and_wait
 
 __all__ = ["ModelControl", "VersionFollower"]
 
@@ -161,9 +161,6 @@ class VersionFollower:
 
     async def close(self) -> None:
         """Stop polling and close every replaced bundle (waiting for their requests as usual)."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)

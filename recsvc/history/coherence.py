@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import orjson
 
 from recsvc.errors import Unavailable
+from recsvc.tasks import cancel_and_wait
 
 __all__ = ["CHANNEL", "Invalidator", "LocalInvalidator", "RedisInvalidator"]
 
@@ -131,7 +132,4 @@ class RedisInvalidator:
 
     async def close(self) -> None:
         """See Invalidator."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+        await cancel_and_wait(self._task)

@@ -34,6 +34,7 @@ from recsvc.repository import latest_version
 from recsvc.repository.rollout import fitted_config, read_serving
 from recsvc.server.metrics import MetricsServer, render
 from recsvc.server.servicer import RecommenderServicer
+from recsvc.tasks import cancel_and_wait
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 from recsvc.versions import VersionFollower
@@ -214,7 +215,7 @@ async def _serve(
             background.push_async_callback(metrics.close)
         if snapshot_file is not None:
             writer = asyncio.create_task(_write_snapshots(snapshot_file, samples), name="metrics-snapshots")
-            background.push_async_callback(_cancel, writer)
+            background.push_async_callback(cancel_and_wait, writer)
         await _run_grpc(server, servicer, settings, on_ready, stop)
 
 
@@ -226,12 +227,6 @@ async def _write_snapshots(path: Path, samples: Callable[[], tuple[dict[str, Any
         tmp.write_bytes(orjson.dumps({"rpc": rpc, "stats": stats}, default=str, option=orjson.OPT_NON_STR_KEYS))
         tmp.replace(path)
         await asyncio.sleep(1.0)
-
-
-async def _cancel(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
 
 
 async def _run_grpc(
