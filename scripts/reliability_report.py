@@ -32,7 +32,8 @@ Recommend calls. "failed" counts calls that ended with a status other than OK, b
 counts OK answers flagged degraded (served by a fallback), by reason. Events are RecordEvents calls'
 events: acknowledged, and of those lost or stored twice.
 
-The table is generated: `{command}` on {machine}, {when}. What follows the marker below it is\nwritten by hand and kept when the table is regenerated.
+The table is generated: `{command}` on {machine}, {when}. What follows the marker below it is
+written by hand and kept when the table is regenerated.
 """
 
 
