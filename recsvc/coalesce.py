@@ -7,20 +7,32 @@ per Triton call), hands the batch to ``handle`` once, and gives each caller its 
 that was cancelled meanwhile is skipped; a failed batch fails exactly its callers. Up to
 ``max_in_flight`` batches run at once (the next one forms while the current one computes). Batch sizes
 are counted for metrics.
+
+No caller waits forever: whatever ends a batch (its result, its error, its task being cancelled before or
+while it runs) resolves every caller in it, and whatever ends the runner (``close``, a cancellation, a
+bug) fails every item it had taken or that is still queued, with ``closed_error`` (``Unavailable`` unless
+the owner names a more precise one, e.g. ``RankerUnavailable`` so the pipeline degrades). A runner that
+ended without ``close`` is started again by the next ``submit``. A caller gives up on its own by being
+cancelled (e.g. by its deadline): that cancels only its own future, never the batch others share.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import logging
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable, Hashable, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
+from recsvc.errors import Unavailable
 from recsvc.tasks import cancel_and_wait
 
 __all__ = ["Coalescer"]
+
+log = logging.getLogger(__name__)
 
 _TIMER_RESOLUTION_S = 0.002    # waits shorter than this yield to the loop instead of arming a timer
 
@@ -49,6 +61,7 @@ class Coalescer(Generic[T, R]):
         key: Callable[[T], Hashable] = lambda _: None,
         name: str = "coalescer",
         max_in_flight: int = 1,
+        closed_error: Callable[[str], Exception] = Unavailable,
     ) -> None:
         if max_rows < 1 or max_wait_us < 0 or max_in_flight < 1:
             raise ValueError("max_rows and max_in_flight must be >= 1 and max_wait_us >= 0")
@@ -58,11 +71,13 @@ class Coalescer(Generic[T, R]):
         self._rows = rows
         self._key = key
         self._name = name
+        self._closed_error = closed_error
         # A deque and one wake-up future rather than asyncio.Queue: the queue is on every request's path,
         # and this is ~2 us per request cheaper (measured with benchmarks/retrieval_queue.py's no-op index).
         self._items: deque[_Pending[T, R]] = deque()
         self._wakeup: asyncio.Future[None] | None = None
         self._held: _Pending[T, R] | None = None        # taken from the queue, but for the next batch
+        self._forming: list[_Pending[T, R]] = []        # the batch being collected (failed if the runner ends)
         self._runner: asyncio.Task[None] | None = None
         # With 2+, the next batch forms (and its Python work runs) while the backend computes the current
         # one. It did not pay for FAISS on 2 cores (the search already uses both): 1 is the default.
@@ -75,10 +90,11 @@ class Coalescer(Generic[T, R]):
         """The result for ``item``, computed in a batch with whatever arrives within ``max_wait_us``."""
         if self._closed:
             # Nothing would ever answer: fail now instead of waiting forever.
-            raise RuntimeError(f"the {self._name} queue is closed")
+            raise self._closed_error(f"the {self._name} queue is closed")
         if self._runner is None:
             # Started on first use, in the running loop; owned here and cancelled by close().
             self._runner = asyncio.create_task(self._run(), name=self._name)
+            self._runner.add_done_callback(self._runner_done)
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
         self._items.append(_Pending(item, self._rows(item), self._key(item), future))
         wakeup = self._wakeup
@@ -131,12 +147,16 @@ class Coalescer(Generic[T, R]):
             self.batch_sizes[sum(p.rows for p in live)] += 1
             task = asyncio.create_task(self._dispatch(live), name=f"{self._name}-batch")
             self._in_flight.add(task)
-            task.add_done_callback(self._in_flight.discard)
+            # A callback, not a finally in _dispatch: a task cancelled before its first step never runs
+            # its body, and its callers and its slot must still be released.
+            task.add_done_callback(functools.partial(self._batch_done, live))
 
     async def _collect(self) -> list[_Pending[T, R]]:
         first = await self._next(None)
         assert first is not None
-        batch, rows = [first], first.rows
+        # Held on the instance while it forms: if the runner ends here, these callers are failed too.
+        batch, rows = self._forming, first.rows
+        batch.append(first)
         deadline = time.perf_counter() + self._max_wait_s
         while rows < self._max_rows:
             pending = await self._next(deadline)
@@ -147,6 +167,7 @@ class Coalescer(Generic[T, R]):
                 break
             batch.append(pending)
             rows += pending.rows
+        self._forming = []
         return [p for p in batch if not p.future.cancelled()]
 
     async def _dispatch(self, live: list[_Pending[T, R]]) -> None:
@@ -157,17 +178,53 @@ class Coalescer(Generic[T, R]):
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
-        finally:
-            self._slots.release()
+        if len(results) != len(live):
+            error = RuntimeError(f"{self._name}: {len(results)} results for a batch of {len(live)}")
+            for p in live:
+                if not p.future.done():
+                    p.future.set_exception(error)
+            return
         for p, result in zip(live, results, strict=True):
             if not p.future.done():
                 p.future.set_result(result)
 
+    def _batch_done(self, live: list[_Pending[T, R]], task: asyncio.Task[None]) -> None:
+        self._in_flight.discard(task)
+        self._slots.release()
+        # Only a cancelled batch (close(), or someone cancelling the task) leaves callers unresolved here.
+        reason = "queue is closed" if self._closed else "batch was cancelled" if task.cancelled() else "batch failed"
+        self._fail(live, reason)
+
+    def _runner_done(self, task: asyncio.Task[None]) -> None:
+        if self._runner is task:
+            self._runner = None          # the next submit() starts a new one (unless closed)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s runner failed; queued calls are failed", self._name, exc_info=task.exception())
+        # Whatever ended the runner, it answers nobody any more: fail what it had taken and what is queued.
+        forming, self._forming = self._forming, []
+        held, self._held = self._held, None
+        queued = list(self._items)
+        self._items.clear()
+        reason = "queue is closed" if self._closed else "queue runner stopped"
+        self._fail([*forming, *([held] if held is not None else []), *queued], reason)
+
+    def _fail(self, pending: Sequence[_Pending[T, R]], reason: str) -> None:
+        unresolved = [p for p in pending if not p.future.done()]
+        if unresolved:
+            error = self._closed_error(f"the {self._name} {reason}")
+            for p in unresolved:
+                p.future.set_exception(error)
+
     async def close(self) -> None:
-        """Stop the runner and the batches in flight; items still queued are cancelled, later ones refused."""
+        """Stop the runner and the batches in flight; every caller still waiting is failed, later ones refused."""
         self._closed = True
-        await cancel_and_wait(self._runner, *self._in_flight)
-        if self._held is not None:
-            self._held.future.cancel()
-        while self._items:
-            self._items.popleft().future.cancel()
+        try:
+            await cancel_and_wait(self._runner, *self._in_flight)
+        finally:
+            # The done callbacks did this already for tasks that existed; this catches items queued with no
+            # runner (one that ended and was never restarted).
+            held, self._held = self._held, None
+            queued = [*self._forming, *([held] if held is not None else []), *self._items]
+            self._forming = []
+            self._items.clear()
+            self._fail(queued, "queue is closed")

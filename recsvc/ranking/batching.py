@@ -18,6 +18,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recsvc.coalesce import Coalescer
+from recsvc.errors import RankerUnavailable
 from recsvc.ranking.base import Ranker, check_batch
 
 __all__ = ["BatchingRanker"]
@@ -36,6 +37,7 @@ class BatchingRanker:
         self._queue: Coalescer[_Call, npt.NDArray[np.float32]] = Coalescer(
             self._run, max_rows=max_batch, max_wait_us=max_wait_us, rows=lambda c: len(c[0]),
             key=lambda c: (c[2], c[0].shape[1], c[1].shape[1]), name="rank-batcher",
+            closed_error=RankerUnavailable,
         )  # fmt: skip
 
     @property
@@ -64,5 +66,5 @@ class BatchingRanker:
         return out
 
     async def close(self) -> None:
-        """Stop the queue (calls still waiting are cancelled)."""
+        """Stop the queue (calls still waiting fail with ``RankerUnavailable``)."""
         await self._queue.close()

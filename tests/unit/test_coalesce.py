@@ -7,7 +7,12 @@ import numpy as np
 import pytest
 
 from recsvc.coalesce import Coalescer
+from recsvc.errors import RankerUnavailable, Unavailable
 from recsvc.ranking import BatchingRanker, FakeRanker
+
+# Every wait on a caller below is bounded: without the fixes these calls never return, and a bound turns
+# that hang into a failure (TimeoutError) instead of a stuck suite.
+BOUND_S = 5.0
 
 
 async def test_items_of_one_key_share_a_batch_and_keys_never_mix() -> None:
@@ -53,7 +58,7 @@ async def test_failure_reaches_exactly_its_batch_and_cancelled_callers_are_skipp
         await c.submit(13)
     assert await c.submit(7) == 7
     await c.close()
-    with pytest.raises(RuntimeError, match="closed"):
+    with pytest.raises(Unavailable, match="closed"):
         await c.submit(1)
 
 
@@ -125,3 +130,129 @@ async def test_more_than_one_batch_in_flight_when_allowed() -> None:
     release.set()
     assert await asyncio.gather(*calls) == [0, 1, 2, 3]
     await c.close()
+
+
+async def test_close_fails_callers_of_a_batch_in_flight_held_and_queued() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+
+    async def handle(items: Sequence[int]) -> list[int]:
+        started.set()
+        await release.wait()            # a backend that never answers (a frozen Triton)
+        return list(items)
+
+    c: Coalescer[int, int] = Coalescer(handle, max_rows=8, max_wait_us=0, key=lambda i: i % 2)
+    # 0 and 2 form the stuck batch; 1 (another key) is held for the next one, 3 and 4 stay queued.
+    calls = [asyncio.create_task(c.submit(i)) for i in (0, 2, 1, 3, 4)]
+    await asyncio.wait_for(started.wait(), BOUND_S)
+    await asyncio.wait_for(c.close(), BOUND_S)
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), BOUND_S)
+    assert all(isinstance(r, Unavailable) and "closed" in str(r) for r in results), results
+
+
+async def test_close_fails_callers_of_a_batch_still_forming() -> None:
+    handled: list[list[int]] = []
+
+    async def handle(items: Sequence[int]) -> list[int]:
+        handled.append(list(items))
+        return list(items)
+
+    # A long max_wait: the runner has taken the items and waits for more company when close() comes.
+    c: Coalescer[int, int] = Coalescer(handle, max_rows=8, max_wait_us=10_000_000)
+    calls = [asyncio.create_task(c.submit(i)) for i in range(3)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    await asyncio.wait_for(c.close(), BOUND_S)
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), BOUND_S)
+    assert handled == []
+    assert all(isinstance(r, Unavailable) for r in results), results
+
+
+async def test_a_cancelled_batch_fails_its_callers_and_the_queue_keeps_serving() -> None:
+    started = asyncio.Event()
+    stuck = True
+
+    async def handle(items: Sequence[int]) -> list[int]:
+        if stuck:
+            started.set()
+            await asyncio.sleep(3600)
+        return [i * 2 for i in items]
+
+    c: Coalescer[int, int] = Coalescer(handle, max_rows=8, max_wait_us=0)
+    calls = [asyncio.create_task(c.submit(i)) for i in range(2)]
+    await asyncio.wait_for(started.wait(), BOUND_S)
+    [batch] = c._in_flight
+    batch.cancel()                      # e.g. a task group or the loop tearing it down
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), BOUND_S)
+    assert all(isinstance(r, Unavailable) and "cancelled" in str(r) for r in results), results
+    stuck = False
+    assert await asyncio.wait_for(c.submit(5), BOUND_S) == 10    # its slot was given back
+    await c.close()
+
+
+async def test_a_cancelled_runner_fails_what_it_holds_and_the_next_submit_restarts_it() -> None:
+    async def handle(items: Sequence[int]) -> list[int]:
+        return list(items)
+
+    c: Coalescer[int, int] = Coalescer(handle, max_rows=8, max_wait_us=10_000_000)
+    calls = [asyncio.create_task(c.submit(i)) for i in range(3)]
+    for _ in range(5):
+        await asyncio.sleep(0)
+    assert c._runner is not None
+    c._runner.cancel()
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), BOUND_S)
+    assert all(isinstance(r, Unavailable) for r in results), results
+    fast: Coalescer[int, int] = c
+    fast._max_wait_s = 0.0
+    assert await asyncio.wait_for(fast.submit(7), BOUND_S) == 7
+    await c.close()
+
+
+async def test_a_caller_gives_up_alone_and_the_shared_batch_still_answers_the_others() -> None:
+    started, release = asyncio.Event(), asyncio.Event()
+    calls_seen: list[list[int]] = []
+
+    async def handle(items: Sequence[int]) -> list[int]:
+        calls_seen.append(list(items))
+        started.set()
+        await release.wait()
+        return [i + 100 for i in items]
+
+    c: Coalescer[int, int] = Coalescer(handle, max_rows=8, max_wait_us=0)
+    patient = asyncio.create_task(c.submit(1))
+    await asyncio.wait_for(started.wait(), BOUND_S)
+    queued_patient = asyncio.create_task(c.submit(2))          # queued behind the stuck batch
+    # Callers with short deadlines, one in the stuck batch's queue: each gives up at its own bound.
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(c.submit(3), 0.05)
+    assert not patient.done() and not queued_patient.done()   # the batch was not cancelled for them
+    release.set()
+    assert await asyncio.wait_for(patient, BOUND_S) == 101
+    assert await asyncio.wait_for(queued_patient, BOUND_S) == 102
+    assert [3] not in calls_seen and all(3 not in batch for batch in calls_seen)   # the quitter was skipped
+    await c.close()
+
+
+async def test_batching_ranker_close_fails_waiting_calls_as_ranker_unavailable() -> None:
+    class Frozen:
+        def __init__(self) -> None:
+            self.started = asyncio.Event()
+
+        async def score(self, history: np.ndarray, candidates: np.ndarray, *, version: str) -> np.ndarray:
+            self.started.set()
+            await asyncio.sleep(3600)
+            raise AssertionError("unreachable")
+
+        async def close(self) -> None:
+            pass
+
+    inner = Frozen()
+    ranker = BatchingRanker(inner, max_batch=8, max_wait_us=0)
+    h, cands = np.zeros((1, 4), np.int64), np.zeros((1, 6), np.int64)
+    calls = [asyncio.create_task(ranker.score(h, cands, version="1")) for _ in range(3)]
+    await asyncio.wait_for(inner.started.wait(), BOUND_S)
+    await asyncio.wait_for(ranker.close(), BOUND_S)
+    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), BOUND_S)
+    # RankerUnavailable, which the pipeline turns into a degraded answer (not an error for the client).
+    assert all(isinstance(r, RankerUnavailable) for r in results), results
+    with pytest.raises(RankerUnavailable):
+        await ranker.score(h, cands, version="1")
