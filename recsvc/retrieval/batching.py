@@ -65,5 +65,5 @@ class SearchBatcher:
         return out
 
     async def close(self) -> None:
-        """Stop the queue; requests still queued are cancelled, later ones refused."""
+        """Stop the queue; requests still waiting fail with ``Unavailable`` (retryable), later ones too."""
         await self._queue.close()

@@ -6,6 +6,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
+from recsvc.errors import Unavailable
 from recsvc.retrieval import SearchBatcher
 
 
@@ -78,5 +79,5 @@ async def test_search_after_close_fails_at_once() -> None:
         batcher = SearchBatcher(lambda q, k: (np.zeros((len(q), k), np.float32), np.zeros((len(q), k), np.int64)), pool)
         await batcher.search(np.zeros((1, 2), np.float32), 1)
         await batcher.close()
-        with pytest.raises(RuntimeError, match="closed"):
+        with pytest.raises(Unavailable, match="closed"):     # retryable: UNAVAILABLE to a client
             await batcher.search(np.zeros((1, 2), np.float32), 1)
