@@ -23,10 +23,13 @@ version directory so the ranker version and the item index that belongs to it sw
 from __future__ import annotations
 
 import hashlib
+import re
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
+import numpy as np
+import numpy.typing as npt
 import orjson
 
 from recsvc.errors import BundleError
@@ -38,6 +41,7 @@ __all__ = [
     "OPTIONAL_FILES",
     "PADDING_SCORE",
     "Manifest",
+    "load_array",
     "read_manifest",
     "sha256_file",
     "update_manifest",
@@ -122,7 +126,11 @@ def _replace_manifest(directory: Path, manifest: Manifest) -> None:
 
 
 def read_manifest(directory: Path) -> Manifest:
-    """Read and type-check manifest.json (checksums are not verified; see ``verify_bundle``)."""
+    """Read and type-check manifest.json (checksums are not verified; see ``verify_bundle``).
+
+    Every name in ``files`` must be a plain relative path inside the bundle: a manifest naming
+    ``../x`` or ``/etc/x`` is refused, so checking, copying or loading a bundle never reaches outside it.
+    """
     path = directory / MANIFEST
     try:
         raw = orjson.loads(path.read_bytes())
@@ -133,22 +141,63 @@ def read_manifest(directory: Path) -> Manifest:
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:
         raise BundleError(f"{path}: unsupported bundle format {raw.get('format') if isinstance(raw, dict) else raw!r}")
     try:
-        return Manifest(**raw)
+        manifest = Manifest(**raw)
     except TypeError as exc:
         raise BundleError(f"{path}: malformed manifest ({exc})") from exc
+    _check_files(path, manifest.files)
+    return manifest
+
+
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_files(path: Path, files: object) -> None:
+    if not isinstance(files, dict):
+        raise BundleError(f"{path}: 'files' must map file names to sha256 checksums")
+    for name, digest in files.items():
+        if not isinstance(digest, str) or not _SHA256.fullmatch(digest):
+            raise BundleError(f"{path}: checksum of {name!r} is not a sha256 hex digest")
+        pure = PurePosixPath(name) if isinstance(name, str) else None
+        if (pure is None or not name or pure.is_absolute() or ".." in pure.parts or "\\" in name
+                or "\0" in name or pure.as_posix() != name):  # fmt: skip
+            raise BundleError(f"{path}: file name {name!r} is not a plain relative path inside the bundle")
 
 
 def verify_bundle(directory: Path) -> Manifest:
-    """Read the manifest and check every file's checksum; raise BundleError on any mismatch."""
+    """Read the manifest and check every file's checksum; raise BundleError on any mismatch.
+
+    The required files must be listed (a manifest cannot opt out of checking its ranker), and every file
+    must resolve inside the bundle (a symlink out of it is refused like a ``../`` name).
+    """
     manifest = read_manifest(directory)
+    unlisted = [name for name in BUNDLE_FILES if name not in manifest.files]
+    if unlisted:
+        raise BundleError(f"bundle {directory}: manifest lists no checksum for {', '.join(unlisted)}")
+    root = directory.resolve()
     for name, expected in manifest.files.items():
         path = directory / name
+        if not path.resolve().is_relative_to(root):
+            raise BundleError(f"bundle {directory}: file {name} resolves outside the bundle")
         if not path.is_file():
             raise BundleError(f"bundle {directory}: file {name} is missing")
-        actual = sha256_file(path)
+        try:
+            actual = sha256_file(path)
+        except OSError as exc:
+            raise BundleError(f"bundle {directory}: file {name} is unreadable: {exc}") from exc
         if actual != expected:
             raise BundleError(f"bundle {directory}: {name} checksum {actual[:12]} != manifest {expected[:12]}")
     return manifest
+
+
+def load_array(path: Path) -> npt.NDArray[Any]:
+    """``np.load`` of one ``.npy`` file; a truncated or garbage file is a BundleError naming it."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, EOFError) as exc:  # numpy: short reads, bad headers, pickled data
+        raise BundleError(f"{path} is not a readable .npy array: {exc}") from exc
+    if not isinstance(array, np.ndarray):
+        raise BundleError(f"{path} holds {type(array).__name__}, not one .npy array")
+    return array
 
 
 def update_metrics(directory: Path, metrics: dict[str, float]) -> Manifest:

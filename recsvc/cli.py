@@ -170,6 +170,11 @@ def cmd_triton_sync(args: argparse.Namespace) -> int:
                     await reconcile(settings.model_repository, settings.triton_model, triton)
                 except RankerUnavailable as exc:
                     log.warning("triton not reachable yet: %s", exc)
+                except RecsvcError as exc:
+                    if args.once:
+                        raise
+                    # A damaged version or a bad serving.json: keep the sidecar (and what Triton holds) up.
+                    log.error("cannot bring triton to serving.json's versions, retrying: %s", exc)
                 if args.once:
                     return
                 await asyncio.sleep(period)

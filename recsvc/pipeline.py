@@ -18,22 +18,31 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import pyarrow as pa
 from cachetools import LRUCache
+from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
-from recsvc.bundle import Manifest, verify_bundle
+from recsvc.bundle import Manifest, load_array
 from recsvc.catalog import Catalog
 from recsvc.config import Settings
 from recsvc.domain import Event, History, Recommendation, RecommendQuery, ScoredItem
-from recsvc.errors import BundleError, RankerUnavailable
+from recsvc.errors import BundleError, RankerUnavailable, RecsvcError
 from recsvc.history import TieredHistory
 from recsvc.models.query_encoder import QueryEncoder
 from recsvc.prefetch import Prefetcher
 from recsvc.ranking import Ranker
+from recsvc.repository.publishing import verify_version
 from recsvc.retrieval import Retriever, open_retriever
 
 __all__ = ["Pipeline", "ServingBundle", "load_serving_bundle"]
 
 log = logging.getLogger(__name__)
+
+# What ONNX Runtime raises for a model file it cannot load (plain Exception subclasses, no common base).
+_ORT_ERRORS: tuple[type[Exception], ...] = (
+    _ort_state.Fail, _ort_state.InvalidArgument, _ort_state.InvalidGraph, _ort_state.InvalidProtobuf,
+    _ort_state.NoSuchFile, _ort_state.NotImplemented, _ort_state.RuntimeException,
+)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -87,26 +96,85 @@ class _InFlight:
 
 
 def load_serving_bundle(version_dir: Path, model_version: str, settings: Settings | None = None) -> ServingBundle:
-    """Load a published version's bundle (blocking: call it in a thread)."""
+    """Load a published version's bundle (blocking: call it in a thread).
+
+    The version is checked first (every bundle file and model.onnx against the manifest's checksums), so
+    a damaged version is refused before anything is served from it or Triton is asked to load it. Files
+    that match their checksums yet cannot be read (the manifest was rewritten to match a truncated or
+    garbage file) raise BundleError naming the file, never numpy's, pyarrow's or ONNX Runtime's own errors.
+    """
     s = settings or Settings()
     bundle = version_dir / "bundle"
-    manifest = verify_bundle(bundle)
-    catalog = Catalog.read(bundle / "items.parquet")
-    embeddings = np.load(bundle / "item_embeddings.npy")
+    manifest = verify_version(version_dir)
+    with _reading(bundle / "items.parquet"):
+        catalog = Catalog.read(bundle / "items.parquet")
+    embeddings = load_array(bundle / "item_embeddings.npy")
     if embeddings.shape != (manifest.num_items, manifest.dim) or len(catalog) != manifest.num_items:
         raise BundleError(
             f"{bundle}: embeddings {embeddings.shape} / catalog {len(catalog)} do not match manifest "
             f"({manifest.num_items} items x {manifest.dim})"
         )
+    if not np.issubdtype(embeddings.dtype, np.floating) or not np.isfinite(embeddings).all():
+        raise BundleError(f"{bundle / 'item_embeddings.npy'}: {embeddings.dtype} with NaN or infinite values")
+    popularity = load_array(bundle / "popularity.npy")
+    if popularity.shape != (manifest.num_items,):
+        raise BundleError(f"{bundle / 'popularity.npy'}: shape {popularity.shape}, expected ({manifest.num_items},)")
+    with _reading(bundle / "query_encoder.onnx"):
+        encoder = QueryEncoder(bundle / "query_encoder.onnx")
+        # One run now: a model that loads but has the wrong tensors fails here, not in the first request.
+        probe = encoder.encode_sync(np.full((1, manifest.history_len), -1, dtype=np.int64))
+    if probe.shape != (1, manifest.dim) or not np.isfinite(probe).all():
+        raise BundleError(f"{bundle / 'query_encoder.onnx'}: an empty history encodes to {probe.shape} "
+                          f"{'finite' if np.isfinite(probe).all() else 'with NaN'}, expected (1, {manifest.dim})")
+    # Last: the retriever owns a thread and an index, so nothing that can fail comes after it.
+    with _reading(bundle / "index"):
+        retriever = open_retriever(bundle, embeddings, s, retired=catalog.retired())
     return ServingBundle(
         model_version=model_version,
         index_version=manifest.files["item_embeddings.npy"][:12],
         manifest=manifest,
         catalog=catalog,
-        encoder=QueryEncoder(bundle / "query_encoder.onnx"),
-        retriever=open_retriever(bundle, embeddings, s, retired=catalog.retired()),
-        popularity=np.load(bundle / "popularity.npy"),
+        encoder=encoder,
+        retriever=retriever,
+        popularity=popularity,
     )
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Translate what pyarrow, ONNX Runtime and faiss raise for an unreadable file into BundleError."""
+    try:
+        yield
+    except RecsvcError:
+        raise
+    except (OSError, ValueError, RuntimeError, KeyError, pa.ArrowException, *_ORT_ERRORS) as exc:
+        raise BundleError(f"{path} cannot be loaded: {type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else "(no message)"
+
+
+# Why an answer fell back, as the client reads it (``degraded_reason``) and as stats() counts it. Fixed
+# texts only: what fell back and what was served instead. Exception text, addresses and upstream error
+# messages go to the (throttled) log, never to a client.
+DEGRADED_REASONS: dict[str, str] = {
+    "history_unavailable": "history unavailable",
+    "history_timeout": "history timed out",
+    "ranker_unavailable": "ranker unavailable: served retrieval order",
+    "ranker_timeout": "ranker timed out: served retrieval order",
+    "nonfinite_scores": "ranker returned non-finite scores: served retrieval order",
+    "nonfinite_retrieval": "retrieval returned non-finite scores: those items left out",
+}
+
+# One log line per kind of fallback per interval (with the count held back): a Triton or Redis outage
+# degrades every request, and the log must not grow by a warning per request.
+DEGRADED_LOG_INTERVAL_S = 10.0
+
+# Bytes of one vector cache entry besides its arrays: the _UserQuery, three ndarray headers, the key tuple
+# and its strings, the cache's own bookkeeping (measured with sys.getsizeof, rounded up).
+_ENTRY_OVERHEAD_BYTES = 800
 
 
 @dataclass

@@ -8,8 +8,11 @@ with nothing loaded) or the version disappears, it loads the rollout's ``loaded`
 A published version is a ranker version plus the bundle (catalog, embeddings, item index) it belongs
 with, so one switch changes both. The switch:
 
-1. loads the new bundle beside the current one (index built or read, off the event loop); a bundle that
-   fails to load is logged, remembered and skipped, and the current one keeps serving;
+1. loads the new bundle beside the current one (index built or read, off the event loop), after checking
+   its files against the bundle's checksums; a version that fails to load, for whatever reason, is logged
+   once with its traceback, refused for a back-off period that doubles with each failure (so a broken
+   version is not reloaded at every poll, yet a half-synced copy heals) and everything it opened is
+   closed; the current one keeps serving;
 2. makes sure Triton has the new ranker version ready (EXPLICIT mode: it asks Triton to load it);
    if Triton cannot, the new bundle is dropped and the switch is tried again at the next poll;
 3. swaps the pipeline's bundle reference: requests that start afterwards use the new version, requests
@@ -27,10 +30,10 @@ from pathlib import Path
 from typing import Protocol
 
 from recsvc.config import Settings
-from recsvc.errors import RankerUnavailable, RecsvcError
+from recsvc.errors import BundleError, RankerUnavailable, RecsvcError
 from recsvc.pipeline import Pipeline, ServingBundle, load_serving_bundle
 from recsvc.repository import latest_version
-from recsvc.repository.rollout import ServingState, fitted_config, read_serving
+from recsvc.repository.rollout import ServingState, fitted_config, pinnable_versions, read_serving
 from recsvc.tasks import cancel_and_wait
 
 __all__ = ["ModelControl", "VersionFollower"]
@@ -55,7 +58,9 @@ class ModelControl(Protocol):
 
 
 Loader = Callable[[Path, str, Settings], ServingBundle]
+# A version that failed to load is tried again after this, doubling per failure up to the maximum.
 _RETRY_FAILED_S = 30.0
+_RETRY_FAILED_MAX_S = 600.0
 
 
 class VersionFollower:
@@ -68,6 +73,8 @@ class VersionFollower:
         self._settings = settings
         self._loader = loader
         self._failed: dict[int, float] = {}            # version that would not load -> when to try again
+        self._failures: dict[int, int] = {}            # version -> how many loads of it failed
+        self._repin_after = 0.0                         # a damaged serving version: when to hash it again
         self._closing: set[asyncio.Task[None]] = set()  # old bundles waiting for their last request
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -105,10 +112,8 @@ class VersionFollower:
             directory = s.model_repository / s.triton_model / str(newest)
             try:
                 bundle = await asyncio.to_thread(self._loader, directory, str(newest), s)
-            except (RecsvcError, OSError, ValueError) as exc:
-                # Not every poll (a broken version stays broken), but not never (a half-synced copy heals).
-                self._failed[newest] = time.monotonic() + _RETRY_FAILED_S
-                log.error("version %d of %s cannot be served, staying on %s: %s", newest, s.triton_model, current, exc)
+            except Exception as exc:  # noqa: BLE001 - any failure refuses the version; logged with its cause
+                self._refuse(newest, current, exc)
                 return False
             try:
                 if not await self._models.is_model_ready(str(newest)):
@@ -117,9 +122,16 @@ class VersionFollower:
             except RankerUnavailable as exc:
                 ready = False
                 log.warning("ranker version %d not loadable yet (%s); retrying at the next poll", newest, exc)
+            except BaseException as exc:
+                await bundle.close()    # nothing else holds it: its index and search thread would leak
+                if not isinstance(exc, Exception):
+                    raise
+                self._refuse(newest, current, exc)
+                return False
             if not ready:
                 await bundle.close()
                 return False
+            self._failures.pop(newest, None)
             previous = self._pipeline.swap(bundle)
             self.switches += 1
             log.info("switched to %s version %d (index %s); version %s drains", s.triton_model, newest,
@@ -129,27 +141,60 @@ class VersionFollower:
             task.add_done_callback(self._closing.discard)
             return True
 
+    def _refuse(self, version: int, current: str, exc: Exception) -> None:
+        # Not every poll (a broken version stays broken), but not never (a half-synced copy heals).
+        failures = self._failures[version] = self._failures.get(version, 0) + 1
+        pause = min(_RETRY_FAILED_S * 2 ** (failures - 1), _RETRY_FAILED_MAX_S)
+        self._failed[version] = time.monotonic() + pause
+        model = self._settings.triton_model
+        if failures == 1 and not isinstance(exc, RecsvcError | OSError):
+            # Not an error we expect from a bad version (a bug, ONNX Runtime, faiss): the traceback, once.
+            log.error("version %d of %s cannot be served, staying on %s; retrying in %.0f s",
+                      version, model, current, pause, exc_info=exc)  # fmt: skip
+        elif failures == 1:
+            log.error("version %d of %s cannot be served, staying on %s; retrying in %.0f s: %s",
+                      version, model, current, pause, exc)  # fmt: skip
+        else:
+            log.warning("version %d of %s still cannot be served (%d tries), retrying in %.0f s: %s",
+                        version, model, failures, pause, exc)  # fmt: skip
+
     async def _keep_pinned(self, state: ServingState | None, current: str) -> None:
         try:
             if await self._models.is_model_ready(current):
                 return
         except RankerUnavailable:
             return      # Triton unreachable: answers are degraded until it is back, then it is re-pinned
+        if time.monotonic() < self._repin_after:
+            return
         log.warning("ranker version %s is not loaded in Triton (restarted?): loading it again", current)
         self.repins += 1
         try:
             await self._pin(state)
         except RankerUnavailable as exc:
             log.warning("re-pinning version %s failed, retrying at the next poll: %s", current, exc)
+        except BundleError as exc:
+            # Answers stay degraded (retrieval order) rather than ranked by a damaged model; hashing the
+            # files again at every poll would only burn CPU, so wait before looking again.
+            self._repin_after = time.monotonic() + _RETRY_FAILED_S
+            log.error("not re-pinning version %s, answers stay unranked; checking again in %.0f s: %s",
+                      current, _RETRY_FAILED_S, exc)  # fmt: skip
 
     async def _pin(self, state: ServingState | None) -> None:
-        # Exactly the set the rollout asked for, so no replica can unload a version another one uses.
+        # Exactly the set the rollout asked for, so no replica can unload a version another one uses;
+        # but never a version whose files no longer match its checksums (hashed here, off the loop).
+        s = self._settings
         if state is None:
+            newest = await asyncio.to_thread(latest_version, s.model_repository, s.triton_model)
+            if newest is not None and not await asyncio.to_thread(
+                    pinnable_versions, s.model_repository, s.triton_model, [newest]):  # fmt: skip
+                raise BundleError(f"{s.triton_model} version {newest} is damaged; not loading it into Triton")
             await self._models.load_model()
             return
-        s = self._settings
+        versions = await asyncio.to_thread(pinnable_versions, s.model_repository, s.triton_model, state.loaded)
+        if state.version not in versions:
+            raise BundleError(f"{s.triton_model} version {state.version} is damaged; not loading it into Triton")
         config = await asyncio.to_thread(fitted_config, s.model_repository, s.triton_model, state.version)
-        await self._models.load_versions(list(state.loaded), config)
+        await self._models.load_versions(versions, config)
 
     async def _retire(self, bundle: ServingBundle) -> None:
         # A request has at most request_timeout_s; waiting longer only happens if one is stuck.

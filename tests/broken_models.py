@@ -42,3 +42,38 @@ def broken_bundle(source: Path, out: Path) -> Path:
     wrong_shape_ranker(out / "ranker.onnx")
     update_manifest(out)
     return out
+
+
+def damage_model(path: Path, how: str, *, seed: int = 0) -> None:
+    """Damage an ONNX file in place so that it still loads: the ways a model file goes bad on disk.
+
+    ``how``: "overwrite" (4 KiB of random bytes inside the largest weight), "replace" (that weight's
+    values replaced by other finite ones) or "nan" (some of its values NaN). The graph, names and shapes
+    stay valid, so ONNX Runtime and Triton load the file; only its bytes (and scores) differ.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    data = bytearray(path.read_bytes())
+    weight = max(onnx.load(str(path)).graph.initializer, key=lambda t: len(t.raw_data))
+    raw = weight.raw_data
+    start = bytes(data).find(raw)
+    assert start >= 0 and len(raw) >= 64, f"{path}: no raw weight to damage"
+    rng = np.random.default_rng(seed)
+    if how == "overwrite":
+        n = min(4096, len(raw))
+        offset = start + (len(raw) - n) // 2
+        data[offset : offset + n] = rng.bytes(n)
+    elif how == "replace":
+        data[start : start + len(raw)] = rng.standard_normal(len(raw) // 4).astype(np.float32).tobytes()
+    elif how == "nan":
+        values = np.frombuffer(raw, dtype=np.float32).copy()
+        values[::7] = np.nan
+        data[start : start + len(raw)] = values.tobytes()
+    else:
+        raise ValueError(f"unknown damage {how!r}")
+    path.write_bytes(bytes(data))
+    ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])     # still loads: that is the point
+
+
+DAMAGES = ("overwrite", "replace", "nan")

@@ -13,8 +13,12 @@ Layout of one model (``repository/<model>/``)::
     .staging-3/           a version being written; renamed to 3/ only when complete
 
 A version directory appears in one atomic ``rename`` after every file is written and fsynced, so Triton
-(or a service scanning for the newest version) never sees half a version. Publishers are serialised by
-an ``flock`` on the model directory, so two concurrent ``publish`` calls get different numbers.
+(or a service scanning for the newest version) never sees half a version. ``model.onnx`` is what Triton
+loads, so it is checked against the bundle's checksum of ``ranker.onnx`` (``verify_version``) whenever
+Triton is about to load it: at publish, before a rollout's pre-flight, and before every re-pin. A file
+damaged after publishing (a bad copy, a disk error, a hand edit) is refused instead of served.
+Publishers are serialised by an ``flock`` on the model directory, so two concurrent ``publish`` calls get
+different numbers.
 """
 
 from __future__ import annotations
@@ -29,9 +33,11 @@ from collections.abc import Iterator
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 import onnx
+from onnx import numpy_helper
 
-from recsvc.bundle import MANIFEST, Manifest, verify_bundle
+from recsvc.bundle import MANIFEST, Manifest, sha256_file, verify_bundle
 from recsvc.errors import BundleError, ConfigError
 
 __all__ = [
@@ -40,6 +46,7 @@ __all__ = [
     "latest_version",
     "list_versions",
     "publish",
+    "verify_version",
     "version_dir",
     "write_config",
 ]
@@ -50,6 +57,7 @@ STAGING_PREFIX = ".staging-"
 _NUMERIC = re.compile(r"[0-9]+")
 _RANKER_INPUTS = ("HISTORY", "CANDIDATES")
 _RANKER_OUTPUT = "SCORES"
+MODEL_FILE = "model.onnx"     # the bundle's ranker.onnx as Triton's python backend loads it
 
 
 def config_template(flavour: str = "cpu") -> str:
@@ -80,6 +88,29 @@ def list_versions(repository: Path, model_name: str = "ranker") -> list[int]:
         for entry in model_dir.iterdir()
         if _NUMERIC.fullmatch(entry.name) and (entry / "bundle" / MANIFEST).is_file()
     )
+
+
+def verify_version(directory: Path) -> Manifest:
+    """Check a published version before Triton loads it or the service serves it; return its manifest.
+
+    The bundle's files must match its manifest (``verify_bundle``) and ``model.onnx`` must be the
+    bundle's ``ranker.onnx`` byte for byte (its sha256 is in the manifest). Raises BundleError naming the
+    file otherwise. Blocking and proportional to the version's size (it hashes every file): call it in a
+    thread.
+    """
+    manifest = verify_bundle(directory / "bundle")
+    model = directory / MODEL_FILE
+    try:
+        actual = sha256_file(model)
+    except FileNotFoundError as exc:
+        raise BundleError(f"version {directory}: {MODEL_FILE} is missing") from exc
+    except OSError as exc:
+        raise BundleError(f"version {directory}: {MODEL_FILE} is unreadable: {exc}") from exc
+    expected = manifest.files["ranker.onnx"]
+    if actual != expected:
+        raise BundleError(f"version {directory}: {MODEL_FILE} checksum {actual[:12]} != the bundle's ranker.onnx "
+                          f"{expected[:12]}: damaged after publishing, refusing to load it")  # fmt: skip
+    return manifest
 
 
 def latest_version(repository: Path, model_name: str = "ranker") -> int | None:
@@ -138,6 +169,11 @@ def _check_ranker(path: Path, manifest: Manifest) -> None:
     if any(init.data_location == onnx.TensorProto.EXTERNAL for init in model.graph.initializer):
         # The file is copied as model.onnx; weights in a side file would be left behind.
         raise BundleError(f"{path}: weights stored as external data are not supported; export with them inline")
+    for init in model.graph.initializer:
+        # A NaN or infinite weight loads fine and turns every score it touches into NaN.
+        weights = numpy_helper.to_array(init)
+        if weights.dtype.kind in "fc" and not np.isfinite(weights).all():
+            raise BundleError(f"{path}: weight {init.name!r} has NaN or infinite values")
     expected = {"HISTORY": manifest.history_len, "CANDIDATES": manifest.num_candidates}
     for name, size in expected.items():
         dims = inputs[name].type.tensor_type.shape.dim
@@ -189,10 +225,10 @@ def _write_version(staging: Path, bundle_dir: Path) -> None:
     (staging / "model.py").write_bytes(package.joinpath("ranker_model.py").read_bytes())
     # The gpu-torch target's python-backend model (its config names it): every version can serve any target.
     (staging / "model_torch.py").write_bytes(package.joinpath("model_torch.py").read_bytes())
-    shutil.copyfile(bundle_dir / "ranker.onnx", staging / "model.onnx")
+    shutil.copyfile(bundle_dir / "ranker.onnx", staging / MODEL_FILE)
     shutil.copytree(bundle_dir, staging / "bundle")
     # Check what Triton and the service will actually read, not just what we meant to copy.
-    verify_bundle(staging / "bundle")
+    verify_version(staging)
     _fsync_tree(staging)
 
 

@@ -31,7 +31,7 @@ from recsvc.pipeline import Pipeline, load_serving_bundle
 from recsvc.prefetch import Prefetcher
 from recsvc.ranking import BatchingRanker, TritonRanker
 from recsvc.repository import latest_version
-from recsvc.repository.rollout import fitted_config, read_serving
+from recsvc.repository.rollout import fitted_config, pinnable_versions, read_serving
 from recsvc.server.metrics import MetricsServer, render
 from recsvc.server.servicer import RecommenderServicer
 from recsvc.tasks import cancel_and_wait
@@ -143,9 +143,11 @@ async def build_service(settings: Settings) -> Service:
                 if state is None:
                     await ranker.load_model()       # before any rollout: the config's version policy
                 else:
-                    # Exactly the rollout's set: never unload a version another replica serves.
+                    # Exactly the rollout's set: never unload a version another replica serves. Less any
+                    # version whose files no longer match their checksums (ours was checked when loaded).
                     config = await asyncio.to_thread(fitted_config, repo, model, version)
-                    await ranker.load_versions(list(state.loaded), config)
+                    loaded = await asyncio.to_thread(pinnable_versions, repo, model, state.loaded)
+                    await ranker.load_versions(loaded, config)
         except RankerUnavailable as exc:
             # Serve anyway: retrieval-only answers flagged degraded beat no answers, and the ranker is
             # used again as soon as Triton answers.

@@ -13,7 +13,7 @@ from recsvc.config import Settings
 from recsvc.domain import RecommendQuery
 from recsvc.errors import RankerUnavailable, Unavailable
 from recsvc.history import InMemoryHistoryStore, TieredHistory
-from recsvc.pipeline import Pipeline, load_serving_bundle
+from recsvc.pipeline import Pipeline, ServingBundle, load_serving_bundle
 from recsvc.ranking import FakeRanker
 from recsvc.repository import publish
 from recsvc.repository.rollout import ServingState, write_serving
@@ -173,5 +173,78 @@ async def test_serving_json_decides_and_a_lost_version_is_pinned_again(repo: Pat
     assert follower.repins == 1 and models.pinned == [[1, 2]]               # exactly the rollout's set
     models.down = True                                     # unreachable: nothing to do but wait
     assert not await follower.check() and follower.repins == 1
+    await follower.close()
+    await pipeline.bundle.close()
+
+
+class Boom(Exception):
+    """Neither RecsvcError nor OSError nor ValueError: what a bug, ONNX Runtime or faiss may raise."""
+
+
+async def test_a_load_failing_with_any_exception_is_refused_with_back_off_and_logged_once(
+    repo: Path, tiny_bundle: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline, _, models, _ = _setup(repo)
+    calls: list[str] = []
+
+    def loader(directory: Path, version: str, settings: Settings):  # type: ignore[no-untyped-def]
+        calls.append(version)
+        raise Boom("index is garbage")
+
+    follower = VersionFollower(pipeline, models, pipeline.settings, loader=loader)
+    publish(tiny_bundle, repo)
+    with caplog.at_level("WARNING", logger="recsvc.versions"):
+        for _ in range(5):                              # five polls: one load, not a reload storm
+            assert not await follower.check()
+    assert calls == ["2"] and pipeline.bundle.model_version == "1"
+    errors = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(errors) == 1 and errors[0].exc_info is not None and errors[0].exc_info[0] is Boom
+    first_pause = follower._failed[2]
+    follower._failed[2] = 0.0                           # its pause is over: tried again, and the pause doubles
+    assert not await follower.check()
+    assert calls == ["2", "2"] and follower._failed[2] - first_pause > 25.0
+    assert len([r for r in caplog.records if r.levelname == "ERROR"]) == 1     # the traceback only once
+    await follower.close()
+    await pipeline.bundle.close()
+
+
+async def test_a_bundle_loaded_for_a_switch_that_fails_is_closed(repo: Path, tiny_bundle: Path) -> None:
+    pipeline, _, models, _ = _setup(repo)
+    opened: list[ServingBundle] = []
+
+    def loader(directory: Path, version: str, settings: Settings) -> ServingBundle:
+        opened.append(load_serving_bundle(directory, version, settings))
+        return opened[-1]
+
+    class Broken(Models):
+        async def is_model_ready(self, version: str = "") -> bool:
+            if version == "2":
+                raise Boom("tritonclient raised something unexpected")
+            return await super().is_model_ready(version)
+
+    broken = Broken(repo)
+    broken.ready = models.ready
+    follower = VersionFollower(pipeline, broken, pipeline.settings, loader=loader)
+    publish(tiny_bundle, repo)
+    assert not await follower.check()
+    assert len(opened) == 1 and pipeline.bundle.model_version == "1"
+    with pytest.raises(Unavailable, match="closed"):     # closed, not leaked
+        await opened[0].retriever.search(np.zeros((1, opened[0].manifest.dim), np.float32), 5, [set()])
+    assert not await follower.check() and len(opened) == 1     # refused for a while
+    await follower.close()
+    await pipeline.bundle.close()
+
+
+async def test_a_damaged_serving_version_is_not_pinned_again(repo: Path, tiny_bundle: Path) -> None:
+    from tests.broken_models import damage_model
+
+    pipeline, _, models, follower = _setup(repo)
+    write_serving(repo, "ranker", ServingState(version=1, loaded=(1,)))
+    damage_model(repo / "ranker" / "1" / "model.onnx", "overwrite")
+    models.ready = set()                                # Triton restarted and lost it
+    assert not await follower.check()
+    assert models.pinned == [] and follower.repins == 1  # refused, not loaded
+    assert not await follower.check() and follower.repins == 1     # not re-hashed at every poll
+    assert pipeline.bundle.model_version == "1"          # still answering (unranked until it is fixed)
     await follower.close()
     await pipeline.bundle.close()
