@@ -47,14 +47,17 @@ class RpcMetrics:
             status = code()
             raise
         finally:
-            elapsed = time.perf_counter() - start
             self.in_flight[method] -= 1
-            self.calls[(method, status)] += 1
-            counts = self.buckets.setdefault(method, [0] * len(LATENCY_BUCKETS_S))
-            for i, bound in enumerate(LATENCY_BUCKETS_S):
-                if elapsed <= bound:
-                    counts[i] += 1
-            self.seconds[method] = self.seconds.get(method, 0.0) + elapsed
+            self.count(method, status, time.perf_counter() - start)
+
+    def count(self, method: str, code: str, elapsed_s: float) -> None:
+        """Count one finished call (``track`` does this; admission control for calls it refused)."""
+        self.calls[(method, code)] += 1
+        counts = self.buckets.setdefault(method, [0] * len(LATENCY_BUCKETS_S))
+        for i, bound in enumerate(LATENCY_BUCKETS_S):
+            if elapsed_s <= bound:
+                counts[i] += 1
+        self.seconds[method] = self.seconds.get(method, 0.0) + elapsed_s
 
     def snapshot(self) -> dict[str, Any]:
         """Plain data (JSON-able) for ``render`` and for worker -> supervisor hand-over."""

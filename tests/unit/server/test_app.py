@@ -1,14 +1,26 @@
-"""build_service wiring: store, tiers, prefetch and start-up warming, without Triton (degraded ranker)."""
+"""build_service wiring (store, tiers, prefetch, start-up warming, without Triton) and the shutdown order."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import AsyncIterator
 from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.config import Settings
 from recsvc.domain import Event, EventType, RecommendQuery
 from recsvc.history import SqliteHistoryStore
 from recsvc.repository import publish
-from recsvc.server.app import build_service
+from recsvc.server.app import SERVICE_NAME, _run_grpc, build_service
+from recsvc.v1 import recommender_pb2 as pb
+from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
 
 async def test_start_up_warms_the_most_active_users(tmp_path: Path, tiny_bundle: Path) -> None:
@@ -39,3 +51,93 @@ async def test_start_up_warms_the_most_active_users(tmp_path: Path, tiny_bundle:
         assert stats["vectors"]["hits"] == 1
     finally:
         await service.close()
+
+
+# ------------------------------------------------------------------------------------------ shutdown
+class _SlowServicer:
+    """Stands in for RecommenderServicer: Recommend sleeps ``k`` centiseconds, then answers."""
+
+    def __init__(self) -> None:
+        self.finished = 0
+
+    async def Recommend(self, request: pb.RecommendRequest, context: object) -> pb.RecommendResponse:
+        await asyncio.sleep(request.k / 100)
+        self.finished += 1
+        return pb.RecommendResponse(model_version=request.user_id)
+
+    async def RecordEvents(self, request: pb.RecordEventsRequest, context: object) -> pb.RecordEventsResponse:
+        return pb.RecordEventsResponse(accepted=len(request.events))
+
+    async def Prefetch(self, request: pb.PrefetchRequest, context: object) -> pb.PrefetchResponse:
+        return pb.PrefetchResponse()
+
+
+@contextlib.asynccontextmanager
+async def _running(settings: Settings, stop: asyncio.Event) -> AsyncIterator[tuple[str, asyncio.Task[None]]]:
+    ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+    server = grpc.aio.server()
+    task = asyncio.create_task(_run_grpc(server, _SlowServicer(), settings, ready.set_result, stop))  # type: ignore[arg-type]
+    try:
+        port = await asyncio.wait_for(ready, 10)
+        yield f"127.0.0.1:{port}", task
+    finally:
+        stop.set()
+        await asyncio.wait_for(task, 60)
+
+
+async def _check(channel: grpc.aio.Channel, service: str) -> str:
+    reply = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(service=service), timeout=5)
+    return str(health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status))
+
+
+async def test_shutdown_goes_not_serving_keeps_serving_then_finishes_in_flight_work() -> None:
+    # grace_s is long on purpose: an open Watch stream (grpc's own health servicer never ends one) would
+    # hold the stop for all of it.
+    settings = Settings(host="127.0.0.1", port=0, drain_delay_s=1.0, grace_s=30.0)
+    stop = asyncio.Event()
+    async with _running(settings, stop) as (target, task), grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.RecommenderStub(channel)  # type: ignore[no-untyped-call]
+        watch = health_pb2_grpc.HealthStub(channel).Watch(health_pb2.HealthCheckRequest(service=SERVICE_NAME))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        slow = asyncio.ensure_future(stub.Recommend(pb.RecommendRequest(user_id="slow", k=150), timeout=20))
+        await asyncio.sleep(0.1)                    # the slow call is in flight
+
+        t0 = time.monotonic()
+        stop.set()
+        await asyncio.sleep(0)
+        # At once: NOT_SERVING for the server and the service, while the port still answers.
+        assert await _check(channel, "") == "NOT_SERVING"
+        assert await _check(channel, SERVICE_NAME) == "NOT_SERVING"
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.NOT_SERVING
+        # The drain delay: new calls are still served normally.
+        reply = await stub.Recommend(pb.RecommendRequest(user_id="during-drain", k=1), timeout=5)
+        assert reply.model_version == "during-drain"
+        # Then the Watch stream ends cleanly (OK), without waiting for the grace period.
+        assert await watch.read() is grpc.aio.EOF
+        assert await watch.code() == grpc.StatusCode.OK
+        assert time.monotonic() - t0 >= settings.drain_delay_s * 0.9
+        # The call in flight finishes normally (not CANCELLED), and the server stops right after it.
+        assert (await slow).model_version == "slow"
+        await asyncio.wait_for(task, 15)
+        assert time.monotonic() - t0 < 15 < settings.drain_delay_s + settings.grace_s
+        # Stopped: nothing listens any more.
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Recommend(pb.RecommendRequest(user_id="late", k=1), timeout=2)
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+async def test_second_signal_skips_the_rest_of_the_drain_delay() -> None:
+    settings = Settings(host="127.0.0.1", port=0, drain_delay_s=120.0, grace_s=5.0)
+    stop = asyncio.Event()
+    async with _running(settings, stop) as (target, task):
+        # _run_grpc handles SIGTERM from before on_ready until it has stopped: never the default action here.
+        assert signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, signal.SIG_IGN)
+        t0 = time.monotonic()
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(stop.wait(), 5)
+        async with grpc.aio.insecure_channel(target) as channel:
+            assert await _check(channel, "") == "NOT_SERVING"
+        assert not task.done()                      # draining: serving on for up to drain_delay_s
+        os.kill(os.getpid(), signal.SIGTERM)
+        await asyncio.wait_for(task, 30)
+        assert time.monotonic() - t0 < 30 < settings.drain_delay_s

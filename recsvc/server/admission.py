@@ -1,0 +1,185 @@
+"""Admission control: bounded admitted work; the excess fails fast with RESOURCE_EXHAUSTED and a pushback.
+
+Without it, a server past saturation queues every request (on the event loop, in the batching queues)
+until latencies reach the clients' deadlines and everything fails at once. Here each class of call has a
+``Gate`` with a fixed number of slots:
+
+* Recommend: ``max_in_flight`` calls at once. Queueing inside the server is then bounded by that many
+  calls' worth of work (Little's law), so admitted requests keep about the latency they have at saturation
+  however much more arrives.
+* RecordEvents: its own ``max_in_flight_events`` slots, so a flood of reads never refuses a write (and
+  the reverse). A refused write was not applied; retrying it is safe (duplicates are detected).
+* Prefetch, health and reflection are never refused: Prefetch only offers users to its own bounded
+  queue, and probes must see the truth about an overloaded server, not a refusal.
+
+A refused call ends with RESOURCE_EXHAUSTED and trailing metadata ``grpc-retry-pushback-ms`` (the gRPC
+retry pushback: a client retry policy waits that long before its next attempt) and ``retry-after``, the
+same in seconds for people and other clients ("0.042s"). The pushback is about one admitted call's recent
+duration, when a slot is likely free again, jittered so that refused clients do not come back together.
+
+When the gate is busy (at least half full), a call whose remaining deadline is shorter than the recent
+duration of admitted calls is refused too, with DEADLINE_EXCEEDED: it would most likely time out after
+using a slot that a call with a reachable deadline could have had. On an idle server such a call is
+still tried.
+
+This interceptor goes first (outermost), so a refusal costs as little as possible; it counts its
+refusals in ``RpcMetrics`` itself, under their method and code (admitted calls are counted by the request
+interceptor inside it). Each gate also keeps its own counters.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+
+from recsvc.config import Settings
+from recsvc.server.metrics import RpcMetrics
+from recsvc.v1 import recommender_pb2 as pb
+
+__all__ = ["AdmissionInterceptor", "Gate", "Refusal"]
+
+_SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+PUSHBACK_KEY = "grpc-retry-pushback-ms"
+RETRY_AFTER_KEY = "retry-after"
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """Why a call was not admitted, and what the client is told."""
+
+    code: grpc.StatusCode
+    details: str
+    pushback_ms: int | None = None
+
+    def trailing_metadata(self) -> tuple[tuple[str, str], ...]:
+        """The pushback, as gRPC retry policies read it and as a readable hint."""
+        if self.pushback_ms is None:
+            return ()
+        return ((PUSHBACK_KEY, str(self.pushback_ms)), (RETRY_AFTER_KEY, f"{self.pushback_ms / 1000:.3f}s"))
+
+
+class Gate:
+    """``limit`` slots for one class of calls, and an average of how long admitted calls take.
+
+    ``min_pushback_ms``/``max_pushback_ms`` bound the pushback; ``initial_s`` is the duration assumed
+    before any call has finished. The random generator is injected (jitter), like the clock.
+    """
+
+    def __init__(
+        self, name: str, limit: int, *, rng: random.Random | None = None, initial_s: float = 0.01,
+        min_pushback_ms: int = 5, max_pushback_ms: int = 1000, smoothing: float = 0.1,
+    ) -> None:  # fmt: skip
+        if limit <= 0:
+            raise ValueError(f"gate {name!r}: limit must be > 0, got {limit}")
+        self.name = name
+        self.limit = limit
+        self.in_flight = 0
+        self.admitted = 0
+        self.refused = 0
+        self.duration_s = initial_s
+        self._rng = rng or random.Random()
+        self._min_ms = min_pushback_ms
+        self._max_ms = max_pushback_ms
+        self._alpha = smoothing
+
+    def enter(self, time_remaining_s: float | None) -> Refusal | None:
+        """Take a slot (None) or say why not. Every None must be followed by one ``leave``."""
+        if self.in_flight >= self.limit:
+            self.refused += 1
+            return Refusal(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                           f"server overloaded: {self.limit} {self.name} calls in progress; retry after the "
+                           "pushback", self.pushback_ms())  # fmt: skip
+        if (time_remaining_s is not None and self.in_flight * 2 >= self.limit
+                and time_remaining_s < self.duration_s):  # fmt: skip
+            self.refused += 1
+            return Refusal(grpc.StatusCode.DEADLINE_EXCEEDED,
+                           f"deadline too short under load: {time_remaining_s * 1000:.0f} ms left, {self.name} calls "
+                           f"take about {self.duration_s * 1000:.0f} ms now")  # fmt: skip
+        self.in_flight += 1
+        self.admitted += 1
+        return None
+
+    def leave(self, elapsed_s: float) -> None:
+        """Give the slot back; ``elapsed_s`` (how long the call took) updates the average."""
+        self.in_flight -= 1
+        if math.isfinite(elapsed_s) and elapsed_s >= 0:
+            self.duration_s += self._alpha * (elapsed_s - self.duration_s)
+
+    def pushback_ms(self) -> int:
+        """About one call's duration, jittered by +-50% so refused clients spread out, within bounds."""
+        ms = self.duration_s * 1000 * self._rng.uniform(0.5, 1.5)
+        return int(min(self._max_ms, max(self._min_ms, round(ms))))
+
+    def stats(self) -> dict[str, Any]:
+        """Counters for logs and metrics."""
+        return {"limit": self.limit, "in_flight": self.in_flight, "admitted": self.admitted,
+                "refused": self.refused, "duration_ms": round(self.duration_s * 1000, 3)}  # fmt: skip
+
+
+Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
+
+
+class AdmissionInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps the unary methods that have a gate; every other method passes through untouched."""
+
+    def __init__(
+        self, gates: Mapping[str, Gate], *, metrics: RpcMetrics | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+    ) -> None:  # fmt: skip
+        self.gates = dict(gates)          # full method path -> gate
+        self._metrics = metrics
+        self._clock = clock
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, metrics: RpcMetrics | None = None, rng: random.Random | None = None
+    ) -> AdmissionInterceptor:
+        """Recommend and RecordEvents gates sized by the settings."""
+        rng = rng or random.Random()
+        return cls({
+            f"/{_SERVICE}/Recommend": Gate("Recommend", settings.max_in_flight, rng=rng),
+            f"/{_SERVICE}/RecordEvents": Gate("RecordEvents", settings.max_in_flight_events, rng=rng),
+        }, metrics=metrics)  # fmt: skip
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        """Each gate's counters, by method name."""
+        return {gate.name: gate.stats() for gate in self.gates.values()}
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """Put the handler ``continuation`` finds behind its method's gate, if it has one."""
+        handler = await continuation(handler_call_details)
+        gate = self.gates.get(handler_call_details.method)
+        if handler is None or gate is None or handler.unary_unary is None:
+            return handler
+        return grpc.unary_unary_rpc_method_handler(
+            self._admitting(gate, handler.unary_unary),  # type: ignore[arg-type]
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _admitting(self, gate: Gate, behavior: Behavior) -> Behavior:
+        async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
+            refusal = gate.enter(context.time_remaining())
+            if refusal is not None:
+                if self._metrics is not None:
+                    self._metrics.count(gate.name, refusal.code.name, 0.0)
+                # abort() replaces trailing metadata set earlier: keep what is there.
+                trailing = (*(context.trailing_metadata() or ()), *refusal.trailing_metadata())
+                await context.abort(refusal.code, refusal.details, trailing_metadata=trailing)
+            start = self._clock()
+            try:
+                return await behavior(request, context)
+            finally:
+                gate.leave(self._clock() - start)
+
+        return admitted
