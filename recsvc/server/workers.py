@@ -9,7 +9,10 @@ The supervisor (this module, the process the container starts):
 * starts the workers as ``recsvc serve`` child processes and restarts one that dies (with a pause);
 * serves ``/metrics`` for all of them: each worker writes a metrics snapshot file every second and
   the supervisor renders them with a ``worker`` label;
-* on SIGTERM forwards it, so every worker drains like a single server would, and waits for them.
+* on SIGTERM forwards it, so every worker drains like a single server would (NOT_SERVING, serving on
+  for ``drain_delay_s``, then finishing its calls within ``grace_s``), and waits for them; a second
+  SIGTERM/SIGINT is forwarded too (a worker then skips the rest of its drain delay). Until every worker
+  has exited the supervisor keeps handling both signals: dying on the second one would orphan them.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ __all__ = ["supervise"]
 log = logging.getLogger(__name__)
 
 _RESTART_PAUSE_S = 1.0
+_STOP_MARGIN_S = 10.0       # beyond a worker's drain delay and grace: closing caches and clients
 
 
 class _Worker:
@@ -78,11 +82,18 @@ async def supervise(
     if settings.port == 0:
         raise ConfigError("workers > 1 needs a fixed port: the workers share it (port 0 would give each its own)")
     stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     rundir = Path(tempfile.mkdtemp(prefix="recsvc-workers-"))
     workers = [_Worker(i, rundir, settings) for i in range(settings.workers)]
+    loop = asyncio.get_running_loop()
+
+    def on_signal() -> None:
+        if not stop.is_set():
+            stop.set()                                # _stop_all forwards this first one
+        else:
+            _signal_all(workers)                      # again: the workers cut their drain delay short
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
     metrics: MetricsServer | None = None
     try:
         for w in workers:
@@ -99,9 +110,11 @@ async def supervise(
             log.info("%d workers serving on %s:%d", len(workers), settings.host, settings.port)
         await _watch(workers, stop)
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        await _stop_all(workers, settings.grace_s + 10.0)
+        try:
+            await _stop_all(workers, settings.drain_delay_s + settings.grace_s + _STOP_MARGIN_S)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
         if metrics is not None:
             await metrics.close()
         shutil.rmtree(rundir, ignore_errors=True)
@@ -137,11 +150,17 @@ async def _watch(workers: list[_Worker], stop: asyncio.Event) -> None:
         stopping.cancel()
 
 
-async def _stop_all(workers: list[_Worker], timeout_s: float) -> None:
+def _signal_all(workers: list[_Worker]) -> list[asyncio.subprocess.Process]:
     running = [w.proc for w in workers if w.proc is not None and w.proc.returncode is None]
     for proc in running:
         with contextlib.suppress(ProcessLookupError):
-            proc.send_signal(signal.SIGTERM)          # each worker drains like a single server
+            proc.send_signal(signal.SIGTERM)
+    return running
+
+
+async def _stop_all(workers: list[_Worker], timeout_s: float) -> None:
+    # Each worker drains like a single server; past drain + grace + a margin, it is killed.
+    running = _signal_all(workers)
     try:
         await asyncio.wait_for(asyncio.gather(*(p.wait() for p in running)), timeout_s)
     except TimeoutError:
