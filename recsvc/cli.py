@@ -10,10 +10,13 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from recsvc.config import Settings, load_settings
 from recsvc.errors import ConfigError, RecsvcError
+
+if TYPE_CHECKING:
+    from recsvc.server.client import RecsvcClient
 
 __all__ = ["main"]
 
@@ -204,8 +207,7 @@ def _rollout(settings: Settings, version: int, drain_s: float | None) -> int:
     from recsvc.repository.rollout import rollout
 
     async def run() -> None:
-        triton = TritonRanker(settings.triton_url, model_name=settings.triton_model,
-                              timeout_s=max(settings.triton_timeout_s, 10.0))  # fmt: skip
+        triton = TritonRanker.from_settings(settings, timeout_s=max(settings.triton_timeout_s, 10.0))
         try:
             report = await rollout(settings.model_repository, settings.triton_model, version, triton,
                                    drain_s=settings.rollout_drain_s if drain_s is None else drain_s,
@@ -333,14 +335,28 @@ def _latest_catalog(settings: Settings) -> Any:
     return Catalog.read(settings.model_repository / settings.triton_model / str(version) / "bundle" / "items.parquet")
 
 
+# The client's token comes from --token-file or this variable (not RECSVC_*: those are server settings,
+# and the server refuses any it does not know).
+TOKEN_ENV = "RECOMMENDER_TOKEN"
+
+
+def _client(args: argparse.Namespace, settings: Settings) -> RecsvcClient:
+    import os
+
+    from recsvc.server.client import RecsvcClient
+    from recsvc.server.security import read_token
+
+    token = read_token(args.token_file) if args.token_file is not None else os.environ.get(TOKEN_ENV) or None
+    return RecsvcClient(args.target or f"{settings.host}:{settings.port}", tls=args.tls, ca=args.ca,
+                        cert=args.cert, key=args.key, token=token)  # fmt: skip
+
+
 def cmd_recommend(args: argparse.Namespace) -> int:
     """Ask a running server for recommendations and print them with titles."""
-    from recsvc.server.client import RecsvcClient
-
     settings = _settings(args)
 
     async def run() -> Any:
-        async with RecsvcClient(args.target or f"{settings.host}:{settings.port}") as client:
+        async with _client(args, settings) as client:
             return await client.recommend(args.user, args.k, context=args.context, exclude=args.exclude)
 
     _print_recommendation(asyncio.run(run()), _latest_catalog(settings), args.user)
@@ -350,13 +366,12 @@ def cmd_recommend(args: argparse.Namespace) -> int:
 def cmd_record(args: argparse.Namespace) -> int:
     """Send one event to a running server."""
     from recsvc.domain import Event, EventType
-    from recsvc.server.client import RecsvcClient
 
     settings = _settings(args)
     event = Event(args.user, args.item, EventType[args.type.upper()], time.time())
 
     async def run() -> int:
-        async with RecsvcClient(args.target or f"{settings.host}:{settings.port}") as client:
+        async with _client(args, settings) as client:
             return await client.record([event])
 
     print(f"accepted {asyncio.run(run())} event(s)")
@@ -556,6 +571,11 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("item")
             p.add_argument("--type", choices=["view", "cart", "purchase"], default="view")
         p.add_argument("--target", help="host:port of the server (default host:port from settings)")
+        p.add_argument("--tls", action="store_true", help="speak TLS (implied by --ca or --cert)")
+        p.add_argument("--ca", type=Path, help="CA that signed the server's certificate (default: system roots)")
+        p.add_argument("--cert", type=Path, help="client certificate, for a server that requires mutual TLS")
+        p.add_argument("--key", type=Path, help="the client certificate's key")
+        p.add_argument("--token-file", type=Path, help=f"bearer token to send (first line; default ${TOKEN_ENV})")
         p.set_defaults(func=func)
     return parser
 

@@ -98,6 +98,21 @@ class Settings:
     triton_timeout_s: float = 1.0
     triton_http_port: int = 8000
     triton_metrics_port: int = 8002
+    triton_tls: bool = False                 # reach Triton's gRPC port over TLS (tritonserver --grpc-use-ssl)
+    triton_ca: Path | None = None            # CA that signed Triton's certificate (default: the system's roots)
+    triton_cert: Path | None = None          # client certificate for Triton's mutual TLS (--grpc-use-ssl-mutual)
+    triton_key: Path | None = None           # its private key
+
+    # --- security (README, "Security"); files are re-read when they change, so rotation needs no restart ---
+    tls_cert: Path | None = None             # server certificate chain (PEM); with tls_key the port speaks TLS only
+    tls_key: Path | None = None              # its private key (PEM, unencrypted)
+    tls_client_ca: Path | None = None        # CA bundle client certificates are verified against (mutual TLS)
+    tls_require_client_cert: bool = False    # mutual TLS: refuse clients without a certificate from tls_client_ca
+    health_port: int = 0                     # plaintext port serving only grpc.health.v1, for probes (0: none)
+    write_token_file: Path | None = None     # bearer tokens (one per line) RecordEvents and Prefetch require
+    read_token_file: Path | None = None      # bearer tokens Recommend requires (unset: Recommend is open)
+    write_allowed_identities: str = ""       # comma-separated client certificate CNs/SANs allowed to write
+    secret_poll_s: float = 1.0               # how often certificate and token files are checked for changes
 
     def resolved_history_db(self) -> Path:
         """Path of the embedded history database."""
@@ -224,5 +239,31 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"max_k ({s.max_k}) cannot exceed num_candidates ({s.num_candidates})")
     if s.history_keep < s.history_len:
         raise ConfigError(f"history_keep ({s.history_keep}) must be >= history_len ({s.history_len})")
+    _validate_security(s)
 
 
+def _validate_security(s: Settings) -> None:
+    # Only combinations that mean something: a half-configured TLS setup must not quietly serve plaintext.
+    if (s.tls_cert is None) != (s.tls_key is None):
+        raise ConfigError("settings 'tls_cert' and 'tls_key' go together: set both (TLS) or neither (plaintext)")
+    if s.tls_client_ca is not None and s.tls_cert is None:
+        raise ConfigError("setting 'tls_client_ca' needs TLS: set tls_cert and tls_key too")
+    if s.tls_require_client_cert != (s.tls_client_ca is not None):
+        # gRPC Python either requires and verifies a client certificate or never asks for one: a CA
+        # without the requirement would verify nothing.
+        raise ConfigError("settings 'tls_client_ca' and 'tls_require_client_cert' go together (mutual TLS)")
+    if s.write_allowed_identities.strip() and not s.tls_require_client_cert:
+        raise ConfigError("setting 'write_allowed_identities' needs mutual TLS "
+                          "(tls_client_ca and tls_require_client_cert)")
+    if s.read_token_file is not None and s.write_token_file is None and not s.write_allowed_identities.strip():
+        # Otherwise anyone could write histories while reading needs a token: almost certainly a mistake.
+        raise ConfigError("setting 'read_token_file' needs writes protected too (write_token_file or "
+                          "write_allowed_identities)")
+    if not 0 <= s.health_port <= 65535 or (s.health_port and s.health_port == s.port):
+        raise ConfigError(f"setting 'health_port' must be in 0..65535 and differ from port, got {s.health_port}")
+    if not 0 < s.secret_poll_s <= 3600:
+        raise ConfigError(f"setting 'secret_poll_s' must be in (0, 3600] seconds, got {s.secret_poll_s}")
+    if not s.triton_tls and any(p is not None for p in (s.triton_ca, s.triton_cert, s.triton_key)):
+        raise ConfigError("settings 'triton_ca', 'triton_cert' and 'triton_key' need triton_tls=true")
+    if (s.triton_cert is None) != (s.triton_key is None):
+        raise ConfigError("settings 'triton_cert' and 'triton_key' go together: set both (mutual TLS) or neither")

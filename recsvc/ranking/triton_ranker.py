@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -18,10 +20,42 @@ from tritonclient.grpc.aio import InferenceServerClient
 from tritonclient.utils import InferenceServerException
 
 from recsvc.config import Settings
-from recsvc.errors import RankerUnavailable
+from recsvc.errors import ConfigError, RankerUnavailable
 from recsvc.ranking.base import check_batch, empty_scores
 
-__all__ = ["TritonRanker"]
+__all__ = ["TritonRanker", "TritonTls"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class TritonTls:
+    """TLS to Triton's gRPC port: ``ca`` (default: the system's roots), ``cert``/``key`` for mutual TLS.
+
+    tritonclient reads the files when the channel opens (first use); a rotated client certificate is
+    picked up by the next process, not by an open channel.
+    """
+
+    ca: Path | None = None
+    cert: Path | None = None
+    key: Path | None = None
+
+    def __post_init__(self) -> None:
+        if (self.cert is None) != (self.key is None):
+            raise ConfigError("Triton TLS: a client certificate needs its key, and a key its certificate")
+        for setting, path in (("triton_ca", self.ca), ("triton_cert", self.cert), ("triton_key", self.key)):
+            if path is None:
+                continue
+            try:
+                head = path.read_bytes()[:65536]
+            except OSError as exc:
+                raise ConfigError(f"{setting} {path}: {exc.strerror or exc}") from exc
+            if b"-----BEGIN " not in head:
+                raise ConfigError(f"{setting} {path} is not a PEM file")
+
+    def client_args(self) -> dict[str, Any]:
+        """Keyword arguments of tritonclient's InferenceServerClient."""
+        return {"ssl": True, "root_certificates": None if self.ca is None else str(self.ca),
+                "private_key": None if self.key is None else str(self.key),
+                "certificate_chain": None if self.cert is None else str(self.cert)}  # fmt: skip
 
 
 def _is_client_error(exc: Exception) -> bool:
@@ -50,6 +84,7 @@ class TritonRanker:
         timeout_s: float = 1.0,
         max_batch_size: int = 64,
         load_timeout_s: float = 120.0,
+        tls: TritonTls | None = None,
     ) -> None:
         if timeout_s <= 0 or max_batch_size <= 0 or load_timeout_s <= 0:
             raise ValueError("timeout_s, max_batch_size and load_timeout_s must be > 0")
@@ -58,13 +93,20 @@ class TritonRanker:
         self.timeout_s = timeout_s
         self.max_batch_size = max_batch_size
         self.load_timeout_s = load_timeout_s
+        self.tls = tls
         self._client: InferenceServerClient | None = None
         self._closed = False
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TritonRanker:
-        """Build the ranker the service uses from ``triton_url``, ``triton_model``, ``triton_timeout_s``."""
-        return cls(settings.triton_url, model_name=settings.triton_model, timeout_s=settings.triton_timeout_s)
+    def from_settings(cls, settings: Settings, *, timeout_s: float | None = None) -> TritonRanker:
+        """Build the ranker the service uses from the ``triton_*`` settings (``timeout_s`` overrides one).
+
+        ``triton_tls`` with ``triton_ca``, ``triton_cert`` and ``triton_key`` makes the channel TLS.
+        """
+        tls = (TritonTls(ca=settings.triton_ca, cert=settings.triton_cert, key=settings.triton_key)
+               if settings.triton_tls else None)  # fmt: skip
+        return cls(settings.triton_url, model_name=settings.triton_model,
+                   timeout_s=settings.triton_timeout_s if timeout_s is None else timeout_s, tls=tls)  # fmt: skip
 
     def _get_client(self) -> InferenceServerClient:
         if self._closed:
@@ -76,7 +118,8 @@ class TritonRanker:
                        ("grpc.max_receive_message_length", MAX_GRPC_MESSAGE_SIZE),
                        ("grpc.initial_reconnect_backoff_ms", 200), ("grpc.min_reconnect_backoff_ms", 200),
                        ("grpc.max_reconnect_backoff_ms", 2000)]  # fmt: skip
-            self._client = InferenceServerClient(self.url, channel_args=options)
+            tls = self.tls.client_args() if self.tls is not None else {}
+            self._client = InferenceServerClient(self.url, channel_args=options, **tls)
         return self._client
 
     def _error(self, what: str, exc: Exception) -> RankerUnavailable:

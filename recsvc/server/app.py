@@ -33,6 +33,7 @@ from recsvc.ranking import BatchingRanker, TritonRanker
 from recsvc.repository import latest_version
 from recsvc.repository.rollout import fitted_config, pinnable_versions, read_serving
 from recsvc.server.metrics import MetricsServer, render
+from recsvc.server.security import AuthInterceptor, bind, check_files, start_health_port
 from recsvc.server.servicer import RecommenderServicer
 from recsvc.tasks import cancel_and_wait
 from recsvc.v1 import recommender_pb2 as pb
@@ -188,6 +189,7 @@ async def serve(
     With ``workers`` > 1 this process becomes the supervisor of that many server processes sharing the
     port (see server/workers.py). ``snapshot_file`` is how such a worker hands its metrics over.
     """
+    check_files(settings)       # a bad certificate or token file: one ConfigError before anything loads
     if settings.workers > 1:
         from recsvc.server.workers import supervise
 
@@ -204,7 +206,8 @@ async def _serve(
     service: Service, settings: Settings, on_ready: Callable[[int], None] | None, stop: asyncio.Event | None,
     snapshot_file: Path | None = None,
 ) -> None:  # fmt: skip
-    server = grpc.aio.server()
+    auth = AuthInterceptor.from_settings(settings)
+    server = grpc.aio.server(interceptors=[auth] if auth is not None else None)
     servicer = RecommenderServicer(service.pipeline, settings)
 
     def samples() -> tuple[dict[str, Any], dict[str, Any]]:
@@ -241,8 +244,9 @@ async def _run_grpc(
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(f"{settings.host}:{settings.port}")
+    port = bind(server, settings)   # TLS when tls_cert is set
     await server.start()
+    health_only = await start_health_port(settings, health_servicer)  # plaintext, for probes; None if off
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     log.info("recsvc listening on %s:%d", settings.host, port)
@@ -261,6 +265,8 @@ async def _run_grpc(
         log.info("shutting down: draining for up to %.1f s", settings.grace_s)
         await health_servicer.enter_graceful_shutdown()
         await server.stop(settings.grace_s)
+        if health_only is not None:
+            await health_only.stop(None)
 
 
 def write_port_file(path: Path) -> Callable[[int], None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -10,6 +11,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.domain import Event, Recommendation, ScoredItem
 from recsvc.errors import InvalidArgument, RecsvcError, Unavailable
+from recsvc.server.security import channel_credentials, token_metadata
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -17,10 +19,21 @@ __all__ = ["RecsvcClient"]
 
 
 class RecsvcClient:
-    """Talks to a recsvc server; gRPC errors come back as recsvc errors."""
+    """Talks to a recsvc server; gRPC errors come back as recsvc errors.
 
-    def __init__(self, target: str, *, timeout_s: float = 5.0) -> None:
-        self._channel = grpc.aio.insecure_channel(target)
+    ``tls``: speak TLS, trusting ``ca`` (default: the system's roots) and presenting ``cert``/``key`` when
+    given (mutual TLS). ``token`` is sent as a bearer token on every call (see README, "Security").
+    """
+
+    def __init__(
+        self, target: str, *, timeout_s: float = 5.0, tls: bool = False, ca: Path | None = None,
+        cert: Path | None = None, key: Path | None = None, token: str | None = None,
+    ) -> None:  # fmt: skip
+        if tls or ca is not None or cert is not None:
+            self._channel = grpc.aio.secure_channel(target, channel_credentials(ca=ca, cert=cert, key=key))
+        else:
+            self._channel = grpc.aio.insecure_channel(target)
+        self._metadata = token_metadata(token)
         self._stub = pb_grpc.RecommenderStub(self._channel)  # type: ignore[no-untyped-call]
         self._health = health_pb2_grpc.HealthStub(self._channel)
         self._timeout = timeout_s
@@ -41,7 +54,7 @@ class RecsvcClient:
         """Call Recommend."""
         request = pb.RecommendRequest(user_id=user_id, k=k, context_item_ids=context, exclude_item_ids=exclude)
         try:
-            r = await self._stub.Recommend(request, timeout=self._timeout)
+            r = await self._stub.Recommend(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from exc
         return Recommendation(
@@ -53,7 +66,7 @@ class RecsvcClient:
         """Call RecordEvents."""
         request = pb.RecordEventsRequest(events=[_event(e) for e in events])
         try:
-            reply = await self._stub.RecordEvents(request, timeout=self._timeout)
+            reply = await self._stub.RecordEvents(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from exc
         return int(reply.accepted)
