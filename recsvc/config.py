@@ -39,6 +39,7 @@ class Settings:
     max_context: int = 50
     max_id_len: int = 128
     max_events_per_call: int = 1000
+    max_message_bytes: int = 4 * 1024 * 1024  # gRPC messages either way; larger: RESOURCE_EXHAUSTED (>= largest valid)
 
     # --- files ---
     data_dir: Path = Path("var")                     # history database, downloaded/generated data
@@ -239,6 +240,14 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"max_k ({s.max_k}) cannot exceed num_candidates ({s.num_candidates})")
     if s.history_keep < s.history_len:
         raise ConfigError(f"history_keep ({s.history_keep}) must be >= history_len ({s.history_len})")
+    # Every valid request must fit: RecordEvents with max_events_per_call events of three max_id_len ids
+    # (each with a tag and a length of up to 4 bytes), a type and a timestamp (< 40 bytes); Recommend with
+    # all its ids; Prefetch with its 1000 user ids (validation.MAX_PREFETCH_USERS).
+    largest = max(s.max_events_per_call * (3 * (s.max_id_len + 5) + 40),
+                  (1 + s.max_context + s.max_exclude) * (s.max_id_len + 5) + 16, 1000 * (s.max_id_len + 5))  # fmt: skip
+    if not largest <= s.max_message_bytes <= 256 * 1024 * 1024:
+        raise ConfigError(f"setting 'max_message_bytes' must be in {largest}..{256 * 1024 * 1024} (the largest "
+                          f"valid request under these limits is up to {largest} bytes), got {s.max_message_bytes}")
     _validate_security(s)
 
 

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from recsvc.config import Settings
 from recsvc.domain import Event, EventType, RecommendQuery
 from recsvc.errors import InvalidArgument
+from recsvc.ids import check_id
 from recsvc.v1 import recommender_pb2 as pb
 
 __all__ = ["MAX_FUTURE_S", "MAX_PREFETCH_USERS", "events_from_proto", "prefetch_users_from_proto", "query_from_proto"]
@@ -17,26 +18,15 @@ MAX_FUTURE_S = 300.0
 MAX_PREFETCH_USERS = 1000
 
 
-def _check_id(field: str, value: str, max_len: int) -> str:
-    if not value:
-        raise InvalidArgument(field, "must not be empty")
-    size = len(value.encode("utf-8"))
-    if size > max_len:
-        raise InvalidArgument(field, f"must be at most {max_len} bytes, got {size}")
-    if not value.strip():
-        raise InvalidArgument(field, "must not be blank")
-    return value
-
-
 def _check_ids(field: str, values: Sequence[str], max_count: int, max_len: int) -> tuple[str, ...]:
     if len(values) > max_count:
         raise InvalidArgument(field, f"at most {max_count} ids allowed, got {len(values)}")
-    return tuple(_check_id(f"{field}[{i}]", v, max_len) for i, v in enumerate(values))
+    return tuple(check_id(f"{field}[{i}]", v, max_len) for i, v in enumerate(values))
 
 
 def query_from_proto(request: pb.RecommendRequest, settings: Settings) -> RecommendQuery:
     """Validate a RecommendRequest against the limits in ``settings``."""
-    user_id = _check_id("user_id", request.user_id, settings.max_id_len)
+    user_id = check_id("user_id", request.user_id, settings.max_id_len)
     if not 1 <= request.k <= settings.max_k:
         raise InvalidArgument("k", f"must be between 1 and {settings.max_k}, got {request.k}")
     return RecommendQuery(
@@ -63,11 +53,13 @@ def events_from_proto(request: pb.RecordEventsRequest, settings: Settings, now: 
     events = []
     for i, e in enumerate(request.events):
         field = f"events[{i}]"
-        user_id = _check_id(f"{field}.user_id", e.user_id, settings.max_id_len)
-        item_id = _check_id(f"{field}.item_id", e.item_id, settings.max_id_len)
+        user_id = check_id(f"{field}.user_id", e.user_id, settings.max_id_len)
+        item_id = check_id(f"{field}.item_id", e.item_id, settings.max_id_len)
         if e.type not in (pb.EVENT_TYPE_VIEW, pb.EVENT_TYPE_CART, pb.EVENT_TYPE_PURCHASE):
             raise InvalidArgument(f"{field}.type", f"must be VIEW, CART or PURCHASE, got {e.type}")
         if e.HasField("timestamp"):
+            if not 0 <= e.timestamp.nanos < 1_000_000_000:
+                raise InvalidArgument(f"{field}.timestamp", f"nanos must be in 0..999999999, got {e.timestamp.nanos}")
             ts = e.timestamp.seconds + e.timestamp.nanos / 1e9
             if ts <= 0:
                 raise InvalidArgument(f"{field}.timestamp", "must be after 1970-01-01")
@@ -75,9 +67,8 @@ def events_from_proto(request: pb.RecordEventsRequest, settings: Settings, now: 
                 raise InvalidArgument(f"{field}.timestamp", f"is {ts - now:.0f} s in the future")
         else:
             ts = now
-        event_id = e.event_id
-        if len(event_id.encode("utf-8")) > settings.max_id_len:
-            raise InvalidArgument(f"{field}.event_id", f"must be at most {settings.max_id_len} bytes")
+        # Optional: "" means none was sent; any other value is an id like the others.
+        event_id = check_id(f"{field}.event_id", e.event_id, settings.max_id_len) if e.event_id else ""
         events.append(Event(user_id=user_id, item_id=item_id, type=EventType(e.type), timestamp=ts,
                             event_id=event_id))  # fmt: skip
     return events

@@ -1,0 +1,152 @@
+"""What every unary RPC of our API goes through: a request id, RPC metrics, and a status for any exception.
+
+``RequestInterceptor`` wraps the unary handlers of the services it is given (recsvc.v1.Recommender):
+
+- request id: the client's ``x-request-id`` metadata when it sent a usable one, else a new one. It is
+  sent back in the trailing metadata (on errors too) and set in ``recsvc.logs.request_id`` while the
+  handler runs, so every log line of the request carries it.
+- metrics: ``RpcMetrics.track`` counts the call under its final status code (the code ``abort`` sent,
+  CANCELLED/DEADLINE_EXCEEDED when grpc cancelled the handler, INTERNAL for a bug).
+- errors: a RecsvcError that escaped a handler is mapped like any other (server/errors.py). Anything else
+  is a bug or a library failure (ONNX Runtime, faiss): the client gets INTERNAL with
+  ``internal error (request id X)`` and nothing of the exception's text; the log gets the traceback once
+  (at most one traceback per kind of failure per ``TRACEBACK_INTERVAL_S``, a one-line record for
+  each of the others, so a bug hit by every request cannot flood the log).
+
+In ``grpc.aio.server(interceptors=...)`` it goes after admission control (which must stay cheap and
+counts its own refusals) and before authentication, so a refused token is counted and has a request id
+like any other failure. Streaming RPCs (health Watch, reflection) and other services pass through
+untouched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+import uuid
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any
+
+import grpc
+
+from recsvc.errors import RecsvcError
+from recsvc.logs import Throttle, request_id
+from recsvc.server.errors import abort_with, status_code_for
+from recsvc.server.metrics import RpcMetrics
+
+__all__ = [
+    "MAX_REQUEST_ID_LEN",
+    "REQUEST_ID_KEY",
+    "TRACEBACK_INTERVAL_S",
+    "RequestInterceptor",
+    "request_id_metadata",
+]
+
+log = logging.getLogger(__name__)
+
+REQUEST_ID_KEY = "x-request-id"
+MAX_REQUEST_ID_LEN = 128
+TRACEBACK_INTERVAL_S = 10.0
+
+Context = grpc.aio.ServicerContext[Any, Any]
+Behavior = Callable[[Any, Context], Awaitable[Any]]
+
+
+def _new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+def request_id_metadata() -> tuple[tuple[str, str], ...]:
+    """Trailing metadata naming the current request (empty outside one).
+
+    For code that aborts with trailing metadata of its own, which replaces what the interceptor set.
+    """
+    rid = request_id.get()
+    return ((REQUEST_ID_KEY, rid),) if rid else ()
+
+
+def _usable(value: str | bytes) -> bool:
+    # Echoed into our logs and back to the client: short, visible ASCII only.
+    return (isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_LEN and value.isascii()
+            and value.isprintable() and " " not in value)
+
+
+class RequestInterceptor(grpc.aio.ServerInterceptor):
+    """Request ids, metrics and exception mapping for the unary methods of ``services``."""
+
+    def __init__(
+        self, metrics: RpcMetrics, *, services: Collection[str] = ("recsvc.v1.Recommender",),
+        new_request_id: Callable[[], str] = _new_request_id, throttle: Throttle | None = None,
+    ) -> None:  # fmt: skip
+        self.metrics = metrics
+        self._prefixes = tuple(f"/{s}/" for s in services)
+        self._new_request_id = new_request_id
+        self._tracebacks = throttle or Throttle(TRACEBACK_INTERVAL_S)
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        """Wrap the handler ``continuation`` finds, when it is a unary one of our services."""
+        handler = await continuation(handler_call_details)
+        path = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not path.startswith(self._prefixes):
+            return handler
+        rid = next((v for k, v in handler_call_details.invocation_metadata or ()
+                    if k == REQUEST_ID_KEY and _usable(v)), None)  # fmt: skip
+        return grpc.unary_unary_rpc_method_handler(
+            self._wrap(path.rpartition("/")[2], handler.unary_unary, rid),  # type: ignore[arg-type]
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap(self, method: str, behavior: Behavior, client_rid: str | bytes | None) -> Behavior:
+        async def serve(request: Any, context: Context) -> Any:
+            rid = client_rid if isinstance(client_rid, str) else self._new_request_id()
+            token = request_id.set(rid)
+            status = "OK"
+            try:
+                context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
+                async with self.metrics.track(method, lambda: status):
+                    try:
+                        return await behavior(request, context)
+                    except grpc.aio.AbortError:
+                        status = _code_name(context.code())     # abort() already sent it
+                        raise
+                    except asyncio.CancelledError:
+                        # grpc cancels the handler when the client cancels or its deadline passes.
+                        remaining = context.time_remaining()
+                        status = "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+                        raise
+                    except RecsvcError as exc:
+                        status = status_code_for(exc).name
+                        await abort_with(context, exc)
+                    except Exception as exc:  # noqa: BLE001  (the one boundary where any failure gets a status)
+                        status = "INTERNAL"
+                        self._log_internal(method, rid, exc)
+                        await context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {rid})")
+            finally:
+                request_id.reset(token)
+
+        return serve
+
+    def _log_internal(self, method: str, rid: str, exc: Exception) -> None:
+        # One traceback per kind of failure (type and the line that raised it) per interval.
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f"{frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+        held_back = self._tracebacks.allow((type(exc), where))
+        if held_back is not None:
+            more = f"; {held_back} more like it since the last traceback" if held_back else ""
+            log.error("internal error in %s (request id %s)%s", method, rid, more, exc_info=exc)
+        else:
+            log.error("internal error in %s (request id %s): %s: %s (traceback logged recently)",
+                      method, rid, type(exc).__name__, exc)  # fmt: skip
+
+
+def _code_name(code: grpc.StatusCode | int | None) -> str:
+    # After abort() the context holds the status it sent.
+    if isinstance(code, grpc.StatusCode):
+        return code.name
+    return "OK" if code in (None, 0) else str(code)
