@@ -1,28 +1,62 @@
-"""The deny list: SKUs never recommended (out of stock, recalled, blocked), changeable while serving.
+r"""The deny list: SKUs never recommended (out of stock, recalled, blocked), changeable while serving.
 
 It is a plain text file, one SKU per line (``#`` starts a comment), because that is what every
 deployment can update without an API of ours: ``recsvc deny add/remove`` on one machine, a mounted
 ConfigMap on Kubernetes (all replicas see the same file), or an inventory job writing it. The service
 re-reads it when its mtime, size or inode change, so a replaced file (atomic rename) is noticed too.
-A file that cannot be read keeps the previous list in force (logged); a missing file means nothing is
-denied.
+A file that cannot be read, or a list that cannot be applied, keeps the previous list in force (logged);
+a missing file means nothing is denied.
+
+Every id the API accepts (recsvc/ids.py: inner spaces and ``#`` included) can be denied: a ``#`` that is
+part of a SKU is written ``\#`` and a backslash before ``#`` or ``\`` as ``\\``; surrounding whitespace is
+not part of a SKU (ids never start or end with whitespace). Any other backslash is literal.
+
+``update_deny_list`` replaces the file durably: write a temporary file, fsync it, rename it over the
+list, fsync the directory, so a crash leaves the old list or the new one, never an empty file.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import fcntl
 import logging
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
-from recsvc.errors import InvalidArgument
+from recsvc.ids import check_id
 from recsvc.tasks import cancel_and_wait
 
-__all__ = ["DenyListWatcher", "read_deny_list", "update_deny_list"]
+__all__ = ["DenyListWatcher", "format_sku", "parse_line", "read_deny_list", "update_deny_list"]
 
 log = logging.getLogger(__name__)
+
+_NOTHING = object()
+
+
+def parse_line(line: str) -> str:
+    """The SKU on one line of the file ("" for a blank or comment line); see the module doc for escapes."""
+    if "\\" not in line:
+        return line.split("#", 1)[0].strip()       # the common case, at C speed
+    out: list[str] = []
+    i = 0
+    while i < len(line):
+        c = line[i]
+        if c == "\\" and i + 1 < len(line) and line[i + 1] in "#\\":
+            out.append(line[i + 1])
+            i += 2
+            continue
+        if c == "#":
+            break
+        out.append(c)
+        i += 1
+    return "".join(out).strip()
+
+
+def format_sku(sku: str) -> str:
+    """``sku`` as one line of the file (``parse_line(format_sku(s)) == s`` for every valid id)."""
+    return sku.replace("\\", "\\\\").replace("#", "\\#")
 
 
 def read_deny_list(path: Path) -> frozenset[str]:
@@ -31,25 +65,42 @@ def read_deny_list(path: Path) -> frozenset[str]:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         return frozenset()
-    return frozenset(s for line in text.splitlines() if (s := line.split("#", 1)[0].strip()))
+    return frozenset(s for line in text.splitlines() if (s := parse_line(line)))
 
 
 def update_deny_list(path: Path, *, add: Iterable[str] = (), remove: Iterable[str] = (), clear: bool = False,
                      max_id_len: int = 128) -> frozenset[str]:  # fmt: skip
-    """Add/remove SKUs atomically (write a temp file, rename); concurrent updaters are serialised."""
-    add, remove = [s.strip() for s in add], {s.strip() for s in remove}
-    for sku in add:
-        if not sku or len(sku) > max_id_len or "#" in sku or any(c.isspace() for c in sku):
-            raise InvalidArgument("sku", f"{sku!r} must be 1..{max_id_len} characters without spaces or '#'")
+    """Add/remove SKUs atomically and durably; concurrent updaters are serialised.
+
+    SKUs to add must be valid ids (recsvc/ids.py); InvalidArgument names the first that is not.
+    """
+    add, remove = [check_id("sku", s, max_id_len) for s in add], set(remove)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         current = set() if clear else set(read_deny_list(path))
         updated = frozenset((current | set(add)) - remove)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text("".join(f"{s}\n" for s in sorted(updated)), encoding="utf-8")
-        tmp.replace(path)
+        _replace_durably(path, "".join(f"{format_sku(s)}\n" for s in sorted(updated)))
     return updated
+
+
+def _replace_durably(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())       # the content is on disk before the name points at it
+        tmp.replace(path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
+    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)                    # and the rename itself survives a crash
+    finally:
+        os.close(fd)
 
 
 class DenyListWatcher:
@@ -60,8 +111,10 @@ class DenyListWatcher:
         self._apply = apply
         self._poll_s = poll_s
         self._seen: tuple[int, int, int] | None = None
+        self._failed: object = _NOTHING       # the file version (signature) whose apply last failed
         self._task: asyncio.Task[None] | None = None
         self.reloads = 0
+        self.failures = 0
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -80,8 +133,16 @@ class DenyListWatcher:
         except (OSError, UnicodeDecodeError) as exc:
             log.error("deny list %s unreadable, keeping the previous one: %s", self.path, exc)
             return False
-        self._seen = signature
-        self._apply(skus)
+        try:
+            self._apply(skus)
+        except Exception as exc:  # whatever failed, the previous list stays in force and we keep watching
+            self.failures += 1
+            if signature != self._failed:      # once per version of the file, with the traceback
+                log.error("deny list %s could not be applied (%d SKUs), keeping the previous one; retrying",
+                          self.path, len(skus), exc_info=exc)  # fmt: skip
+            self._failed = signature
+            return False
+        self._seen, self._failed = signature, _NOTHING
         self.reloads += 1
         log.info("deny list %s: %d SKUs denied", self.path, len(skus))
         return True
@@ -94,7 +155,10 @@ class DenyListWatcher:
     async def _run(self) -> None:
         while True:
             await asyncio.sleep(self._poll_s)
-            await self.refresh()
+            try:
+                await self.refresh()
+            except Exception:  # e.g. stat() failing with EACCES: log and keep watching, never die silently
+                log.exception("checking deny list %s failed; keeping the previous list", self.path)
 
     async def close(self) -> None:
         """Stop following the file."""

@@ -775,3 +775,42 @@ def test_workers_need_cpu_per_worker_in_profiles() -> None:
         cpu = str(r["resources"]["requests"]["cpu"])
         cores = int(cpu[:-1]) / 1000 if cpu.endswith("m") else float(cpu)
         assert cores >= r["workers"] or math.isclose(cores, r["workers"]), profile
+
+
+def test_deny_list_holds_every_id_the_api_accepts(tmp_path: Path) -> None:
+    from recsvc.deny import read_deny_list
+    from recsvc.ids import valid_id
+
+    skus = ["sku-1", "has space", "x#y", "#lead", "back\\slash", "esc\\#aped", "ünï cødé"]
+    assert all(valid_id(s, 128) for s in skus)
+    m = manifests_for({"recsvc": {"denyList": skus}})
+    text = m.get("ConfigMap", "shop-recsvc-deny-list")["data"]["deny_list.txt"]
+    path = tmp_path / "deny_list.txt"
+    path.write_text(text, encoding="utf-8")
+    assert read_deny_list(path) == set(skus)         # what the server will read is exactly the list
+    for bad in [" lead", "trail ", "nul\x00", "new\nline", ""]:
+        with pytest.raises(helm_python.HelmValuesError, match="denyList"):
+            render({"recsvc": {"denyList": [bad]}})
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_kubernetes_restarts_a_dead_or_hung_triton(profile: str) -> None:
+    """`recsvc triton` restarts tritonserver itself; in the chart the kubelet does, and probes tell it to."""
+    m = manifests(profile)
+    triton = m.component("triton")
+    spec = pod_spec(triton)
+    # A crash or abort ends the container (tritonserver is its main process, exec'd): the kubelet restarts it.
+    assert spec.get("restartPolicy", "Always") == "Always"
+    t = container(triton, "triton")
+    assert t["command"][0] in ("tritonserver", "tritonserver-bundled")
+    # A hung server (deadlock, SIGSTOP) fails liveness and is restarted within a bounded time...
+    live, start, ready = t["livenessProbe"], t["startupProbe"], t["readinessProbe"]
+    hung_for = live["periodSeconds"] * live["failureThreshold"] + live["timeoutSeconds"]
+    assert hung_for <= 120
+    # ...but a busy one is not killed for one slow answer, nor a slow start (model load, warm-up).
+    for probe in (live, start, ready):
+        assert probe["timeoutSeconds"] >= 2 and probe["periodSeconds"] > 0
+    assert live["failureThreshold"] >= 3
+    assert start["periodSeconds"] * start["failureThreshold"] >= 300
+    # Out of the Service as soon as its model is not ready (e.g. after a restart, until triton-sync re-pins).
+    assert ready["periodSeconds"] * ready["failureThreshold"] <= 30
