@@ -31,7 +31,10 @@ class Settings:
     workers: int = 1                         # server processes sharing the port (SO_REUSEPORT); >1 needs Redis
     metrics_port: int = 0                    # Prometheus text format on http://host:port/metrics (0: off)
     grace_s: float = 5.0                     # drain time on SIGTERM; matches the Helm terminationGracePeriod
+    drain_delay_s: float = 5.0               # on SIGTERM: NOT_SERVING at once, keep serving this long, then stop
     request_timeout_s: float = 2.0           # budget when the client sends no deadline
+    max_in_flight: int = 64                  # Recommend calls admitted at once; beyond: RESOURCE_EXHAUSTED + pushback
+    max_in_flight_events: int = 32           # RecordEvents admitted at once (its own limit: reads never starve writes)
 
     # --- API limits (documented in protos/recsvc/v1/recommender.proto) ---
     max_k: int = 100
@@ -53,6 +56,9 @@ class Settings:
     redis_url: str = "redis://127.0.0.1:6379/0"   # durable store (history_store=redis), L2, invalidation
     redis_cluster: bool = False
     redis_timeout_s: float = 1.0
+    # Invalidation subscriber: PING after this long without traffic; no PONG within redis_timeout_s means
+    # a dead (e.g. half-open) connection: reconnect and clear L1, since invalidations may have been missed.
+    invalidation_ping_s: float = 1.0
 
     # --- history: caches ---
     l1_policy: str = "tinylfu"               # lru | tinylfu (admission-filtered LRU)
@@ -62,7 +68,12 @@ class Settings:
     negative_ttl_s: float = 10.0             # unknown users: cached briefly, so floods of them stay cheap
     l2_backend: str = "auto"                 # auto | none | memory (this process) | redis (shared); see resolved_l2
     l2_ttl_s: float = 600.0
+    # l2_backend=memory only (Redis bounds itself: maxmemory). Beside L1's bounds, so the process holds at
+    # most l1_max_bytes + l2_max_bytes of histories.
+    l2_max_entries: int = 100_000
+    l2_max_bytes: int = 256 * 1024 * 1024
     vector_cache_entries: int = 100_000      # query vectors by (user, history version, index version)
+    vector_cache_bytes: int = 256 * 1024 * 1024  # ... and at most this many bytes of them (ids, model input, vector)
 
     # --- prefetch ---
     prefetch_queue: int = 10_000             # pending warm-ups; beyond this they are dropped and counted
@@ -94,6 +105,11 @@ class Settings:
     rollout_ready_timeout_s: float = 120.0   # publish/rollback: longest wait for Triton to report a version ready
     rank_max_batch: int = 64                 # >1: coalesce concurrent ranker calls (1: Triton's dynamic batcher alone)
     rank_max_wait_us: int = 0                # 0: no timer; calls arriving while one is in flight leave together
+    # Deadline shares: a stage may take this share of the time the request has left when it starts (rank:
+    # at most triton_timeout_s too). Past it the answer falls back and is flagged degraded: history -> the
+    # context items, else popular items; rank -> retrieval order. The rest stays for the later stages.
+    history_budget_share: float = 0.5
+    rank_budget_share: float = 0.5
     triton_url: str = "127.0.0.1:8001"       # gRPC endpoint of Triton
     triton_model: str = "ranker"
     triton_timeout_s: float = 1.0
@@ -196,7 +212,7 @@ def _validate(s: Settings) -> None:
         "max_k", "max_exclude", "max_context", "max_id_len", "max_events_per_call", "history_len",
         "history_keep", "l1_max_entries", "l1_max_bytes", "num_candidates", "vector_cache_entries",
         "prefetch_queue", "prefetch_workers", "search_max_batch", "workers", "index_flat_max_items",
-        "index_hnsw_m", "index_recall_k", "rank_max_batch",
+        "index_hnsw_m", "index_recall_k", "rank_max_batch", "vector_cache_bytes", "l2_max_entries", "l2_max_bytes",
     ]  # fmt: skip
     for name in positive:
         if getattr(s, name) <= 0:
@@ -207,6 +223,9 @@ def _validate(s: Settings) -> None:
     for name in ["index_nlist", "index_nprobe", "index_pq_m", "index_ef_search"]:
         if getattr(s, name) < 0:
             raise ConfigError(f"setting {name!r} must be >= 0 (0: automatic), got {getattr(s, name)}")
+    for name in ["history_budget_share", "rank_budget_share"]:
+        if not 0 < getattr(s, name) <= 1:
+            raise ConfigError(f"setting {name!r} must be in (0, 1], got {getattr(s, name)}")
     if not 0 < s.index_target_recall <= 1:
         raise ConfigError(f"setting 'index_target_recall' must be in (0, 1], got {s.index_target_recall}")
     if s.warm_users < 0:
@@ -222,6 +241,9 @@ def _validate(s: Settings) -> None:
         # Other replicas' invalidations reach L1 through pub/sub, but a process-local L2 would hand the
         # stale history straight back: with a shared store, L2 must be shared too (or absent).
         raise ConfigError("l2_backend=memory cannot be used with history_store=redis; use redis, none or auto")
+    if not 0 < s.invalidation_ping_s <= 60:
+        # It bounds how long a dead subscription goes unnoticed (plus redis_timeout_s).
+        raise ConfigError(f"setting 'invalidation_ping_s' must be in (0, 60] seconds, got {s.invalidation_ping_s}")
     if s.workers > 1 and s.history_store != "redis":
         # Each worker has its own L1: only through Redis do they share histories and hear each other's writes.
         raise ConfigError(f"workers={s.workers} needs history_store=redis (the embedded store serves one process)")
@@ -232,6 +254,12 @@ def _validate(s: Settings) -> None:
     for name in ["port", "metrics_port"]:
         if not 0 <= getattr(s, name) <= 65535:
             raise ConfigError(f"setting {name!r} must be in 0..65535, got {getattr(s, name)}")
+    if not 0 <= s.drain_delay_s <= 600:
+        # Kubernetes needs seconds to take a pod out of its endpoints; minutes would only delay every rollout.
+        raise ConfigError(f"setting 'drain_delay_s' must be in 0..600 seconds, got {s.drain_delay_s}")
+    for name in ["max_in_flight", "max_in_flight_events"]:
+        if not 0 < getattr(s, name) <= 100_000:
+            raise ConfigError(f"setting {name!r} must be in 1..100000, got {getattr(s, name)}")
     if s.rollout_drain_s < 0:
         raise ConfigError(f"setting 'rollout_drain_s' must be >= 0, got {s.rollout_drain_s}")
     if s.repository_poll_s < 0:
@@ -276,3 +304,5 @@ def _validate_security(s: Settings) -> None:
         raise ConfigError("settings 'triton_ca', 'triton_cert' and 'triton_key' need triton_tls=true")
     if (s.triton_cert is None) != (s.triton_key is None):
         raise ConfigError("settings 'triton_cert' and 'triton_key' go together: set both (mutual TLS) or neither")
+
+

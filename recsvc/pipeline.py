@@ -10,8 +10,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,22 +21,23 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 import pyarrow as pa
-from cachetools import LRUCache
 from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from recsvc.bundle import Manifest, load_array
 from recsvc.catalog import Catalog
 from recsvc.config import Settings
 from recsvc.domain import Event, History, Recommendation, RecommendQuery, ScoredItem
-from recsvc.errors import BundleError, RankerUnavailable, RecsvcError
+from recsvc.errors import BundleError, RankerUnavailable, RecsvcError, Unavailable
 from recsvc.history import TieredHistory
+from recsvc.history.policies import LRU
+from recsvc.logs import Throttle
 from recsvc.models.query_encoder import QueryEncoder
 from recsvc.prefetch import Prefetcher
 from recsvc.ranking import Ranker
 from recsvc.repository.publishing import verify_version
 from recsvc.retrieval import Retriever, open_retriever
 
-__all__ = ["Pipeline", "ServingBundle", "load_serving_bundle"]
+__all__ = ["DEGRADED_REASONS", "Pipeline", "ServingBundle", "load_serving_bundle"]
 
 log = logging.getLogger(__name__)
 
@@ -179,33 +182,78 @@ _ENTRY_OVERHEAD_BYTES = 800
 
 @dataclass
 class _UserQuery:
-    """One user's history as one bundle sees it; cached per (user, history version, index version)."""
+    """One user's history as one bundle sees it; cached per (user, history version, index version).
 
-    history_ids: list[int]
-    seen: frozenset[int]
+    Compact on purpose (review: 100k entries of 1000-id histories held as a list plus a frozenset of
+    Python ints reached ~7 GB): the dense ids are one int32 array, 4 bytes an id instead of ~70. The
+    exclusion set is built per request from it (~35 us for 1000 ids, nothing for short histories).
+    """
+
+    ids: npt.NDArray[np.int32]                      # dense ids, oldest first
     hist: npt.NDArray[np.int64]                     # HISTORY [1, L] for the models
+    vector_nbytes: int                              # what ``vector`` holds once filled (counted up front)
     vector: npt.NDArray[np.float32] | None = None   # the query vector of the history alone
+
+    def nbytes(self) -> int:
+        """Bytes this entry holds (what the vector cache's byte bound counts)."""
+        return _ENTRY_OVERHEAD_BYTES + self.ids.nbytes + self.hist.nbytes + self.vector_nbytes
+
+    def seen(self) -> frozenset[int]:
+        """The ids as a set, for the retriever's exclusions."""
+        return frozenset(self.ids.tolist())
+
+
+class _Deadline:
+    """The request's time left (monotonic seconds), and the share of it a stage may take."""
+
+    __slots__ = ("at", "clock")
+
+    def __init__(self, at: float, clock: Callable[[], float]) -> None:
+        self.at = at
+        self.clock = clock
+
+    def remaining(self) -> float:
+        return max(0.0, self.at - self.clock())
+
+    def share(self, fraction: float, cap: float = math.inf) -> float:
+        return min(cap, self.remaining() * fraction)
 
 
 class Pipeline:
-    """Recommend and RecordEvents over the history cache, the active bundle and the ranker."""
+    """Recommend and RecordEvents over the history cache, the active bundle and the ranker.
 
-    def __init__(self, settings: Settings, history: TieredHistory, ranker: Ranker, bundle: ServingBundle) -> None:
+    Each stage of a recommendation has its share of the request's deadline and its fallback: the history
+    lookup (``history_budget_share``; store down or too slow: the context items stand in for the history,
+    else the most popular items are served) and ranking (``rank_budget_share``, at most
+    ``triton_timeout_s``; ranker down, too slow or returning non-finite scores: retrieval order). A
+    fallback answer is flagged degraded with a fixed reason and counted in ``stats()["degraded"]``.
+    Retrieval has no fallback: it is in-process, and if it overruns the deadline the server says so.
+    """
+
+    def __init__(
+        self, settings: Settings, history: TieredHistory, ranker: Ranker, bundle: ServingBundle,
+        *, clock: Callable[[], float] = time.monotonic,
+    ) -> None:  # fmt: skip
         self.settings = settings
         self.history = history
         self.ranker = ranker
         self._bundle = bundle
-        # What a user's history means to one bundle (dense ids, the seen set, the model input and the
-        # query vector) by (user, history version, index version): an event bumps the history version
-        # and a new bundle changes the index version, so nothing stale can be served. Mapping a
-        # 1000-event history to dense ids alone costs ~75 us: done once per version, not per request.
-        self.vectors: LRUCache[tuple[str, int, str], _UserQuery] = LRUCache(
-            maxsize=settings.vector_cache_entries
+        self._clock = clock
+        # What a user's history means to one bundle (dense ids, the model input and the query vector) by
+        # (user, history version, index version): an event bumps the history version and a new bundle
+        # changes the index version, so nothing stale can be served. Mapping a 1000-event history to dense
+        # ids alone costs ~75 us: done once per version, not per request. Bounded by entries and bytes.
+        self.vectors: LRU[tuple[str, int, str], _UserQuery] = LRU(
+            settings.vector_cache_entries, max_bytes=settings.vector_cache_bytes, getsizeof=_UserQuery.nbytes
         )
         self.vector_hits = 0
         self.vector_misses = 0
         self.prefetcher: Prefetcher | None = None     # set by the server once its workers exist
         self.denied_skus: frozenset[str] = frozenset()
+        # Dense ids by popularity, most popular first, without retired and denied items: per index version.
+        self._popular: dict[str, npt.NDArray[np.int64]] = {}
+        self.degraded: Counter[str] = Counter()
+        self._log_throttle = Throttle(DEGRADED_LOG_INTERVAL_S, clock=clock)
 
     @property
     def bundle(self) -> ServingBundle:
@@ -216,36 +264,53 @@ class Pipeline:
         """Make ``bundle`` active for new requests; return the previous one (still used by in-flight ones)."""
         self._apply_denied(bundle)
         previous, self._bundle = self._bundle, bundle
+        self._popular.pop(previous.index_version, None)
         return previous
 
     def set_denied(self, skus: Iterable[str]) -> None:
         """Replace the deny list (SKUs never recommended, e.g. out of stock) for every later search."""
         self.denied_skus = frozenset(skus)
+        self._popular = {}
         self._apply_denied(self._bundle)
 
     def _apply_denied(self, bundle: ServingBundle) -> None:
         bundle.retriever.set_denied(bundle.catalog.dense(self.denied_skus))
 
-    async def recommend(self, query: RecommendQuery) -> Recommendation:
-        """Top k for the user; falls back to retrieval order (degraded) when the ranker fails."""
-        with self._bundle.use() as bundle:      # one version for the whole request
-            return await self._recommend(bundle, query)
+    async def recommend(self, query: RecommendQuery, *, deadline: float | None = None) -> Recommendation:
+        """Top k for the user, ready before ``deadline`` where the stages allow (see the class doc).
 
-    async def _recommend(self, bundle: ServingBundle, query: RecommendQuery) -> Recommendation:
+        ``deadline`` is in ``time.monotonic()`` seconds (default: now + ``request_timeout_s``).
+        """
+        at = deadline if deadline is not None else self._clock() + self.settings.request_timeout_s
+        with self._bundle.use() as bundle:      # one version for the whole request
+            return await self._recommend(bundle, query, _Deadline(at, self._clock))
+
+    async def _recommend(self, bundle: ServingBundle, query: RecommendQuery, deadline: _Deadline) -> Recommendation:
         timings: dict[str, int] = {}
         t = time.perf_counter_ns()
+        fallbacks: list[str] = []          # reason texts, in stage order
 
-        # 1. history
-        history = await self.history.get(query.user_id)
+        # 1. history (within its share; if it cannot be read, the request goes on without it)
+        history, kind = await self._history(query.user_id, deadline)
         t = _lap(timings, "history", t)
+        catalog = bundle.catalog
+        context_ids = catalog.dense(query.context_item_ids)
+        if history is None:
+            if not context_ids:
+                rec = self._popular_answer(bundle, query)
+                _lap(timings, "respond", t)
+                return self._answer(bundle, rec, [f"{DEGRADED_REASONS[kind]}: served popular items"], [kind], timings)
+            fallbacks.append(f"{DEGRADED_REASONS[kind]}: served from the context items")
+            kinds = [kind]
+            user = self._empty_user(bundle)
+        else:
+            kinds = []
+            user = self._user_query(bundle, history)
 
         # 2. query: the history's newest items, then what is on screen, as the most recent context.
-        catalog = bundle.catalog
-        user = self._user_query(bundle, history)
-        context_ids = catalog.dense(query.context_item_ids)
         if context_ids:
             # Depends on what is on screen: computed per request, never cached.
-            hist = self._history_matrix(bundle, user.history_ids + context_ids)
+            hist = self._history_matrix(bundle, [*user.ids.tolist(), *context_ids])
             vector = await bundle.encoder.encode(hist)
         else:
             hist = user.hist
@@ -253,39 +318,124 @@ class Pipeline:
         t = _lap(timings, "query", t)
 
         # 3. retrieve, never returning what the user has seen, what is on screen or what was excluded.
+        seen = user.seen()
         extra = set(context_ids) | set(catalog.dense(query.exclude_item_ids))
-        excluded = user.seen | extra if extra else user.seen
+        excluded = seen | extra if extra else seen
         n = min(bundle.manifest.num_candidates, self.settings.num_candidates)
         [(cand_ids, cand_scores)] = await bundle.retriever.search(vector, n, [excluded])
+        finite = np.isfinite(cand_scores)
+        if not finite.all():
+            # A damaged index or embeddings: such a score orders nothing and must never reach a client.
+            cand_ids, cand_scores = cand_ids[finite], cand_scores[finite]
+            self._note("nonfinite_retrieval", f"{int((~finite).sum())} non-finite retrieval scores", kinds, fallbacks)
         t = _lap(timings, "retrieve", t)
 
         # 4. rank (candidates padded to the model's fixed C so Triton can batch requests together)
-        degraded, reason = False, ""
         scores = cand_scores
         if len(cand_ids):
-            candidates = np.full((1, bundle.manifest.num_candidates), -1, dtype=np.int64)
-            candidates[0, : len(cand_ids)] = catalog.to_model(cand_ids)
-            try:
-                ranked = await self.ranker.score(hist, candidates, version=bundle.model_version)
-                scores = ranked[0, : len(cand_ids)]
-            except RankerUnavailable as exc:
-                degraded, reason = True, f"ranker unavailable, served retrieval order: {exc}"
-                log.warning("degraded response for %s: %s", query.user_id, exc)
+            ranked = await self._rank(bundle, hist, cand_ids, deadline, kinds, fallbacks)
+            if ranked is not None:
+                scores = ranked
         t = _lap(timings, "rank", t)
 
         # 5. respond
         order = np.argsort(-scores, kind="stable")[: query.k]
         items = [ScoredItem(catalog.sku(int(cand_ids[i])), float(scores[i])) for i in order]
         _lap(timings, "respond", t)
+        return self._answer(bundle, items, fallbacks, kinds, timings)
+
+    def _answer(
+        self, bundle: ServingBundle, items: list[ScoredItem], reasons: list[str], kinds: list[str],
+        timings: dict[str, int],
+    ) -> Recommendation:  # fmt: skip
+        for kind in kinds:
+            self.degraded[kind] += 1
         return Recommendation(
             items=items, model_version=bundle.model_version, index_version=bundle.index_version,
-            degraded=degraded, degraded_reason=reason, timings_us=timings,
+            degraded=bool(reasons), degraded_reason="; ".join(reasons), timings_us=timings,
         )  # fmt: skip
+
+    async def _history(self, user_id: str, deadline: _Deadline) -> tuple[History | None, str]:
+        """The user's history, or None and the kind of failure when it cannot be read in its share."""
+        budget = deadline.share(self.settings.history_budget_share)
+        try:
+            async with asyncio.timeout(budget):
+                return await self.history.get(user_id), ""
+        except TimeoutError:
+            # The load goes on (shielded, single-flight): a later request may find it cached.
+            self._log("history_timeout", f"no history within {budget:.3f} s")
+            return None, "history_timeout"
+        except Unavailable as exc:
+            # StoreUnavailable (the store is down), or another Unavailable on the way to it.
+            self._log("history_unavailable", f"{type(exc).__name__}: {exc}")
+            return None, "history_unavailable"
+
+    async def _rank(
+        self, bundle: ServingBundle, hist: npt.NDArray[np.int64], cand_ids: npt.NDArray[np.int64],
+        deadline: _Deadline, kinds: list[str], fallbacks: list[str],
+    ) -> npt.NDArray[np.float32] | None:  # fmt: skip
+        """The ranker's scores for the candidates, or None (noted as degraded) to serve retrieval order."""
+        budget = deadline.share(self.settings.rank_budget_share, self.settings.triton_timeout_s)
+        if budget <= 0:
+            self._note("ranker_timeout", "no time left for the rank stage", kinds, fallbacks)
+            return None
+        candidates = np.full((1, bundle.manifest.num_candidates), -1, dtype=np.int64)
+        candidates[0, : len(cand_ids)] = bundle.catalog.to_model(cand_ids)
+        try:
+            # A caller in a shared batch (BatchingRanker) gives up alone: cancelling its wait leaves the
+            # batch, and the other callers in it, untouched.
+            async with asyncio.timeout(budget):
+                ranked = await self.ranker.score(hist, candidates, version=bundle.model_version)
+        except TimeoutError:
+            self._note("ranker_timeout", f"no scores within {budget:.3f} s", kinds, fallbacks)
+            return None
+        except RankerUnavailable as exc:
+            self._note("ranker_unavailable", str(exc), kinds, fallbacks)
+            return None
+        scores = np.asarray(ranked[0, : len(cand_ids)], dtype=np.float32)
+        if not np.isfinite(scores).all():
+            bad = int((~np.isfinite(scores)).sum())
+            self._note("nonfinite_scores", f"model version {bundle.model_version}: {bad} of {len(scores)} "
+                       "scores NaN or infinite", kinds, fallbacks)  # fmt: skip
+            return None
+        return scores
+
+    def _note(self, kind: str, detail: str, kinds: list[str], fallbacks: list[str]) -> None:
+        kinds.append(kind)
+        fallbacks.append(DEGRADED_REASONS[kind])
+        self._log(kind, detail)
+
+    def _log(self, kind: str, detail: str) -> None:
+        held_back = self._log_throttle.allow(kind)
+        if held_back is not None:
+            more = f" ({held_back} more since the last such line)" if held_back else ""
+            log.warning("degraded answer, %s: %s%s", DEGRADED_REASONS[kind], detail, more)
+
+    def _popular_answer(self, bundle: ServingBundle, query: RecommendQuery) -> list[ScoredItem]:
+        """The k most popular items the request may see (none excluded, on screen, denied or retired)."""
+        order = self._popular.get(bundle.index_version)
+        if order is None:
+            popularity = np.nan_to_num(bundle.popularity.astype(np.float32), nan=0.0, posinf=0.0, neginf=0.0)
+            allowed = np.ones(len(popularity), dtype=bool)
+            retired = bundle.catalog.retired()
+            if retired is not None:
+                allowed &= ~retired
+            denied = np.asarray(bundle.catalog.dense(self.denied_skus), dtype=np.int64)
+            allowed[denied[(denied >= 0) & (denied < len(allowed))]] = False
+            ranked = np.argsort(-popularity, kind="stable")
+            order = ranked[allowed[ranked]].astype(np.int64)
+            self._popular[bundle.index_version] = order
+        excluded = set(bundle.catalog.dense([*query.exclude_item_ids, *query.context_item_ids]))
+        top = order[: query.k + len(excluded)]
+        chosen = [int(i) for i in top if int(i) not in excluded][: query.k]
+        popularity = bundle.popularity
+        return [ScoredItem(bundle.catalog.sku(i), _finite(float(popularity[i]))) for i in chosen]
 
     async def record(self, events: Sequence[Event]) -> int:
         """Durably append events (the acknowledgement point), refresh the cache, queue vector refreshes.
 
-        Returns how many events were new (the rest were duplicates of stored event ids).
+        Returns how many events were new (the rest were duplicates of stored event ids). A store that
+        cannot take them raises StoreUnavailable: nothing is acknowledged that is not durable.
         """
         new = await self.history.record(events)
         if self.prefetcher is not None:
@@ -294,13 +444,16 @@ class Pipeline:
         return new
 
     def stats(self) -> dict[str, dict[str, Any]]:
-        """Counters of every cache tier, prefetch and the vector cache (for tests and /metrics)."""
+        """Counters of every cache tier, prefetch, the vector cache and degraded answers (tests, /metrics)."""
         out = self.history.stats()
         if self.prefetcher is not None:
             out["prefetch"] = {**asdict(self.prefetcher.stats), **out.get("prefetch", {})}
-        out["vectors"] = {"hits": self.vector_hits, "misses": self.vector_misses, "entries": len(self.vectors)}
+        out["vectors"] = {"hits": self.vector_hits, "misses": self.vector_misses, "entries": len(self.vectors),
+                          "bytes": self.vectors.currsize, "evictions": self.vectors.evictions}  # fmt: skip
         out["retrieval"] = {**self._bundle.retriever.stats(), "index_version": self._bundle.index_version,
                             "model_version": self._bundle.model_version}  # fmt: skip
+        # Degraded answers by what fell back (every kind present, 0 until it happens, so metrics show them).
+        out["degraded"] = {kind: self.degraded.get(kind, 0) for kind in DEGRADED_REASONS}
         return out
 
     async def warm(self, user_id: str) -> None:
@@ -310,22 +463,30 @@ class Pipeline:
             await self._user_vector(bundle, self._user_query(bundle, history))
 
     @staticmethod
-    def _history_matrix(bundle: ServingBundle, ids: list[int]) -> npt.NDArray[np.int64]:
+    def _history_matrix(bundle: ServingBundle, ids: Sequence[int]) -> npt.NDArray[np.int64]:
         length = bundle.manifest.history_len
         sequence = ids[-length:]
         hist = np.full((1, length), -1, dtype=np.int64)
-        if sequence:
+        if len(sequence):
             # The models know cold-start items by their proxy's id (see Catalog.model_ids).
             hist[0, -len(sequence) :] = bundle.catalog.to_model(np.asarray(sequence, dtype=np.int64))
         return hist
+
+    def _new_user_query(self, bundle: ServingBundle, ids: list[int]) -> _UserQuery:
+        dense = np.asarray(ids, dtype=np.int32)
+        return _UserQuery(dense, self._history_matrix(bundle, ids), vector_nbytes=4 * bundle.manifest.dim)
+
+    def _empty_user(self, bundle: ServingBundle) -> _UserQuery:
+        # Stands in for a history that could not be read: never cached (the real one may be long).
+        return self._new_user_query(bundle, [])
 
     def _user_query(self, bundle: ServingBundle, history: History) -> _UserQuery:
         key = (history.user_id, history.version, bundle.index_version)
         user = self.vectors.get(key)
         if user is None:
-            ids = bundle.catalog.dense(history.item_ids)
-            user = _UserQuery(ids, frozenset(ids), self._history_matrix(bundle, ids))
-            self.vectors[key] = user
+            user = self._new_user_query(bundle, bundle.catalog.dense(history.item_ids))
+            with contextlib.suppress(ValueError):     # larger than the whole byte bound: served, not cached
+                self.vectors[key] = user
         return user
 
     async def _user_vector(self, bundle: ServingBundle, user: _UserQuery) -> npt.NDArray[np.float32]:
@@ -336,6 +497,10 @@ class Pipeline:
         self.vector_misses += 1
         user.vector = await bundle.encoder.encode(user.hist)
         return user.vector
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
 
 
 def _lap(timings: dict[str, int], stage: str, since_ns: int) -> int:
