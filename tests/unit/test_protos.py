@@ -28,3 +28,11 @@ def test_proto_documents_the_default_limits() -> None:
     assert f"1..{s.max_k}" in text
     assert f"at most {s.max_exclude}" in text and f"at most {s.max_context}" in text
     assert f"1..{s.max_id_len} bytes" in text and f"1..{s.max_events_per_call} events" in text
+
+
+def test_proto_documents_the_id_grammar_and_message_size() -> None:
+    text = (ROOT / "protos/recsvc/v1/recommender.proto").read_text()
+    s = Settings()
+    assert f"at most 4 MiB ({s.max_message_bytes} bytes, RECSVC_MAX_MESSAGE_BYTES)" in text
+    assert "no\n// control character" in text and "neither start nor end with whitespace" in text
+    assert "x-request-id" in text and "internal error (request id X)" in text
