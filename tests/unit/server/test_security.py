@@ -6,6 +6,7 @@ real certificates from the openssl CLI (tests/tls_certs.py), and an injected clo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -420,16 +421,16 @@ async def test_a_rotated_token_file_takes_effect_without_restart(token_file: Pat
     async with serving(_settings(write_token_file=token_file, secret_poll_s=1.0), clock) as (port, _):
         async with _channel(port, plaintext=True) as channel:
             # The overlap: both tokens valid while clients move over.
-            token_file.write_text(f"{WRITE_TOKEN}\n{new}\n")
+            await asyncio.to_thread(token_file.write_text, f"{WRITE_TOKEN}\n{new}\n")
             clock.tick(1.0)
             assert await _call(channel, "RecordEvents", _bearer(WRITE_TOKEN)) == grpc.StatusCode.OK
             assert await _call(channel, "RecordEvents", _bearer(new)) == grpc.StatusCode.OK
-            token_file.write_text(f"{new}\n")
+            await asyncio.to_thread(token_file.write_text, f"{new}\n")
             clock.tick(1.0)
             assert await _call(channel, "RecordEvents", _bearer(WRITE_TOKEN)) == grpc.StatusCode.UNAUTHENTICATED
             assert await _call(channel, "RecordEvents", _bearer(new)) == grpc.StatusCode.OK
             # Emptied by mistake: the last good tokens stay (an empty file would otherwise lock out every writer).
-            token_file.write_text("")
+            await asyncio.to_thread(token_file.write_text, "")
             clock.tick(1.0)
             assert await _call(channel, "RecordEvents", _bearer(new)) == grpc.StatusCode.OK
 
