@@ -24,7 +24,7 @@ RedisClient: TypeAlias = "redis.asyncio.Redis | redis.asyncio.RedisCluster"
 # client version might let through untranslated.
 REDIS_ERRORS: tuple[type[BaseException], ...] = (RedisError, RedisClusterException, OSError)
 
-# Pub/sub readers pass timeout_s=None (they block on purpose), but connecting must still give up.
+# A client built with timeout_s=None still gives up connecting.
 _CONNECT_TIMEOUT_S = 5.0
 
 
@@ -33,22 +33,32 @@ def redis_client(
 ) -> RedisClient:
     """A redis.asyncio client for ``url`` (``redis://host:port/db``; a Cluster URL names any one node).
 
-    No I/O happens here: connections open on first use. ``timeout_s`` bounds every socket read/write
-    (None: block, for pub/sub). ``retries`` is how often a command is re-sent after a connection error;
-    redis-py's default (10 with backoff up to 1 s) would turn a dead server into a multi-second stall.
+    No I/O happens here: connections open on first use. ``timeout_s`` bounds every connect and every
+    socket read/write (None: block; nothing in recsvc passes it now: the pub/sub reader gives each read
+    its own timeout), so a frozen or black-holed server fails a call within about ``timeout_s``.
+    ``retries`` is how often a command is re-sent after a connection error; redis-py's default (10 with
+    backoff up to 1 s) would turn a dead server into a multi-second stall, while one retry is what lets
+    a pooled connection that a Redis restart closed reconnect without failing the call (so a restarted
+    Redis is picked up without restarting recsvc). Pass 0 where every connection loss must be seen by
+    the caller (a pub/sub subscriber: redis-py would resubscribe silently, hiding the gap).
     Timeouts are not retried on a standalone server: a timed-out write may have run, and re-sending a
     non-idempotent one (an append without event ids) would apply it twice. On a Cluster redis-py also
     retries timeouts, so that it can follow a failover; writes there should carry ids.
+
+    TCP keepalive is on (explicitly: older redis-py left it off), so the kernel eventually drops idle
+    connections to a vanished peer. There is no ``health_check_interval``: its PING before reusing an
+    idle connection costs a round trip and catches nothing the retry above does not already handle (a
+    closed connection) or that the socket timeout does not bound (a silent one).
     """
     connect_timeout = timeout_s if timeout_s is not None else _CONNECT_TIMEOUT_S
     backoff = ExponentialBackoff(cap=0.1, base=0.01)
     if cluster:
         return redis.asyncio.RedisCluster.from_url(
-            url, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout,
+            url, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout, socket_keepalive=True,
             retry=Retry(backoff, retries), decode_responses=decode_responses,
         )  # fmt: skip
     return redis.asyncio.Redis.from_url(
-        url, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout,
+        url, socket_timeout=timeout_s, socket_connect_timeout=connect_timeout, socket_keepalive=True,
         retry=Retry(backoff, retries, supported_errors=(RedisConnectionError,)), decode_responses=decode_responses,
     )  # fmt: skip
 
