@@ -3,20 +3,22 @@
 from __future__ import annotations
 
 from recsvc.history.coherence import Invalidator, LocalInvalidator, RedisInvalidator
-from recsvc.history.l2 import AiocacheTier, SharedTier
+from recsvc.history.l2 import L2Read, MemoryTier, RedisTier, SharedTier
 from recsvc.history.redis_store import RedisHistoryStore
 from recsvc.history.sqlite import SqliteHistoryStore
 from recsvc.history.store import HistoryStore, InMemoryHistoryStore
 from recsvc.history.tiers import TieredHistory
 
 __all__ = [
-    "AiocacheTier",
     "HistoryStore",
     "InMemoryHistoryStore",
     "Invalidator",
+    "L2Read",
     "LocalInvalidator",
+    "MemoryTier",
     "RedisHistoryStore",
     "RedisInvalidator",
+    "RedisTier",
     "SharedTier",
     "SqliteHistoryStore",
     "TieredHistory",

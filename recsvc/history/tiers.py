@@ -3,8 +3,13 @@
     get(user)      L1 hit -> done. Miss -> one load per user at a time (single-flight): L2, then the
                    store; fill L2 and L1 on the way back. Unknown users are remembered briefly in a
                    negative cache so a flood of them costs one store query each per negative_ttl.
-    record(events) durable append first (the acknowledgement point) -> drop the users from L2 and tell
-                   other replicas (Invalidator) -> reload them into L1 here.
+    record(events) durable append first (the acknowledgement point) -> invalidate the users in L2 and
+                   tell other replicas (Invalidator) -> reload them into L1 (and L2) here.
+
+Two guards keep a load that raced a write out of the caches. In this process, a generation per user:
+a load that saw an invalidation while it ran caches nothing. Across replicas, L2's stamps (see l2.py):
+a fill is refused if any replica invalidated the user after the load's L2 read, which catches the peer
+whose pub/sub message has not arrived yet.
 
 Tier statistics (hits, misses, evictions, loads, load latency) are plain counters read by tests and by
 the metrics endpoint.
@@ -138,7 +143,7 @@ class TieredHistory:
         return task
 
     async def _load(self, user_id: str, generation: int) -> History:
-        history = await self.l2.get(user_id) if self.l2 is not None else None
+        history, stamp = await self.l2.get(user_id) if self.l2 is not None else (None, None)
         from_store = history is None
         if history is None:
             started = self._timer()
@@ -149,7 +154,7 @@ class TieredHistory:
         # answers the callers already waiting but is cached nowhere.
         if self._generation.get(user_id, 0) == generation:
             if from_store and self.l2 is not None and history.version:
-                await self.l2.set(history)
+                await self.l2.set(history, stamp)
             self._remember(history)
         return history
 
@@ -189,8 +194,8 @@ class TieredHistory:
         # From here on the events are durable: a failure below must not report the write as failed
         # (a retry without event ids would store it twice). Caches then fall back on their TTLs.
         try:
-            if self.l2 is not None:
-                await self.l2.delete(users)
+            # The stamps let this refill pass L2's check, unless yet another write invalidates first.
+            stamps = await self.l2.invalidate(users) if self.l2 is not None else {}
             await self.invalidator.publish(users)
             for user_id in users:
                 # A fresh read of the store, not a local append: the store decides order, dedupe and
@@ -200,7 +205,7 @@ class TieredHistory:
                 if self._generation.get(user_id, 0) == generation:
                     self._remember(fresh)
                     if self.l2 is not None and fresh.version:
-                        await self.l2.set(fresh)
+                        await self.l2.set(fresh, stamps.get(user_id))
         except Exception as exc:  # noqa: BLE001 - see above: the append already succeeded
             log.warning("events stored, but refreshing caches for %d users failed: %s", len(users), exc)
         return new
@@ -240,8 +245,7 @@ class TieredHistory:
         }  # fmt: skip
         out: dict[str, dict[str, Any]] = {"l1": l1_stats, "store": asdict(self.store_stats)}
         if self.l2 is not None:
-            out["l2"] = {"hits": getattr(self.l2, "hits", None), "misses": getattr(self.l2, "misses", None),
-                         "errors": getattr(self.l2, "errors", None)}  # fmt: skip
+            out["l2"] = {name: getattr(self.l2, name, None) for name in ("hits", "misses", "errors", "refused")}
         out["prefetch"] = {"used": self.prefetch_used}
         return out
 

@@ -20,9 +20,11 @@ from recsvc.config import Settings
 from recsvc.deny import DenyListWatcher
 from recsvc.errors import BundleError, RankerUnavailable
 from recsvc.history import (
-    AiocacheTier,
     HistoryStore,
+    MemoryTier,
     RedisInvalidator,
+    RedisTier,
+    SharedTier,
     SqliteHistoryStore,
     TieredHistory,
 )
@@ -96,21 +98,20 @@ async def open_history(settings: Settings, store: HistoryStore) -> TieredHistory
 
     l1 = make_l1(settings.l1_policy, max_entries=settings.l1_max_entries, max_bytes=settings.l1_max_bytes,
                  ttl=settings.l1_ttl_s, getsizeof=history_size)  # fmt: skip
-    l2 = None
+    l2: SharedTier | None = None
     backend = settings.resolved_l2()
     if backend == "memory":
-        l2 = AiocacheTier.memory(ttl_s=settings.l2_ttl_s)
+        l2 = MemoryTier(max_entries=settings.l2_max_entries, max_bytes=settings.l2_max_bytes, ttl_s=settings.l2_ttl_s,
+                        getsizeof=history_size)  # fmt: skip
     elif backend == "redis":
-        l2 = AiocacheTier.redis(settings.redis_url, ttl_s=settings.l2_ttl_s, timeout_s=settings.redis_timeout_s,
-                                cluster=settings.redis_cluster)  # fmt: skip
+        l2 = RedisTier.open(settings.redis_url, ttl_s=settings.l2_ttl_s, timeout_s=settings.redis_timeout_s,
+                            cluster=settings.redis_cluster)  # fmt: skip
     history = TieredHistory(store, l1=l1, limit=settings.history_keep, l2=l2, negative_ttl_s=settings.negative_ttl_s)
     if settings.history_store == "redis" or backend == "redis":
         # Other replicas share this store: their L1 copies must hear about our writes, and we about theirs.
-        from recsvc.redis_conn import redis_client
-
-        invalidator = RedisInvalidator(
-            redis_client(settings.redis_url, cluster=False, timeout_s=None),
-            history.invalidate_local, history.reset_local,
+        invalidator = RedisInvalidator.open(
+            settings.redis_url, history.invalidate_local, history.reset_local,
+            timeout_s=settings.redis_timeout_s, ping_s=settings.invalidation_ping_s,
         )  # fmt: skip
         history.invalidator = invalidator
         try:

@@ -7,7 +7,7 @@ import pytest
 from cachetools import LRUCache
 
 from recsvc.domain import Event, EventType, History
-from recsvc.history import AiocacheTier, InMemoryHistoryStore, TieredHistory
+from recsvc.history import InMemoryHistoryStore, MemoryTier, TieredHistory
 from tests.support import FakeClock
 
 Clock = FakeClock
@@ -38,6 +38,10 @@ class RecordingInvalidator:
 
 def ev(user: str, item: str, ts: float = 1.0) -> Event:
     return Event(user, item, EventType.VIEW, ts)
+
+
+def memory_l2() -> MemoryTier:
+    return MemoryTier(max_entries=100, max_bytes=1 << 20, ttl_s=60)
 
 
 def tiers(store: InMemoryHistoryStore, **kw: object) -> TieredHistory:
@@ -111,14 +115,14 @@ async def test_first_event_of_a_negatively_cached_user_shows_at_once() -> None:
 
 async def test_record_refreshes_l1_invalidates_l2_and_tells_replicas() -> None:
     store = InMemoryHistoryStore()
-    l2 = AiocacheTier.memory(ttl_s=60)
+    l2 = memory_l2()
     inv = RecordingInvalidator()
     t = tiers(store, l2=l2, invalidator=inv)
     await store.append([ev("u", "a")])
     await t.get("u")                                  # fills L2 and L1
-    assert (await l2.get("u")) is not None
+    assert (await l2.get("u")).history is not None
     await t.record([ev("u", "b", 2.0), ev("v", "x", 2.0)])
-    fresh = await l2.get("u")                         # written through: other replicas get the new one
+    fresh = (await l2.get("u")).history               # written through: other replicas get the new one
     assert fresh is not None and fresh.item_ids == ("a", "b")
     assert inv.published == [["u", "v"]]
     hits = t.l1_hits
@@ -130,7 +134,7 @@ async def test_record_refreshes_l1_invalidates_l2_and_tells_replicas() -> None:
 async def test_l2_hit_avoids_the_store() -> None:
     store = InMemoryHistoryStore()
     await store.append([ev("u", "a")])
-    l2 = AiocacheTier.memory(ttl_s=60)
+    l2 = memory_l2()
     first = tiers(store, l2=l2)
     await first.get("u")
     second = tiers(store, l2=l2)                       # another "process" sharing the L2
@@ -187,7 +191,7 @@ async def test_close_cancels_loads_in_flight() -> None:
 async def test_stats_report_every_tier() -> None:
     store = InMemoryHistoryStore()
     await store.append([ev("u", "a")])
-    t = tiers(store, l2=AiocacheTier.memory(ttl_s=60))
+    t = tiers(store, l2=memory_l2())
     await t.get("u")
     await t.get("u")
     s = t.stats()
@@ -211,7 +215,7 @@ async def test_prefetch_tracking_is_bounded_by_entries_not_bytes() -> None:
 async def test_load_overtaken_by_an_invalidation_is_not_written_to_l2() -> None:
     store = SlowStore()
     await InMemoryHistoryStore.append(store, [ev("u", "a")])
-    l2 = AiocacheTier.memory(ttl_s=60)
+    l2 = memory_l2()
     t = tiers(store, l2=l2)
     loading = asyncio.create_task(t.get("u"))
     await asyncio.sleep(0)
@@ -219,7 +223,7 @@ async def test_load_overtaken_by_an_invalidation_is_not_written_to_l2() -> None:
     t.invalidate_local(["u"])                                         # ... announced to us
     store.release.set()
     await loading
-    assert await l2.get("u") is None and "u" not in t.l1
+    assert (await l2.get("u")).history is None and "u" not in t.l1
     assert (await t.get("u")).item_ids == ("a", "b")
     await t.close()
 
