@@ -1,5 +1,8 @@
 """Durability of the history stores against kill -9: of redis-server itself, and of a SQLite writer process.
 
+Also how the Redis clients (store and L2) behave when Redis freezes or restarts: calls fail within the
+socket timeout, and the same clients work again afterwards.
+
 An acknowledged append must survive; an unacknowledged one may or may not have landed, but never in part
 within its unit of atomicity (a user's share of a batch on Redis, the whole batch on SQLite).
 """
@@ -18,7 +21,7 @@ import pytest
 
 from recsvc.domain import Event, EventType
 from recsvc.errors import StoreUnavailable
-from recsvc.history import SqliteHistoryStore
+from recsvc.history import L2Read, RedisTier, SqliteHistoryStore
 from recsvc.history.redis_store import RedisHistoryStore
 from tests.redis_fixture import start_redis
 
@@ -105,7 +108,7 @@ async def test_redis_kill_9_loses_no_acknowledged_event(tmp_path: Path) -> None:
 WRITER = textwrap.dedent("""
     import asyncio, sys
     from pathlib import Path
-    from recsvc.history import SqliteHistoryStore
+    from recsvc.history import L2Read, RedisTier, SqliteHistoryStore
     from tests.integration.test_redis_store import KEEP, batch
 
     async def main() -> None:
@@ -168,3 +171,56 @@ def test_sqlite_writer_killed_mid_stream_loses_no_acknowledged_batch(tmp_path: P
             await store.close()
 
     asyncio.run(check())
+
+
+async def test_frozen_redis_fails_calls_fast_and_serves_again_when_it_thaws(tmp_path: Path) -> None:
+    # SIGSTOP: connections stay open and the kernel still accepts new ones, but nothing answers. Every
+    # client recsvc uses against Redis must give up within its socket timeout, not hang the request.
+    server = start_redis(tmp_path / "redis")
+    timeout_s = 0.5
+    store = await RedisHistoryStore.open(server.url, keep=KEEP, timeout_s=timeout_s)
+    l2 = RedisTier.open(server.url, ttl_s=60, timeout_s=timeout_s, cluster=False)
+    try:
+        assert await store.append([Event("u", "a", EventType.VIEW, 1.0, event_id="a")]) == 1
+        h = await store.get("u", 10)
+        assert await l2.set(h, (await l2.get("u")).stamp)
+        os.kill(server.popen.pid, signal.SIGSTOP)
+        try:
+            async with asyncio.timeout(10 * timeout_s):   # without socket timeouts each call would hang
+                with pytest.raises(StoreUnavailable):
+                    await store.get("u", 10)
+                with pytest.raises(StoreUnavailable):
+                    await store.append([Event("u", "b", EventType.VIEW, 2.0, event_id="b")])
+                assert await l2.get("u") == L2Read(None, None)     # a miss, never an error
+                assert await l2.invalidate(["u"]) == {}
+        finally:
+            os.kill(server.popen.pid, signal.SIGCONT)
+        # The same clients, not reopened. The timed-out append may or may not have run: retried by id.
+        await store.append([Event("u", "b", EventType.VIEW, 2.0, event_id="b")])
+        assert (await store.get("u", 10)).item_ids == ("a", "b")
+        assert (await l2.get("u")).stamp is not None
+    finally:
+        await l2.close()
+        await store.close()
+        server.kill()
+
+
+async def test_restarted_redis_is_used_again_without_reopening_anything(tmp_path: Path) -> None:
+    server = start_redis(tmp_path / "redis")
+    store = await RedisHistoryStore.open(server.url, keep=KEEP, timeout_s=1.0)
+    l2 = RedisTier.open(server.url, ttl_s=60, timeout_s=1.0, cluster=False)
+    try:
+        await store.append([Event("u", "a", EventType.VIEW, 1.0, event_id="a")])
+        h = await store.get("u", 10)
+        assert await l2.set(h, (await l2.get("u")).stamp)
+        server = server.restart()          # kill -9, same port: every pooled connection is dead now
+        # The first call on each reconnects (one retry on a connection error) and reloads the scripts.
+        assert (await store.get("u", 10)).item_ids == ("a",)
+        assert await l2.get("u") == L2Read(h, 0)         # (this server persists everything, the L2 too)
+        assert await l2.invalidate(["u"]) == {"u": 1}
+        assert await l2.set(h, 1) and (await l2.get("u")).history == h
+        assert l2.errors == 0
+    finally:
+        await l2.close()
+        await store.close()
+        server.kill()
