@@ -1,4 +1,4 @@
-"""The tiered history cache: L1 in-process -> L2 shared (aiocache) -> durable store.
+"""The tiered history cache: L1 in-process -> L2 (this process, or shared on Redis) -> durable store.
 
     get(user)      L1 hit -> done. Miss -> one load per user at a time (single-flight): L2, then the
                    store; fill L2 and L1 on the way back. Unknown users are remembered briefly in a
