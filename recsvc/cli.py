@@ -223,11 +223,12 @@ def _rollout(settings: Settings, version: int, drain_s: float | None) -> int:
 
 
 def cmd_triton(args: argparse.Namespace) -> int:
-    """Run the bundled tritonserver on the model repository (EXPLICIT model control)."""
+    """Run the bundled tritonserver on the model repository (EXPLICIT model control), restarting it if it dies."""
     from recsvc.repository import options_from_settings, serve_triton
 
     models = () if args.no_models else None
-    return asyncio.run(serve_triton(options_from_settings(_settings(args), models=models)))
+    return asyncio.run(serve_triton(options_from_settings(_settings(args), models=models),
+                                    restart=not args.no_restart))  # fmt: skip
 
 
 def cmd_build_index(args: argparse.Namespace) -> int:
@@ -395,13 +396,13 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 async def _up(settings: Settings, *, exit_after_demo: bool) -> int:
-    from recsvc.repository import TritonServer, options_from_settings
+    from recsvc.repository import SupervisedTriton, options_from_settings
     from recsvc.server import serve
     from recsvc.server.client import RecsvcClient
 
     options = options_from_settings(settings)
     print(f"starting Triton (gRPC {settings.triton_url}, log {options.log_path}) ...")
-    async with TritonServer(options):
+    async with SupervisedTriton(options):        # restarted if it dies; recsvc loads its version again
         stop = asyncio.Event()
         ready: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         server = asyncio.create_task(serve(settings, on_ready=ready.set_result, stop=stop))
@@ -536,6 +537,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("triton", parents=[common], help=cmd_triton.__doc__)
     p.add_argument("--no-models", action="store_true",
                    help="load nothing at start (like an official Triton image in EXPLICIT mode); recsvc pins it")
+    p.add_argument("--no-restart", action="store_true",
+                   help="exit when tritonserver dies (default: restart it, waiting 1 s doubling to 30 s)")
     p.set_defaults(func=cmd_triton)
 
     p = sub.add_parser("serve", parents=[common], help=cmd_serve.__doc__)

@@ -11,6 +11,7 @@ from recsvc.repository.publishing import (
     version_dir,
 )
 from recsvc.repository.triton_server import (
+    SupervisedTriton,
     TritonDistribution,
     TritonOptions,
     TritonServer,
@@ -21,6 +22,7 @@ from recsvc.repository.triton_server import (
 
 __all__ = [
     "STAGING_PREFIX",
+    "SupervisedTriton",
     "TritonDistribution",
     "TritonOptions",
     "TritonServer",

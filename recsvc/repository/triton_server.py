@@ -8,6 +8,14 @@ it. So the server gets our interpreter's ``bin`` directory first on ``PATH`` and
 environment's numpy and onnxruntime.
 
 Readiness is polled over Triton's HTTP health endpoint with urllib, so this module needs no tritonclient.
+
+``SupervisedTriton`` (what ``recsvc triton`` and ``recsvc up`` run) restarts tritonserver when it dies
+(a crash, an abort in its python backend, kill -9): after ``restart_min_s``, doubling with every death
+that follows a short run up to ``restart_max_s``, and back to ``restart_min_s`` once a run has lasted
+``restart_stable_s``. Each death is logged with its exit status and the log's error lines. SIGTERM or
+SIGINT is forwarded (tritonserver drains, then exits) and nothing is restarted after it. In EXPLICIT mode
+a restarted Triton holds only the start-up models; recsvc notices the version it serves is gone and loads
+it again (recsvc/versions.py), after checking its files.
 """
 
 from __future__ import annotations
@@ -27,16 +35,18 @@ import sysconfig
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import IO
+from typing import IO, Any, TypeVar
 
 from recsvc.config import Settings
 from recsvc.errors import ConfigError, RankerUnavailable
+from recsvc.tasks import cancel_and_wait
 
 __all__ = [
+    "SupervisedTriton",
     "TritonDistribution",
     "TritonOptions",
     "TritonServer",
@@ -46,6 +56,8 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 _STUB = "triton_python_backend_stub"
 _LOG_TAIL_BYTES = 4000
@@ -125,6 +137,11 @@ class TritonOptions:
     metrics_port: int = 8002
     startup_timeout_s: float = 120.0
     exit_timeout_s: float = 5.0  # Triton's own drain time for in-flight requests on SIGTERM
+    # SupervisedTriton: wait before restarting a server that died, doubling per death after a short run
+    # (one shorter than restart_stable_s), never longer than restart_max_s.
+    restart_min_s: float = 1.0
+    restart_max_s: float = 30.0
+    restart_stable_s: float = 60.0
     extra_args: tuple[str, ...] = ()
     env: Mapping[str, str] = field(default_factory=dict)  # added to (and overriding) the computed env
 
@@ -374,36 +391,146 @@ class TritonServer:
         await self.stop()
 
 
-async def serve_triton(options: TritonOptions) -> int:
-    """Run tritonserver until SIGTERM/SIGINT (then stop it gracefully) or until it exits by itself.
+def restart_delay(options: TritonOptions, quick_deaths: int) -> float:
+    """Seconds to wait before restart number ``quick_deaths`` (1, 2, ...) of a run of short-lived servers."""
+    exponent = min(max(quick_deaths - 1, 0), 30)     # 2**30 s is past any maximum: no float overflow
+    return float(min(options.restart_min_s * 2.0**exponent, options.restart_max_s))
+
+
+class SupervisedTriton:
+    """A TritonServer that is started again whenever it dies, until ``stop()``.
+
+    ``await start()`` returns once the first server is ready (a first start that fails raises, as
+    TritonServer's does: a config error is not fixed by restarting). Then a supervising task owns the
+    server: on an exit nobody asked for it logs, waits (see ``restart_delay``) and starts a new one; a
+    restart that fails counts as another quick death. ``await stop()`` ends the task and then the server
+    (SIGTERM, Triton's drain, SIGKILL after the grace). ``clock`` is injectable for tests.
+    """
+
+    def __init__(self, options: TritonOptions, *, distribution: TritonDistribution | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+        self.options = options
+        self.server = TritonServer(options, distribution=distribution)
+        self._clock = clock
+        self._task: asyncio.Task[None] | None = None
+        self.restarts = 0               # servers started after a death
+        self.deaths: list[int] = []     # exit status of every server that died by itself
+        self.restarted = asyncio.Event()   # set after each successful restart (tests, ``recsvc up``)
+
+    @property
+    def pid(self) -> int | None:
+        """The running server's process id."""
+        return self.server.pid
+
+    async def start(self) -> None:
+        """Start the first server and supervise it from then on."""
+        await self.server.start()
+        self._task = asyncio.create_task(self._supervise(self._clock()), name="triton-supervisor")
+
+    async def _supervise(self, started: float) -> None:
+        quick_deaths = 0
+        while True:
+            status = await self.server.wait()
+            ran = self._clock() - started
+            self.deaths.append(status)
+            quick_deaths = 1 if ran >= self.options.restart_stable_s else quick_deaths + 1
+            what = f"tritonserver (pid {self.server.pid}, up {ran:.1f} s) exited by itself with status {status}"
+            errors = self.server.log_errors(max_lines=10)
+            await self.server.stop()      # reaps it and closes its log file
+            while True:
+                delay = restart_delay(self.options, quick_deaths)
+                log.error("%s; restarting it in %.1f s (restart %d). Its log (%s) ends with:\n%s",
+                          what, delay, self.restarts + 1, self.options.log_path, errors)  # fmt: skip
+                await asyncio.sleep(delay)
+                started = self._clock()
+                try:
+                    await self.server.start()
+                except (RankerUnavailable, ConfigError) as exc:
+                    # Died during start-up (or never came up): another quick death, a longer wait.
+                    quick_deaths += 1
+                    what, errors = "restarting tritonserver failed", str(exc)
+                    continue
+                break
+            self.restarts += 1
+            log.warning("tritonserver restarted (pid %s, restart %d); recsvc loads its versions again",
+                        self.server.pid, self.restarts)  # fmt: skip
+            self.restarted.set()
+
+    async def wait(self) -> None:
+        """Wait until the supervisor ends (only by an error of its own: deaths are restarted)."""
+        if self._task is None:
+            raise RuntimeError("SupervisedTriton was not started")
+        await self._task
+
+    async def stop(self, grace_s: float | None = None) -> int | None:
+        """Stop supervising (no restart from now on), then stop the server; return its exit status."""
+        await cancel_and_wait(self._task)
+        self._task = None
+        return await self.server.stop(grace_s)
+
+    async def __aenter__(self) -> SupervisedTriton:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.stop()
+
+
+async def serve_triton(options: TritonOptions, *, restart: bool = True) -> int:
+    """Run tritonserver until SIGTERM/SIGINT, restarting it whenever it dies (see ``SupervisedTriton``).
 
     For ``recsvc triton``: ``return asyncio.run(serve_triton(options_from_settings(settings)))``.
-    Returns 0 after a requested stop, otherwise the server's own exit status (1 if it was killed).
+    Returns 0 after a requested stop. With ``restart=False`` it returns when the server exits by itself,
+    with the server's exit status (1 if it was killed by a signal).
     """
-    server = TritonServer(options)
-    await server.start()
+    supervised = SupervisedTriton(options)
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     signals = (signal.SIGTERM, signal.SIGINT)
     for sig in signals:
         loop.add_signal_handler(sig, stop.set)
     try:
-        exited = asyncio.ensure_future(server.wait())
-        stopping = asyncio.ensure_future(stop.wait())
-        await asyncio.wait({exited, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        stopping.cancel()
-        if exited.done():
-            status = exited.result()
+        if restart:
+            await _until(stop, supervised.start())
+            if stop.is_set():
+                await supervised.stop()
+                return 0
+            await _until(stop, supervised.wait())
+            log.info("stopping tritonserver")
+            await supervised.stop()
+            return 0
+        server = supervised.server
+        await _until(stop, server.start())
+        if stop.is_set():
+            await server.stop()
+            return 0
+        status = await _until(stop, server.wait())
+        if status is not None:
             log.error("tritonserver exited by itself with status %d; log ends with:\n%s", status, server.log_tail())
             await server.stop()
             return status if status > 0 else 1
-        exited.cancel()
         log.info("stopping tritonserver")
         await server.stop()
         return 0
     finally:
         for sig in signals:
             loop.remove_signal_handler(sig)
+
+
+async def _until(stop: asyncio.Event, work: Coroutine[Any, Any, _T]) -> _T | None:
+    """Run ``work`` until it finishes (its result) or ``stop`` is set (it is cancelled: None)."""
+    task = asyncio.ensure_future(work)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({task, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if task.done():
+        return task.result()
+    await cancel_and_wait(task)
+    return None
 
 
 def _http_ok(url: str) -> bool:
