@@ -84,6 +84,9 @@ class TieredHistory:
         # which can only make a racing load skip caching, or (after an eviction inside one load's few
         # milliseconds) cache once more what the L1 TTL then bounds.
         self._generation: LRUCache[str, int] = LRUCache(maxsize=1_000_000)
+        # Bumped by reset_local: after missed invalidations no read that began before may be cached,
+        # whichever user it was for (loads and record()'s refresh reads alike).
+        self._epoch = 0
         # Owned tasks not awaited by anyone in particular: record() bodies (shielded from RPC
         # cancellation) and loads orphaned by an invalidation. close() cancels them.
         self._background: set[asyncio.Task[Any]] = set()
@@ -136,13 +139,16 @@ class TieredHistory:
         if task is None:
             # The generation is taken now, not when the task first runs: an invalidation arriving in
             # between must still count against this load.
-            generation = self._generation.get(user_id, 0)
+            generation = self._generation_of(user_id)
             task = asyncio.create_task(self._load(user_id, generation), name=f"history-load:{user_id}")
             self._pending[user_id] = task
             task.add_done_callback(lambda t: self._finished(user_id, t))
         return task
 
-    async def _load(self, user_id: str, generation: int) -> History:
+    def _generation_of(self, user_id: str) -> tuple[int, int]:
+        return self._epoch, self._generation.get(user_id, 0)
+
+    async def _load(self, user_id: str, generation: tuple[int, int]) -> History:
         history, stamp = await self.l2.get(user_id) if self.l2 is not None else (None, None)
         from_store = history is None
         if history is None:
@@ -152,7 +158,7 @@ class TieredHistory:
             self.store_stats.load_seconds += self._timer() - started
         # An invalidation that arrived while this load ran may mean its result predates a write: it
         # answers the callers already waiting but is cached nowhere.
-        if self._generation.get(user_id, 0) == generation:
+        if self._generation_of(user_id) == generation:
             if from_store and self.l2 is not None and history.version:
                 await self.l2.set(history, stamp)
             self._remember(history)
@@ -200,9 +206,9 @@ class TieredHistory:
             for user_id in users:
                 # A fresh read of the store, not a local append: the store decides order, dedupe and
                 # trimming. Cached only if no other invalidation arrived meanwhile.
-                generation = self._generation.get(user_id, 0)
+                generation = self._generation_of(user_id)
                 fresh = await self.store.get(user_id, self._limit)
-                if self._generation.get(user_id, 0) == generation:
+                if self._generation_of(user_id) == generation:
                     self._remember(fresh)
                     if self.l2 is not None and fresh.version:
                         await self.l2.set(fresh, stamps.get(user_id))
@@ -230,6 +236,7 @@ class TieredHistory:
 
     def reset_local(self) -> None:
         """Forget everything in this process (e.g. after missing invalidations)."""
+        self._epoch += 1
         for user_id in list(self._pending):
             self.invalidate_local([user_id])
         self.l1.clear()

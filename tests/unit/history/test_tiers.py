@@ -267,3 +267,29 @@ async def test_prefetch_answers_unknown_users_from_the_negative_cache() -> None:
     await t.get("ghost")
     await t.prefetch("ghost")
     assert store.gets == 1
+
+
+async def test_reset_keeps_a_refresh_read_in_flight_out_of_l1() -> None:
+    # reset_local runs when invalidations may have been missed: a read that began before it may be
+    # stale, including record()'s refresh of the user it just wrote.
+    class SlowRefresh(InMemoryHistoryStore):
+        def __init__(self) -> None:
+            super().__init__()
+            self.reading = asyncio.Event()
+            self.release = asyncio.Event()
+
+        async def get(self, user_id: str, limit: int) -> History:
+            history = await super().get(user_id, limit)
+            self.reading.set()
+            await self.release.wait()
+            return history
+
+    store = SlowRefresh()
+    t = tiers(store)
+    recording = asyncio.create_task(t.record([ev("u", "a")]))
+    await asyncio.wait_for(store.reading.wait(), 5)
+    t.reset_local()
+    store.release.set()
+    assert await recording == 1
+    assert "u" not in t.l1
+    await t.close()
