@@ -203,3 +203,29 @@ async def test_own_and_malformed_messages_are_skipped(redis_server: RedisProcess
         assert ["mine"] not in rec.invalidated and inv.errors >= 1 and inv.published == 1
     finally:
         await inv.close()
+
+
+async def test_replicas_built_from_settings_share_l2_and_hear_each_others_writes(redis_server: RedisProcess) -> None:
+    # The server's own wiring (open_store / open_history) for two replicas on one Redis.
+    from recsvc.config import Settings
+    from recsvc.domain import Event, EventType
+    from recsvc.server.app import open_history, open_store
+
+    settings = Settings().with_overrides(history_store="redis", redis_url=redis_server.url, invalidation_ping_s=0.2)
+    user = f"wired-{uuid.uuid4().hex}"
+    stores = [await open_store(settings) for _ in range(2)]
+    a, b = [await open_history(settings, store) for store in stores]
+    try:
+        assert isinstance(a.invalidator, RedisInvalidator) and a.l2 is not None
+        await a.record([Event(user, "x", EventType.VIEW, 1.0)])
+        assert (await b.get(user)).item_ids == ("x",)
+        assert b.stats()["l2"]["hits"] == 1                # a's refill after its write, shared through L2
+        assert user in a.l1
+        await b.record([Event(user, "y", EventType.VIEW, 2.0)])
+        await until(lambda: user not in a.l1, 20, "a never heard b's invalidation")
+        assert (await a.get(user)).item_ids == ("x", "y")
+    finally:
+        for t in (a, b):
+            await t.close()
+        for store in stores:
+            await store.close()
