@@ -27,7 +27,7 @@ from typing import Any
 from cachetools import Cache, LRUCache, TTLCache
 
 from recsvc.domain import Event, History
-from recsvc.history.coherence import Invalidator, LocalInvalidator
+from recsvc.history.coherence import Invalidator, LocalInvalidator, RedisInvalidator
 from recsvc.history.l2 import SharedTier
 from recsvc.history.store import HistoryStore
 
@@ -252,7 +252,16 @@ class TieredHistory:
         }  # fmt: skip
         out: dict[str, dict[str, Any]] = {"l1": l1_stats, "store": asdict(self.store_stats)}
         if self.l2 is not None:
-            out["l2"] = {name: getattr(self.l2, name, None) for name in ("hits", "misses", "errors", "refused")}
+            out["l2"] = {name: getattr(self.l2, name, None)
+                         for name in ("hits", "misses", "errors", "refused", "rejections")}  # fmt: skip
+            entries = getattr(self.l2, "entries", None)     # the in-process tier: its bounds at work
+            if entries is not None:
+                out["l2"].update(entries=len(entries), bytes=entries.currsize, evictions=entries.evictions)
+        if isinstance(self.invalidator, RedisInvalidator):
+            # lost/resets: subscriptions that died (errors, or silence past the ping bound) and L1 clears.
+            inv = self.invalidator
+            out["invalidations"] = {"published": inv.published, "received": inv.received, "errors": inv.errors,
+                                    "lost": inv.lost, "resets": inv.resets}  # fmt: skip
         out["prefetch"] = {"used": self.prefetch_used}
         return out
 

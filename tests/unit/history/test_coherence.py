@@ -224,6 +224,7 @@ async def test_replicas_built_from_settings_share_l2_and_hear_each_others_writes
         await b.record([Event(user, "y", EventType.VIEW, 2.0)])
         await until(lambda: user not in a.l1, 20, "a never heard b's invalidation")
         assert (await a.get(user)).item_ids == ("x", "y")
+        assert a.stats()["invalidations"]["received"] >= 1 and a.stats()["invalidations"]["lost"] == 0
     finally:
         for t in (a, b):
             await t.close()

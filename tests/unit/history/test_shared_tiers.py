@@ -197,5 +197,7 @@ async def test_the_default_in_process_l2_is_bounded_by_settings() -> None:
         assert history.l2 is not None
         held = sum([(await history.l2.get(u)).history is not None for u in users])
         assert held == 40
+        l2 = history.stats()["l2"]
+        assert (l2["entries"], l2["evictions"]) == (40, 460) and l2["bytes"] <= settings.l2_max_bytes
     finally:
         await history.close()
