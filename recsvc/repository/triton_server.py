@@ -372,14 +372,17 @@ class TritonServer:
         except OSError as exc:
             return f"(cannot read {self.options.log_path}: {exc})"
 
-    def log_errors(self, max_lines: int = 20) -> str:
+    def log_errors(self, max_lines: int = 20, *, tail_lines: int | None = None) -> str:
         """Return this run's error lines (Triton's ``E...`` lines and ``error:``), else the log's tail.
 
         Triton ends a failed start with a wide status table, so the plain tail rarely shows the cause.
+        ``tail_lines`` shortens the fallback to that many lines (a server killed by a signal writes no error).
         """
         lines = self.log_tail(max_bytes=1 << 20).splitlines()
         errors = [line for line in lines if _ERROR_LINE.match(line) and not any(n in line for n in _HARMLESS)]
-        return "\n".join(errors[-max_lines:]) if errors else self.log_tail()
+        if errors:
+            return "\n".join(errors[-max_lines:])
+        return "\n".join(lines[-tail_lines:]) if tail_lines else self.log_tail()
 
     async def __aenter__(self) -> TritonServer:
         await self.start()
@@ -435,7 +438,7 @@ class SupervisedTriton:
             self.deaths.append(status)
             quick_deaths = 1 if ran >= self.options.restart_stable_s else quick_deaths + 1
             what = f"tritonserver (pid {self.server.pid}, up {ran:.1f} s) exited by itself with status {status}"
-            errors = self.server.log_errors(max_lines=10)
+            errors = self.server.log_errors(max_lines=10, tail_lines=5)
             await self.server.stop()      # reaps it and closes its log file
             while True:
                 delay = restart_delay(self.options, quick_deaths)
