@@ -18,6 +18,8 @@ from pathlib import Path
 from recsvc.data import Dataset
 from recsvc.pipeline import DEGRADED_REASONS
 from tests.faults.harness import LoadGen, fault_stack, record
+from tests.faults.test_store_outage import degraded_counts
+from tests.support import free_port
 
 CLIENTS = 16
 DEADLINE_S = 1.0
@@ -54,7 +56,8 @@ def signal_all(pids: list[int], sig: signal.Signals) -> None:
 async def test_frozen_triton_every_request_answered_within_its_own_deadline(
     tmp_path: Path, fault_data: tuple[Path, Dataset]
 ) -> None:
-    async with fault_stack(tmp_path, *fault_data) as stack:
+    metrics_port = free_port()
+    async with fault_stack(tmp_path, *fault_data, RECSVC_METRICS_PORT=str(metrics_port)) as stack:
         gen = LoadGen(stack.target, stack.users, clients=CLIENTS, deadline_s=DEADLINE_S, retry=False)
         before = await gen.run(1.5)                      # steady state first: ranked answers
         assert before.failed_total == 0, before.failed
@@ -68,11 +71,13 @@ async def test_frozen_triton_every_request_answered_within_its_own_deadline(
             finally:
                 signal_all(frozen, signal.SIGCONT)
             await asyncio.sleep(1.5)
+        counts = degraded_counts(metrics_port)
         record("Triton frozen (SIGSTOP 5 s)", "test_triton_frozen",
                "every request answered within its own budget: the rank stage gets a share of the request's "
                "remaining deadline; past it the answer is in retrieval order, flagged degraded", tally,
                clients=CLIENTS, client_deadline_s=DEADLINE_S, freeze_s=FREEZE_S,
-               answered_while_frozen=during, steady_before=before.as_dict())  # fmt: skip
+               answered_while_frozen=during, steady_before=before.as_dict(),
+               server_degraded_counters=counts)  # fmt: skip
         assert tally.sent > CLIENTS * 3
         # Nothing failed: not DEADLINE_EXCEEDED (the client's own deadline), not UNAVAILABLE, not anything.
         assert tally.failed_total == 0, (tally.failed, stack.server.tail())
@@ -82,6 +87,8 @@ async def test_frozen_triton_every_request_answered_within_its_own_deadline(
         assert tally.degraded > 0
         allowed = {DEGRADED_REASONS["ranker_timeout"], DEGRADED_REASONS["ranker_unavailable"]}
         assert set(tally.degraded_reasons) <= allowed, tally.degraded_reasons
+        # ... and counted by the server under their kinds (at least what the client saw).
+        assert counts["ranker_timeout"] + counts["ranker_unavailable"] >= tally.degraded, counts
         # Answered within the client's deadline (a later answer would have been DEADLINE_EXCEEDED above).
         assert max(tally.latencies_s) < DEADLINE_S
         assert stack.tracebacks() == 0
