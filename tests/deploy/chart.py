@@ -24,6 +24,13 @@ NAMESPACE = "recs"
 
 BUNDLE = {"publish": {"bundle": "movielens-2026-11-30"}}
 ROLLBACK = {"rollback": {"request": "2026-12-01-a"}}
+# Everything security turned on: mutual TLS with a write identity, both tokens, Triton over mutual TLS.
+TLS = {"recsvc": {"tls": {"enabled": True, "secretName": "recsvc-tls", "requireClientCert": True,
+                          "writeAllowedIdentities": ["backend.shop.svc"]},
+                  "auth": {"writeToken": {"secretName": "recsvc-tokens", "key": "write"},
+                           "readToken": {"secretName": "recsvc-tokens", "key": "read"}}},
+       "triton": {"tls": {"enabled": True, "serverSecretName": "triton-tls", "clientSecretName": "triton-client-tls",
+                          "mutual": True}}}  # fmt: skip
 # name -> (profile files, inline overrides). Every file in profiles/ appears at least once
 # (test_every_profile_file_is_tested).
 PROFILES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
@@ -41,6 +48,8 @@ PROFILES: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
     "gpu-object-storage-publish": (("gpu.yaml", "object-storage.yaml"), BUNDLE),
     "cpu-object-storage-publish": (("cpu-only.yaml", "object-storage.yaml"), BUNDLE),
     "rollback": ((), ROLLBACK),
+    "tls": ((), {**TLS, **BUNDLE, **ROLLBACK}),
+    "tls-cpu-object-storage": (("cpu-only.yaml", "object-storage.yaml"), {**TLS, **BUNDLE}),
     "object-storage-rollback": (("object-storage.yaml",), {"rollback": {"request": "r2", "toVersion": 3}}),
     "everything": (
         ("cpu-only.yaml", "bundled-redis.yaml", "autoscaling.yaml", "servicemonitor.yaml"),

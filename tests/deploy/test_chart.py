@@ -137,6 +137,11 @@ def test_long_release_names_stay_valid() -> None:
         ({"networkPolicy": {"frontends": []}}, "/networkPolicy/frontends"),
         ({"metrics": {"serviceMonitor": {"interval": "often"}}}, "/metrics/serviceMonitor/interval"),
         ({"image": {"digest": "md5:abc"}}, "/image/digest"),
+        ({"recsvc": {"tls": {"enabled": True}}}, "/recsvc/tls/secretName"),
+        ({"recsvc": {"tls": {"writeAllowedIdentities": ["a,b"]}}}, "/recsvc/tls/writeAllowedIdentities/0"),
+        ({"recsvc": {"auth": {"writeToken": {"secretName": "s", "key": ""}}}}, "/recsvc/auth/writeToken/key"),
+        ({"triton": {"tls": {"enabled": True, "serverSecretName": "t"}}}, "/triton/tls/clientSecretName"),
+        ({"recsvc": {"settings": {"tls_cert": "/x"}}}, "tls_cert"),  # the chart sets it from recsvc.tls
     ],
 )
 def test_schema_rejects_bad_values(values: dict[str, Any], field: str) -> None:
@@ -235,8 +240,12 @@ def test_server_ports_probes_and_settings_agree(profile: str) -> None:
         assert ports["metrics"] == settings.metrics_port
     else:
         assert "metrics" not in ports
+    # Kubernetes' gRPC probes cannot speak TLS: with TLS they ask the plaintext health-only port.
+    probe_port = settings.health_port if settings.tls_cert is not None else settings.port
+    if settings.tls_cert is not None:
+        assert ports["health"] == settings.health_port != settings.port
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        assert c[probe]["grpc"]["port"] == settings.port
+        assert c[probe]["grpc"]["port"] == probe_port
     # The server registers health for "" and the Recommender service; readiness must ask the latter.
     assert c["readinessProbe"]["grpc"]["service"] == SERVICE_NAME == "recsvc.v1.Recommender"
     assert c["startupProbe"]["grpc"]["service"] == SERVICE_NAME
@@ -244,6 +253,89 @@ def test_server_ports_probes_and_settings_agree(profile: str) -> None:
     assert settings.history_store == "redis"
     assert settings.workers == m.merged["recsvc"]["workers"]
     assert c["command"] == ["recsvc", "serve"]
+
+
+def _mounted_from(workload: dict[str, Any], c: dict[str, Any], path: str) -> dict[str, Any]:
+    """The volume ``path`` is read from in container ``c`` (by the longest mount prefix)."""
+    mounts = [m for m in c["volumeMounts"] if path.startswith(m["mountPath"].rstrip("/") + "/")]
+    assert mounts, f"{path} is on no volume of {c['name']}"
+    mount = max(mounts, key=lambda m: len(m["mountPath"]))
+    assert "subPath" not in mount      # subPath mounts never see a renewed Secret
+    volume: dict[str, Any] = next(v for v in pod_spec(workload)["volumes"] if v["name"] == mount["name"])
+    return volume
+
+
+@pytest.mark.parametrize("profile", ["tls", "tls-cpu-object-storage"])
+def test_tls_and_tokens_are_wired_from_secrets(profile: str) -> None:
+    """Server TLS, mutual TLS and tokens come from mounted Secrets at the paths recsvc reads; every container
+    that dials Triton does so over (mutual) TLS with the client Secret, and Triton serves with its own."""
+    m = manifests(profile)
+    server, c, settings = _server(m)
+    assert settings.tls_cert is not None and settings.tls_key is not None and settings.tls_client_ca is not None
+    assert settings.tls_require_client_cert and settings.write_allowed_identities == "backend.shop.svc"
+    files = ((settings.tls_cert, "tls.crt"), (settings.tls_key, "tls.key"), (settings.tls_client_ca, "ca.crt"))
+    for path, name in files:
+        volume = _mounted_from(server, c, str(path))
+        assert volume["secret"]["secretName"] == "recsvc-tls" and path.name == name
+    for path, key in ((settings.write_token_file, "write"), (settings.read_token_file, "read")):
+        assert path is not None
+        volume = _mounted_from(server, c, str(path))
+        assert volume["secret"]["secretName"] == "recsvc-tokens"
+        assert volume["secret"]["items"] == [{"key": key, "path": path.name}]
+    # Everything that dials Triton: the server, the triton-sync sidecar, the Jobs' rollout steps.
+    triton = m.component("triton")
+    dialers = [(server, c), (triton, container(triton, "triton-sync"))]
+    dialers += [(job, _rolling_step(job)) for job in m.workloads()
+                if job["kind"] == "Job" and pod_labels(job)["app.kubernetes.io/component"] in ("publish", "rollback")]
+    assert len(dialers) >= 3
+    for workload, dialer in dialers:
+        s = load_settings({k: v for k, v in env_of(dialer).items() if k.startswith(ENV_PREFIX)})
+        assert s.triton_tls, dialer["name"]
+        for path in (s.triton_ca, s.triton_cert, s.triton_key):
+            assert path is not None
+            assert _mounted_from(workload, dialer, str(path))["secret"]["secretName"] == "triton-client-tls"
+    t = container(triton, "triton")
+    args = dict(a.removeprefix("--").split("=", 1) for a in t["args"] if "=" in a)
+    assert args["grpc-use-ssl"] == args["grpc-use-ssl-mutual"] == "true"
+    for flag, name in (("grpc-server-cert", "tls.crt"), ("grpc-server-key", "tls.key"), ("grpc-root-cert", "ca.crt")):
+        assert args[flag].endswith("/" + name)
+        assert _mounted_from(triton, t, args[flag])["secret"]["secretName"] == "triton-tls"
+    # Triton's probes use its HTTP port, which TLS on gRPC leaves alone.
+    assert t["readinessProbe"]["httpGet"]["port"] == "http"
+    # The plaintext health port is for the kubelet only: no Service exposes it.
+    for service in m.of_kind("Service"):
+        for port in service["spec"]["ports"]:
+            assert port.get("targetPort") != "health" and port["port"] != settings.health_port
+
+
+def test_without_tls_nothing_security_is_rendered() -> None:
+    m = manifests("defaults")
+    _, c, settings = _server(m)
+    assert settings.tls_cert is None and settings.health_port == 0
+    assert settings.write_token_file is None and not settings.triton_tls
+    assert "health" not in {p["name"] for p in c["ports"]}
+
+
+def test_a_triton_tls_without_mutual_needs_only_the_ca() -> None:
+    m = manifests_for({"triton": {"tls": {"enabled": True, "serverSecretName": "t", "clientSecretName": "c",
+                                          "mutual": False}}})  # fmt: skip
+    _, _, settings = _server(m)
+    assert settings.triton_tls and settings.triton_ca is not None and settings.triton_cert is None
+    args = container(m.component("triton"), "triton")["args"]
+    assert "--grpc-use-ssl=true" in args and not any("mutual" in a or "root-cert" in a for a in args)
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        ({"recsvc": {"tls": {"writeAllowedIdentities": ["a"]}}}, r"writeAllowedIdentities needs mutual TLS"),
+        ({"recsvc": {"auth": {"readToken": {"secretName": "r", "key": "token"}}}}, r"readToken needs writes protected"),
+        ({"recsvc": {"tls": {"enabled": True, "secretName": "s", "healthPort": 9464}}}, r"healthPort must differ"),
+    ],
+)
+def test_security_combinations_recsvc_would_refuse_are_refused(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=message):
+        render(values)
 
 
 @pytest.mark.parametrize("profile", ALL)

@@ -151,10 +151,15 @@ class Job:
         """Whether Triton answered within TRITON_WAIT_S."""
         from tritonclient.grpc import InferenceServerClient
 
+        from recsvc.config import load_settings
+        from recsvc.ranking.triton_ranker import TritonRanker
+
+        # TLS to Triton as recsvc itself dials it (RECSVC_TRITON_TLS*, the chart's triton.tls).
+        tls = TritonRanker.from_settings(load_settings()).tls
         deadline, last = time.monotonic() + self.wait_s, "no answer"
         announced = False
         while True:
-            client = InferenceServerClient(self.triton_url)
+            client = InferenceServerClient(self.triton_url, **(tls.client_args() if tls is not None else {}))
             try:
                 if client.is_server_ready(client_timeout=5):
                     return True

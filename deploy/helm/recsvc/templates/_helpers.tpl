@@ -276,3 +276,129 @@ capabilities:
 - name: HOME
   value: /tmp
 {{- end }}
+
+{{/*
+Security (README, "Security"): where Secrets are mounted, and the RECSVC_* settings that point at them.
+Every Secret is mounted as a directory (never subPath), so renewals and token rotations reach running pods.
+*/}}
+{{- define "recsvc.tlsDir" -}}/etc/recsvc/tls{{- end }}
+{{- define "recsvc.tokensDir" -}}/etc/recsvc/tokens{{- end }}
+{{- define "recsvc.tritonClientTlsDir" -}}/etc/recsvc/triton-tls{{- end }}
+{{- define "recsvc.tritonServerTlsDir" -}}/etc/triton/tls{{- end }}
+
+{{/* Whether the server's probes go to the plaintext health-only port (TLS on the gRPC port). */}}
+{{- define "recsvc.probePort" -}}
+{{- if .Values.recsvc.tls.enabled }}{{ .Values.recsvc.tls.healthPort }}{{ else }}{{ .Values.recsvc.port }}{{ end }}
+{{- end }}
+
+{{/* The server's TLS and token settings. */}}
+{{- define "recsvc.serverSecurityEnv" -}}
+{{- $r := .Values.recsvc }}
+{{- $tls := include "recsvc.tlsDir" . }}
+{{- if $r.tls.enabled }}
+- name: RECSVC_TLS_CERT
+  value: {{ printf "%s/tls.crt" $tls | quote }}
+- name: RECSVC_TLS_KEY
+  value: {{ printf "%s/tls.key" $tls | quote }}
+- name: RECSVC_HEALTH_PORT
+  value: {{ $r.tls.healthPort | quote }}
+{{- if $r.tls.requireClientCert }}
+- name: RECSVC_TLS_CLIENT_CA
+  value: {{ printf "%s/ca.crt" $tls | quote }}
+- name: RECSVC_TLS_REQUIRE_CLIENT_CERT
+  value: "true"
+{{- with $r.tls.writeAllowedIdentities }}
+- name: RECSVC_WRITE_ALLOWED_IDENTITIES
+  value: {{ join "," . | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- if $r.auth.writeToken.secretName }}
+- name: RECSVC_WRITE_TOKEN_FILE
+  value: {{ printf "%s/write/token" (include "recsvc.tokensDir" .) | quote }}
+{{- end }}
+{{- if $r.auth.readToken.secretName }}
+- name: RECSVC_READ_TOKEN_FILE
+  value: {{ printf "%s/read/token" (include "recsvc.tokensDir" .) | quote }}
+{{- end }}
+{{- end }}
+
+{{- define "recsvc.serverSecurityMounts" -}}
+{{- $r := .Values.recsvc }}
+{{- if $r.tls.enabled }}
+- {name: tls, mountPath: {{ include "recsvc.tlsDir" . }}, readOnly: true}
+{{- end }}
+{{- if $r.auth.writeToken.secretName }}
+- {name: write-token, mountPath: {{ printf "%s/write" (include "recsvc.tokensDir" .) }}, readOnly: true}
+{{- end }}
+{{- if $r.auth.readToken.secretName }}
+- {name: read-token, mountPath: {{ printf "%s/read" (include "recsvc.tokensDir" .) }}, readOnly: true}
+{{- end }}
+{{- end }}
+
+{{- define "recsvc.serverSecurityVolumes" -}}
+{{- $r := .Values.recsvc }}
+{{- if $r.tls.enabled }}
+- name: tls
+  secret:
+    secretName: {{ $r.tls.secretName }}
+    defaultMode: 0440
+{{- end }}
+{{- range $name, $token := dict "write-token" $r.auth.writeToken "read-token" $r.auth.readToken }}
+{{- if $token.secretName }}
+- name: {{ $name }}
+  secret:
+    secretName: {{ $token.secretName }}
+    defaultMode: 0440
+    items:
+      - {key: {{ $token.key }}, path: token}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Template-time checks of combinations recsvc would refuse at start-up. */}}
+{{- define "recsvc.checkSecurity" -}}
+{{- $r := .Values.recsvc }}
+{{- if and $r.tls.writeAllowedIdentities (not (and $r.tls.enabled $r.tls.requireClientCert)) }}
+{{- fail "recsvc.tls.writeAllowedIdentities needs mutual TLS (recsvc.tls.enabled and recsvc.tls.requireClientCert)" }}
+{{- end }}
+{{- if and $r.auth.readToken.secretName (not (or $r.auth.writeToken.secretName $r.tls.writeAllowedIdentities)) }}
+{{- fail "recsvc.auth.readToken needs writes protected too (recsvc.auth.writeToken or recsvc.tls.writeAllowedIdentities)" }}
+{{- end }}
+{{- if and $r.tls.enabled (or (eq (int $r.tls.healthPort) (int $r.port)) (eq (int $r.tls.healthPort) (int $r.metricsPort))) }}
+{{- fail "recsvc.tls.healthPort must differ from recsvc.port and recsvc.metricsPort" }}
+{{- end }}
+{{- end }}
+
+{{/* RECSVC_TRITON_TLS* for every container that dials Triton: the server, triton-sync, the rollout Jobs. */}}
+{{- define "recsvc.tritonTlsEnv" -}}
+{{- $tls := .Values.triton.tls }}
+{{- $dir := include "recsvc.tritonClientTlsDir" . }}
+{{- if $tls.enabled }}
+- name: RECSVC_TRITON_TLS
+  value: "true"
+- name: RECSVC_TRITON_CA
+  value: {{ printf "%s/ca.crt" $dir | quote }}
+{{- if $tls.mutual }}
+- name: RECSVC_TRITON_CERT
+  value: {{ printf "%s/tls.crt" $dir | quote }}
+- name: RECSVC_TRITON_KEY
+  value: {{ printf "%s/tls.key" $dir | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "recsvc.tritonTlsMount" -}}
+{{- if .Values.triton.tls.enabled }}
+- {name: triton-tls-client, mountPath: {{ include "recsvc.tritonClientTlsDir" . }}, readOnly: true}
+{{- end }}
+{{- end }}
+
+{{- define "recsvc.tritonTlsVolume" -}}
+{{- if .Values.triton.tls.enabled }}
+- name: triton-tls-client
+  secret:
+    secretName: {{ .Values.triton.tls.clientSecretName }}
+    defaultMode: 0440
+{{- end }}
+{{- end }}

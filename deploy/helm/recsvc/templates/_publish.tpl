@@ -145,6 +145,7 @@ containers:
       # The rollout reaches Triton through the admin Service (Ready or not) and drains this long.
       - name: RECSVC_TRITON_URL
         value: {{ include "recsvc.tritonAdminUrl" $ | quote }}
+      {{- include "recsvc.tritonTlsEnv" $ | nindent 6 }}
       - name: RECSVC_ROLLOUT_DRAIN_S
         value: {{ $.Values.rollout.drainSeconds | quote }}
       - name: RECSVC_ROLLOUT_READY_TIMEOUT_S
@@ -206,6 +207,9 @@ containers:
       - {name: data, mountPath: {{ include "recsvc.dataPath" $ }}}
       - {name: scripts, mountPath: {{ $scripts }}, readOnly: true}
       - {name: tmp, mountPath: /tmp}
+      {{- if has $step (list "publish" "rollout" "rollback") }}
+      {{- include "recsvc.tritonTlsMount" $ | nindent 6 }}
+      {{- end }}
 {{- end }}
 volumes:
   {{- if not $objectStorage }}
@@ -220,4 +224,5 @@ volumes:
   - name: scripts
     configMap:
       name: {{ include "recsvc.scriptsName" $ }}
+  {{- include "recsvc.tritonTlsVolume" $ | nindent 2 }}
 {{- end }}
