@@ -13,7 +13,7 @@ from typing import Any
 
 import grpc
 import orjson
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from recsvc.config import Settings
@@ -34,12 +34,14 @@ from recsvc.prefetch import Prefetcher
 from recsvc.ranking import BatchingRanker, TritonRanker
 from recsvc.repository import latest_version
 from recsvc.repository.rollout import fitted_config, pinnable_versions, read_serving
-from recsvc.server.metrics import MetricsServer, render
+from recsvc.server.admission import AdmissionInterceptor
+from recsvc.server.health import HealthServicer
+from recsvc.server.interceptors import RequestInterceptor
+from recsvc.server.metrics import MetricsServer, RpcMetrics, render
 from recsvc.server.security import AuthInterceptor, bind, check_files, start_health_port
-from recsvc.server.servicer import RecommenderServicer
+from recsvc.server.servicer import RecommenderServicer, add_to_server
 from recsvc.tasks import cancel_and_wait
 from recsvc.v1 import recommender_pb2 as pb
-from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 from recsvc.versions import VersionFollower
 
 __all__ = ["SERVICE_NAME", "Service", "build_service", "serve", "write_port_file"]
@@ -208,11 +210,21 @@ async def _serve(
     snapshot_file: Path | None = None,
 ) -> None:  # fmt: skip
     auth = AuthInterceptor.from_settings(settings)
-    server = grpc.aio.server(interceptors=[auth] if auth is not None else None)
+    rpc_metrics = RpcMetrics()
+    # Request ids, metrics and INTERNAL for bugs, around everything but admission control (which counts
+    # its own refusals and goes first, to stay cheap); auth inside, so its refusals are counted too.
+    admission = AdmissionInterceptor.from_settings(settings, metrics=rpc_metrics)
+    interceptors: list[grpc.aio.ServerInterceptor] = [admission, RequestInterceptor(rpc_metrics)]
+    if auth is not None:
+        interceptors.append(auth)
+    server = grpc.aio.server(interceptors=interceptors, options=[
+        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_send_message_length", settings.max_message_bytes),
+    ])  # fmt: skip
     servicer = RecommenderServicer(service.pipeline, settings)
 
     def samples() -> tuple[dict[str, Any], dict[str, Any]]:
-        return servicer.metrics.snapshot(), service.pipeline.stats()
+        return rpc_metrics.snapshot(), service.pipeline.stats()
 
     async with contextlib.AsyncExitStack() as background:
         if settings.metrics_port:
@@ -239,8 +251,8 @@ async def _run_grpc(
     server: grpc.aio.Server, servicer: RecommenderServicer, settings: Settings,
     on_ready: Callable[[int], None] | None, stop: asyncio.Event | None,
 ) -> None:  # fmt: skip
-    pb_grpc.add_RecommenderServicer_to_server(servicer, server)  # type: ignore[no-untyped-call]
-    health_servicer = health.aio.HealthServicer()
+    add_to_server(server, servicer)
+    health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
@@ -250,24 +262,49 @@ async def _run_grpc(
     health_only = await start_health_port(settings, health_servicer)  # plaintext, for probes; None if off
     for name in ("", SERVICE_NAME):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    stop = stop or asyncio.Event()
+    hurry = asyncio.Event()
+
+    def on_signal() -> None:
+        # The first SIGTERM/SIGINT starts the drain; a second one skips what is left of the drain delay.
+        (hurry if stop.is_set() else stop).set()
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, on_signal)
     log.info("recsvc listening on %s:%d", settings.host, port)
     if on_ready is not None:
         on_ready(port)
-
-    stop = stop or asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
-        log.info("shutting down: draining for up to %.1f s", settings.grace_s)
-        await health_servicer.enter_graceful_shutdown()
-        await server.stop(settings.grace_s)
+        try:
+            await _shut_down(server, health_servicer, settings, hurry)
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
         if health_only is not None:
             await health_only.stop(None)
+
+
+async def _shut_down(server: grpc.aio.Server, health_servicer: HealthServicer, settings: Settings,
+                     hurry: asyncio.Event) -> None:  # fmt: skip
+    # The order a rolling deploy needs: (1) health NOT_SERVING at once, so probes and health-checking
+    # clients stop choosing us; (2) keep serving normally for drain_delay_s while Kubernetes endpoints and
+    # load balancers catch up (requests still arrive meanwhile); (3) end the health Watch streams, which
+    # would otherwise hold server.stop for the whole grace period; (4) stop: the listener closes, GOAWAY
+    # sends clients elsewhere, in-flight calls get grace_s to finish; only then is anything closed.
+    log.info("shutting down: NOT_SERVING; serving on for %.1f s, then draining for up to %.1f s",
+             settings.drain_delay_s, settings.grace_s)  # fmt: skip
+    await health_servicer.enter_graceful_shutdown()
+    if not hurry.is_set():
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(hurry.wait(), settings.drain_delay_s)
+        if hurry.is_set():
+            log.info("second signal: drain delay cut short")
+    await health_servicer.close_watches()
+    await server.stop(settings.grace_s)
+    log.info("gRPC server stopped")
 
 
 def write_port_file(path: Path) -> Callable[[int], None]:
