@@ -112,7 +112,9 @@ class ReloadingFiles(Generic[T]):
             if self._stat() != signature:
                 return          # replaced while we read: try again at the next check
         except OSError as exc:
-            log.warning("%s: cannot read %s (%s); keeping the previous files", self.what, exc.filename, exc.strerror)
+            if self._signature is not None:     # once, not at every check while the files are away
+                log.warning("%s: cannot read %s (%s); keeping the previous files", self.what, exc.filename,
+                            exc.strerror)  # fmt: skip
             self._signature = None      # so the files are read again once they are back
             return
         self._signature = signature
