@@ -28,9 +28,11 @@ serving. A rollback is a rollout to ``previous`` (or a version given explicitly)
 
 Before Triton is asked to load anything (a rollout's pre-flight, a replica re-pinning after a Triton
 restart, ``triton-sync``), every version of the set is checked against its bundle's checksums
-(``verify_version``); a damaged one is never handed to Triton. That hashes each version's files: about
-2 ms per MiB on one core, so a few ms for the CPU target's ranker and bundle of a small catalog and about
-a second for a 1M-item catalog's embeddings; it runs in a worker thread, never on the event loop.
+(``verify_version``); a damaged one is never handed to Triton. That hashes each version's files (sha256,
+measured at 0.66 ms per MiB on one core of the 2-core test machine): 0.4 ms for the test bundle, a few ms
+for MovieLens, about 0.3 s per version for a 1M-item catalog (256 MiB of 64-d embeddings plus its index).
+It runs in a worker thread, never on the event loop, and only when Triton must (re)load something: a
+rollout, a replica finding its version gone (a Triton restart), triton-sync seeing a different set.
 """
 
 from __future__ import annotations

@@ -204,8 +204,12 @@ def test_nan_embeddings_with_a_matching_manifest_are_refused(tmp_path: Path, bun
 
 @pytest.mark.parametrize("name", CORRUPT)
 def test_serve_with_a_corrupt_file_prints_one_line_and_exits_2(
-    tmp_path: Path, bundle: Path, name: str, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, bundle: Path, name: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    import recsvc.logs
+
+    # The CLI's log handler would keep this test's captured stderr after it is closed; logs are not checked here.
+    monkeypatch.setattr(recsvc.logs, "setup_logging", lambda *args, **kwargs: None)
     repo = _publish_with(tmp_path, bundle, name, _corrupt(bundle, name), rewrite=True)
     status = main(["--log-format", "text", "serve", "--model-repository", str(repo),
                    "--data-dir", str(tmp_path / "var"), "--port", "0"])  # fmt: skip
