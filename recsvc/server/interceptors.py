@@ -22,9 +22,10 @@ untouched.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
+import os
 import traceback
-import uuid
 from collections.abc import Awaitable, Callable, Collection
 from typing import Any
 
@@ -53,8 +54,25 @@ Context = grpc.aio.ServicerContext[Any, Any]
 Behavior = Callable[[Any, Context], Awaitable[Any]]
 
 
-def _new_request_id() -> str:
-    return uuid.uuid4().hex
+class _RequestIds:
+    """Unique ids without a random draw per call: a random per-process prefix and a counter.
+
+    (uuid4 costs about 3 us a call, a measurable share of a ~150 us request.)
+    """
+
+    def __init__(self) -> None:
+        self.reset()
+        os.register_at_fork(after_in_child=self.reset)     # a forked child must not repeat the parent's ids
+
+    def reset(self) -> None:
+        self._prefix = os.urandom(6).hex()
+        self._counter = itertools.count(1)
+
+    def __call__(self) -> str:
+        return f"{self._prefix}-{next(self._counter):x}"
+
+
+_new_request_id = _RequestIds()
 
 
 def request_id_metadata() -> tuple[tuple[str, str], ...]:

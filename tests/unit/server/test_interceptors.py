@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,7 +99,7 @@ async def test_generated_ids_are_unique(version_dir: Path) -> None:
             call = stub.Prefetch(pb.PrefetchRequest(user_ids=["u"]))
             await call
             seen.add((await call_trailing(call))[REQUEST_ID_KEY])
-        assert len(seen) == 5 and all(len(rid) == 32 for rid in seen)
+        assert len(seen) == 5 and all(re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]+", rid) for rid in seen)
 
 
 async def test_unexpected_exception_is_internal_with_request_id_logged_once(
