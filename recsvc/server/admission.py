@@ -22,6 +22,9 @@ duration of admitted calls is refused too, with DEADLINE_EXCEEDED: it would most
 using a slot that a call with a reachable deadline could have had. On an idle server such a call is
 still tried.
 
+When the server shuts down, after its drain delay, ``close`` makes every Recommender call fail with
+UNAVAILABLE and a pushback until the server has stopped (see ``AdmissionInterceptor.close``).
+
 This interceptor goes first (outermost), so a refusal costs as little as possible; it counts its
 refusals in ``RpcMetrics`` itself, under their method and code (admitted calls are counted by the request
 interceptor inside it). Each gate also keeps its own counters.
@@ -29,6 +32,7 @@ interceptor inside it). Each gate also keeps its own counters.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
@@ -45,6 +49,12 @@ from recsvc.v1 import recommender_pb2 as pb
 __all__ = ["AdmissionInterceptor", "Gate", "Refusal"]
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
+_PREFIX = f"/{_SERVICE}/"
+# Closing (see AdmissionInterceptor.close): the pushback outlasts the wait for quiet plus the listener's
+# close, so refused calls come back after it, to another server.
+CLOSING_PUSHBACK_MS = 300
+CLOSING_QUIET_S = 0.05
+CLOSING_MAX_S = 1.0
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 RETRY_AFTER_KEY = "retry-after"
 
@@ -126,7 +136,10 @@ Behavior = Callable[[Any, grpc.aio.ServicerContext[Any, Any]], Awaitable[Any]]
 
 
 class AdmissionInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps the unary methods that have a gate; every other method passes through untouched."""
+    """Puts the methods that have a gate behind it; once ``close``d, refuses every Recommender call.
+
+    Health and reflection always pass through untouched.
+    """
 
     def __init__(
         self, gates: Mapping[str, Gate], *, metrics: RpcMetrics | None = None,
@@ -135,6 +148,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self.gates = dict(gates)          # full method path -> gate
         self._metrics = metrics
         self._clock = clock
+        self._closing: Refusal | None = None
+        self.last_arrival = clock()       # when a Recommender call last reached this process
 
     @classmethod
     def from_settings(
@@ -151,31 +166,62 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         """Each gate's counters, by method name."""
         return {gate.name: gate.stats() for gate in self.gates.values()}
 
+    def close(self, pushback_ms: int = CLOSING_PUSHBACK_MS) -> None:
+        """From now on refuse every Recommender call with UNAVAILABLE and ``pushback_ms``.
+
+        The last step of a drain before ``server.stop``: gRPC cancels (CANCELLED, never retried) the calls
+        that reached the process but not yet the application when the server stops, and under load there
+        are always some. Refused instead, with a pushback longer than the rest of the shutdown, they are
+        retried once this server has stopped listening: on another server.
+        """
+        self._closing = Refusal(grpc.StatusCode.UNAVAILABLE, "server shutting down: retry on another one",
+                                pushback_ms)  # fmt: skip
+
+    async def quiet(self, *, quiet_s: float = CLOSING_QUIET_S, max_s: float = CLOSING_MAX_S) -> bool:
+        """Wait until no Recommender call has arrived for ``quiet_s`` (True), or ``max_s`` passed (False)."""
+        deadline = self._clock() + max_s
+        while True:
+            now = self._clock()
+            wait = self.last_arrival + quiet_s - now
+            if wait <= 0:
+                return True
+            if now >= deadline:
+                return False
+            await asyncio.sleep(min(wait, deadline - now))
+
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        """Put the handler ``continuation`` finds behind its method's gate, if it has one."""
+        """Put the handler ``continuation`` finds behind its method's gate (or the closing refusal)."""
         handler = await continuation(handler_call_details)
-        gate = self.gates.get(handler_call_details.method)
-        if handler is None or gate is None or handler.unary_unary is None:
+        path = handler_call_details.method
+        if handler is None or handler.unary_unary is None or not path.startswith(_PREFIX):
+            return handler
+        self.last_arrival = self._clock()
+        gate = self.gates.get(path)
+        if self._closing is None and gate is None:
             return handler
         return grpc.unary_unary_rpc_method_handler(
-            self._admitting(gate, handler.unary_unary),  # type: ignore[arg-type]
+            self._admitting(path.rpartition("/")[2], gate, handler.unary_unary),  # type: ignore[arg-type]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def _admitting(self, gate: Gate, behavior: Behavior) -> Behavior:
+    def _admitting(self, method: str, gate: Gate | None, behavior: Behavior) -> Behavior:
         async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
-            refusal = gate.enter(context.time_remaining())
+            refusal = self._closing
+            if refusal is None and gate is not None:
+                refusal = gate.enter(context.time_remaining())
             if refusal is not None:
                 if self._metrics is not None:
-                    self._metrics.count(gate.name, refusal.code.name, 0.0)
+                    self._metrics.count(method, refusal.code.name, 0.0)
                 # abort() replaces trailing metadata set earlier: keep what is there.
                 trailing = (*(context.trailing_metadata() or ()), *refusal.trailing_metadata())
                 await context.abort(refusal.code, refusal.details, trailing_metadata=trailing)
+            if gate is None:
+                return await behavior(request, context)
             start = self._clock()
             try:
                 return await behavior(request, context)

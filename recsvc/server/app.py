@@ -234,7 +234,7 @@ async def _serve(
         if snapshot_file is not None:
             writer = asyncio.create_task(_write_snapshots(snapshot_file, samples), name="metrics-snapshots")
             background.push_async_callback(cancel_and_wait, writer)
-        await _run_grpc(server, servicer, settings, on_ready, stop)
+        await _run_grpc(server, servicer, settings, on_ready, stop, admission)
 
 
 async def _write_snapshots(path: Path, samples: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> None:
@@ -250,6 +250,7 @@ async def _write_snapshots(path: Path, samples: Callable[[], tuple[dict[str, Any
 async def _run_grpc(
     server: grpc.aio.Server, servicer: RecommenderServicer, settings: Settings,
     on_ready: Callable[[int], None] | None, stop: asyncio.Event | None,
+    admission: AdmissionInterceptor | None = None,
 ) -> None:  # fmt: skip
     add_to_server(server, servicer)
     health_servicer = HealthServicer()
@@ -279,7 +280,7 @@ async def _run_grpc(
         await stop.wait()
     finally:
         try:
-            await _shut_down(server, health_servicer, settings, hurry)
+            await _shut_down(server, health_servicer, settings, hurry, admission)
         finally:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
@@ -288,12 +289,14 @@ async def _run_grpc(
 
 
 async def _shut_down(server: grpc.aio.Server, health_servicer: HealthServicer, settings: Settings,
-                     hurry: asyncio.Event) -> None:  # fmt: skip
+                     hurry: asyncio.Event, admission: AdmissionInterceptor | None) -> None:  # fmt: skip
     # The order a rolling deploy needs: (1) health NOT_SERVING at once, so probes and health-checking
     # clients stop choosing us; (2) keep serving normally for drain_delay_s while Kubernetes endpoints and
     # load balancers catch up (requests still arrive meanwhile); (3) end the health Watch streams, which
-    # would otherwise hold server.stop for the whole grace period; (4) stop: the listener closes, GOAWAY
-    # sends clients elsewhere, in-flight calls get grace_s to finish; only then is anything closed.
+    # would otherwise hold server.stop for the whole grace period; (4) refuse new calls with UNAVAILABLE
+    # and a pushback until none arrive (at most a second): gRPC would CANCEL those it holds unanswered
+    # when it stops, and CANCELLED is never retried; (5) stop: the listener closes, GOAWAY sends clients
+    # elsewhere, in-flight calls get grace_s to finish; only then is anything closed.
     log.info("shutting down: NOT_SERVING; serving on for %.1f s, then draining for up to %.1f s",
              settings.drain_delay_s, settings.grace_s)  # fmt: skip
     await health_servicer.enter_graceful_shutdown()
@@ -303,6 +306,9 @@ async def _shut_down(server: grpc.aio.Server, health_servicer: HealthServicer, s
         if hurry.is_set():
             log.info("second signal: drain delay cut short")
     await health_servicer.close_watches()
+    if admission is not None:
+        admission.close()
+        await admission.quiet()
     await server.stop(settings.grace_s)
     log.info("gRPC server stopped")
 

@@ -171,3 +171,47 @@ async def test_a_client_with_the_retry_policy_waits_out_the_pushback_and_gets_it
                 assert (await call).model_version == "patient"
             assert (await held).model_version == "held"
     assert gate.refused >= 1 and gate.admitted == 2
+
+
+async def test_once_closed_every_recommender_call_is_refused_unavailable_and_calls_in_flight_finish() -> None:
+    # The last step of a drain: gRPC would CANCEL calls it holds unanswered when the server stops.
+    metrics = RpcMetrics()
+    interceptor = AdmissionInterceptor.from_settings(Settings(), metrics=metrics)
+    async with _server(interceptor) as (target, servicer), grpc.aio.insecure_channel(target) as channel:
+        stub = pb_grpc.RecommenderStub(channel)  # type: ignore[no-untyped-call]
+        held = asyncio.ensure_future(stub.Recommend(pb.RecommendRequest(user_id="held", k=1), timeout=20))
+        await _until(lambda: servicer.waiting == 1)
+        interceptor.close()
+        calls = [stub.Recommend(pb.RecommendRequest(user_id="new", k=1), timeout=5),
+                 stub.RecordEvents(pb.RecordEventsRequest(events=[pb.Event(user_id="u", item_id="i")]), timeout=5),
+                 stub.Prefetch(pb.PrefetchRequest(user_ids=["a"]), timeout=5)]  # fmt: skip
+        for call in calls:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call
+            assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+            assert dict(refused.value.trailing_metadata() or ())["grpc-retry-pushback-ms"] == "300"
+        assert {k: n for k, n in metrics.calls.items() if k[1] == "UNAVAILABLE"} == {
+            ("Recommend", "UNAVAILABLE"): 1, ("RecordEvents", "UNAVAILABLE"): 1, ("Prefetch", "UNAVAILABLE"): 1}
+        check = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING       # health is never refused
+        assert await interceptor.quiet(quiet_s=0.05, max_s=5.0)             # nothing arrives any more
+        servicer.release.set()
+        assert (await held).model_version == "held"                         # admitted before: answered
+
+
+async def test_quiet_gives_up_after_max_s_while_calls_keep_arriving() -> None:
+    clock = [0.0]
+    interceptor = AdmissionInterceptor({}, clock=lambda: clock[0])
+
+    async def arrivals() -> None:
+        while True:
+            clock[0] += 0.01
+            interceptor.last_arrival = clock[0]
+            await asyncio.sleep(0)
+
+    feeding = asyncio.create_task(arrivals())
+    try:
+        assert await interceptor.quiet(quiet_s=0.05, max_s=1.0) is False
+        assert clock[0] >= 1.0                 # it waited out max_s (by the injected clock), no longer quiet
+    finally:
+        feeding.cancel()
