@@ -165,9 +165,12 @@ async def test_a_broken_version_is_refused_and_nothing_fails(
 
 async def test_triton_restart_is_recovered_without_operator_action(rollouts: Stack, users: list[str]) -> None:
     async with Load(rollouts.target, users, clients=8) as load:
-        # A crash: tritonserver itself is killed; its `recsvc triton` wrapper then exits by itself.
+        # A crash: tritonserver itself is killed. `recsvc triton` would restart it by itself (that is
+        # tests/faults/test_triton_crash.py); here the wrapper is stopped too, and an empty Triton started
+        # below stands in for the chart's official image coming back after a crash.
         for pid in _children(rollouts.triton.popen.pid):
             os.kill(pid, signal.SIGKILL)
+        rollouts.triton.popen.send_signal(signal.SIGTERM)
         await asyncio.to_thread(rollouts.triton.popen.wait, 30)
         killed_at = time.perf_counter()
         await _until(lambda: any(r[4] for r in load.ok if r[0] > killed_at), 30, "degraded answers, Triton down")
