@@ -11,7 +11,7 @@ from tests.faults.harness import LoadGen, fault_stack, health_status, record
 async def test_steady_load_has_no_failures(tmp_path: Path, fault_data: tuple[Path, Dataset]) -> None:
     async with fault_stack(tmp_path, *fault_data) as stack:
         assert await health_status(stack.target) == "SERVING"
-        tally = await LoadGen(stack.target, stack.users, clients=16, retry=False).run(4.0)
+        tally = await LoadGen(stack.target, stack.users, clients=16).run(4.0)
         record("no fault (steady load, 16 closed-loop clients)", "test_baseline",
                "every request answered, ranked (not degraded)", tally)  # fmt: skip
         assert tally.sent > 50
