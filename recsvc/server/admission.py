@@ -22,8 +22,8 @@ duration of admitted calls is refused too, with DEADLINE_EXCEEDED: it would most
 using a slot that a call with a reachable deadline could have had. On an idle server such a call is
 still tried.
 
-When the server shuts down, after its drain delay, ``close`` makes every Recommender call fail with
-UNAVAILABLE and a pushback until the server has stopped (see ``AdmissionInterceptor.close``).
+When the server shuts down, after its drain delay, ``close`` holds every new Recommender call and
+answers it UNAVAILABLE once the server has stopped listening (see ``AdmissionInterceptor.close``).
 
 This interceptor goes first (outermost), so a refusal costs as little as possible; it counts its
 refusals in ``RpcMetrics`` itself, under their method and code (admitted calls are counted by the request
@@ -33,6 +33,7 @@ interceptor inside it). Each gate also keeps its own counters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import random
 import time
@@ -50,11 +51,11 @@ __all__ = ["AdmissionInterceptor", "Gate", "Refusal"]
 
 _SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 _PREFIX = f"/{_SERVICE}/"
-# Closing (see AdmissionInterceptor.close): the pushback outlasts the wait for quiet plus the listener's
-# close, so refused calls come back after it, to another server.
-CLOSING_PUSHBACK_MS = 300
+# Closing (see AdmissionInterceptor.close): quiet means no call for this long; waiting for it stops after
+# CLOSING_MAX_S; a call held while closing is answered after CLOSING_HOLD_MAX_S at the latest.
 CLOSING_QUIET_S = 0.05
 CLOSING_MAX_S = 1.0
+CLOSING_HOLD_MAX_S = 5.0
 PUSHBACK_KEY = "grpc-retry-pushback-ms"
 RETRY_AFTER_KEY = "retry-after"
 
@@ -149,6 +150,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         self._metrics = metrics
         self._clock = clock
         self._closing: Refusal | None = None
+        self._released = asyncio.Event()
+        self.held = 0                     # calls held by close() now
         self.last_arrival = clock()       # when a Recommender call last reached this process
 
     @classmethod
@@ -166,16 +169,20 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         """Each gate's counters, by method name."""
         return {gate.name: gate.stats() for gate in self.gates.values()}
 
-    def close(self, pushback_ms: int = CLOSING_PUSHBACK_MS) -> None:
-        """From now on refuse every Recommender call with UNAVAILABLE and ``pushback_ms``.
+    def close(self) -> None:
+        """From now on hold every new Recommender call; ``release`` answers them all UNAVAILABLE.
 
-        The last step of a drain before ``server.stop``: gRPC cancels (CANCELLED, never retried) the calls
-        that reached the process but not yet the application when the server stops, and under load there
-        are always some. Refused instead, with a pushback longer than the rest of the shutdown, they are
-        retried once this server has stopped listening: on another server.
+        The last step of a drain, around ``server.stop``: gRPC cancels (CANCELLED, which no client retries)
+        the calls that reached the process but not yet the application when the server stops, and under
+        load there are always some. So: ``close``; wait until ``quiet`` (a closed-loop client whose call is
+        held sends nothing more); start ``server.stop`` (the listener closes, GOAWAY goes out); then
+        ``release``: the held calls end UNAVAILABLE, and a client's retry goes to another server.
         """
-        self._closing = Refusal(grpc.StatusCode.UNAVAILABLE, "server shutting down: retry on another one",
-                                pushback_ms)  # fmt: skip
+        self._closing = Refusal(grpc.StatusCode.UNAVAILABLE, "server shutting down: retry on another one")
+
+    def release(self) -> None:
+        """Answer the calls ``close`` holds (and any later one at once)."""
+        self._released.set()
 
     async def quiet(self, *, quiet_s: float = CLOSING_QUIET_S, max_s: float = CLOSING_MAX_S) -> bool:
         """Wait until no Recommender call has arrived for ``quiet_s`` (True), or ``max_s`` passed (False)."""
@@ -212,7 +219,14 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     def _admitting(self, method: str, gate: Gate | None, behavior: Behavior) -> Behavior:
         async def admitted(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             refusal = self._closing
-            if refusal is None and gate is not None:
+            if refusal is not None:
+                self.held += 1
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._released.wait(), CLOSING_HOLD_MAX_S)
+                finally:
+                    self.held -= 1
+            elif gate is not None:
                 refusal = gate.enter(context.time_remaining())
             if refusal is not None:
                 if self._metrics is not None:

@@ -293,10 +293,10 @@ async def _shut_down(server: grpc.aio.Server, health_servicer: HealthServicer, s
     # The order a rolling deploy needs: (1) health NOT_SERVING at once, so probes and health-checking
     # clients stop choosing us; (2) keep serving normally for drain_delay_s while Kubernetes endpoints and
     # load balancers catch up (requests still arrive meanwhile); (3) end the health Watch streams, which
-    # would otherwise hold server.stop for the whole grace period; (4) refuse new calls with UNAVAILABLE
-    # and a pushback until none arrive (at most a second): gRPC would CANCEL those it holds unanswered
-    # when it stops, and CANCELLED is never retried; (5) stop: the listener closes, GOAWAY sends clients
-    # elsewhere, in-flight calls get grace_s to finish; only then is anything closed.
+    # would otherwise hold server.stop for the whole grace period; (4) hold new calls until none arrive
+    # (at most a second): gRPC CANCELs the calls it has not handed over yet when it stops, and no client
+    # retries CANCELLED; (5) stop: the listener closes, GOAWAY sends clients elsewhere, in-flight calls
+    # get grace_s to finish; the held ones are answered UNAVAILABLE, so their retries go elsewhere too.
     log.info("shutting down: NOT_SERVING; serving on for %.1f s, then draining for up to %.1f s",
              settings.drain_delay_s, settings.grace_s)  # fmt: skip
     await health_servicer.enter_graceful_shutdown()
@@ -306,10 +306,15 @@ async def _shut_down(server: grpc.aio.Server, health_servicer: HealthServicer, s
         if hurry.is_set():
             log.info("second signal: drain delay cut short")
     await health_servicer.close_watches()
-    if admission is not None:
+    if admission is None:
+        await server.stop(settings.grace_s)
+    else:
         admission.close()
         await admission.quiet()
-    await server.stop(settings.grace_s)
+        stopping = asyncio.ensure_future(server.stop(settings.grace_s))
+        await asyncio.sleep(0.01)       # the stop has begun: nothing listens, GOAWAY is sent
+        admission.release()
+        await stopping
     log.info("gRPC server stopped")
 
 

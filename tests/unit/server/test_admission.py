@@ -173,8 +173,8 @@ async def test_a_client_with_the_retry_policy_waits_out_the_pushback_and_gets_it
     assert gate.refused >= 1 and gate.admitted == 2
 
 
-async def test_once_closed_every_recommender_call_is_refused_unavailable_and_calls_in_flight_finish() -> None:
-    # The last step of a drain: gRPC would CANCEL calls it holds unanswered when the server stops.
+async def test_once_closed_new_calls_are_held_then_refused_unavailable_and_calls_in_flight_finish() -> None:
+    # The last step of a drain: gRPC would CANCEL calls it has not handed over when the server stops.
     metrics = RpcMetrics()
     interceptor = AdmissionInterceptor.from_settings(Settings(), metrics=metrics)
     async with _server(interceptor) as (target, servicer), grpc.aio.insecure_channel(target) as channel:
@@ -182,19 +182,30 @@ async def test_once_closed_every_recommender_call_is_refused_unavailable_and_cal
         held = asyncio.ensure_future(stub.Recommend(pb.RecommendRequest(user_id="held", k=1), timeout=20))
         await _until(lambda: servicer.waiting == 1)
         interceptor.close()
-        calls = [stub.Recommend(pb.RecommendRequest(user_id="new", k=1), timeout=5),
-                 stub.RecordEvents(pb.RecordEventsRequest(events=[pb.Event(user_id="u", item_id="i")]), timeout=5),
-                 stub.Prefetch(pb.PrefetchRequest(user_ids=["a"]), timeout=5)]  # fmt: skip
+        calls = [asyncio.ensure_future(call) for call in (
+            stub.Recommend(pb.RecommendRequest(user_id="new", k=1), timeout=10),
+            stub.RecordEvents(pb.RecordEventsRequest(events=[pb.Event(user_id="u", item_id="i")]), timeout=10),
+            stub.Prefetch(pb.PrefetchRequest(user_ids=["a"]), timeout=10),
+        )]  # fmt: skip
+        await _until(lambda: interceptor.held == 3)
+        assert await interceptor.quiet(quiet_s=0.1, max_s=5.0)            # held: they send nothing more
+        assert not any(call.done() for call in calls)
+        check = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert check.status == health_pb2.HealthCheckResponse.SERVING       # health is never held
+        assert servicer.waiting == 1                                        # none reached the servicer
+
+        interceptor.release()
         for call in calls:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await call
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-            assert dict(refused.value.trailing_metadata() or ())["grpc-retry-pushback-ms"] == "300"
+            assert "shutting down" in (refused.value.details() or "")
+        assert interceptor.held == 0
         assert {k: n for k, n in metrics.calls.items() if k[1] == "UNAVAILABLE"} == {
             ("Recommend", "UNAVAILABLE"): 1, ("RecordEvents", "UNAVAILABLE"): 1, ("Prefetch", "UNAVAILABLE"): 1}
-        check = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
-        assert check.status == health_pb2.HealthCheckResponse.SERVING       # health is never refused
-        assert await interceptor.quiet(quiet_s=0.05, max_s=5.0)             # nothing arrives any more
+        with pytest.raises(grpc.aio.AioRpcError) as late:                   # released: refused at once
+            await stub.Recommend(pb.RecommendRequest(user_id="late", k=1), timeout=5)
+        assert late.value.code() == grpc.StatusCode.UNAVAILABLE
         servicer.release.set()
         assert (await held).model_version == "held"                         # admitted before: answered
 
