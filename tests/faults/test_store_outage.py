@@ -92,14 +92,17 @@ async def test_redis_killed_under_load_recommend_never_fails(tmp_path: Path, fau
                 assert await writer.write(user)
             acked_before = sum(len(v) for v in writer.acked.values())
 
-            # Load on users never read before (uncached) and on the cached ones, retry off: every failure counts.
-            gen = LoadGen(stack.target, uncached + cached, clients=CLIENTS, deadline_s=DEADLINE_S, retry=False)
+            # Load on users never read before (uncached), retry off: every failure counts.
+            gen = LoadGen(stack.target, uncached, clients=CLIENTS, deadline_s=DEADLINE_S, retry=False)
+            # ... and on the cached ones, which need no store at all.
+            hot = LoadGen(stack.target, cached, clients=4, deadline_s=DEADLINE_S, retry=False)
             # Requests with context items: a user whose history is unreadable is served from them.
             context = stack.items[:2]
             ctx = LoadGen(stack.target, uncached, clients=2, deadline_s=DEADLINE_S, retry=False,
                           request=lambda u: pb.RecommendRequest(user_id=u, k=10, context_item_ids=context))  # fmt: skip
             writes_during = 0
-            async with gen.background(max_s=40) as tally, ctx.background(max_s=40) as ctx_tally:
+            async with (gen.background(max_s=40) as tally, ctx.background(max_s=40) as ctx_tally,
+                        hot.background(max_s=40) as hot_tally):  # fmt: skip
                 await asyncio.sleep(0.3)
                 redis.kill()                                   # SIGKILL: no shutdown hook, only the fsynced AOF
                 killed_at = time.monotonic()
@@ -126,13 +129,16 @@ async def test_redis_killed_under_load_recommend_never_fails(tmp_path: Path, fau
                    "a user whose history cannot be read gets a degraded answer (from the context items, else popular "
                    "items), never an error; RecordEvents fails UNAVAILABLE; nothing acknowledged is lost", tally,
                    outage_s=OUTAGE_S, clients=CLIENTS, client_deadline_s=DEADLINE_S,
-                   context_requests=ctx_tally.as_dict(), record_events_refused=dict(_count(writer.refused)),
+                   context_requests=ctx_tally.as_dict(), cached_users=hot_tally.as_dict(),
+                   record_events_refused=dict(_count(writer.refused)),
                    record_events_acked_before_kill=acked_before, recovered_after_restart_s=round(recovered_s, 2),
                    after_recovery=after.as_dict(), server_degraded_counters=counts)  # fmt: skip
 
             assert tally.sent > CLIENTS * 3 and ctx_tally.sent > 0
             assert tally.failed_total == 0, (tally.failed, stack.server.tail())
             assert ctx_tally.failed_total == 0, ctx_tally.failed
+            # Cached users never noticed: answered from L1, ranked, throughout the outage.
+            assert hot_tally.sent > 0 and hot_tally.failed_total == 0 and hot_tally.degraded == 0, hot_tally.as_dict()
             popular = f"{DEGRADED_REASONS['history_unavailable']}: served popular items"
             from_context = f"{DEGRADED_REASONS['history_unavailable']}: served from the context items"
             assert tally.degraded > 0 and tally.degraded_reasons[popular] > 0, tally.degraded_reasons
