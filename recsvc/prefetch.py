@@ -13,6 +13,7 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 
+from recsvc.logs import Throttle
 from recsvc.tasks import cancel_and_wait
 
 __all__ = ["PrefetchStats", "Prefetcher"]
@@ -39,6 +40,7 @@ class Prefetcher:
         self._workers = workers
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = PrefetchStats()
+        self._log_throttle = Throttle(10.0)
 
     def start(self) -> None:
         """Start the workers (call from the running loop)."""
@@ -74,7 +76,10 @@ class Prefetcher:
                 raise
             except Exception as exc:  # noqa: BLE001 - best effort: the request path loads on demand
                 self.stats.failed += 1
-                log.warning("prefetch of %s failed: %s", user_id, exc)
+                # A store outage fails every warm-up: one line per interval, not one per user.
+                held = self._log_throttle.allow(type(exc))
+                if held is not None:
+                    log.warning("prefetch of %s failed: %s (%d similar failures not logged)", user_id, exc, held)
             finally:
                 self._queue.task_done()
 

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from recsvc.prefetch import Prefetcher
 
@@ -50,3 +53,21 @@ async def test_close_cancels_workers() -> None:
     tasks = list(p._tasks)
     await p.close()
     assert all(t.cancelled() for t in tasks) and p._tasks == set()
+
+
+async def test_a_store_outage_logs_one_line_per_interval_not_one_per_user(caplog: pytest.LogCaptureFixture) -> None:
+    from recsvc.errors import StoreUnavailable
+
+    async def warm(user_id: str) -> None:
+        raise StoreUnavailable("redis at 10.0.0.1:6379 refused the connection")
+
+    prefetcher = Prefetcher(warm, queue_size=100, workers=2)
+    prefetcher.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="recsvc.prefetch"):
+            prefetcher.offer([f"u{i}" for i in range(50)])
+            await asyncio.wait_for(prefetcher.drain(), 5)
+    finally:
+        await prefetcher.close()
+    assert prefetcher.stats.failed == 50
+    assert len([r for r in caplog.records if "prefetch of" in r.getMessage()]) == 1
