@@ -37,7 +37,7 @@ from tests.unit.server.serving import METHODS, Running, ServerThread, publish_ti
 # Small limits, so that drawn lists and ids cross them often.
 LIMITS = settings_for(max_id_len=16, max_context=5, max_exclude=8, max_events_per_call=6)
 EXAMPLES = settings(max_examples=100, deadline=None, database=None, derandomize=True,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])  # fmt: skip
+                    suppress_health_check=[HealthCheck.too_slow])  # fmt: skip
 
 
 @pytest.fixture(scope="module")
