@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable
 from contextvars import ContextVar
 
 import orjson
@@ -78,10 +78,13 @@ class Throttle:
         self.interval_s = interval_s
         self._max_keys = max_keys
         self._clock = clock
-        self._last: dict[Hashable, tuple[float, int]] = {}    # key -> (time of the last line, held back since)
+        self._last: dict[object, tuple[float, int]] = {}    # key -> (time of the last line, held back since)
 
-    def allow(self, key: Hashable = None) -> int | None:
-        """None: stay quiet. Otherwise log now; the number is how many were held back since the last line."""
+    def allow(self, key: object = None) -> int | None:
+        """None: stay quiet. Otherwise log now; the number is how many were held back since the last line.
+
+        ``key`` (any hashable value) separates kinds of lines: each kind has its own interval.
+        """
         now = self._clock()
         last = self._last.get(key)
         if last is not None and now - last[0] < self.interval_s:
