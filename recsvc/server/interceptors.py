@@ -41,7 +41,6 @@ __all__ = [
     "REQUEST_ID_KEY",
     "TRACEBACK_INTERVAL_S",
     "RequestInterceptor",
-    "request_id_metadata",
 ]
 
 log = logging.getLogger(__name__)
@@ -73,15 +72,6 @@ class _RequestIds:
 
 
 _new_request_id = _RequestIds()
-
-
-def request_id_metadata() -> tuple[tuple[str, str], ...]:
-    """Trailing metadata naming the current request (empty outside one).
-
-    For code that aborts with trailing metadata of its own, which replaces what the interceptor set.
-    """
-    rid = request_id.get()
-    return ((REQUEST_ID_KEY, rid),) if rid else ()
 
 
 def _usable(value: str | bytes) -> bool:

@@ -19,7 +19,7 @@ from recsvc.errors import NotFound, StoreUnavailable
 from recsvc.history import InMemoryHistoryStore
 from recsvc.logs import JsonFormatter, RequestIdFilter, TextFormatter, Throttle, request_id
 from recsvc.ranking import FakeRanker
-from recsvc.server.interceptors import MAX_REQUEST_ID_LEN, REQUEST_ID_KEY, RequestInterceptor, request_id_metadata
+from recsvc.server.interceptors import MAX_REQUEST_ID_LEN, REQUEST_ID_KEY, RequestInterceptor
 from recsvc.server.metrics import RpcMetrics
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -219,15 +219,6 @@ async def test_a_recsvc_error_that_escapes_a_handler_keeps_its_code() -> None:
         assert dict(metrics.calls) == {("Lookup", "NOT_FOUND"): 1}
     finally:
         await server.stop(None)
-
-
-def test_request_id_metadata_follows_the_context_variable() -> None:
-    assert request_id_metadata() == ()
-    token = request_id.set("abc")
-    try:
-        assert request_id_metadata() == ((REQUEST_ID_KEY, "abc"),)
-    finally:
-        request_id.reset(token)
 
 
 def test_throttle_lets_one_line_per_key_and_interval_through_and_counts_the_rest() -> None:
