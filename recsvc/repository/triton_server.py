@@ -439,11 +439,11 @@ class SupervisedTriton:
             quick_deaths = 1 if ran >= self.options.restart_stable_s else quick_deaths + 1
             what = f"tritonserver (pid {self.server.pid}, up {ran:.1f} s) exited by itself with status {status}"
             errors = self.server.log_errors(max_lines=10, tail_lines=5)
-            await self.server.stop()      # reaps it and closes its log file
             while True:
                 delay = restart_delay(self.options, quick_deaths)
                 log.error("%s; restarting it in %.1f s (restart %d). Its log (%s) ends with:\n%s",
                           what, delay, self.restarts + 1, self.options.log_path, errors)  # fmt: skip
+                await self.server.stop()      # reaps the dead process and closes its log file
                 await asyncio.sleep(delay)
                 started = self._clock()
                 try:
