@@ -114,6 +114,7 @@ def test_long_release_names_stay_valid() -> None:
         ({"recsvc": {"port": 70000}}, "/recsvc/port"),
         ({"recsvc": {"metricsPort": -1}}, "/recsvc/metricsPort"),
         ({"recsvc": {"graceSeconds": 0}}, "/recsvc/graceSeconds"),
+        ({"recsvc": {"drainDelaySeconds": -1}}, "/recsvc/drainDelaySeconds"),
         ({"recsvc": {"settings": {"triton_url": "x:1"}}}, "triton_url"),  # the chart sets it
         ({"recsvc": {"settings": {"no_such_setting": 1}}}, "no_such_setting"),  # recsvc would refuse to start
         ({"recsvc": {"extraEnv": [{"name": "RECSVC_PORT", "value": "1"}]}}, "/recsvc/extraEnv/0/name"),
@@ -342,17 +343,30 @@ def test_security_combinations_recsvc_would_refuse_are_refused(values: dict[str,
 def test_termination_outlasts_the_drain(profile: str) -> None:
     m = manifests(profile)
     deployment, c, settings = _server(m)
-    sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][1])
+    sleep = int(c["lifecycle"]["preStop"]["exec"]["command"][1]) if "lifecycle" in c else 0
     grace = pod_spec(deployment)["terminationGracePeriodSeconds"]
-    assert grace > sleep + settings.grace_s
+    # The server serves on for drain_delay_s after SIGTERM (NOT_SERVING), then finishes calls within grace_s.
+    assert settings.drain_delay_s >= 1, "endpoints need seconds to stop sending to a terminating pod"
+    assert grace > sleep + settings.drain_delay_s + settings.grace_s
     # Liveness must not kill a pod that is draining (health is NOT_SERVING then).
     live = c["livenessProbe"]
-    assert live["periodSeconds"] * live["failureThreshold"] > settings.grace_s
+    assert live["periodSeconds"] * live["failureThreshold"] > settings.drain_delay_s + settings.grace_s
+
+
+def test_a_pre_stop_sleep_is_rendered_and_counted_when_asked_for() -> None:
+    m = manifests_for({"recsvc": {"preStopSleepSeconds": 3, "drainDelaySeconds": 2.5, "graceSeconds": 10,
+                                  "terminationMarginSeconds": 5}})  # fmt: skip
+    deployment, c, _ = _server(m)
+    assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "3"]
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] == 3 + 3 + 10 + 5
 
 
 def test_liveness_shorter_than_the_drain_is_refused() -> None:
-    with pytest.raises(helm_python.HelmRenderError, match=r"failureThreshold must exceed recsvc\.graceSeconds"):
+    pattern = r"failureThreshold must exceed recsvc\.drainDelaySeconds \+ recsvc\.graceSeconds"
+    with pytest.raises(helm_python.HelmRenderError, match=pattern):
         render({"recsvc": {"graceSeconds": 60}})
+    with pytest.raises(helm_python.HelmRenderError, match=pattern):    # 10 s * 6 = 60 s <= 20 + 40
+        render({"recsvc": {"graceSeconds": 40, "drainDelaySeconds": 20}})
 
 
 async def test_hpa_metric_is_one_recsvc_exports() -> None:
