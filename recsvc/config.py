@@ -33,7 +33,7 @@ class Settings:
     grace_s: float = 5.0                     # drain time on SIGTERM; matches the Helm terminationGracePeriod
     drain_delay_s: float = 5.0               # on SIGTERM: NOT_SERVING at once, keep serving this long, then stop
     request_timeout_s: float = 2.0           # budget when the client sends no deadline
-    max_in_flight: int = 64                  # Recommend calls admitted at once; beyond: RESOURCE_EXHAUSTED + pushback
+    max_in_flight: int = 32                  # Recommend calls admitted at once; beyond: RESOURCE_EXHAUSTED + pushback
     max_in_flight_events: int = 32           # RecordEvents admitted at once (its own limit: reads never starve writes)
 
     # --- API limits (documented in protos/recsvc/v1/recommender.proto) ---

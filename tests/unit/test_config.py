@@ -49,6 +49,11 @@ def test_unknown_override_rejected() -> None:
         ({"RECSVC_METRICS_PORT": "70000"}, "'metrics_port' must be in 0..65535"),
         ({"RECSVC_WORKERS": "2"}, "workers=2 needs history_store=redis"),
         ({"RECSVC_REPOSITORY_POLL_S": "-1"}, "repository_poll_s"),
+        ({"RECSVC_DRAIN_DELAY_S": "-1"}, "'drain_delay_s' must be in 0..600"),
+        ({"RECSVC_DRAIN_DELAY_S": "nan"}, "'drain_delay_s' must be in 0..600"),
+        ({"RECSVC_DRAIN_DELAY_S": "inf"}, "'drain_delay_s' must be in 0..600"),
+        ({"RECSVC_MAX_IN_FLIGHT": "0"}, "'max_in_flight' must be in 1..100000"),
+        ({"RECSVC_MAX_IN_FLIGHT_EVENTS": "1000000"}, "'max_in_flight_events' must be in 1..100000"),
     ],
 )
 def test_invalid_values_rejected(env: dict[str, str], message: str) -> None:
