@@ -18,7 +18,11 @@ from recsvc.data import Dataset
 from tests.faults.harness import LoadGen, fault_stack, record
 from tests.support import free_port
 
-MAX_IN_FLIGHT = 4           # small: the load generator shares this machine's cores with the server
+# One slot: the saturation the test measures is the slots' (what admission lets in), not the CPU's. With
+# more slots this machine's saturation is its two cores, which the load generator shares: at twice that
+# rate the generator and the refusals themselves take the server's CPU, and latency grows ahead of
+# admission control, in gRPC's own queue (measured with 4 slots on 2 shared cores: p99 at 2x 2.7-25x its 1x value).
+MAX_IN_FLIGHT = 1
 DEADLINE_S = 2.0
 SATURATION_S = 3.0
 OVERLOAD_S = 4.0
@@ -85,5 +89,7 @@ async def test_open_loop_at_twice_saturation_sheds_the_excess_fast(
     # The admitted kept about the latency they have at saturation, and about its throughput.
     assert set(at_saturation.failed) <= {"RESOURCE_EXHAUSTED"}, at_saturation.failed
     assert ratio <= P99_BOUND, (overload.p(0.99), at_saturation.p(0.99))
-    assert overload.ok / overload.elapsed_s > 0.5 * rate
+    # About as many admitted as a loss system can carry: one slot offered twice its rate is busy 2/3 of
+    # the time (Erlang B), so about 0.67 of the saturation throughput.
+    assert overload.ok / overload.elapsed_s > 0.4 * rate
     assert "Traceback" not in logs
