@@ -6,7 +6,8 @@ until latencies reach the clients' deadlines and everything fails at once. Here 
 
 * Recommend: ``max_in_flight`` calls at once. Queueing inside the server is then bounded by that many
   calls' worth of work (Little's law), so admitted requests keep about the latency they have at saturation
-  however much more arrives.
+  however much more arrives, as long as refusing the excess leaves them the CPU they need (a refusal
+  still costs a gRPC call's overhead in Python; what queues ahead of it, in gRPC, is not bounded here).
 * RecordEvents: its own ``max_in_flight_events`` slots, so a flood of reads never refuses a write (and
   the reverse). A refused write was not applied; retrying it is safe (duplicates are detected).
 * Prefetch, health and reflection are never refused: Prefetch only offers users to its own bounded
