@@ -68,7 +68,10 @@ async def test_sigterm_under_load_drains_in_order_and_finishes_calls_in_flight(
                "test_sigterm", "NOT_SERVING at once; served normally through the drain delay; no call in flight "
                "CANCELLED; health Watch ended; exit 0 long before drain delay + grace", tally,
                drain_delay_s=DRAIN_DELAY_S, grace_s=GRACE_S, exit_s=round(exit_s, 3),
-               watch_ended_s=round(watch_ended_s, 3), served_during_drain=served_in_drain)  # fmt: skip
+               watch_ended_s=round(watch_ended_s, 3), served_during_drain=served_in_drain,
+               failed_during_drain=failed_in_drain,
+               note="UNAVAILABLE: calls sent after the server stopped listening, with no other server to go to; "
+                    "clients without retries loop on them until it exits")  # fmt: skip
 
         assert status_after_signal == "NOT_SERVING"
         assert served_in_drain > 10 and failed_in_drain == 0
