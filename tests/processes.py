@@ -70,6 +70,9 @@ def stack_env(tmp: Path, triton_grpc: int) -> dict[str, str]:
         RECSVC_TRITON_URL=f"127.0.0.1:{triton_grpc}",
         RECSVC_TRITON_HTTP_PORT=str(free_port()),
         RECSVC_TRITON_METRICS_PORT=str(free_port()),
+        # No load balancer to wait for: a short drain keeps every server stop in the suite short. The
+        # tests of the drain itself set their own.
+        RECSVC_DRAIN_DELAY_S="0.5",
     )
     return env
 

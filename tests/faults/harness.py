@@ -40,6 +40,7 @@ from tests.processes import Proc, stack_env, start, start_server, triton_ready, 
 from tests.support import free_port
 
 __all__ = [
+    "LOCAL_SUBCHANNEL_POOL",
     "FaultStack",
     "LoadGen",
     "Tally",
@@ -50,6 +51,7 @@ __all__ = [
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+LOCAL_SUBCHANNEL_POOL = ("grpc.use_local_subchannel_pool", 1)
 TRACEBACK = re.compile(r"Traceback \(most recent call last\)")
 
 
@@ -140,7 +142,10 @@ class LoadGen:
         self._rng = random.Random(seed)
 
     def _channel(self) -> grpc.aio.Channel:
-        return grpc.aio.insecure_channel(self.target, options=retry_options() if self.retry else [])
+        # gRPC shares one connection among channels with equal arguments (its global subchannel pool):
+        # a local pool gives each caller its own, as separate frontends would have.
+        options = [LOCAL_SUBCHANNEL_POOL, *(retry_options() if self.retry else [])]
+        return grpc.aio.insecure_channel(self.target, options=options)
 
     async def _call(self, stub: pb_grpc.RecommenderStub, tally: Tally, started: float | None = None) -> None:
         request = self.request(self._rng.choice(self.users))

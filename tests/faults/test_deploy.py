@@ -20,7 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.data import Dataset
-from tests.faults.harness import FaultStack, LoadGen, fault_stack, record, retry_options
+from tests.faults.harness import LOCAL_SUBCHANNEL_POOL, FaultStack, LoadGen, fault_stack, record
 from tests.processes import Proc, start, wait_until
 from tests.redis_fixture import start_redis
 from tests.support import free_port
@@ -30,15 +30,6 @@ DRAIN_DELAY_S = 1.0
 GRACE_S = 10.0
 EXIT_MARGIN_S = 5.0         # after the drain: closing caches, clients, the store
 PROBES = 16                 # health channels per drain: each is connected to one of the two servers
-LOCAL_POOL = ("grpc.use_local_subchannel_pool", 1)
-
-
-class _Frontends(LoadGen):
-    """Each client its own connection, spread over both servers as a fleet of frontends' would be."""
-
-    def _channel(self) -> grpc.aio.Channel:
-        # gRPC shares one connection among channels with equal arguments (the global subchannel pool).
-        return grpc.aio.insecure_channel(self.target, options=[*retry_options(), LOCAL_POOL])
 
 
 async def _serve_on(stack: FaultStack, port: int, name: str) -> Proc:
@@ -64,8 +55,8 @@ async def _statuses(channels: list[grpc.aio.Channel]) -> list[str]:
 
 async def _drain(proc: Proc, target: str) -> dict[str, float | bool]:
     """SIGTERM ``proc``; watch health on both servers until it exits. Returns what was seen and when."""
-    # Each its own connection (see _Frontends).
-    channels = [grpc.aio.insecure_channel(target, options=[LOCAL_POOL]) for _ in range(PROBES)]
+    # Each its own connection (see LoadGen._channel).
+    channels = [grpc.aio.insecure_channel(target, options=[LOCAL_SUBCHANNEL_POOL]) for _ in range(PROBES)]
     try:
         assert set(await _statuses(channels)) == {"SERVING"}     # connected: each to one of the two
         t0 = time.monotonic()
@@ -94,7 +85,7 @@ async def test_rolling_restarts_of_two_servers_on_one_port_fail_no_request(
                                RECSVC_GRACE_S=str(GRACE_S)) as stack:  # fmt: skip
             servers = [await _serve_on(stack, port, "a-1"), await _serve_on(stack, port, "b-1")]
             target = f"127.0.0.1:{port}"
-            gen = _Frontends(target, stack.users, clients=CLIENTS, deadline_s=3.0, retry=True)
+            gen = LoadGen(target, stack.users, clients=CLIENTS, deadline_s=3.0, retry=True)
             drains = []
             async with gen.background(max_s=50) as tally:
                 await asyncio.sleep(1.0)
