@@ -44,10 +44,13 @@ __all__ = [
     "FaultStack",
     "LoadGen",
     "Tally",
+    "children",
+    "descendants",
     "fault_stack",
     "health_status",
     "record",
     "seed_store",
+    "signal_all",
 ]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -222,6 +225,33 @@ class LoadGen:
             tally.elapsed_s = time.perf_counter() - t0
             await asyncio.gather(*(ch.close() for ch in channels))
         return tally
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid``, from /proc."""
+    out: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            out.extend(int(c) for c in (task / "children").read_text().split())
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children first), from /proc."""
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        found = children(todo.pop())
+        out.extend(found)
+        todo.extend(found)
+    return out
+
+
+def signal_all(pids: list[int], sig: signal.Signals) -> None:
+    """Send ``sig`` to each of ``pids`` that still exists."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, sig)
 
 
 async def health_status(target: str, service: str = "", timeout_s: float = 1.0) -> str:

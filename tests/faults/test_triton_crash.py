@@ -21,7 +21,7 @@ from recsvc.data import Dataset
 from recsvc.pipeline import DEGRADED_REASONS
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
-from tests.faults.harness import LoadGen, fault_stack, record
+from tests.faults.harness import LoadGen, children, fault_stack, record
 from tests.processes import start, start_server, triton_ready, wait_until
 
 CLIENTS = 16
@@ -29,15 +29,6 @@ DEADLINE_S = 2.0
 # kill -> ranked answers again: restart wait (1 s) + tritonserver start + recsvc's poll (2 s) + model load,
 # on a loaded 2-core machine. Generous on purpose: the assertion is that it comes back by itself.
 RANKED_AGAIN_WITHIN_S = 45.0
-
-
-def children(pid: int) -> list[int]:
-    """Direct children of ``pid``, from /proc."""
-    out: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
-        with contextlib.suppress(OSError):
-            out.extend(int(c) for c in (task / "children").read_text().split())
-    return out
 
 
 def tritonserver_pid(launcher: int) -> int:

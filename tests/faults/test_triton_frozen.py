@@ -10,14 +10,12 @@ Triton that does not come back just means more "ranker unavailable" answers afte
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import signal
 from pathlib import Path
 
 from recsvc.data import Dataset
 from recsvc.pipeline import DEGRADED_REASONS
-from tests.faults.harness import LoadGen, fault_stack, record
+from tests.faults.harness import LoadGen, descendants, fault_stack, record, signal_all
 from tests.faults.test_store_outage import degraded_counts
 from tests.support import free_port
 
@@ -26,31 +24,11 @@ DEADLINE_S = 1.0
 FREEZE_S = 5.0
 
 
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (children first), from /proc."""
-    out: list[int] = []
-    todo = [pid]
-    while todo:
-        parent = todo.pop()
-        for task in Path(f"/proc/{parent}/task").glob("*"):
-            with contextlib.suppress(OSError):
-                children = [int(c) for c in (task / "children").read_text().split()]
-                out.extend(children)
-                todo.extend(children)
-    return out
-
-
 def tritonserver_pids(launcher: int) -> list[int]:
     """tritonserver and its backend stubs (not the `recsvc triton` launcher that supervises them)."""
     pids = descendants(launcher)
     assert pids, "recsvc triton has no tritonserver child"
     return pids
-
-
-def signal_all(pids: list[int], sig: signal.Signals) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
 
 
 async def test_frozen_triton_every_request_answered_within_its_own_deadline(
