@@ -21,7 +21,7 @@ from recsvc.data import Dataset
 from recsvc.pipeline import DEGRADED_REASONS
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
-from tests.faults.harness import LoadGen, children, fault_stack, record
+from tests.faults.harness import LoadGen, children, descendants, fault_stack, record
 from tests.processes import start, start_server, triton_ready, wait_until
 
 CLIENTS = 16
@@ -49,6 +49,15 @@ async def _ranked_probe(target: str, stop: asyncio.Event, seen: list[tuple[float
             await asyncio.sleep(0.1)
 
 
+def running(pid: int) -> bool:
+    """The process exists and is not a zombie waiting to be reaped."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
 async def test_killed_tritonserver_is_restarted_and_answers_are_ranked_again(
     tmp_path: Path, fault_data: tuple[Path, Dataset]
 ) -> None:
@@ -64,6 +73,8 @@ async def test_killed_tritonserver_is_restarted_and_answers_are_ranked_again(
         assert before.failed_total == 0 and before.degraded == 0, (before.failed, before.degraded_reasons)
 
         killed = tritonserver_pid(stack.triton.popen.pid)
+        stubs = descendants(killed)               # its python backend stubs
+        assert stubs, "tritonserver runs no python backend stub"
         seen: list[tuple[float, bool]] = []
         stop_probe = asyncio.Event()
         probe = asyncio.create_task(_ranked_probe(stack.target, stop_probe, seen))
@@ -97,6 +108,8 @@ async def test_killed_tritonserver_is_restarted_and_answers_are_ranked_again(
         assert len(restarted) == 1 and restarted[0] != killed, (restarted, launcher_log[-3000:])
         assert f"exited by itself with status {-signal.SIGKILL}; restarting it in" in launcher_log
         assert "tritonserver restarted" in launcher_log
+        # The dead server's backend stubs did not outlive it.
+        assert not [pid for pid in stubs if running(pid)], stubs
         # recsvc loaded its version into the new (empty) Triton, and answers were ranked again.
         assert repins >= 1, server_log[-3000:]
         assert ranked_again_s is not None, (seen[-5:], server_log[-3000:])
@@ -106,3 +119,4 @@ async def test_killed_tritonserver_is_restarted_and_answers_are_ranked_again(
         allowed = {DEGRADED_REASONS["ranker_unavailable"], DEGRADED_REASONS["ranker_timeout"]}
         assert set(tally.degraded_reasons) <= allowed, tally.degraded_reasons
         assert stack.tracebacks() == 0
+
