@@ -179,7 +179,9 @@ class Coalescer(Generic[T, R]):
                     p.future.set_exception(exc)
             return
         if len(results) != len(live):
-            error = RuntimeError(f"{self._name}: {len(results)} results for a batch of {len(live)}")
+            # A backend answering the wrong number of rows is a failed dependency, not a bug of the caller's:
+            # the owner's error (RankerUnavailable for ranking) lets the pipeline answer degraded, not INTERNAL.
+            error = self._closed_error(f"the {self._name} answered {len(results)} results for a batch of {len(live)}")
             for p in live:
                 if not p.future.done():
                     p.future.set_exception(error)

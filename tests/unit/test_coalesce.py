@@ -256,3 +256,15 @@ async def test_batching_ranker_close_fails_waiting_calls_as_ranker_unavailable()
     assert all(isinstance(r, RankerUnavailable) for r in results), results
     with pytest.raises(RankerUnavailable):
         await ranker.score(h, cands, version="1")
+
+
+async def test_a_result_count_mismatch_fails_the_batch_with_the_owners_error() -> None:
+    async def handle(items: Sequence[int]) -> list[int]:
+        return [*items, 0]                       # one row too many: the backend answered wrongly
+
+    c: Coalescer[int, int] = Coalescer(handle, max_rows=1, max_wait_us=0, name="ranking queue",
+                                       closed_error=RankerUnavailable)  # fmt: skip
+    # RankerUnavailable (the pipeline answers degraded), not RuntimeError (INTERNAL for the client).
+    with pytest.raises(RankerUnavailable, match="ranking queue answered 2 results for a batch of 1"):
+        await asyncio.wait_for(c.submit(1), BOUND_S)
+    await c.close()
