@@ -33,6 +33,7 @@ Backends:
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple, Protocol
@@ -43,6 +44,7 @@ from recsvc.domain import EventType, History
 from recsvc.errors import ConfigError
 from recsvc.history.policies import LRU, approx_sizeof
 from recsvc.history.redis_store import user_key_tag
+from recsvc.logs import Throttle
 from recsvc.redis_conn import REDIS_ERRORS, RedisClient, redis_client
 
 __all__ = ["L2Read", "MemoryTier", "RedisTier", "SharedTier", "decode_history", "encode_history"]
@@ -51,6 +53,10 @@ log = logging.getLogger(__name__)
 
 # A failed read, or an entry that does not decode (written by something else): a miss either way.
 _READ_ERRORS: tuple[type[BaseException], ...] = (*REDIS_ERRORS, ValueError, KeyError, TypeError)
+_DECODE_ERRORS: tuple[type[BaseException], ...] = (ValueError, KeyError, TypeError)
+
+# With L2 down every L1 miss and every write fails here: one line per operation per interval, not per call.
+ERROR_LOG_INTERVAL_S = 10.0
 
 
 class L2Read(NamedTuple):
@@ -102,8 +108,9 @@ def decode_history(raw: bytes | str) -> History:
 
 
 class _Counters:
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, clock: Callable[[], float] | None = None) -> None:
         self.name = name
+        self._log_throttle = Throttle(ERROR_LOG_INTERVAL_S, clock=clock or time.monotonic)
         self.hits = 0
         self.misses = 0
         self.errors = 0
@@ -112,7 +119,10 @@ class _Counters:
 
     def _error(self, op: str, exc: BaseException) -> None:
         self.errors += 1
-        log.warning("L2 (%s) %s failed: %s", self.name, op, exc)
+        held = self._log_throttle.allow(op)
+        if held is not None:
+            more = f" ({held} more {op} failures since the last line)" if held else ""
+            log.warning("L2 (%s) %s failed: %s%s", self.name, op, exc, more)
 
 
 class MemoryTier(_Counters):
@@ -233,8 +243,8 @@ class RedisTier(_Counters):
     """
 
     def __init__(self, client: RedisClient, *, ttl_s: float, prefix: str = "recsvc:l2", owns_client: bool = False,
-                 chunk: int = 500) -> None:  # fmt: skip
-        super().__init__("redis")
+                 chunk: int = 500, clock: Callable[[], float] | None = None) -> None:  # fmt: skip
+        super().__init__("redis", clock=clock)
         self._client = client
         self._ttl_ms = max(1, int(ttl_s * 1000))
         self._prefix = prefix
@@ -262,11 +272,18 @@ class RedisTier(_Counters):
         """See SharedTier: one MGET of the entry and the stamp."""
         try:
             raw, stamp = await self._client.mget(self._keys(user_id))
-            history = None if raw is None else decode_history(raw)
-            read = L2Read(history, int(stamp or 0))
+            stamp_read = int(stamp or 0)
         except _READ_ERRORS as exc:
             self._error("get", exc)
             return L2Read(None, None)
+        try:
+            history = None if raw is None else decode_history(raw)
+        except _DECODE_ERRORS as exc:
+            # The stamp was read fine: hand it out, so the load's fill overwrites the bad entry now
+            # instead of it staying (a miss on every read) until its TTL.
+            self._error("decode", exc)
+            return L2Read(None, stamp_read)
+        read = L2Read(history, stamp_read)
         if history is None:
             self.misses += 1
         else:

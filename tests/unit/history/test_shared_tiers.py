@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import AsyncIterator
 
@@ -10,7 +11,7 @@ import pytest
 from recsvc.config import Settings
 from recsvc.domain import Event, EventType, History
 from recsvc.errors import ConfigError
-from recsvc.history import InMemoryHistoryStore, L2Read, MemoryTier, RedisTier, SharedTier
+from recsvc.history import InMemoryHistoryStore, L2Read, MemoryTier, RedisTier, SharedTier, l2
 from recsvc.history.l2 import decode_history, encode_history
 from recsvc.history.tiers import history_size
 from recsvc.redis_conn import redis_client
@@ -118,13 +119,35 @@ async def test_unreachable_redis_is_a_counted_miss_and_fills_nothing() -> None:
     await tier.close()
 
 
-async def test_an_undecodable_entry_is_a_miss(redis_server: RedisProcess) -> None:
+async def test_an_undecodable_entry_is_a_miss_that_the_load_overwrites(redis_server: RedisProcess) -> None:
     prefix = f"t{uuid.uuid4().hex}"
     client = redis_client(redis_server.url)
     tier = RedisTier(client, ttl_s=60, prefix=prefix)
     await client.set(f"{prefix}:{{u}}:h", b"not json")
-    assert await tier.get("u") == L2Read(None, None) and tier.errors == 1
+    read = await tier.get("u")
+    assert read == L2Read(None, 0) and tier.errors == 1   # the stamp was read: the load may fill
+    assert await tier.set(hist("u"), read.stamp)           # ... and its fill replaces the bad entry now
+    assert await tier.get("u") == L2Read(hist("u"), 0)
     await client.aclose()
+
+
+async def test_a_down_redis_logs_one_line_per_operation_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    clock = FakeClock()
+    tier = RedisTier(redis_client("redis://127.0.0.1:1/0", timeout_s=0.2), ttl_s=60, owns_client=True, clock=clock)
+    with caplog.at_level(logging.WARNING, logger="recsvc.history.l2"):
+        for _ in range(20):
+            await tier.get("u")
+            await tier.invalidate(["u"])
+        assert tier.errors == 40
+        lines = [r.getMessage() for r in caplog.records]
+        assert len(lines) == 2
+        assert any(" get failed" in m for m in lines) and any(" invalidate failed" in m for m in lines)
+        caplog.clear()
+        clock.tick(l2.ERROR_LOG_INTERVAL_S)
+        await tier.get("u")
+        [line] = [r.getMessage() for r in caplog.records]
+        assert "19 more get failures" in line
+    await tier.close()
 
 
 def test_bad_configuration_is_refused() -> None:
