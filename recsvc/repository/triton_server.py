@@ -317,16 +317,18 @@ class TritonServer:
         try:
             while True:
                 if exited.done():
+                    errors = await asyncio.to_thread(self.log_errors)   # up to 1 MiB: off the loop
                     raise RankerUnavailable(
                         f"tritonserver exited with status {process.returncode} during start-up "
-                        f"(log: {self.options.log_path}):\n{self.log_errors()}"
+                        f"(log: {self.options.log_path}):\n{errors}"
                     )
                 if await asyncio.to_thread(_http_ok, url):
                     return
                 if time.monotonic() > deadline:
+                    errors = await asyncio.to_thread(self.log_errors)
                     raise RankerUnavailable(
                         f"tritonserver not ready after {self.options.startup_timeout_s:.0f} s "
-                        f"(log: {self.options.log_path}):\n{self.log_errors()}"
+                        f"(log: {self.options.log_path}):\n{errors}"
                     )
                 await asyncio.wait({exited}, timeout=0.1)
         finally:
@@ -438,7 +440,8 @@ class SupervisedTriton:
             self.deaths.append(status)
             quick_deaths = 1 if ran >= self.options.restart_stable_s else quick_deaths + 1
             what = f"tritonserver (pid {self.server.pid}, up {ran:.1f} s) exited by itself with status {status}"
-            errors = self.server.log_errors(max_lines=10, tail_lines=5)
+            # Up to 1 MiB of log read and scanned: in a thread, not on the loop `recsvc up` also serves on.
+            errors = await asyncio.to_thread(self.server.log_errors, max_lines=10, tail_lines=5)
             while True:
                 delay = restart_delay(self.options, quick_deaths)
                 log.error("%s; restarting it in %.1f s (restart %d). Its log (%s) ends with:\n%s",
@@ -448,8 +451,10 @@ class SupervisedTriton:
                 started = self._clock()
                 try:
                     await self.server.start()
-                except (RankerUnavailable, ConfigError) as exc:
-                    # Died during start-up (or never came up): another quick death, a longer wait.
+                except (RankerUnavailable, ConfigError, OSError) as exc:
+                    # Died during start-up (or never came up), or could not be launched right now (a full
+                    # disk for its log, too many open files): another quick death, a longer wait. Giving up
+                    # would leave no Triton at all until someone restarts `recsvc triton`.
                     quick_deaths += 1
                     what, errors = "restarting tritonserver failed", str(exc)
                     continue

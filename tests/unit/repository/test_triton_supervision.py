@@ -12,6 +12,7 @@ import os
 import signal
 import stat
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -171,3 +172,39 @@ async def test_without_restart_the_exit_status_is_returned(
     os.kill(_lines(state / "pids")[0], signal.SIGKILL)
     assert await asyncio.wait_for(serving, 30) == 1
     assert len(_lines(state / "pids")) == 1
+
+
+async def test_a_restart_failing_with_an_os_error_is_retried_and_the_log_is_read_off_the_loop(
+    fake: tuple[ts.TritonDistribution, TritonOptions, Path], monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    dist, options, _ = fake
+    supervised = SupervisedTriton(options, distribution=dist)
+    await supervised.start()
+    first = supervised.pid
+    real_install_stub = ts.install_stub
+    failures = [OSError(28, "No space left on device")]     # the next launch cannot even start
+
+    def flaky_install_stub(*args, **kwargs):  # type: ignore[no-untyped-def]
+        if failures:
+            raise failures.pop()
+        return real_install_stub(*args, **kwargs)
+
+    reader_threads: list[str] = []
+    real_log_errors = supervised.server.log_errors
+
+    def recording_log_errors(*args, **kwargs):  # type: ignore[no-untyped-def]
+        reader_threads.append(threading.current_thread().name)
+        return real_log_errors(*args, **kwargs)
+
+    monkeypatch.setattr(ts, "install_stub", flaky_install_stub)
+    monkeypatch.setattr(supervised.server, "log_errors", recording_log_errors)
+    with caplog.at_level(logging.ERROR, logger="recsvc.repository.triton_server"):
+        os.kill(first or 0, signal.SIGKILL)
+        await asyncio.wait_for(supervised.restarted.wait(), 30)     # supervision survived the OSError
+    assert not failures and supervised.restarts == 1 and supervised.pid not in (None, first)
+    messages = [r.getMessage() for r in caplog.records if "restarting it in" in r.msg]
+    assert len(messages) == 2 and "No space left on device" in messages[1]      # counted as a quick death
+    assert [r.args[1] for r in caplog.records if "restarting it in" in r.msg] == [0.05, 0.1]
+    assert reader_threads and threading.main_thread().name not in reader_threads
+    await supervised.stop()
