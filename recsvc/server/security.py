@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import ssl
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -95,7 +96,13 @@ class ReloadingFiles(Generic[T]):
         self._next_check = clock() + poll_s
 
     def get(self) -> T:
-        """The current value (the last good one when the files changed into something unusable)."""
+        """The current value (the last good one when the files changed into something unusable).
+
+        Called on the event loop (the token check of every guarded RPC) and on gRPC's handshake thread
+        (the TLS fetcher). Between checks it is a lock and a clock read; the stat (and, only after a
+        change, the read and parse) happens at most once per ``poll_s``, a few small files, so doing it
+        inline is cheaper than handing it to a thread.
+        """
         with self._lock:
             now = self._clock()
             if now >= self._next_check:
@@ -124,6 +131,15 @@ class ReloadingFiles(Generic[T]):
             value = self._parse(data)
         except ConfigError as exc:
             log.error("%s changed into something unusable; keeping the previous files: %s", self.what, exc)
+            return
+        try:
+            changed = self._stat() != signature
+        except OSError:
+            changed = True
+        if changed:
+            # Replaced after the read: what was parsed is consistent in itself (parse checks the bytes in
+            # hand), but it is not what the files hold now; forget the signature so they are read again.
+            self._signature = None
             return
         self._data, self._value = data, value
         self.generation += 1
@@ -164,11 +180,18 @@ def _check_pair(cert: Path, key: Path, cert_data: bytes, key_data: bytes) -> Non
     _check_pem(f"tls_key {key}", key_data, b"")
     if b"ENCRYPTED" in key_data:
         raise ConfigError(f"tls_key {key} is encrypted; recsvc needs an unencrypted PEM key (as cert-manager writes)")
-    # OpenSSL checks that both parse and that the key belongs to the certificate. It reads the paths;
-    # ReloadingFiles made sure they still hold the bytes read (their stat did not change meanwhile).
+    # OpenSSL checks that both parse and that the key belongs to the certificate. It only reads files, and
+    # the configured paths may have changed since they were read (a rotation writing the certificate and
+    # the key one after the other), so it gets exactly the bytes in hand, in a private temporary copy.
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        context.load_cert_chain(cert, key, password=b"")
+        with tempfile.TemporaryDirectory(prefix="recsvc-tls-") as tmp:     # mode 0700
+            cert_copy, key_copy = os.path.join(tmp, "cert.pem"), os.path.join(tmp, "key.pem")
+            for path, data in ((cert_copy, cert_data), (key_copy, key_data)):
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+                with os.fdopen(fd, "wb") as fh:
+                    fh.write(data)
+            context.load_cert_chain(cert_copy, key_copy, password=b"")
     except (ssl.SSLError, OSError) as exc:
         raise ConfigError(f"tls_cert {cert} and tls_key {key} are not a usable certificate and key: {exc}") from exc
 

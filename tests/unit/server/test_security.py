@@ -23,7 +23,7 @@ from recsvc.config import Settings, load_settings
 from recsvc.errors import ConfigError
 from recsvc.ranking.triton_ranker import TritonRanker, TritonTls
 from recsvc.server.client import RecsvcClient
-from recsvc.server.security import AuthInterceptor, ReloadingFiles, bind, check_files, start_health_port
+from recsvc.server.security import AuthInterceptor, ReloadingFiles, ServerTls, bind, check_files, start_health_port
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 from tests.support import FakeClock, free_port
@@ -269,6 +269,67 @@ async def test_a_certificate_rotated_in_place_reaches_new_connections(pki: Pki, 
         # A connection made before the rotation keeps its session.
         assert await _call(old, "Recommend") == grpc.StatusCode.OK
         await old.close()
+
+
+def test_a_key_replaced_after_the_read_never_installs_a_mismatched_pair(pki: Pki, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    # A rotation writing the certificate, then the key, as two files. The check reads the new certificate
+    # and the old key; the new key lands just after the read (past the stat that follows it). The pair in
+    # hand does not match: it must be refused, even though the files on disk match by then.
+    live = tmp_path / "live"
+    live.mkdir()
+    _install(pki.server, live)
+    clock = FakeClock()
+    tls = ServerTls(_settings(tls_cert=live / "tls.crt", tls_key=live / "tls.key", secret_poll_s=1.0), clock=clock)
+    files = tls.files
+    real_stat = files._stat
+    stats = 0
+
+    def stat_then_rotate_key() -> Any:
+        nonlocal stats
+        stats += 1
+        signature = real_stat()
+        if stats == 2:                  # the stat right after the read: the key is replaced now
+            shutil.copyfile(pki.other_server.key, live / "tls.key")
+        return signature
+
+    monkeypatch.setattr(files, "_stat", stat_then_rotate_key)
+    shutil.copyfile(pki.other_server.cert, live / "tls.crt")
+    clock.tick(1.0)
+    files.get()
+    assert stats >= 2
+    mismatched = (pki.other_server.cert.read_bytes(), pki.server.key.read_bytes())
+    assert files._data != mismatched and files.generation == 0      # still the first, good pair
+    clock.tick(1.0)
+    files.get()                     # the next check reads the finished rotation
+    assert files._data == (pki.other_server.cert.read_bytes(), pki.other_server.key.read_bytes())
+    assert files.generation == 1
+
+
+def test_files_replaced_while_being_parsed_are_read_again_before_anything_is_installed(
+    pki: Pki, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    live = tmp_path / "live"
+    live.mkdir()
+    _install(pki.server, live)
+    clock = FakeClock()
+    tls = ServerTls(_settings(tls_cert=live / "tls.crt", tls_key=live / "tls.key", secret_poll_s=1.0), clock=clock)
+    files = tls.files
+    real_parse = files._parse
+
+    def parse_during_a_rotation(data: Any) -> Any:
+        value = real_parse(data)
+        _install(pki.server, live)      # rotated back (a consistent pair) while the previous one was parsed
+        return value
+
+    monkeypatch.setattr(files, "_parse", parse_during_a_rotation)
+    _install(pki.other_server, live)
+    clock.tick(1.0)
+    files.get()
+    assert files.generation == 0        # what was parsed is no longer on disk: not installed
+    clock.tick(1.0)
+    files.get()
+    assert files._data == (pki.server.cert.read_bytes(), pki.server.key.read_bytes())
 
 
 def _secret_volume(root: Path, src: Issued, version: str) -> None:
