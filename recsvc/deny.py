@@ -25,6 +25,7 @@ import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from recsvc.errors import ConfigError
 from recsvc.ids import check_id
 from recsvc.tasks import cancel_and_wait
 
@@ -121,6 +122,11 @@ class DenyListWatcher:
             st = self.path.stat()
         except FileNotFoundError:
             return None
+        except OSError as exc:
+            # Not "no list" (that would silently recommend denied SKUs) but a path we cannot look at
+            # (EACCES, a parent that is a file): one clear error naming the file; at start-up it ends
+            # start-up (exit 2), while serving the watcher logs it and keeps the previous list.
+            raise ConfigError(f"deny list {self.path}: cannot check it ({exc.strerror or exc})") from exc
         return (st.st_mtime_ns, st.st_size, st.st_ino)
 
     async def refresh(self) -> bool:

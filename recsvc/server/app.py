@@ -157,20 +157,25 @@ async def build_service(settings: Settings) -> Service:
             # used again as soon as Triton answers.
             log.warning("ranker %s v%s not ready at start-up (%s); responses are degraded until it is",
                         model, version, exc)  # fmt: skip
-        opened.pop_all()
+        # Our own batching in front of Triton only where it measured faster (see BatchingRanker).
+        scorer = (BatchingRanker(ranker, max_batch=settings.rank_max_batch, max_wait_us=settings.rank_max_wait_us)
+                  if settings.rank_max_batch > 1 else None)  # fmt: skip
+        if scorer is not None:
+            opened.push_async_callback(scorer.close)
+        pipeline = Pipeline(settings, history, scorer or ranker, bundle)
+        prefetcher = Prefetcher(pipeline.warm, queue_size=settings.prefetch_queue, workers=settings.prefetch_workers)
+        pipeline.prefetcher = prefetcher
+        prefetcher.start()
+        opened.push_async_callback(prefetcher.close)
+        deny = DenyListWatcher(settings.resolved_deny_list(), pipeline.set_denied, poll_s=settings.deny_poll_s)
+        opened.push_async_callback(deny.close)
+        await deny.start()      # can fail (a deny list path that cannot be stat()ed): all of the above closes
+        follower = VersionFollower(pipeline, ranker, settings)
+        follower.start()
+        opened.push_async_callback(follower.close)
+        service = Service(settings, store, history, ranker, pipeline, prefetcher, follower, deny, scorer)
+        opened.pop_all()        # the last step that can fail is behind us: the Service owns everything now
     log.info("serving %s version %s (index %s, %d items)", model, version, bundle.index_version, len(bundle.catalog))
-    # Our own batching in front of Triton only where it measured faster (see BatchingRanker).
-    scorer = (BatchingRanker(ranker, max_batch=settings.rank_max_batch, max_wait_us=settings.rank_max_wait_us)
-              if settings.rank_max_batch > 1 else None)  # fmt: skip
-    pipeline = Pipeline(settings, history, scorer or ranker, bundle)
-    prefetcher = Prefetcher(pipeline.warm, queue_size=settings.prefetch_queue, workers=settings.prefetch_workers)
-    pipeline.prefetcher = prefetcher
-    prefetcher.start()
-    deny = DenyListWatcher(settings.resolved_deny_list(), pipeline.set_denied, poll_s=settings.deny_poll_s)
-    await deny.start()
-    follower = VersionFollower(pipeline, ranker, settings)
-    follower.start()
-    service = Service(settings, store, history, ranker, pipeline, prefetcher, follower, deny, scorer)
     if settings.warm_users:
         service.warming = asyncio.create_task(_warm_start(service), name="warm-start")
     return service

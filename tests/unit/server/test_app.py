@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.config import Settings
 from recsvc.domain import Event, EventType, RecommendQuery
+from recsvc.errors import ConfigError
 from recsvc.history import SqliteHistoryStore
 from recsvc.repository import publish
 from recsvc.server.app import SERVICE_NAME, _run_grpc, build_service
@@ -51,6 +52,31 @@ async def test_start_up_warms_the_most_active_users(tmp_path: Path, tiny_bundle:
         assert stats["vectors"]["hits"] == 1
     finally:
         await service.close()
+
+
+async def test_a_start_up_step_that_fails_late_closes_everything_opened_before_it(
+    tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    publish(tiny_bundle, tmp_path / "repo")
+    (tmp_path / "not-a-dir").write_text("a file where the deny list's directory should be\n")
+    deny_list = tmp_path / "not-a-dir" / "deny_list.txt"        # stat() raises NotADirectoryError (even as root)
+    settings = Settings(data_dir=tmp_path, model_repository=tmp_path / "repo", deny_list=deny_list,
+                        triton_url="127.0.0.1:1", triton_timeout_s=0.2, max_k=10, num_candidates=20,
+                        prefetch_workers=2)  # fmt: skip
+    closed: list[str] = []
+    real_close = SqliteHistoryStore.close
+
+    async def recording_close(self: SqliteHistoryStore) -> None:
+        closed.append("store")
+        await real_close(self)
+
+    monkeypatch.setattr(SqliteHistoryStore, "close", recording_close)
+    before = asyncio.all_tasks()
+    with pytest.raises(ConfigError, match=f"deny list {deny_list}: cannot check it"):
+        await build_service(settings)
+    assert closed == ["store"]
+    leaked = [t for t in asyncio.all_tasks() - before if not t.done()]
+    assert leaked == []                                 # no prefetch worker (nor anything else) left running
 
 
 # ------------------------------------------------------------------------------------------ shutdown
