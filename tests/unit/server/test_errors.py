@@ -14,9 +14,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc import errors
 from recsvc.config import load_settings
-from recsvc.server.errors import status_code_for
+from recsvc.logs import Throttle, request_id
+from recsvc.server import errors as server_errors
+from recsvc.server.errors import abort_with, status_code_for
 from recsvc.server.validation import events_from_proto, prefetch_users_from_proto, query_from_proto
 from recsvc.v1 import recommender_pb2 as pb
+from tests.support import FakeClock
 from tests.unit.server.serving import METHODS, publish_tiny, serving, settings_for
 
 
@@ -42,6 +45,98 @@ def test_every_exported_error_is_mapped_deliberately() -> None:
     unmapped = [e.__name__ for e in exported if e is not errors.RecsvcError
                 and status_code_for(e("f", "m") if e is errors.InvalidArgument else e("m")) == grpc.StatusCode.INTERNAL]
     assert unmapped == []
+
+
+class Aborted(Exception):
+    pass
+
+
+class FakeContext:
+    """Records what ``abort`` was given (a real context raises AbortError there; this raises Aborted)."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[grpc.StatusCode, str]] = []
+
+    async def abort(self, code: grpc.StatusCode, details: str) -> None:
+        self.sent.append((code, details))
+        raise Aborted
+
+
+async def _details(exc: errors.RecsvcError) -> str:
+    context = FakeContext()
+    with pytest.raises(Aborted):
+        await abort_with(context, exc)  # type: ignore[arg-type]
+    [(code, details)] = context.sent
+    assert code == status_code_for(exc)
+    return details
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> FakeClock:
+    clock = FakeClock()
+    monkeypatch.setattr(server_errors, "_log_throttle", Throttle(server_errors.LOG_INTERVAL_S, clock=clock))
+    return clock
+
+
+@pytest.mark.parametrize(
+    ("exc", "expected"),
+    [
+        (errors.StoreUnavailable("Error 111 connecting to 10.0.0.5:6379. Connection refused."),
+         "history store unavailable, retry later"),
+        (errors.RankerUnavailable("triton at 10.0.0.7:8001: StatusCode.UNAVAILABLE: failed to connect"),
+         "ranker unavailable, retry later"),
+        (errors.Unavailable("replica 10.0.0.9:50051 gone"), "service unavailable, retry later"),
+        (errors.ConfigError("cannot open /var/lib/recsvc/history.sqlite3: disk I/O error"), "service not ready"),
+        (errors.BundleError("/srv/models/v42/ranker.onnx is corrupt"), "service not ready"),
+        (errors.RecsvcError("something at /srv/secret"), "internal error"),
+    ],
+)  # fmt: skip
+async def test_details_of_internal_failures_are_fixed_texts_and_the_log_has_the_full_one(
+    exc: errors.RecsvcError, expected: str, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    token = request_id.set("rid-42")
+    try:
+        with caplog.at_level(logging.DEBUG, logger="recsvc.server.errors"):
+            details = await _details(exc)
+    finally:
+        request_id.reset(token)
+    assert details == f"{expected} (request id rid-42)"
+    for secret in ("10.0.0", ":6379", "/var/lib", "/srv/", "sqlite", "onnx", "triton"):
+        assert secret not in details
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING and str(exc) in record.getMessage()
+
+
+async def test_details_without_a_request_id_are_the_fixed_text_alone(clock: FakeClock) -> None:
+    assert await _details(errors.StoreUnavailable("Error 111 connecting to 10.0.0.5:6379")) == (
+        "history store unavailable, retry later")
+
+
+@pytest.mark.parametrize(
+    "exc",
+    [errors.InvalidArgument("k", "must be in 1..500"), errors.NotFound("no such thing"),
+     errors.DeadlineExceeded("recommendation not ready within 0.250 s")],
+)  # fmt: skip
+async def test_errors_about_the_request_itself_keep_their_text(exc: errors.RecsvcError, clock: FakeClock) -> None:
+    assert await _details(exc) == str(exc)
+
+
+async def test_the_full_text_is_logged_once_per_class_and_interval(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.DEBUG, logger="recsvc.server.errors"):
+        for n in range(20):
+            await _details(errors.StoreUnavailable(f"Error 111 connecting to 10.0.0.5:6379 ({n})"))
+        await _details(errors.RankerUnavailable("triton down"))
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert len(warnings) == 2 and "(0)" in warnings[0] and "triton down" in warnings[1]
+        # The held-back ones are still there at DEBUG, with their full text.
+        assert len([r for r in caplog.records if r.levelno == logging.DEBUG]) == 19
+        caplog.clear()
+        clock.tick(server_errors.LOG_INTERVAL_S)
+        await _details(errors.StoreUnavailable("Error 111 connecting to 10.0.0.5:6379 (20)"))
+        [line] = [r.getMessage() for r in caplog.records]
+        assert "(20)" in line and "19 more StoreUnavailable" in line
 
 
 # --- over a real server and channel: bytes that are not a request, messages over the size limit ---
