@@ -14,7 +14,10 @@ with, so one switch changes both. The switch:
    version is not reloaded at every poll, yet a half-synced copy heals) and everything it opened is
    closed; the current one keeps serving;
 2. makes sure Triton has the new ranker version ready (EXPLICIT mode: it asks Triton to load it);
-   if Triton cannot, the new bundle is dropped and the switch is tried again at the next poll;
+   if Triton cannot (down, restarting, still loading), the new bundle is kept loaded and the switch is
+   tried again at the next poll with it: a Triton outage must not turn into loading (hashing, ONNX
+   Runtime, index) the same bundle every few seconds. It is closed only when the repository moves on
+   to another version, or when the follower closes;
 3. swaps the pipeline's bundle reference: requests that start afterwards use the new version, requests
    in flight finish on the one they started with;
 4. closes the old bundle once its last request has finished (or after a bounded wait).
@@ -25,7 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from pathlib import Path
 from typing import Protocol
 
@@ -75,6 +78,7 @@ class VersionFollower:
         self._failed: dict[int, float] = {}            # version that would not load -> when to try again
         self._failures: dict[int, int] = {}            # version -> how many loads of it failed
         self._repin_after = 0.0                         # a damaged serving version: when to hash it again
+        self._pending: ServingBundle | None = None      # loaded, waiting for Triton to have its ranker ready
         self._closing: set[asyncio.Task[None]] = set()  # old bundles waiting for their last request
         self._task: asyncio.Task[None] | None = None
         self._lock = asyncio.Lock()
@@ -104,24 +108,35 @@ class VersionFollower:
             else:
                 newest = await asyncio.to_thread(latest_version, s.model_repository, s.triton_model)
             current = self._pipeline.bundle.model_version
+            pending, self._pending = self._pending, None
+            if pending is not None and (newest is None or str(newest) != pending.model_version):
+                await pending.close()   # the repository moved on (a rollback, a newer version) while it waited
+                pending = None
             if newest is not None and str(newest) == current:
                 await self._keep_pinned(state, current)
                 return False
             if newest is None or self._failed.get(newest, 0.0) > time.monotonic():
                 return False
-            directory = s.model_repository / s.triton_model / str(newest)
-            try:
-                bundle = await asyncio.to_thread(self._loader, directory, str(newest), s)
-            except Exception as exc:  # noqa: BLE001 - any failure refuses the version; logged with its cause
-                self._refuse(newest, current, exc)
-                return False
+            verified: tuple[int, ...] = ()
+            if pending is not None:
+                bundle = pending        # loaded at an earlier poll, when Triton could not take the version
+            else:
+                directory = s.model_repository / s.triton_model / str(newest)
+                try:
+                    bundle = await asyncio.to_thread(self._loader, directory, str(newest), s)
+                except Exception as exc:  # noqa: BLE001 - any failure refuses the version; logged with its cause
+                    self._refuse(newest, current, exc)
+                    return False
+                verified = (newest,)    # the loader has just checked its files: _pin need not hash them again
             try:
                 if not await self._models.is_model_ready(str(newest)):
-                    await self._pin(state)
+                    await self._pin(state, verified)
                 ready = await self._models.is_model_ready(str(newest))
             except RankerUnavailable as exc:
                 ready = False
-                log.warning("ranker version %d not loadable yet (%s); retrying at the next poll", newest, exc)
+                if pending is None:     # once per wait, not at every poll of an outage
+                    log.warning("ranker version %d not loadable yet (%s); keeping its bundle loaded and "
+                                "retrying at every poll", newest, exc)  # fmt: skip
             except BaseException as exc:
                 await bundle.close()    # nothing else holds it: its index and search thread would leak
                 if not isinstance(exc, Exception):
@@ -129,7 +144,9 @@ class VersionFollower:
                 self._refuse(newest, current, exc)
                 return False
             if not ready:
-                await bundle.close()
+                # Kept rather than closed (see the module doc, step 2): while Triton is down the next poll
+                # costs one failed readiness call, not a full load; once Triton is back it switches at once.
+                self._pending = bundle
                 return False
             self._failures.pop(newest, None)
             previous = self._pipeline.swap(bundle)
@@ -179,18 +196,21 @@ class VersionFollower:
             log.error("not re-pinning version %s, answers stay unranked; checking again in %.0f s: %s",
                       current, _RETRY_FAILED_S, exc)  # fmt: skip
 
-    async def _pin(self, state: ServingState | None) -> None:
+    async def _pin(self, state: ServingState | None, verified: Collection[int] = ()) -> None:
         # Exactly the set the rollout asked for, so no replica can unload a version another one uses;
-        # but never a version whose files no longer match its checksums (hashed here, off the loop).
+        # but never a version whose files no longer match its checksums (hashed here, off the loop),
+        # except those in ``verified``: checked by the loader a moment ago, not hashed twice in a row.
         s = self._settings
         if state is None:
             newest = await asyncio.to_thread(latest_version, s.model_repository, s.triton_model)
-            if newest is not None and not await asyncio.to_thread(
+            if newest is not None and newest not in verified and not await asyncio.to_thread(
                     pinnable_versions, s.model_repository, s.triton_model, [newest]):  # fmt: skip
                 raise BundleError(f"{s.triton_model} version {newest} is damaged; not loading it into Triton")
             await self._models.load_model()
             return
-        versions = await asyncio.to_thread(pinnable_versions, s.model_repository, s.triton_model, state.loaded)
+        unchecked = [v for v in state.loaded if v not in verified]
+        good = set(await asyncio.to_thread(pinnable_versions, s.model_repository, s.triton_model, unchecked))
+        versions = [v for v in state.loaded if v in good or v in verified]
         if state.version not in versions:
             raise BundleError(f"{s.triton_model} version {state.version} is damaged; not loading it into Triton")
         config = await asyncio.to_thread(fitted_config, s.model_repository, s.triton_model, state.version)
@@ -205,7 +225,10 @@ class VersionFollower:
         await bundle.close()
 
     async def close(self) -> None:
-        """Stop polling and close every replaced bundle (waiting for their requests as usual)."""
+        """Stop polling, close a bundle still waiting for Triton and every replaced one (after their requests)."""
         await cancel_and_wait(self._task)
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            await pending.close()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)

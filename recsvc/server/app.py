@@ -148,9 +148,12 @@ async def build_service(settings: Settings) -> Service:
                     await ranker.load_model()       # before any rollout: the config's version policy
                 else:
                     # Exactly the rollout's set: never unload a version another replica serves. Less any
-                    # version whose files no longer match their checksums (ours was checked when loaded).
+                    # version whose files no longer match their checksums (ours was checked when loaded,
+                    # a moment ago: not hashed a second time).
                     config = await asyncio.to_thread(fitted_config, repo, model, version)
-                    loaded = await asyncio.to_thread(pinnable_versions, repo, model, state.loaded)
+                    others = [v for v in state.loaded if v != version]
+                    intact = set(await asyncio.to_thread(pinnable_versions, repo, model, others))
+                    loaded = [v for v in state.loaded if v == version or v in intact]
                     await ranker.load_versions(loaded, config)
         except RankerUnavailable as exc:
             # Serve anyway: retrieval-only answers flagged degraded beat no answers, and the ranker is

@@ -248,3 +248,78 @@ async def test_a_damaged_serving_version_is_not_pinned_again(repo: Path, tiny_bu
     assert pipeline.bundle.model_version == "1"          # still answering (unranked until it is fixed)
     await follower.close()
     await pipeline.bundle.close()
+
+
+def _counting_loader(opened: list[ServingBundle]):  # type: ignore[no-untyped-def]
+    def loader(directory: Path, version: str, settings: Settings) -> ServingBundle:
+        opened.append(load_serving_bundle(directory, version, settings))
+        return opened[-1]
+
+    return loader
+
+
+async def _is_closed(bundle: ServingBundle) -> bool:
+    try:
+        await bundle.retriever.search(np.zeros((1, bundle.manifest.dim), np.float32), 5, [set()])
+    except Unavailable:
+        return True
+    return False
+
+
+async def test_a_triton_outage_loads_the_new_version_once_not_at_every_poll(repo: Path, tiny_bundle: Path) -> None:
+    pipeline, _, models, _ = _setup(repo)
+    opened: list[ServingBundle] = []
+    follower = VersionFollower(pipeline, models, pipeline.settings, loader=_counting_loader(opened))
+    publish(tiny_bundle, repo)
+    models.down = True                                  # Triton down: RankerUnavailable at every question
+    for _ in range(5):                                  # five polls: one load, not a reload storm
+        assert not await follower.check()
+    assert len(opened) == 1 and pipeline.bundle.model_version == "1"
+    assert not await _is_closed(opened[0])              # kept loaded for when Triton is back
+    models.down = False
+    assert await follower.check() and pipeline.bundle.model_version == "2"
+    assert len(opened) == 1 and pipeline.bundle is opened[0]    # switched with the bundle it had kept
+    await follower.close()
+    await pipeline.bundle.close()
+
+
+async def test_a_bundle_kept_for_triton_is_closed_when_the_repository_moves_on_or_the_follower_closes(
+    repo: Path, tiny_bundle: Path
+) -> None:
+    pipeline, _, models, _ = _setup(repo)
+    opened: list[ServingBundle] = []
+    follower = VersionFollower(pipeline, models, pipeline.settings, loader=_counting_loader(opened))
+    publish(tiny_bundle, repo)
+    models.down = True
+    assert not await follower.check() and len(opened) == 1
+    shutil.rmtree(repo / "ranker" / "2")                # rolled back while it waited: not wanted any more
+    assert not await follower.check()
+    assert await _is_closed(opened[0]) and pipeline.bundle.model_version == "1"
+    publish(tiny_bundle, repo)                          # version 2 again (a new one): loaded, waits, ...
+    assert not await follower.check() and len(opened) == 2
+    await follower.close()                              # ... and is closed with the follower
+    assert await _is_closed(opened[1]) and not await _is_closed(pipeline.bundle)
+    await pipeline.bundle.close()
+
+
+async def test_the_version_just_loaded_is_not_hashed_again_to_pin_it(
+    repo: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import recsvc.versions as versions
+
+    hashed: list[list[int]] = []
+    real = versions.pinnable_versions
+
+    def recording(repository: Path, model: str, wanted: Sequence[int]) -> list[int]:
+        hashed.append(list(wanted))
+        return real(repository, model, wanted)
+
+    monkeypatch.setattr(versions, "pinnable_versions", recording)
+    pipeline, _, models, follower = _setup(repo)
+    publish(tiny_bundle, repo)
+    write_serving(repo, "ranker", ServingState(version=2, loaded=(1, 2)))
+    assert await follower.check() and pipeline.bundle.model_version == "2"
+    assert models.pinned == [[1, 2]]                     # still exactly the rollout's set ...
+    assert hashed == [[1]]                               # ... but 2 was checked by the loader, not twice
+    await follower.close()
+    await pipeline.bundle.close()

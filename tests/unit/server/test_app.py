@@ -7,7 +7,7 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -77,6 +77,45 @@ async def test_a_start_up_step_that_fails_late_closes_everything_opened_before_i
     assert closed == ["store"]
     leaked = [t for t in asyncio.all_tasks() - before if not t.done()]
     assert leaked == []                                 # no prefetch worker (nor anything else) left running
+
+
+async def test_start_up_pins_the_rollouts_set_without_hashing_the_version_it_just_loaded(
+    tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import recsvc.server.app as app
+    from recsvc.ranking import TritonRanker
+    from recsvc.repository.rollout import ServingState, write_serving
+
+    repo = tmp_path / "repo"
+    publish(tiny_bundle, repo)
+    publish(tiny_bundle, repo)
+    write_serving(repo, "ranker", ServingState(version=2, loaded=(1, 2)))
+    hashed: list[list[int]] = []
+    pinned: list[list[int]] = []
+    real = app.pinnable_versions
+
+    def recording(repository: Path, model: str, wanted: Sequence[int]) -> list[int]:
+        hashed.append(list(wanted))
+        return real(repository, model, wanted)
+
+    async def not_ready(self: TritonRanker, version: str = "") -> bool:
+        return False                                    # Triton up, nothing loaded (EXPLICIT mode)
+
+    async def load_versions(self: TritonRanker, versions: Sequence[int], config_pbtxt: str) -> None:
+        pinned.append(list(versions))
+
+    monkeypatch.setattr(app, "pinnable_versions", recording)
+    monkeypatch.setattr(TritonRanker, "is_model_ready", not_ready)
+    monkeypatch.setattr(TritonRanker, "load_versions", load_versions)
+    settings = Settings(data_dir=tmp_path, model_repository=repo, triton_url="127.0.0.1:1", triton_timeout_s=0.2,
+                        max_k=10, num_candidates=20, repository_poll_s=0)  # fmt: skip
+    service = await build_service(settings)
+    try:
+        assert service.pipeline.bundle.model_version == "2"
+        assert pinned == [[1, 2]]                       # exactly the rollout's set ...
+        assert hashed == [[1]]                          # ... and 2, verified by its load, not hashed twice
+    finally:
+        await service.close()
 
 
 # ------------------------------------------------------------------------------------------ shutdown
