@@ -267,10 +267,6 @@ async def _run_grpc(
         (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
     )
     port = bind(server, settings)   # TLS when tls_cert is set
-    await server.start()
-    health_only = await start_health_port(settings, health_servicer)  # plaintext, for probes; None if off
-    for name in ("", SERVICE_NAME):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     stop = stop or asyncio.Event()
     hurry = asyncio.Event()
 
@@ -279,21 +275,27 @@ async def _run_grpc(
         (hurry if stop.is_set() else stop).set()
 
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_signal)
-    log.info("recsvc listening on %s:%d", settings.host, port)
-    if on_ready is not None:
-        on_ready(port)
-    try:
-        await stop.wait()
-    finally:
-        try:
-            await _shut_down(server, health_servicer, settings, hurry, admission)
-        finally:
-            for sig in (signal.SIGTERM, signal.SIGINT):
-                loop.remove_signal_handler(sig)
+    # Whatever fails after the main server started (the health port cannot bind, on_ready cannot write
+    # its file, the drain itself), everything started here is stopped, in reverse order: the signal
+    # handlers, the health port, then the main server (at once; after a drain that stop is a no-op).
+    async with contextlib.AsyncExitStack() as running:
+        await server.start()
+        running.push_async_callback(server.stop, None)
+        health_only = await start_health_port(settings, health_servicer)  # plaintext, for probes; None if off
         if health_only is not None:
-            await health_only.stop(None)
+            running.push_async_callback(health_only.stop, None)
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, on_signal)
+            running.callback(loop.remove_signal_handler, sig)
+        log.info("recsvc listening on %s:%d", settings.host, port)
+        if on_ready is not None:
+            on_ready(port)
+        try:
+            await stop.wait()
+        finally:
+            await _shut_down(server, health_servicer, settings, hurry, admission)
 
 
 async def _shut_down(server: grpc.aio.Server, health_servicer: HealthServicer, settings: Settings,

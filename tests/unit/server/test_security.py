@@ -10,9 +10,10 @@ import asyncio
 import contextlib
 import os
 import shutil
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -22,6 +23,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 from recsvc.config import Settings, load_settings
 from recsvc.errors import ConfigError
 from recsvc.ranking.triton_ranker import TritonRanker, TritonTls
+from recsvc.server import app
 from recsvc.server.client import RecsvcClient
 from recsvc.server.security import AuthInterceptor, ReloadingFiles, ServerTls, bind, check_files, start_health_port
 from recsvc.v1 import recommender_pb2 as pb
@@ -428,6 +430,21 @@ async def test_health_port_serves_health_only_in_plaintext(pki: Pki) -> None:
     finally:
         await server.stop(None)
     assert await start_health_port(_settings(), servicer) is None
+
+
+async def test_a_health_port_that_cannot_be_bound_stops_the_main_server(tmp_path: Path) -> None:
+    # Something else (not a gRPC server: no SO_REUSEPORT) already listens on health_port.
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    main_port = free_port()
+    settings = Settings(host="127.0.0.1", port=main_port, health_port=taken.getsockname()[1])
+    server = grpc.aio.server()
+    with taken, pytest.raises(RuntimeError):
+        await app._run_grpc(server, cast(Any, Echo()), settings, None, asyncio.Event())
+    # The main server was started before the health port failed: it must be stopped, its port free again.
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", main_port))
 
 
 # ------------------------------------------------------------------------------------------ tokens
