@@ -108,15 +108,15 @@ class VersionFollower:
             else:
                 newest = await asyncio.to_thread(latest_version, s.model_repository, s.triton_model)
             current = self._pipeline.bundle.model_version
-            pending, self._pending = self._pending, None
-            if pending is not None and (newest is None or str(newest) != pending.model_version):
-                await pending.close()   # the repository moved on (a rollback, a newer version) while it waited
-                pending = None
+            if self._pending is not None and (newest is None or str(newest) != self._pending.model_version):
+                stale, self._pending = self._pending, None
+                await stale.close()     # the repository moved on (a rollback, a newer version) while it waited
             if newest is not None and str(newest) == current:
                 await self._keep_pinned(state, current)
                 return False
             if newest is None or self._failed.get(newest, 0.0) > time.monotonic():
                 return False
+            pending, self._pending = self._pending, None    # from here on, ``bundle`` below owns it
             verified: tuple[int, ...] = ()
             if pending is not None:
                 bundle = pending        # loaded at an earlier poll, when Triton could not take the version
