@@ -27,6 +27,7 @@ from pathlib import Path
 
 from recsvc.errors import ConfigError
 from recsvc.ids import check_id
+from recsvc.logs import Throttle
 from recsvc.tasks import cancel_and_wait
 
 __all__ = ["DenyListWatcher", "format_sku", "parse_line", "read_deny_list", "update_deny_list"]
@@ -104,6 +105,9 @@ def _replace_durably(path: Path, text: str) -> None:
         os.close(fd)
 
 
+_ERROR_LOG_INTERVAL_S = 60.0
+
+
 class DenyListWatcher:
     """Applies the file's list at start and again whenever the file changes (polled)."""
 
@@ -116,6 +120,7 @@ class DenyListWatcher:
         self._task: asyncio.Task[None] | None = None
         self.reloads = 0
         self.failures = 0
+        self._throttle = Throttle(_ERROR_LOG_INTERVAL_S)   # a path that stays unreadable fails every poll
 
     def _signature(self) -> tuple[int, int, int] | None:
         try:
@@ -137,7 +142,10 @@ class DenyListWatcher:
         try:
             skus = await asyncio.to_thread(read_deny_list, self.path)
         except (OSError, UnicodeDecodeError) as exc:
-            log.error("deny list %s unreadable, keeping the previous one: %s", self.path, exc)
+            held = self._throttle.allow("read")
+            if held is not None:
+                log.error("deny list %s unreadable, keeping the previous one: %s (%d similar failures not logged)",
+                          self.path, exc, held)  # fmt: skip
             return False
         try:
             self._apply(skus)
@@ -163,8 +171,11 @@ class DenyListWatcher:
             await asyncio.sleep(self._poll_s)
             try:
                 await self.refresh()
-            except Exception:  # e.g. stat() failing with EACCES: log and keep watching, never die silently
-                log.exception("checking deny list %s failed; keeping the previous list", self.path)
+            except Exception as exc:  # e.g. stat() failing with EACCES: log and keep watching, never die silently
+                held = self._throttle.allow(type(exc))
+                if held is not None:
+                    log.error("checking deny list %s failed; keeping the previous list (%d similar failures "
+                              "not logged)", self.path, held, exc_info=exc)  # fmt: skip
 
     async def close(self) -> None:
         """Stop following the file."""

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import stat
 from pathlib import Path
@@ -147,3 +148,19 @@ async def test_the_watcher_survives_an_error_outside_apply(tmp_path: Path, monke
         await asyncio.sleep(0.01)
     assert calls["n"] > 3 and applied[-1] == {"Z"}
     await watcher.close()
+
+
+async def test_a_path_that_stays_unreadable_is_logged_once_per_interval_not_every_poll(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    watcher = DenyListWatcher(tmp_path / "deny.txt", lambda skus: None, poll_s=0.01)
+    await watcher.start()
+    try:
+        watcher.path = blocker / "deny.txt"          # from now on stat() fails with NotADirectoryError
+        with caplog.at_level(logging.ERROR, logger="recsvc.deny"):
+            await asyncio.sleep(0.3)
+    finally:
+        await watcher.close()
+    assert len([r for r in caplog.records if "checking deny list" in r.getMessage()]) == 1
