@@ -233,7 +233,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
     def _refusing(self, method: str, refusal: Refusal) -> Behavior:
         async def refused(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if self._metrics is not None:
-                self._metrics.count(method, refusal.code.name, 0.0)
+                self._metrics.count(method, refusal.code.name, None)
             await context.abort(refusal.code, refusal.details, trailing_metadata=refusal.trailing_metadata())
 
         return refused
@@ -252,7 +252,7 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
                 refusal = gate.enter(context.time_remaining())
             if refusal is not None:
                 if self._metrics is not None:
-                    self._metrics.count(method, refusal.code.name, 0.0)
+                    self._metrics.count(method, refusal.code.name, None)
                 # abort() replaces trailing metadata set earlier: keep what is there.
                 trailing = (*(context.trailing_metadata() or ()), *refusal.trailing_metadata())
                 await context.abort(refusal.code, refusal.details, trailing_metadata=trailing)

@@ -33,6 +33,7 @@ class RpcMetrics:
         self.calls: Counter[tuple[str, str]] = Counter()
         self.buckets: dict[str, list[int]] = {}
         self.seconds: dict[str, float] = {}
+        self.timed: Counter[str] = Counter()    # calls in the latency histogram (refusals are not)
 
     @contextlib.asynccontextmanager
     async def track(self, method: str, code: Callable[[], str]) -> AsyncIterator[None]:
@@ -50,9 +51,16 @@ class RpcMetrics:
             self.in_flight[method] -= 1
             self.count(method, status, time.perf_counter() - start)
 
-    def count(self, method: str, code: str, elapsed_s: float) -> None:
-        """Count one finished call (``track`` does this; admission control for calls it refused)."""
+    def count(self, method: str, code: str, elapsed_s: float | None) -> None:
+        """Count one finished call (``track`` does this; admission control for calls it refused).
+
+        ``elapsed_s`` None: counted by code but kept out of the latency histogram, so refusals at
+        overload do not pull the served calls' latency percentiles down.
+        """
         self.calls[(method, code)] += 1
+        if elapsed_s is None:
+            return
+        self.timed[method] += 1
         counts = self.buckets.setdefault(method, [0] * len(LATENCY_BUCKETS_S))
         for i, bound in enumerate(LATENCY_BUCKETS_S):
             if elapsed_s <= bound:
@@ -66,6 +74,7 @@ class RpcMetrics:
             "calls": [[m, c, n] for (m, c), n in self.calls.items()],
             "buckets": self.buckets,
             "seconds": dict(self.seconds),
+            "timed": dict(self.timed),
         }
 
 
@@ -97,7 +106,7 @@ def render(workers: Mapping[str, tuple[dict[str, Any], dict[str, Any]]]) -> str:
                 {**w, "method": method, "code": code}, n)  # fmt: skip
         for method, counts in rpc.get("buckets", {}).items():
             name, m = "recsvc_request_duration_seconds", {**w, "method": method}
-            total = sum(n for (calls_method, _), n in _calls(rpc) if calls_method == method)
+            total = rpc.get("timed", {}).get(method, 0)
             for bound, n in zip(LATENCY_BUCKETS_S, counts, strict=True):
                 add(name, "histogram", "RPC latency.", {**m, "le": f"{bound:g}"}, n, "_bucket")
             add(name, "histogram", "RPC latency.", {**m, "le": "+Inf"}, total, "_bucket")
@@ -117,10 +126,6 @@ def render(workers: Mapping[str, tuple[dict[str, Any], dict[str, Any]]]) -> str:
                     add("recsvc_retrieval_searches_total", "counter", "Batched index searches.", w, searches)
                     add("recsvc_retrieval_search_rows_total", "counter", "Query rows over those searches.", w, rows)
     return "\n".join(line for block in lines.values() for line in block) + "\n"
-
-
-def _calls(rpc: dict[str, Any]) -> list[tuple[tuple[str, str], int]]:
-    return [((m, c), n) for m, c, n in rpc.get("calls", [])]
 
 
 def _name(text: str) -> str:

@@ -26,6 +26,7 @@ def test_render_is_prometheus_text_with_one_header_per_family() -> None:
     m.calls[("Recommend", "OK")] = 3
     m.buckets["Recommend"] = [1] * len(LATENCY_BUCKETS_S)
     m.seconds["Recommend"] = 0.25
+    m.timed["Recommend"] = 3
     stats = {"l1": {"hits": 5, "policy": "tinylfu"}, "retrieval": {"batches": {"1": 2, "64": 1}, "recall": None}}
     text = render({"0": (m.snapshot(), stats), "1": (RpcMetrics().snapshot(), {"l1": {"hits": 7}})})
     lines = text.splitlines()
@@ -58,3 +59,16 @@ async def test_metrics_endpoint_answers_get_metrics_only() -> None:
     assert b"version=0.0.4" in ok
     assert (await get("/other")).startswith(b"HTTP/1.1 404")
     await server.close()
+
+
+async def test_refused_calls_are_counted_by_code_but_stay_out_of_the_latency_histogram() -> None:
+    metrics = RpcMetrics()
+    async with metrics.track("Recommend", lambda: "OK"):
+        await asyncio.sleep(0.003)
+    for _ in range(9):
+        metrics.count("Recommend", "RESOURCE_EXHAUSTED", None)
+    text = render({"0": (metrics.snapshot(), {})})
+    assert 'recsvc_requests_total{worker="0",method="Recommend",code="RESOURCE_EXHAUSTED"} 9' in text
+    assert 'recsvc_request_duration_seconds_count{worker="0",method="Recommend"} 1' in text
+    assert 'recsvc_request_duration_seconds_bucket{worker="0",method="Recommend",le="0.001"} 0' in text
+    assert 'recsvc_request_duration_seconds_bucket{worker="0",method="Recommend",le="+Inf"} 1' in text
