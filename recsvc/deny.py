@@ -18,13 +18,12 @@ list, fsync the directory, so a crash leaves the old list or the new one, never 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import fcntl
 import logging
-import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from recsvc.durable import replace_file
 from recsvc.errors import ConfigError
 from recsvc.ids import check_id
 from recsvc.logs import Throttle
@@ -82,27 +81,8 @@ def update_deny_list(path: Path, *, add: Iterable[str] = (), remove: Iterable[st
         fcntl.flock(lock, fcntl.LOCK_EX)
         current = set() if clear else set(read_deny_list(path))
         updated = frozenset((current | set(add)) - remove)
-        _replace_durably(path, "".join(f"{format_sku(s)}\n" for s in sorted(updated)))
+        replace_file(path, "".join(f"{format_sku(s)}\n" for s in sorted(updated)).encode())
     return updated
-
-
-def _replace_durably(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())       # the content is on disk before the name points at it
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
-    fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)                    # and the rename itself survives a crash
-    finally:
-        os.close(fd)
 
 
 _ERROR_LOG_INTERVAL_S = 60.0

@@ -38,6 +38,7 @@ import onnx
 from onnx import numpy_helper
 
 from recsvc.bundle import MANIFEST, Manifest, sha256_file, verify_bundle
+from recsvc.durable import fsync_dir, fsync_file
 from recsvc.errors import BundleError, ConfigError
 
 __all__ = [
@@ -142,7 +143,7 @@ def publish(bundle_dir: Path, repository: Path, model_name: str = "ranker", *, t
                 _write_version(staging, bundle_dir)
                 # rename(2) is atomic within a filesystem: the version appears complete or not at all.
                 staging.rename(model_dir / str(version))
-                _fsync_dir(model_dir)
+                fsync_dir(model_dir)
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
@@ -208,7 +209,7 @@ def write_config(model_dir: Path, target: str, manifest: Manifest) -> Path:
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / ".config.pbtxt.tmp"
     tmp.write_text(text, encoding="utf-8")
-    _fsync_file(tmp)
+    fsync_file(tmp)
     tmp.rename(model_dir / "config.pbtxt")
     return model_dir / "config.pbtxt"
 
@@ -232,25 +233,9 @@ def _write_version(staging: Path, bundle_dir: Path) -> None:
     _fsync_tree(staging)
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_tree(root: Path) -> None:
     """Flush every file, then every directory bottom-up, so the rename publishes durable content."""
     for dirpath, _, filenames in os.walk(root, topdown=False):
         for name in filenames:
-            _fsync_file(Path(dirpath) / name)
-        _fsync_dir(Path(dirpath))
+            fsync_file(Path(dirpath) / name)
+        fsync_dir(Path(dirpath))

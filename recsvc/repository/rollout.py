@@ -42,7 +42,6 @@ import contextlib
 import datetime as dt
 import fcntl
 import logging
-import os
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -54,6 +53,7 @@ import numpy.typing as npt
 import orjson
 
 from recsvc.bundle import PADDING_SCORE, read_manifest
+from recsvc.durable import replace_file
 from recsvc.errors import BundleError, ConfigError, RankerUnavailable, RecsvcError
 from recsvc.repository.publishing import list_versions, verify_version, version_dir
 
@@ -145,18 +145,7 @@ def read_serving(repository: Path, model: str) -> ServingState | None:
 
 def write_serving(repository: Path, model: str, state: ServingState) -> None:
     """Replace serving.json atomically and durably."""
-    directory = repository / model
-    tmp = directory / f".{SERVING_FILE}.tmp"
-    with open(tmp, "wb") as fh:
-        fh.write(orjson.dumps(asdict(state), option=orjson.OPT_INDENT_2))
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(directory / SERVING_FILE)
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    replace_file(repository / model / SERVING_FILE, orjson.dumps(asdict(state), option=orjson.OPT_INDENT_2))
 
 
 @contextlib.contextmanager
