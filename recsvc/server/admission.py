@@ -46,12 +46,11 @@ import grpc
 
 from recsvc.config import Settings
 from recsvc.server.metrics import RpcMetrics
-from recsvc.v1 import recommender_pb2 as pb
+from recsvc.server.servicer import SERVICE_NAME
 
 __all__ = ["AdmissionInterceptor", "Gate", "Refusal"]
 
-_SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
-_PREFIX = f"/{_SERVICE}/"
+_PREFIX = f"/{SERVICE_NAME}/"
 # Closing (see AdmissionInterceptor.close): quiet means no call for this long; waiting for it stops after
 # CLOSING_MAX_S; a call held while closing is answered after CLOSING_HOLD_MAX_S at the latest.
 CLOSING_QUIET_S = 0.05
@@ -170,8 +169,8 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         """Recommend and RecordEvents gates sized by the settings."""
         rng = rng or random.Random()
         return cls({
-            f"/{_SERVICE}/Recommend": Gate("Recommend", settings.max_in_flight, rng=rng),
-            f"/{_SERVICE}/RecordEvents": Gate("RecordEvents", settings.max_in_flight_events, rng=rng),
+            f"/{SERVICE_NAME}/Recommend": Gate("Recommend", settings.max_in_flight, rng=rng),
+            f"/{SERVICE_NAME}/RecordEvents": Gate("RecordEvents", settings.max_in_flight_events, rng=rng),
         }, metrics=metrics)  # fmt: skip
 
     def stats(self) -> dict[str, dict[str, Any]]:

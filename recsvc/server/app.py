@@ -39,16 +39,14 @@ from recsvc.server.health import HealthServicer
 from recsvc.server.interceptors import RequestInterceptor
 from recsvc.server.metrics import MetricsServer, RpcMetrics, render
 from recsvc.server.security import AuthInterceptor, bind, check_files, start_health_port
-from recsvc.server.servicer import RecommenderServicer, add_to_server
+from recsvc.server.servicer import SERVICE_NAME, RecommenderServicer, add_to_server
 from recsvc.tasks import cancel_and_wait
-from recsvc.v1 import recommender_pb2 as pb
 from recsvc.versions import VersionFollower
 
 __all__ = ["SERVICE_NAME", "Service", "build_service", "serve", "write_port_file"]
 
 log = logging.getLogger(__name__)
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 
 
 @dataclass

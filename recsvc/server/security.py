@@ -37,7 +37,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from recsvc.config import Settings
 from recsvc.errors import ConfigError
-from recsvc.v1 import recommender_pb2 as pb
+from recsvc.server.servicer import SERVICE_NAME
 
 __all__ = [
     "AuthInterceptor",
@@ -59,8 +59,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 _MAX_FILE_BYTES = 1 << 20   # certificates, keys and token lists are small; anything bigger is a mistake
 _MIN_TOKEN_LEN = 16
 _TOKEN = re.compile(r"[\x21-\x7e]+")  # what an HTTP/2 header value carries without escaping
-_SERVICE = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
-_READ_METHODS = frozenset({f"/{_SERVICE}/Recommend"})
+_READ_METHODS = frozenset({f"/{SERVICE_NAME}/Recommend"})
 _IDENTITY_KEYS = ("x509_common_name", "x509_subject_alternative_name")
 
 
@@ -346,7 +345,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _rule(self, method: str) -> str | None:
         """Which credentials ``method`` needs: "read", "write", or None (open)."""
-        if not method.startswith(f"/{_SERVICE}/"):
+        if not method.startswith(f"/{SERVICE_NAME}/"):
             return None                         # health, reflection: open
         if method in _READ_METHODS:
             return "read" if self._read_tokens is not None else None
