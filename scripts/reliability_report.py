@@ -12,6 +12,7 @@ import argparse
 import json
 import os
 import platform
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -41,6 +42,22 @@ def _fmt_counter(counts: dict[str, int]) -> str:
     return ", ".join(f"{k} {v}" for k, v in sorted(counts.items(), key=lambda kv: -kv[1])) or "0"
 
 
+def _note(value: object) -> str:
+    """One note value, short: a load generator's tally as its key figures, long texts cut, temp paths dropped."""
+    if isinstance(value, dict) and "sent" in value:
+        failed = _fmt_counter(value.get("failed", {}))
+        return (f"{value['sent']} sent, failed {failed}, {value.get('degraded', 0)} degraded, "
+                f"p99 {value.get('p99_ms')} ms")
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_note(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_note(v) for v in value) + "]"
+    if isinstance(value, float):
+        return str(int(value)) if value.is_integer() else f"{value:.3g}"
+    text = re.sub(r"/tmp/\S*?/(repo|case-\d+|broken-bundle)/", "…/", str(value))
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
 def _row(body: dict) -> str:
     f = body.get("figures") or {}
     extra = body.get("extra") or {}
@@ -57,7 +74,7 @@ def _row(body: dict) -> str:
     latency = ""
     if f and f.get("p50_ms") is not None:
         latency = f"{f['p50_ms']} / {f['p99_ms']}"
-    notes = "; ".join(f"{k}: {v}" for k, v in extra.items())
+    notes = "; ".join(f"{k.replace('_', ' ')}: {_note(v)}" for k, v in extra.items())
     cells = [body["row"], body["expected"], f"`{body['test']}`", str(sent), failed, degraded, events, latency, notes]
     return "| " + " | ".join(c.replace("|", "\\|").replace("\n", " ") for c in cells) + " |"
 
