@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 from cachetools import LRUCache
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from recsvc.config import Settings
 from recsvc.history import HistoryStore, InMemoryHistoryStore, TieredHistory
@@ -68,7 +69,7 @@ async def serving(
     ranker = ranker or FakeRanker(np.arange(len(bundle.catalog), dtype=np.float32))
     store = store or InMemoryHistoryStore()
     pipeline = Pipeline(settings, TieredHistory(store, l1=LRUCache(maxsize=1000), limit=500), ranker, bundle)
-    metrics = RpcMetrics()
+    metrics = RpcMetrics(CollectorRegistry())
     interceptor = (RequestInterceptor(metrics, new_request_id=new_request_id) if new_request_id
                    else RequestInterceptor(metrics))  # fmt: skip
     server = grpc.aio.server(interceptors=[interceptor], options=[
