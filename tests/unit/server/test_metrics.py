@@ -1,4 +1,4 @@
-"""RPC metrics, the stats -> counters exporter, the endpoint and the multiprocess aggregation, through prometheus_client."""
+"""RPC metrics, the stats exporter, the endpoint and multiprocess aggregation, all through prometheus_client."""
 
 from __future__ import annotations
 
