@@ -67,8 +67,10 @@ def setup(exporter: Any = None) -> Tracing:
     except ImportError as exc:
         raise ConfigError(f"OTEL_TRACES_EXPORTER is set but OpenTelemetry is not installed ({exc.name}): "
                           "install recsvc[tracing], or unset it") from exc  # fmt: skip
-    os.environ.setdefault("OTEL_SERVICE_NAME", "recsvc")
-    provider = TracerProvider(resource=Resource.create())
+    resource = Resource.create()            # OTEL_SERVICE_NAME, OTEL_RESOURCE_ATTRIBUTES
+    if str(resource.attributes.get("service.name", "")).startswith("unknown_service"):
+        resource = resource.merge(Resource({"service.name": "recsvc"}))
+    provider = TracerProvider(resource=resource)
     if exporter is not None:
         provider.add_span_processor(SimpleSpanProcessor(exporter))
     else:
