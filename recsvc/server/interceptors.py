@@ -11,7 +11,7 @@
 - server timing: a client that sends ``x-server-timing: 1`` gets the pipeline's stage durations back in
   the trailing metadata, W3C Server-Timing syntax in milliseconds:
   ``server-timing: history;dur=0.041, query;dur=0.120, retrieve;dur=0.310, rank;dur=1.502, respond;dur=0.020``
-  (on successful calls; RecordEvents and Prefetch have no stages, so an empty entry).
+  (on successful calls; RecordEvents and Prefetch have no stages, so no entry).
 - tracing, when on (server/tracing.py): the request id goes on the RPC's span as ``recsvc.request_id``.
 - errors: a RecsvcError that escaped a handler is mapped like any other (server/errors.py). Anything else
   is a bug or a library failure (ONNX Runtime, faiss): the client gets INTERNAL with
@@ -141,7 +141,8 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
                             return await behavior(request, context)
                         with collect_timings() as timings:
                             response = await behavior(request, context)
-                        context.set_trailing_metadata(((REQUEST_ID_KEY, rid), (TIMING_KEY, server_timing(timings))))
+                        if timings:
+                            context.set_trailing_metadata(((REQUEST_ID_KEY, rid), (TIMING_KEY, server_timing(timings))))
                         return response
                     except grpc.aio.AbortError:
                         status = _code_name(context.code())     # abort() already sent it

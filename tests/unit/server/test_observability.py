@@ -24,6 +24,7 @@ from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 from tests.unit.server.serving import publish_tiny, serving, settings_for
 
 STAGES = ["history", "query", "retrieve", "rank", "respond"]
+TRACE_ID = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +108,13 @@ async def test_tracing_makes_a_span_per_stage_under_the_rpc_span_with_the_reques
         async with serving(version_dir, settings_for(), outer=[traced.interceptor]) as srv:
             async with grpc.aio.insecure_channel(srv.target) as channel:
                 stub = pb_grpc.RecommenderStub(channel)  # type: ignore[no-untyped-call]
-                await stub.Recommend(pb.RecommendRequest(user_id="u", k=3), metadata=((REQUEST_ID_KEY, "trace-1"),))
+                await stub.Recommend(pb.RecommendRequest(user_id="u", k=3), metadata=(
+                    (REQUEST_ID_KEY, "trace-1"), ("traceparent", f"00-{TRACE_ID:032x}-00f067aa0ba902b7-01")))
     finally:
         traced.shutdown()
     spans = {s.name: s for s in exporter.get_finished_spans()}
     rpc = spans["/recsvc.v1.Recommender/Recommend"]
+    assert rpc.context.trace_id == TRACE_ID               # the caller's trace goes on (W3C traceparent)
     assert rpc.attributes is not None and rpc.attributes["recsvc.request_id"] == "trace-1"
     assert rpc.attributes["rpc.grpc.status_code"] == grpc.StatusCode.OK.value[0]
     for name in STAGES:
