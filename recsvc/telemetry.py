@@ -18,6 +18,7 @@ import contextlib
 import time
 from collections.abc import Callable, Iterator
 from contextvars import ContextVar
+from types import TracebackType
 from typing import Any, Protocol
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -151,23 +152,35 @@ def collect_timings() -> Iterator[dict[str, float]]:
         _timings.reset(token)
 
 
-@contextlib.contextmanager
-def stage(name: str) -> Iterator[None]:
-    """Time one pipeline stage: histogram, the caller's server-timing, and a span when tracing is on."""
-    child = _STAGE_CHILDREN.get(name)
-    if child is None:
-        child = _STAGE_CHILDREN[name] = STAGE_SECONDS.labels(name)     # labels() costs ~1 us: once per stage
-    start = time.perf_counter()
-    try:
-        if _tracer is None:
-            yield
-        else:
-            with _tracer.start_as_current_span(name) as span:
-                span.set_attribute("recsvc.request_id", request_id.get())
-                yield
-    finally:
-        elapsed = time.perf_counter() - start
-        child.observe(elapsed)
+class stage:  # lower case: used like a function, ``with stage("rank"):``
+    """Time one pipeline stage: histogram, the caller's server-timing, and a span when tracing is on.
+
+    A class rather than a generator context manager: it runs five times per request, and this way it
+    costs about half as much (~1 us a stage with the histogram).
+    """
+
+    __slots__ = ("_child", "_name", "_span", "_start")
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        child = _STAGE_CHILDREN.get(name)
+        if child is None:
+            child = _STAGE_CHILDREN[name] = STAGE_SECONDS.labels(name)     # labels() costs ~1 us: once per stage
+        self._child = child
+        self._span: contextlib.AbstractContextManager[_Span] | None = None
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        if _tracer is not None:
+            self._span = _tracer.start_as_current_span(self._name)
+            self._span.__enter__().set_attribute("recsvc.request_id", request_id.get())
+        self._start = time.perf_counter()
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        elapsed = time.perf_counter() - self._start
+        self._child.observe(elapsed)
         timings = _timings.get()
         if timings is not None:
-            timings[name] = timings.get(name, 0.0) + elapsed * 1000.0
+            timings[self._name] = timings.get(self._name, 0.0) + elapsed * 1000.0
+        if self._span is not None:
+            self._span.__exit__(kind, exc, tb)

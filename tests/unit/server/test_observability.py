@@ -148,3 +148,15 @@ def test_the_serving_runtime_imports_no_tracing_package_when_tracing_is_off() ->
     out = subprocess.run([sys.executable, "-c", code], env={**env, "PYTHONPATH": os.getcwd()}, capture_output=True,
                          text=True, timeout=120, check=True)  # fmt: skip
     assert out.stdout.strip() == "[]"
+
+
+def test_a_stage_that_raises_is_still_timed_and_the_error_goes_on() -> None:
+    before = sample("recsvc_stage_duration_seconds_count", stage="unit-stage")
+    with telemetry.collect_timings() as timings, pytest.raises(KeyError):
+        with telemetry.stage("unit-stage"):
+            raise KeyError("x")
+    assert sample("recsvc_stage_duration_seconds_count", stage="unit-stage") == before + 1
+    assert list(timings) == ["unit-stage"] and timings["unit-stage"] >= 0
+    with telemetry.stage("unit-stage"):         # outside collect_timings: histogram only, nothing kept
+        pass
+    assert sample("recsvc_stage_duration_seconds_count", stage="unit-stage") == before + 2
