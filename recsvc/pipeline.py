@@ -227,7 +227,8 @@ class Pipeline:
     lookup (``history_budget_share``; store down or too slow: the context items stand in for the history,
     else the most popular items are served) and ranking (``rank_budget_share``, at most
     ``triton_timeout_s``; ranker down, too slow or returning non-finite scores: retrieval order). A
-    fallback answer is flagged degraded with a fixed reason and counted in ``stats()["degraded"]``.
+    fallback answer is flagged degraded with a fixed reason and counted in ``stats()["degraded"]`` and in
+    ``recsvc_degraded_responses_total``. Each stage is timed by ``telemetry.stage``.
     Retrieval has no fallback: it is in-process, and if it overruns the deadline the server says so.
     """
 
