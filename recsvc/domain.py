@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 __all__ = ["Event", "EventType", "History", "RecommendQuery", "Recommendation", "ScoredItem"]
 
@@ -76,4 +76,3 @@ class Recommendation:
     index_version: str
     degraded: bool = False
     degraded_reason: str = ""
-    timings_us: dict[str, int] = field(default_factory=dict)

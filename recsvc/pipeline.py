@@ -36,6 +36,7 @@ from recsvc.ranking import Ranker
 from recsvc.repository.publishing import verify_version
 from recsvc.retrieval import Retriever, open_retriever
 from recsvc.retrieval.query_encoder import QueryEncoder
+from recsvc.telemetry import DEGRADED, set_build_info, stage
 
 __all__ = ["DEGRADED_REASONS", "Pipeline", "ServingBundle", "load_serving_bundle"]
 
@@ -226,7 +227,8 @@ class Pipeline:
     lookup (``history_budget_share``; store down or too slow: the context items stand in for the history,
     else the most popular items are served) and ranking (``rank_budget_share``, at most
     ``triton_timeout_s``; ranker down, too slow or returning non-finite scores: retrieval order). A
-    fallback answer is flagged degraded with a fixed reason and counted in ``stats()["degraded"]``.
+    fallback answer is flagged degraded with a fixed reason and counted in ``stats()["degraded"]`` and in
+    ``recsvc_degraded_responses_total``. Each stage is timed by ``telemetry.stage``.
     Retrieval has no fallback: it is in-process, and if it overruns the deadline the server says so.
     """
 
@@ -253,6 +255,9 @@ class Pipeline:
         # Dense ids by popularity, most popular first, without retired and denied items: per index version.
         self._popular: dict[str, npt.NDArray[np.int64]] = {}
         self.degraded: Counter[str] = Counter()
+        for kind in DEGRADED_REASONS:
+            DEGRADED.labels(kind)           # every reason shows on /metrics, at 0 until it happens
+        set_build_info(bundle.model_version, bundle.index_version)
         self._log_throttle = Throttle(DEGRADED_LOG_INTERVAL_S, clock=clock)
 
     @property
@@ -265,6 +270,7 @@ class Pipeline:
         self._apply_denied(bundle)
         previous, self._bundle = self._bundle, bundle
         self._popular.pop(previous.index_version, None)
+        set_build_info(bundle.model_version, bundle.index_version)
         return previous
 
     def set_denied(self, skus: Iterable[str]) -> None:
@@ -286,20 +292,19 @@ class Pipeline:
             return await self._recommend(bundle, query, _Deadline(at, self._clock))
 
     async def _recommend(self, bundle: ServingBundle, query: RecommendQuery, deadline: _Deadline) -> Recommendation:
-        timings: dict[str, int] = {}
-        t = time.perf_counter_ns()
+        # Each stage is timed by telemetry.stage: its histogram, the caller's server-timing, a tracing span.
         fallbacks: list[str] = []          # reason texts, in stage order
 
         # 1. history (within its share; if it cannot be read, the request goes on without it)
-        history, kind = await self._history(query.user_id, deadline)
-        t = _lap(timings, "history", t)
+        with stage("history"):
+            history, kind = await self._history(query.user_id, deadline)
         catalog = bundle.catalog
         context_ids = catalog.dense(query.context_item_ids)
         if history is None:
             if not context_ids:
-                rec = self._popular_answer(bundle, query)
-                _lap(timings, "respond", t)
-                return self._answer(bundle, rec, [f"{DEGRADED_REASONS[kind]}: served popular items"], [kind], timings)
+                with stage("respond"):
+                    rec = self._popular_answer(bundle, query)
+                return self._answer(bundle, rec, [f"{DEGRADED_REASONS[kind]}: served popular items"], [kind])
             fallbacks.append(f"{DEGRADED_REASONS[kind]}: served from the context items")
             kinds = [kind]
             user = self._empty_user(bundle)
@@ -308,51 +313,52 @@ class Pipeline:
             user = self._user_query(bundle, history)
 
         # 2. query: the history's newest items, then what is on screen, as the most recent context.
-        if context_ids:
-            # Depends on what is on screen: computed per request, never cached.
-            hist = self._history_matrix(bundle, [*user.ids.tolist(), *context_ids])
-            vector = await bundle.encoder.encode(hist)
-        else:
-            hist = user.hist
-            vector = await self._user_vector(bundle, user)
-        t = _lap(timings, "query", t)
+        with stage("query"):
+            if context_ids:
+                # Depends on what is on screen: computed per request, never cached.
+                hist = self._history_matrix(bundle, [*user.ids.tolist(), *context_ids])
+                vector = await bundle.encoder.encode(hist)
+            else:
+                hist = user.hist
+                vector = await self._user_vector(bundle, user)
 
         # 3. retrieve, never returning what the user has seen, what is on screen or what was excluded.
-        seen = user.seen()
-        extra = set(context_ids) | set(catalog.dense(query.exclude_item_ids))
-        excluded = seen | extra if extra else seen
-        n = min(bundle.manifest.num_candidates, self.settings.num_candidates)
-        [(cand_ids, cand_scores)] = await bundle.retriever.search(vector, n, [excluded])
-        finite = np.isfinite(cand_scores)
-        if not finite.all():
-            # A damaged index or embeddings: such a score orders nothing and must never reach a client.
-            cand_ids, cand_scores = cand_ids[finite], cand_scores[finite]
-            self._note("nonfinite_retrieval", f"{int((~finite).sum())} non-finite retrieval scores", kinds, fallbacks)
-        t = _lap(timings, "retrieve", t)
+        with stage("retrieve"):
+            seen = user.seen()
+            extra = set(context_ids) | set(catalog.dense(query.exclude_item_ids))
+            excluded = seen | extra if extra else seen
+            n = min(bundle.manifest.num_candidates, self.settings.num_candidates)
+            [(cand_ids, cand_scores)] = await bundle.retriever.search(vector, n, [excluded])
+            finite = np.isfinite(cand_scores)
+            if not finite.all():
+                # A damaged index or embeddings: such a score orders nothing and must never reach a client.
+                cand_ids, cand_scores = cand_ids[finite], cand_scores[finite]
+                self._note("nonfinite_retrieval", f"{int((~finite).sum())} non-finite retrieval scores", kinds,
+                           fallbacks)  # fmt: skip
 
         # 4. rank (candidates padded to the model's fixed C so Triton can batch requests together)
-        scores = cand_scores
-        if len(cand_ids):
-            ranked = await self._rank(bundle, hist, cand_ids, deadline, kinds, fallbacks)
-            if ranked is not None:
-                scores = ranked
-        t = _lap(timings, "rank", t)
+        with stage("rank"):
+            scores = cand_scores
+            if len(cand_ids):
+                ranked = await self._rank(bundle, hist, cand_ids, deadline, kinds, fallbacks)
+                if ranked is not None:
+                    scores = ranked
 
         # 5. respond
-        order = np.argsort(-scores, kind="stable")[: query.k]
-        items = [ScoredItem(catalog.sku(int(cand_ids[i])), float(scores[i])) for i in order]
-        _lap(timings, "respond", t)
-        return self._answer(bundle, items, fallbacks, kinds, timings)
+        with stage("respond"):
+            order = np.argsort(-scores, kind="stable")[: query.k]
+            items = [ScoredItem(catalog.sku(int(cand_ids[i])), float(scores[i])) for i in order]
+        return self._answer(bundle, items, fallbacks, kinds)
 
     def _answer(
-        self, bundle: ServingBundle, items: list[ScoredItem], reasons: list[str], kinds: list[str],
-        timings: dict[str, int],
-    ) -> Recommendation:  # fmt: skip
+        self, bundle: ServingBundle, items: list[ScoredItem], reasons: list[str], kinds: list[str]
+    ) -> Recommendation:
         for kind in kinds:
             self.degraded[kind] += 1
+            DEGRADED.labels(kind).inc()
         return Recommendation(
             items=items, model_version=bundle.model_version, index_version=bundle.index_version,
-            degraded=bool(reasons), degraded_reason="; ".join(reasons), timings_us=timings,
+            degraded=bool(reasons), degraded_reason="; ".join(reasons),
         )  # fmt: skip
 
     async def _history(self, user_id: str, deadline: _Deadline) -> tuple[History | None, str]:
@@ -503,7 +509,3 @@ def _finite(x: float) -> float:
     return x if math.isfinite(x) else 0.0
 
 
-def _lap(timings: dict[str, int], stage: str, since_ns: int) -> int:
-    now = time.perf_counter_ns()
-    timings[stage] = (now - since_ns) // 1000
-    return now

@@ -20,8 +20,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from recsvc.server import serve, write_port_file
 
     settings = settings_of(args)
-    asyncio.run(serve(settings, on_ready=write_port_file(args.port_file) if args.port_file else None,
-                      snapshot_file=args.snapshot_file))  # fmt: skip
+    asyncio.run(serve(settings, on_ready=write_port_file(args.port_file) if args.port_file else None))
     return 0
 
 
@@ -131,7 +130,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     p = sub.add_parser("serve", parents=[common], help=cmd_serve.__doc__)
     p.add_argument("--port", type=int, help="gRPC port; 0 picks a free one (RECSVC_PORT, default 50051)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
-    p.add_argument("--snapshot-file", type=Path, help=argparse.SUPPRESS)   # set by the worker supervisor
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("seed", parents=[common], help=cmd_seed.__doc__)

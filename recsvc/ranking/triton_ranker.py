@@ -7,6 +7,7 @@ into ``RankerUnavailable`` here, so callers handle one error type and can degrad
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ from tritonclient.utils import InferenceServerException
 from recsvc.config import Settings
 from recsvc.errors import ConfigError, RankerUnavailable
 from recsvc.ranking.base import check_batch, empty_scores
+from recsvc.telemetry import RANK_BATCH_ROWS, TRITON_ERRORS, TRITON_SECONDS
 
 __all__ = ["TritonRanker", "TritonTls"]
 
@@ -66,6 +68,17 @@ def _is_client_error(exc: Exception) -> bool:
     information, out of our imports.
     """
     return isinstance(exc, InferenceServerException) or type(exc).__module__.split(".")[0] == "grpc"
+
+
+def _error_reason(exc: Exception) -> str:
+    """The ``reason`` label of ``recsvc_triton_errors_total`` for a failed inference call."""
+    status = str(exc.status() or "") if isinstance(exc, InferenceServerException) else ""
+    text = f"{status} {exc}".upper()
+    if "DEADLINE" in text or isinstance(exc, TimeoutError):
+        return "timeout"
+    if "UNAVAILABLE" in text or isinstance(exc, ConnectionError):
+        return "unavailable"
+    return "error"
 
 
 class TritonRanker:
@@ -157,6 +170,8 @@ class TritonRanker:
         ]
         inputs[0].set_data_from_numpy(history)
         inputs[1].set_data_from_numpy(candidates)
+        RANK_BATCH_ROWS.observe(history.shape[0])
+        start = time.perf_counter()
         try:
             result = await client.infer(
                 self.model_name,
@@ -166,12 +181,20 @@ class TritonRanker:
                 client_timeout=self.timeout_s,
             )
         except Exception as exc:
+            TRITON_SECONDS.observe(time.perf_counter() - start)
+            TRITON_ERRORS.labels(_error_reason(exc)).inc()
             if not _is_client_error(exc):
                 raise
             raise self._error(what, exc) from exc
+        except asyncio.CancelledError:
+            TRITON_SECONDS.observe(time.perf_counter() - start)      # the rank stage's budget ran out first
+            TRITON_ERRORS.labels("cancelled").inc()
+            raise
+        TRITON_SECONDS.observe(time.perf_counter() - start)
         scores: Any = result.as_numpy("SCORES")
         expected = (history.shape[0], candidates.shape[1])
         if scores is None or scores.shape != expected or scores.dtype != np.float32:
+            TRITON_ERRORS.labels("bad_response").inc()
             got = "nothing" if scores is None else f"{scores.dtype} {scores.shape}"
             raise RankerUnavailable(f"triton {self.url} {what}: SCORES is {got}, expected float32 {expected}")
         return np.asarray(scores)

@@ -32,6 +32,7 @@ from recsvc.errors import ConfigError, Unavailable
 from recsvc.retrieval.backends import FaissBackend, Filter, SearchBackend, TorchBackend, torch_cuda_available
 from recsvc.retrieval.batching import SearchBatcher
 from recsvc.retrieval.index_build import IndexMeta, IndexSpec, build_and_tune, build_cagra, faiss_gpus, read_index
+from recsvc.telemetry import SEARCH_BATCH_ROWS
 
 __all__ = ["IndexRetriever", "RetrievalStats", "Retriever", "open_retriever"]
 
@@ -117,6 +118,7 @@ class IndexRetriever:
 
     def _search_batch(self, queries: npt.NDArray[np.float32], k: int) -> tuple[Any, Any]:
         # On the search thread; reads the newest filter (at least as new as the caller's snapshot).
+        SEARCH_BATCH_ROWS.observe(len(queries))
         return self._backend.search(queries, k, self._filter)
 
     async def search(self, queries: npt.NDArray[np.float32], n: int, exclude: Sequence[AbstractSet[int]]) -> Rows:

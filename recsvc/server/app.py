@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import grpc
-import orjson
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import REGISTRY
 
 from recsvc.config import Settings
 from recsvc.deny import DenyListWatcher
@@ -37,9 +37,12 @@ from recsvc.repository.rollout import fitted_config, pinnable_versions, read_ser
 from recsvc.server.admission import AdmissionInterceptor
 from recsvc.server.health import HealthServicer
 from recsvc.server.interceptors import RequestInterceptor
-from recsvc.server.metrics import MetricsServer, RpcMetrics, render
+from recsvc.server.metrics import RpcMetrics, StatsExporter, multiprocess_registry, start_metrics_server
 from recsvc.server.security import AuthInterceptor, bind, check_files, start_health_port
 from recsvc.server.servicer import SERVICE_NAME, RecommenderServicer, add_to_server
+from recsvc.server.tracing import Tracing
+from recsvc.server.tracing import enabled as tracing_enabled
+from recsvc.server.tracing import setup as setup_tracing
 from recsvc.tasks import cancel_and_wait
 from recsvc.versions import VersionFollower
 
@@ -190,13 +193,12 @@ async def _warm_start(service: Service) -> None:
 
 
 async def serve(
-    settings: Settings, *, on_ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None,
-    snapshot_file: Path | None = None,
-) -> None:  # fmt: skip
+    settings: Settings, *, on_ready: Callable[[int], None] | None = None, stop: asyncio.Event | None = None
+) -> None:
     """Run until SIGTERM, SIGINT or ``stop`` is set, then drain: health NOT_SERVING, finish RPCs, close.
 
     With ``workers`` > 1 this process becomes the supervisor of that many server processes sharing the
-    port (see server/workers.py). ``snapshot_file`` is how such a worker hands its metrics over.
+    port (see server/workers.py).
     """
     check_files(settings)       # a bad certificate or token file: one ConfigError before anything loads
     if settings.workers > 1:
@@ -204,23 +206,31 @@ async def serve(
 
         await supervise(settings, on_ready=on_ready, stop=stop)
         return
-    service = await build_service(settings)
+    tracing = setup_tracing() if tracing_enabled() else None    # before anything loads: a bad OTEL_* fails fast
     try:
-        await _serve(service, settings, on_ready, stop, snapshot_file)
+        service = await build_service(settings)
+        try:
+            await _serve(service, settings, on_ready, stop, tracing)
+        finally:
+            await service.close()
     finally:
-        await service.close()
+        if tracing is not None:
+            tracing.shutdown()
 
 
 async def _serve(
     service: Service, settings: Settings, on_ready: Callable[[int], None] | None, stop: asyncio.Event | None,
-    snapshot_file: Path | None = None,
+    tracing: Tracing | None = None,
 ) -> None:  # fmt: skip
     auth = AuthInterceptor.from_settings(settings)
     rpc_metrics = RpcMetrics()
     # Request ids, metrics and INTERNAL for bugs, around everything but admission control (which counts
-    # its own refusals and goes first, to stay cheap); auth inside, so its refusals are counted too.
+    # its own refusals and goes first, to stay cheap); auth inside, so its refusals are counted too. The
+    # tracing span, when on, encloses them all.
     admission = AdmissionInterceptor.from_settings(settings, metrics=rpc_metrics)
     interceptors: list[grpc.aio.ServerInterceptor] = [admission, RequestInterceptor(rpc_metrics)]
+    if tracing is not None:
+        interceptors.insert(0, tracing.interceptor)
     if auth is not None:
         interceptors.append(auth)
     server = grpc.aio.server(interceptors=interceptors, options=[
@@ -229,28 +239,16 @@ async def _serve(
     ])  # fmt: skip
     servicer = RecommenderServicer(service.pipeline, settings)
 
-    def samples() -> tuple[dict[str, Any], dict[str, Any]]:
-        return rpc_metrics.snapshot(), service.pipeline.stats()
-
     async with contextlib.AsyncExitStack() as background:
+        # The caches' counts into their Prometheus counters (in a worker: into the files its supervisor sums).
+        exporter = asyncio.create_task(StatsExporter(service.pipeline.stats).run(), name="metrics-stats")
+        background.push_async_callback(cancel_and_wait, exporter)
         if settings.metrics_port:
-            metrics = MetricsServer(lambda: render({"0": samples()}), settings.host, settings.metrics_port)
-            await metrics.start()
-            background.push_async_callback(metrics.close)
-        if snapshot_file is not None:
-            writer = asyncio.create_task(_write_snapshots(snapshot_file, samples), name="metrics-snapshots")
-            background.push_async_callback(cancel_and_wait, writer)
+            shared = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+            registry = multiprocess_registry(shared) if shared else REGISTRY
+            endpoint = start_metrics_server(settings.host, settings.metrics_port, registry)
+            background.push_async_callback(endpoint.close)
         await _run_grpc(server, servicer, settings, on_ready, stop, admission)
-
-
-async def _write_snapshots(path: Path, samples: Callable[[], tuple[dict[str, Any], dict[str, Any]]]) -> None:
-    # A worker's metrics, for the supervisor's /metrics: rewritten atomically every second.
-    tmp = path.with_suffix(".tmp")
-    while True:
-        rpc, stats = samples()
-        tmp.write_bytes(orjson.dumps({"rpc": rpc, "stats": stats}, default=str, option=orjson.OPT_NON_STR_KEYS))
-        tmp.replace(path)
-        await asyncio.sleep(1.0)
 
 
 async def _run_grpc(

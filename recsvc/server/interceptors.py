@@ -6,7 +6,13 @@
   sent back in the trailing metadata (on errors too) and set in ``recsvc.logs.request_id`` while the
   handler runs, so every log line of the request carries it.
 - metrics: ``RpcMetrics.track`` counts the call under its final status code (the code ``abort`` sent,
-  CANCELLED/DEADLINE_EXCEEDED when grpc cancelled the handler, INTERNAL for a bug).
+  CANCELLED/DEADLINE_EXCEEDED when grpc cancelled the handler, INTERNAL for a bug). Handlers count nothing
+  themselves; the pipeline times its own stages (recsvc/telemetry.py).
+- server timing: a client that sends ``x-server-timing: 1`` gets the pipeline's stage durations back in
+  the trailing metadata, W3C Server-Timing syntax in milliseconds:
+  ``server-timing: history;dur=0.041, query;dur=0.120, retrieve;dur=0.310, rank;dur=1.502, respond;dur=0.020``
+  (on successful calls; RecordEvents and Prefetch have no stages, so no entry).
+- tracing, when on (server/tracing.py): the request id goes on the RPC's span as ``recsvc.request_id``.
 - errors: a RecsvcError that escaped a handler is mapped like any other (server/errors.py). Anything else
   is a bug or a library failure (ONNX Runtime, faiss): the client gets INTERNAL with
   ``internal error (request id X)`` and nothing of the exception's text; the log gets the traceback once
@@ -35,17 +41,23 @@ from recsvc.errors import RecsvcError
 from recsvc.logs import Throttle, request_id
 from recsvc.server.errors import abort_with, status_code_for
 from recsvc.server.metrics import RpcMetrics
+from recsvc.telemetry import annotate_request, collect_timings
 
 __all__ = [
     "MAX_REQUEST_ID_LEN",
     "REQUEST_ID_KEY",
+    "TIMING_KEY",
+    "TIMING_REQUEST_KEY",
     "TRACEBACK_INTERVAL_S",
     "RequestInterceptor",
+    "server_timing",
 ]
 
 log = logging.getLogger(__name__)
 
 REQUEST_ID_KEY = "x-request-id"
+TIMING_REQUEST_KEY = "x-server-timing"      # a client sends "1" to ask for stage timings
+TIMING_KEY = "server-timing"                # ...and finds them under this trailing metadata key
 MAX_REQUEST_ID_LEN = 128
 TRACEBACK_INTERVAL_S = 10.0
 
@@ -102,24 +114,36 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         path = handler_call_details.method
         if handler is None or handler.unary_unary is None or not path.startswith(self._prefixes):
             return handler
-        rid = next((v for k, v in handler_call_details.invocation_metadata or ()
-                    if k == REQUEST_ID_KEY and _usable(v)), None)  # fmt: skip
+        rid: str | bytes | None = None
+        timing = False
+        for key, value in handler_call_details.invocation_metadata or ():
+            if key == REQUEST_ID_KEY and rid is None and _usable(value):
+                rid = value
+            elif key == TIMING_REQUEST_KEY:
+                timing = value in ("1", "true")
         return grpc.unary_unary_rpc_method_handler(
-            self._wrap(path.rpartition("/")[2], handler.unary_unary, rid),  # type: ignore[arg-type]
+            self._wrap(path.rpartition("/")[2], handler.unary_unary, rid, timing),  # type: ignore[arg-type]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
 
-    def _wrap(self, method: str, behavior: Behavior, client_rid: str | bytes | None) -> Behavior:
+    def _wrap(self, method: str, behavior: Behavior, client_rid: str | bytes | None, timing: bool) -> Behavior:
         async def serve(request: Any, context: Context) -> Any:
             rid = client_rid if isinstance(client_rid, str) else self._new_request_id()
             token = request_id.set(rid)
+            annotate_request(rid)
             status = "OK"
             try:
                 context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
                 async with self.metrics.track(method, lambda: status):
                     try:
-                        return await behavior(request, context)
+                        if not timing:
+                            return await behavior(request, context)
+                        with collect_timings() as timings:
+                            response = await behavior(request, context)
+                        if timings:
+                            context.set_trailing_metadata(((REQUEST_ID_KEY, rid), (TIMING_KEY, server_timing(timings))))
+                        return response
                     except grpc.aio.AbortError:
                         status = _code_name(context.code())     # abort() already sent it
                         raise
@@ -151,6 +175,11 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
         else:
             log.error("internal error in %s (request id %s): %s: %s (traceback logged recently)",
                       method, rid, type(exc).__name__, exc)  # fmt: skip
+
+
+def server_timing(timings: dict[str, float]) -> str:
+    """``{stage: ms}`` as a W3C Server-Timing value: ``history;dur=0.041, rank;dur=1.502``."""
+    return ", ".join(f"{name};dur={ms:.3f}" for name, ms in timings.items())
 
 
 def _code_name(code: grpc.StatusCode | int | None) -> str:

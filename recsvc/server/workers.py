@@ -7,8 +7,10 @@ why config refuses ``workers`` > 1 with the embedded store.
 
 The supervisor (this module, the process the container starts):
 * starts the workers as ``recsvc serve`` child processes and restarts one that dies (with a pause);
-* serves ``/metrics`` for all of them: each worker writes a metrics snapshot file every second and
-  the supervisor renders them with a ``worker`` label;
+* serves ``/metrics`` for all of them through prometheus_client's multiprocess mode: a fresh
+  ``PROMETHEUS_MULTIPROC_DIR`` per supervisor (removed when it exits), where every worker's metrics live
+  in memory-mapped files; the supervisor's endpoint sums counters and histograms over them (a restarted
+  worker's counts stay in), and gauges over the live workers (``mark_process_dead`` for one that exited);
 * on SIGTERM forwards it, so every worker drains like a single server would (NOT_SERVING, serving on
   for ``drain_delay_s``, then finishing its calls within ``grace_s``), and waits for them; a second
   SIGTERM/SIGINT is forwarded too (a worker then skips the rest of its drain delay). Until every worker
@@ -27,13 +29,12 @@ import sys
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
-import orjson
+from prometheus_client.multiprocess import mark_process_dead
 
 from recsvc.config import Settings
 from recsvc.errors import ConfigError
-from recsvc.server.metrics import MetricsServer, render
+from recsvc.server.metrics import MetricsEndpoint, multiprocess_registry, start_metrics_server
 
 __all__ = ["supervise"]
 
@@ -47,7 +48,7 @@ class _Worker:
     def __init__(self, index: int, rundir: Path, settings: Settings) -> None:
         self.index = index
         self.port_file = rundir / f"worker-{index}.port"
-        self.snapshot = rundir / f"worker-{index}.json"
+        self.metrics_dir = rundir / "metrics"
         self._settings = settings
         self.proc: asyncio.subprocess.Process | None = None
         self.restarts = 0
@@ -59,20 +60,17 @@ class _Worker:
         # What CLI flags may have set on the supervisor reaches the workers through their environment.
         env.update(RECSVC_WORKERS="1", RECSVC_METRICS_PORT="0", RECSVC_PORT=str(s.port), RECSVC_HOST=s.host,
                    RECSVC_DATA_DIR=str(s.data_dir), RECSVC_MODEL_REPOSITORY=str(s.model_repository),
-                   RECSVC_TRITON_URL=s.triton_url)  # fmt: skip
+                   RECSVC_TRITON_URL=s.triton_url, PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir))  # fmt: skip
         self.port_file.unlink(missing_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "recsvc.cli", "serve", "--port-file", str(self.port_file),
-            "--snapshot-file", str(self.snapshot), env=env,
+            sys.executable, "-m", "recsvc.cli", "serve", "--port-file", str(self.port_file), env=env,
         )  # fmt: skip
         log.info("worker %d started (pid %d)", self.index, self.proc.pid)
 
-    def sample(self) -> tuple[dict[str, Any], dict[str, Any]] | None:
-        try:
-            data = orjson.loads(self.snapshot.read_bytes())
-        except (OSError, orjson.JSONDecodeError):
-            return None         # not written yet, or a worker mid-restart: skipped this scrape
-        return data["rpc"], data["stats"]
+    def exited(self) -> None:
+        """Drop the gauges of the process that just exited (its in-flight count must not linger)."""
+        if self.proc is not None:
+            mark_process_dead(self.proc.pid, str(self.metrics_dir))  # type: ignore[no-untyped-call]
 
 
 async def supervise(
@@ -83,6 +81,7 @@ async def supervise(
         raise ConfigError("workers > 1 needs a fixed port: the workers share it (port 0 would give each its own)")
     stop = stop or asyncio.Event()
     rundir = Path(tempfile.mkdtemp(prefix="recsvc-workers-"))
+    (rundir / "metrics").mkdir()
     workers = [_Worker(i, rundir, settings) for i in range(settings.workers)]
     loop = asyncio.get_running_loop()
 
@@ -94,16 +93,13 @@ async def supervise(
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_signal)
-    metrics: MetricsServer | None = None
+    metrics: MetricsEndpoint | None = None
     try:
         for w in workers:
             await w.start()
         if settings.metrics_port:
-            def collect() -> str:
-                return render({str(w.index): s for w in workers if (s := w.sample()) is not None})
-
-            metrics = MetricsServer(collect, settings.host, settings.metrics_port)
-            await metrics.start()
+            registry = multiprocess_registry(str(rundir / "metrics"))
+            metrics = start_metrics_server(settings.host, settings.metrics_port, registry)
         await _wait_ready(workers, stop)
         if on_ready is not None and not stop.is_set():
             on_ready(settings.port)
@@ -143,6 +139,7 @@ async def _watch(workers: list[_Worker], stop: asyncio.Event) -> None:
                     break
                 log.error("worker %d exited with %s; restarting it in %.0f s", w.index, task.result(),
                           _RESTART_PAUSE_S)  # fmt: skip
+                w.exited()
                 await asyncio.sleep(_RESTART_PAUSE_S)
                 w.restarts += 1
                 await w.start()

@@ -370,16 +370,19 @@ def test_liveness_shorter_than_the_drain_is_refused() -> None:
 
 
 async def test_hpa_metric_is_one_recsvc_exports() -> None:
-    """The HPA's custom metric must be a gauge recsvc's /metrics actually serves."""
-    from recsvc.server.metrics import RpcMetrics
-    from recsvc.server.metrics import render as render_metrics
+    """The HPA's custom metric must be a gauge recsvc's /metrics actually serves (Prometheus' own parser)."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
 
-    rpc = RpcMetrics()
+    from recsvc.server.metrics import RpcMetrics
+
+    rpc = RpcMetrics(CollectorRegistry())
     async with rpc.track("Recommend", lambda: "OK"):
-        text = render_metrics({"0": (rpc.snapshot(), {})})
+        text = generate_latest(rpc.registry).decode()
     name = helm_python.Chart.load(CHART).values["autoscaling"]["inflight"]["metricName"]
-    assert f"# TYPE {name} gauge" in text
-    assert re.search(rf'^{name}{{[^}}]*method="Recommend"[^}}]*}} 1$', text, flags=re.M), text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families[name].type == "gauge"
+    assert [(s.labels, s.value) for s in families[name].samples] == [({"method": "Recommend"}, 1.0)], text
 
 
 def test_inflight_autoscaling_without_metrics_is_refused() -> None:

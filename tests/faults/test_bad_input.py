@@ -14,7 +14,6 @@ import asyncio
 import json
 import math
 import random
-import re
 import time
 import urllib.request
 from collections import Counter
@@ -22,6 +21,7 @@ from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
+from prometheus_client.parser import text_string_to_metric_families
 
 from recsvc.offline.data import Dataset
 from recsvc.server.servicer import UNPARSEABLE_LOG_INTERVAL_S
@@ -94,8 +94,11 @@ def requests_total(metrics_port: int) -> Counter[tuple[str, str]]:
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         text = r.read().decode()
     out: Counter[tuple[str, str]] = Counter()
-    for m in re.finditer(r'^recsvc_requests_total\{[^}]*method="(\w+)",code="(\w+)"\} (\S+)$', text, re.M):
-        out[(m.group(1), m.group(2))] += int(float(m.group(3)))
+    # Prometheus' own parser: prometheus_client writes labels in alphabetical order (code before method).
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == "recsvc_requests_total":
+                out[(sample.labels["method"], sample.labels["code"])] += int(sample.value)
     return out
 
 

@@ -10,9 +10,10 @@ at saturation (the issue asks for 2x; asserted at 3x to leave room for a loaded 
 
 from __future__ import annotations
 
-import re
 import urllib.request
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 from recsvc.offline.data import Dataset
 from tests.faults.harness import LoadGen, fault_stack, record
@@ -37,8 +38,10 @@ ROUNDS = 2
 def _refused_in_metrics(port: int) -> int:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
-    pattern = r'^recsvc_requests_total\{[^}]*method="Recommend"[^}]*code="RESOURCE_EXHAUSTED"[^}]*\} (\S+)$'
-    return sum(int(float(n)) for n in re.findall(pattern, text, flags=re.M))
+    # Prometheus' own parser: prometheus_client writes labels in alphabetical order (code before method).
+    refused = {"method": "Recommend", "code": "RESOURCE_EXHAUSTED"}
+    return sum(int(s.value) for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == "recsvc_requests_total" and s.labels == refused)  # fmt: skip
 
 
 async def test_open_loop_at_twice_saturation_sheds_the_excess_fast(

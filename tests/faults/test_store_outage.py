@@ -37,11 +37,11 @@ OUTAGE_S = 4.0
 
 
 def degraded_counts(metrics_port: int) -> dict[str, float]:
-    """recsvc_degraded_<kind> from the server's metrics endpoint, summed over workers."""
+    """recsvc_degraded_responses_total by reason from the server's metrics endpoint (summed over workers)."""
     with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as r:
         text = r.read().decode()
     out: dict[str, float] = {}
-    for kind, value in re.findall(r"^recsvc_degraded_(\w+)\{[^}]*\} (\S+)$", text, re.MULTILINE):
+    for kind, value in re.findall(r'^recsvc_degraded_responses_total\{reason="(\w+)"\} (\S+)$', text, re.MULTILINE):
         out[kind] = out.get(kind, 0.0) + float(value)
     return out
 

@@ -86,7 +86,7 @@ def test_the_base_install_is_the_serving_runtime_and_extras_carry_the_rest() -> 
     assert any(d.startswith("torch==") for d in extras["train"])
     assert any(d.startswith("nvidia-pytriton") for d in extras["triton"])
     assert any(d.startswith("matplotlib") for d in extras["bench"])
-    assert "recsvc[train,triton,bench]" in extras["dev"]       # scripts/setup installs .[dev]: everything
+    assert "recsvc[train,triton,bench,tracing]" in extras["dev"]   # scripts/setup installs .[dev]: everything
 
 
 def test_an_offline_command_without_its_extra_names_the_extra() -> None:

@@ -74,3 +74,51 @@ def test_triton_ranker_from_settings_and_argument_checks() -> None:
     assert (ranker.url, ranker.model_name, ranker.timeout_s) == ("h:1", "m", 0.25)
     with pytest.raises(ValueError, match="must be > 0"):
         TritonRanker("h:1", max_batch_size=0)
+
+
+def _sample(name: str, **labels: str) -> float:
+    from prometheus_client import REGISTRY
+
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+async def test_triton_calls_are_timed_and_failures_counted_by_reason(offline: TritonRanker) -> None:
+    import asyncio
+
+    import grpc
+
+    history, candidates = np.full((3, 5), -1, dtype=np.int64), np.zeros((3, 7), dtype=np.int64)
+    calls, rows = _sample("recsvc_triton_request_duration_seconds_count"), _sample("recsvc_rank_batch_size_sum")
+    unavailable = _sample("recsvc_triton_errors_total", reason="unavailable")
+    with pytest.raises(RankerUnavailable):
+        await offline.score(history, candidates, version="1")
+    assert _sample("recsvc_triton_errors_total", reason="unavailable") == unavailable + 1
+    assert _sample("recsvc_triton_request_duration_seconds_count") == calls + 1
+    assert _sample("recsvc_rank_batch_size_sum") == rows + 3
+
+    # A server that takes the call and never answers: the call's own deadline passes.
+    async def never(request: bytes, context: object) -> bytes:
+        await asyncio.sleep(30)
+        return b""
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "inference.GRPCInferenceService", {"ModelInfer": grpc.unary_unary_rpc_method_handler(never)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    slow = TritonRanker(f"127.0.0.1:{port}", timeout_s=0.3)
+    timeouts = _sample("recsvc_triton_errors_total", reason="timeout")
+    try:
+        with pytest.raises(RankerUnavailable):
+            await slow.score(history, candidates, version="1")
+        assert _sample("recsvc_triton_errors_total", reason="timeout") == timeouts + 1
+        # Cancelled by the request's own budget (the pipeline's timeout) before the call's deadline.
+        cancelled = _sample("recsvc_triton_errors_total", reason="cancelled")
+        slow.timeout_s = 10.0
+        with pytest.raises(TimeoutError):
+            async with asyncio.timeout(0.2):
+                await slow.score(history, candidates, version="1")
+        assert _sample("recsvc_triton_errors_total", reason="cancelled") == cancelled + 1
+    finally:
+        await slow.close()
+        await server.stop(None)

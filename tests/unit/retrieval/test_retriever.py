@@ -158,14 +158,24 @@ async def test_filters_outside_the_backend_over_fetch_by_the_denied_count() -> N
 async def test_concurrent_searches_are_batched() -> None:
     import asyncio
 
+    from prometheus_client import REGISTRY
+
+    def histogram() -> tuple[float, float]:
+        return (REGISTRY.get_sample_value("recsvc_search_batch_size_count") or 0.0,
+                REGISTRY.get_sample_value("recsvc_search_batch_size_sum") or 0.0)  # fmt: skip
+
     emb, _ = _data(8, n=500)
     r = IndexRetriever(_faiss(emb), max_batch=64, max_wait_us=5000)
     rng = np.random.default_rng(9)
     queries = rng.standard_normal((32, 8)).astype(np.float32)
+    searches, rows = histogram()
     results = await asyncio.gather(*(r.search(queries[i : i + 1], 5, [set()]) for i in range(32)))
     for i, [(ids, _)] in enumerate(results):
         assert ids.tolist() == np.argsort(-(emb @ queries[i]))[:5].tolist()
     assert max(r.stats()["batches"]) > 1
+    # recsvc_search_batch_size: one observation per index search, of its rows (all 32, in fewer searches).
+    after = histogram()
+    assert after[1] - rows == 32 and after[0] - searches == sum(r.stats()["batches"].values()) < 32
     await r.close()
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Coroutine, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +20,7 @@ import grpc
 import numpy as np
 from cachetools import LRUCache
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from recsvc.config import Settings
 from recsvc.history import HistoryStore, InMemoryHistoryStore, TieredHistory
@@ -61,17 +62,17 @@ class Running:
 @contextlib.asynccontextmanager
 async def serving(
     version_dir: Path, settings: Settings, *, ranker: FakeRanker | None = None, store: HistoryStore | None = None,
-    new_request_id: Any = None,
+    new_request_id: Any = None, outer: Sequence[grpc.aio.ServerInterceptor] = (),
 ) -> AsyncIterator[Running]:  # fmt: skip
-    """Serve the published version in ``version_dir`` until the block exits."""
+    """Serve the published version in ``version_dir`` until the block exits (``outer``: e.g. tracing's interceptor)."""
     bundle = await asyncio.to_thread(load_serving_bundle, version_dir, "1", settings)
     ranker = ranker or FakeRanker(np.arange(len(bundle.catalog), dtype=np.float32))
     store = store or InMemoryHistoryStore()
     pipeline = Pipeline(settings, TieredHistory(store, l1=LRUCache(maxsize=1000), limit=500), ranker, bundle)
-    metrics = RpcMetrics()
+    metrics = RpcMetrics(CollectorRegistry())
     interceptor = (RequestInterceptor(metrics, new_request_id=new_request_id) if new_request_id
                    else RequestInterceptor(metrics))  # fmt: skip
-    server = grpc.aio.server(interceptors=[interceptor], options=[
+    server = grpc.aio.server(interceptors=[*outer, interceptor], options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
     ])  # fmt: skip

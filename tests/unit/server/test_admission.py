@@ -10,6 +10,7 @@ from collections.abc import AsyncIterator, Callable
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from recsvc.config import Settings
 from recsvc.server.admission import AdmissionInterceptor, Gate, Refusal
@@ -122,7 +123,7 @@ async def _until(condition: Callable[[], bool], timeout_s: float = 10.0) -> None
 
 
 async def test_the_excess_fails_fast_with_a_pushback_and_other_methods_are_not_refused() -> None:
-    metrics = RpcMetrics()
+    metrics = RpcMetrics(CollectorRegistry())
     interceptor = AdmissionInterceptor.from_settings(Settings(max_in_flight=2, max_in_flight_events=1),
                                                      metrics=metrics, rng=random.Random(0))  # fmt: skip
     gate = interceptor.gates["/recsvc.v1.Recommender/Recommend"]
@@ -175,7 +176,7 @@ async def test_a_client_with_the_retry_policy_waits_out_the_pushback_and_gets_it
 
 async def test_once_closed_new_calls_are_held_then_refused_unavailable_and_calls_in_flight_finish() -> None:
     # The last step of a drain: gRPC would CANCEL calls it has not handed over when the server stops.
-    metrics = RpcMetrics()
+    metrics = RpcMetrics(CollectorRegistry())
     interceptor = AdmissionInterceptor.from_settings(Settings(), metrics=metrics)
     async with _server(interceptor) as (target, servicer), grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.RecommenderStub(channel)  # type: ignore[no-untyped-call]

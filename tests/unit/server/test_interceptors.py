@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client import CollectorRegistry
 
 from recsvc.domain import Event
 from recsvc.errors import NotFound, StoreUnavailable
@@ -203,7 +204,7 @@ async def test_a_cancelled_call_is_counted_as_cancelled(version_dir: Path) -> No
 
 async def test_a_recsvc_error_that_escapes_a_handler_keeps_its_code() -> None:
     # A handler of another service that does not map its own errors: the interceptor does.
-    metrics = RpcMetrics()
+    metrics = RpcMetrics(CollectorRegistry())
 
     async def lookup(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         raise NotFound("no such thing")

@@ -1,74 +1,155 @@
+"""RPC metrics, the stats exporter, the endpoint and multiprocess aggregation, all through prometheus_client."""
+
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
+import urllib.request
+from pathlib import Path
+from typing import Any
 
 import pytest
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.multiprocess import mark_process_dead
+from prometheus_client.parser import text_string_to_metric_families
 
-from recsvc.server.metrics import LATENCY_BUCKETS_S, MetricsServer, RpcMetrics, render
+from recsvc.server.metrics import RpcMetrics, StatsExporter, multiprocess_registry, start_metrics_server
+
+
+def families(registry: CollectorRegistry) -> dict[str, Any]:
+    return {f.name: f for f in text_string_to_metric_families(generate_latest(registry).decode())}
+
+
+def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
+    got = registry.get_sample_value(name, labels)
+    return 0.0 if got is None else got
 
 
 async def test_calls_are_counted_by_code_timed_and_tracked_in_flight() -> None:
-    m = RpcMetrics()
+    m = RpcMetrics(CollectorRegistry())
     code = "OK"
     async with m.track("Recommend", lambda: code):
         assert m.in_flight["Recommend"] == 1
+        assert value(m.registry, "recsvc_requests_in_flight", method="Recommend") == 1
     code = "INVALID_ARGUMENT"
     with pytest.raises(RuntimeError):
         async with m.track("Recommend", lambda: code):
             raise RuntimeError("aborted")
     assert m.in_flight["Recommend"] == 0
     assert m.calls == {("Recommend", "OK"): 1, ("Recommend", "INVALID_ARGUMENT"): 1}
-    assert m.buckets["Recommend"][-1] == 2           # cumulative: both within the largest bucket
-
-
-def test_render_is_prometheus_text_with_one_header_per_family() -> None:
-    m = RpcMetrics()
-    m.calls[("Recommend", "OK")] = 3
-    m.buckets["Recommend"] = [1] * len(LATENCY_BUCKETS_S)
-    m.seconds["Recommend"] = 0.25
-    m.timed["Recommend"] = 3
-    stats = {"l1": {"hits": 5, "policy": "tinylfu"}, "retrieval": {"batches": {"1": 2, "64": 1}, "recall": None}}
-    text = render({"0": (m.snapshot(), stats), "1": (RpcMetrics().snapshot(), {"l1": {"hits": 7}})})
-    lines = text.splitlines()
-    assert 'recsvc_requests_total{worker="0",method="Recommend",code="OK"} 3' in lines
-    assert 'recsvc_l1_hits{worker="0"} 5' in lines and 'recsvc_l1_hits{worker="1"} 7' in lines
-    assert 'recsvc_l1_policy_info{worker="0",value="tinylfu"} 1' in lines
-    assert 'recsvc_retrieval_searches_total{worker="0"} 3' in lines
-    assert 'recsvc_retrieval_search_rows_total{worker="0"} 66' in lines
-    assert 'recsvc_request_duration_seconds_bucket{worker="0",method="Recommend",le="+Inf"} 3' in lines
-    assert 'recsvc_request_duration_seconds_sum{worker="0",method="Recommend"} 0.25' in lines
-    types = [line for line in lines if line.startswith("# TYPE")]
-    assert len(types) == len(set(types))             # every family declared once
-    assert "# TYPE recsvc_request_duration_seconds histogram" in types
-
-
-async def test_metrics_endpoint_answers_get_metrics_only() -> None:
-    server = MetricsServer(lambda: "recsvc_up 1\n", "127.0.0.1", 0)
-    await server.start()
-
-    async def get(path: str) -> bytes:
-        reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
-        writer.write(f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
-        await writer.drain()
-        data = await reader.read()
-        writer.close()
-        return data
-
-    ok = await get("/metrics")
-    assert ok.startswith(b"HTTP/1.1 200 OK") and ok.endswith(b"recsvc_up 1\n")
-    assert b"version=0.0.4" in ok
-    assert (await get("/other")).startswith(b"HTTP/1.1 404")
-    await server.close()
+    r = m.registry
+    assert value(r, "recsvc_requests_total", method="Recommend", code="OK") == 1
+    assert value(r, "recsvc_request_duration_seconds_count", method="Recommend", code="INVALID_ARGUMENT") == 1
+    assert value(r, "recsvc_request_duration_seconds_bucket", method="Recommend", code="OK", le="+Inf") == 1
 
 
 async def test_refused_calls_are_counted_by_code_but_stay_out_of_the_latency_histogram() -> None:
-    metrics = RpcMetrics()
-    async with metrics.track("Recommend", lambda: "OK"):
+    m = RpcMetrics(CollectorRegistry())
+    async with m.track("Recommend", lambda: "OK"):
         await asyncio.sleep(0.003)
     for _ in range(9):
-        metrics.count("Recommend", "RESOURCE_EXHAUSTED", None)
-    text = render({"0": (metrics.snapshot(), {})})
-    assert 'recsvc_requests_total{worker="0",method="Recommend",code="RESOURCE_EXHAUSTED"} 9' in text
-    assert 'recsvc_request_duration_seconds_count{worker="0",method="Recommend"} 1' in text
-    assert 'recsvc_request_duration_seconds_bucket{worker="0",method="Recommend",le="0.001"} 0' in text
-    assert 'recsvc_request_duration_seconds_bucket{worker="0",method="Recommend",le="+Inf"} 1' in text
+        m.count("Recommend", "RESOURCE_EXHAUSTED", None)
+    assert value(m.registry, "recsvc_requests_total", method="Recommend", code="RESOURCE_EXHAUSTED") == 9
+    assert m.timed("Recommend") == 1
+    assert value(m.registry, "recsvc_request_duration_seconds_bucket", method="Recommend", code="OK",
+                 le="0.001") == 0  # fmt: skip
+
+
+def test_request_families_follow_prometheus_naming_and_types() -> None:
+    m = RpcMetrics(CollectorRegistry())
+    m.count("Recommend", "OK", 0.01)
+    fams = families(m.registry)
+    # The parser strips _total from counter names: the family is recsvc_requests, its sample _total.
+    assert fams["recsvc_requests"].type == "counter"
+    assert {s.name for s in fams["recsvc_requests"].samples} == {"recsvc_requests_total"}
+    assert fams["recsvc_request_duration_seconds"].type == "histogram"
+    for fam in fams.values():
+        assert fam.documentation and fam.documentation.lower() != fam.name.replace("_", " ")
+
+
+def test_a_registry_per_instance_keeps_counts_apart_and_one_registry_is_shared() -> None:
+    a, b = RpcMetrics(CollectorRegistry()), RpcMetrics(CollectorRegistry())
+    a.count("Recommend", "OK", 0.001)
+    assert b.calls == {}
+    again = RpcMetrics(a.registry)          # a second server in the same process: same families, no error
+    assert again.calls == {("Recommend", "OK"): 1}
+
+
+def test_stats_exporter_turns_cumulative_counts_into_counters_and_sizes_into_gauges() -> None:
+    registry = CollectorRegistry()
+    stats: dict[str, dict[str, Any]] = {
+        "l1": {"hits": 5, "misses": 2, "negative_hits": 1, "evictions": None, "entries": 7, "bytes": 700,
+               "policy": "lru"},
+        "retrieval": {"requests": 3, "index_version": "abc"},
+        "prefetch": {"issued": 4, "used": 1},
+    }  # fmt: skip
+    exporter = StatsExporter(lambda: stats, registry)
+    exporter.sync()
+    exporter.sync()                                  # nothing new: nothing added
+    assert value(registry, "recsvc_cache_hits_total", tier="l1") == 5
+    assert value(registry, "recsvc_cache_hits_total", tier="l1_negative") == 1
+    assert value(registry, "recsvc_cache_misses_total", tier="l1") == 2
+    assert value(registry, "recsvc_cache_entries", tier="l1") == 7
+    assert value(registry, "recsvc_prefetch_users_total", result="issued") == 4
+    stats["l1"]["hits"] = 9
+    stats["retrieval"]["requests"] = 2               # a new bundle's retriever: it counts from 0 again
+    stats["l1"]["entries"] = 3
+    exporter.sync()
+    assert value(registry, "recsvc_cache_hits_total", tier="l1") == 9
+    assert value(registry, "recsvc_retrieval_requests_total") == 5
+    assert value(registry, "recsvc_cache_entries", tier="l1") == 3
+    fams = families(registry)
+    assert fams["recsvc_cache_hits"].type == "counter" and fams["recsvc_cache_entries"].type == "gauge"
+    assert "recsvc_l1_policy_info" not in fams      # strings are not metrics any more
+
+
+async def test_endpoint_serves_the_registry_in_the_text_format() -> None:
+    m = RpcMetrics(CollectorRegistry())
+    m.count("Prefetch", "OK", 0.002)
+    endpoint = start_metrics_server("127.0.0.1", 0, m.registry)
+    try:
+        def get() -> tuple[str, str]:
+            with urllib.request.urlopen(f"http://127.0.0.1:{endpoint.port}/metrics", timeout=5) as r:
+                return r.headers["Content-Type"], r.read().decode()
+
+        kind, text = await asyncio.to_thread(get)
+        assert kind.startswith("text/plain")
+        fams = {f.name: f for f in text_string_to_metric_families(text)}
+        assert fams["recsvc_requests"].samples[0].labels == {"method": "Prefetch", "code": "OK"}
+    finally:
+        await endpoint.close()
+
+
+# A worker stand-in: counts two calls and one in flight with recsvc's own families, then exits.
+_WORKER = """
+import sys
+from recsvc.server.metrics import RpcMetrics
+m = RpcMetrics()
+m.count("Recommend", "OK", 0.01)
+m.count("Recommend", "OK", 0.02)
+m._f.in_flight.labels("Recommend").inc()
+print("done", flush=True)
+"""
+
+
+def test_multiprocess_registry_sums_workers_and_drops_a_dead_workers_gauges(tmp_path: Path) -> None:
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path), "PYTHONPATH": os.getcwd()}
+    pids = []
+    for _ in range(2):
+        proc = subprocess.run([sys.executable, "-c", _WORKER], env=env, capture_output=True, text=True, timeout=60,
+                              check=True)  # fmt: skip
+        assert proc.stdout.strip() == "done"
+        pids.append(next(int(p.stem.rsplit("_", 1)[1]) for p in tmp_path.glob("gauge_livesum_*.db")
+                         if int(p.stem.rsplit("_", 1)[1]) not in pids))  # fmt: skip
+    registry = multiprocess_registry(str(tmp_path))
+    assert value(registry, "recsvc_requests_total", method="Recommend", code="OK") == 4
+    assert value(registry, "recsvc_request_duration_seconds_count", method="Recommend", code="OK") == 4
+    assert value(registry, "recsvc_requests_in_flight", method="Recommend") == 2
+    fams = families(registry)
+    assert fams["recsvc_requests"].type == "counter" and fams["recsvc_requests_in_flight"].type == "gauge"
+    mark_process_dead(pids[0], str(tmp_path))
+    assert value(multiprocess_registry(str(tmp_path)), "recsvc_requests_in_flight", method="Recommend") == 1
+    # Counters keep what exited processes counted: a restart never makes a counter go backwards.
+    assert value(multiprocess_registry(str(tmp_path)), "recsvc_requests_total", method="Recommend", code="OK") == 4
