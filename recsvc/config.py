@@ -109,11 +109,14 @@ class Settings:
     index_device: str = "auto"               # auto (GPU when faiss sees one) | cpu | gpu | torch (exact, torch CUDA)
     index_gpu_mode: str = "replicate"        # several GPUs: replicate (throughput) | shard (catalogs too big for one)
     index_fp16: bool = False                 # GPU: store vectors in float16 (half the memory)
+    # --- deny list and model versions ---
     deny_list: Path | None = None            # SKUs never recommended; default <data_dir>/deny_list.txt
     deny_poll_s: float = 1.0                 # how often the deny list file is checked for changes
     repository_poll_s: float = 2.0           # how often to look for a newer published version (0: never)
     rollout_drain_s: float = 30.0            # publish/rollback: time for replicas to switch and drain before unload
     rollout_ready_timeout_s: float = 120.0   # publish/rollback: longest wait for Triton to report a version ready
+
+    # --- ranking (Triton) ---
     rank_max_batch: int = 64                 # >1: coalesce concurrent ranker calls (1: Triton's dynamic batcher alone)
     rank_max_wait_us: int = 0                # 0: no timer; calls arriving while one is in flight leave together
     # Deadline shares: a stage may take this share of the time the request has left when it starts (rank:

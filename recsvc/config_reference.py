@@ -75,7 +75,9 @@ def field_docs(cls: type[Any] = Settings) -> list[FieldDoc]:
             above.insert(0, _text(comments[n]))
             n -= 1
         trailing = _text(comments[line]) if line in comments else ""
-        doc = " ".join(part for part in (*above, trailing) if part)
+        # The field's own comment first: a block above may be shared with the fields after it.
+        block = " ".join(above)
+        doc = f"{trailing.rstrip('.')}. {block}" if trailing and block else trailing or block
         if not doc:
             missing.append(f.name)
         docs.append(FieldDoc(name=f.name, env=ENV_PREFIX + f.name.upper(), type=str(f.type),
@@ -129,11 +131,11 @@ def render_markdown() -> str:
                 out.append("")
             out += [f"## {section}", "", "| variable | type | default | meaning |",
                     "|---|---|---|---|"]  # fmt: skip
-        meaning = d.doc
+        kind = _cell(d.type)
         if d.name in CHOICES:
-            meaning += f" (one of: {', '.join(CHOICES[d.name])})"
+            kind += ": " + ", ".join(f"`{c}`" for c in CHOICES[d.name])
         default = d.default if d.default in ("(unset)", "(empty)") else f"`{d.default}`"
-        out.append(f"| `{d.env}` | {_cell(d.type)} | {_cell(default)} | {_cell(meaning)} |")
+        out.append(f"| `{d.env}` | {kind} | {_cell(default)} | {_cell(d.doc)} |")
     return "\n".join(out) + "\n"
 
 

@@ -104,3 +104,14 @@ def test_unknown_env_key_with_nothing_close_lists_every_valid_name() -> None:
 def test_unknown_override_suggests_field_names() -> None:
     with pytest.raises(ConfigError, match="did you mean triton_url"):
         load_settings(env={}, triton_ulr="h:1")
+
+
+def test_cli_reports_an_unknown_setting_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from recsvc.cli import main
+
+    monkeypatch.setenv("RECSVC_PROT", "1")
+    assert main(["deny", "list", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown setting 'RECSVC_PROT'" in err[0] and "RECSVC_PORT" in err[0], err

@@ -33,7 +33,7 @@ def test_every_setting_is_in_the_reference_with_its_default_type_and_meaning() -
         d = docs[f.name]
         assert d.env == f"RECSVC_{f.name.upper()}"
         assert d.doc, f.name
-        assert f"| `{d.env}` | {d.type.replace('|', chr(92) + '|')} |" in text
+        assert f"| `{d.env}` | {d.type.replace('|', chr(92) + '|')}" in text
         value = getattr(defaults, f.name)
         if value not in (None, "") and not isinstance(value, bool):
             assert d.default == str(value)
@@ -44,7 +44,10 @@ def test_every_setting_is_in_the_reference_with_its_default_type_and_meaning() -
     # A comment block above a field is its meaning too (invalidation_ping_s has no trailing comment).
     assert "PING after this long" in docs["invalidation_ping_s"].doc
     for name, allowed in CHOICES.items():
-        assert ", ".join(allowed) in text, name
+        assert f"| `{docs[name].env}` | str: {', '.join(f'`{c}`' for c in allowed)} |" in text, name
+    # The field's own comment comes first, then the block above that it shares with the next field.
+    assert docs["history_budget_share"].doc.startswith("history lookup's share")
+    assert "Deadline shares" in docs["history_budget_share"].doc
 
 
 def test_a_setting_without_a_comment_is_refused(tmp_path: Path) -> None:
