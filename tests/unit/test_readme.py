@@ -72,3 +72,17 @@ def test_quoted_data_file_errors_are_the_codes(tmp_path: Path, monkeypatch: pyte
     ]
     for text in quoted:
         assert f"`{text}`" in README, text
+
+
+def test_architecture_diagram_names_real_components() -> None:
+    """The diagram's class names (CamelCase words in docs/architecture.dot) are classes recsvc defines."""
+    dot = (ROOT / "docs" / "architecture.dot").read_text(encoding="utf-8")
+    labels = " ".join(re.findall(r'label="([^"]*)"', dot))
+    not_classes = {"MovieLens", "RecordEvents"}     # a dataset and an RPC
+    names = set(re.findall(r"\b[A-Z][a-z]+(?:[A-Z][a-z]+)+\b", labels)) - not_classes
+    assert {"TieredHistory", "TritonRanker", "RecommenderServicer"} <= names
+    source = "\n".join(p.read_text(encoding="utf-8") for p in (ROOT / "recsvc").rglob("*.py"))
+    missing = sorted(n for n in names if not re.search(rf"^class {n}\b", source, re.MULTILINE))
+    assert not missing, f"docs/architecture.dot names classes recsvc no longer has: {missing} (then re-render it)"
+    for module in re.findall(r"\(([a-z_/]+\.py)", labels):
+        assert (ROOT / "recsvc" / module).is_file(), module
