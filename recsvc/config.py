@@ -16,9 +16,20 @@ from typing import Any
 
 from recsvc.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "Settings", "load_settings"]
+__all__ = ["CHOICES", "ENV_PREFIX", "REFERENCE", "Settings", "load_settings"]
 
 ENV_PREFIX = "RECSVC_"
+# Every setting with its default and meaning, generated from this file (recsvc/config_reference.py).
+REFERENCE = "docs/CONFIGURATION.md"
+# The settings that take one of a few words (checked at load, listed in the reference).
+CHOICES: dict[str, tuple[str, ...]] = {
+    "history_store": ("sqlite", "redis"),
+    "l1_policy": ("lru", "tinylfu"),
+    "l2_backend": ("auto", "none", "memory", "redis"),
+    "index_kind": ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw", "cagra"),
+    "index_device": ("auto", "cpu", "gpu", "torch"),
+    "index_gpu_mode": ("replicate", "shard"),
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -26,8 +37,8 @@ class Settings:
     """All of recsvc's settings. Field ``foo_bar`` is read from ``RECSVC_FOO_BAR``."""
 
     # --- gRPC server ---
-    host: str = "127.0.0.1"
-    port: int = 50051
+    host: str = "127.0.0.1"                  # address the gRPC server listens on (0.0.0.0: every interface)
+    port: int = 50051                        # gRPC port (0: pick a free one; `recsvc serve --port-file F` writes it)
     workers: int = 1                         # server processes sharing the port (SO_REUSEPORT); >1 needs Redis
     metrics_port: int = 0                    # Prometheus text format on http://host:port/metrics (0: off)
     grace_s: float = 5.0                     # drain time on SIGTERM; matches the Helm terminationGracePeriod
@@ -37,11 +48,11 @@ class Settings:
     max_in_flight_events: int = 32           # RecordEvents admitted at once (its own limit: reads never starve writes)
 
     # --- API limits (documented in protos/recsvc/v1/recommender.proto) ---
-    max_k: int = 100
-    max_exclude: int = 500
-    max_context: int = 50
-    max_id_len: int = 128
-    max_events_per_call: int = 1000
+    max_k: int = 100                         # largest k a Recommend call may ask for
+    max_exclude: int = 500                   # exclude_item_ids per Recommend call
+    max_context: int = 50                    # context_item_ids per Recommend call
+    max_id_len: int = 128                    # bytes per id (users, items, events; also the deny list)
+    max_events_per_call: int = 1000          # events per RecordEvents call
     max_message_bytes: int = 4 * 1024 * 1024  # gRPC messages either way; larger: RESOURCE_EXHAUSTED (>= largest valid)
 
     # --- files ---
@@ -54,8 +65,8 @@ class Settings:
     history_len: int = 50                    # most recent events the models see
     history_keep: int = 1000                 # events kept per user; also the "already seen" window
     redis_url: str = "redis://127.0.0.1:6379/0"   # durable store (history_store=redis), L2, invalidation
-    redis_cluster: bool = False
-    redis_timeout_s: float = 1.0
+    redis_cluster: bool = False              # redis_url points at a Redis Cluster (L2 then defaults to none)
+    redis_timeout_s: float = 1.0             # per Redis command; a slower store counts as down for that call
     # Invalidation subscriber: PING after this long without traffic; no PONG within redis_timeout_s means
     # a dead (e.g. half-open) connection: reconnect and clear L1, since invalidations may have been missed.
     invalidation_ping_s: float = 1.0
@@ -63,21 +74,21 @@ class Settings:
     # --- history: caches ---
     l1_policy: str = "tinylfu"               # lru | tinylfu (admission-filtered LRU)
     l1_max_entries: int = 100_000            # users held in the in-process tier
-    l1_max_bytes: int = 512 * 1024 * 1024
+    l1_max_bytes: int = 512 * 1024 * 1024    # ... and at most this many bytes of histories
     l1_ttl_s: float = 300.0                  # bounds staleness if an invalidation is ever lost
     negative_ttl_s: float = 10.0             # unknown users: cached briefly, so floods of them stay cheap
     l2_backend: str = "auto"                 # auto | none | memory (this process) | redis (shared); see resolved_l2
-    l2_ttl_s: float = 600.0
+    l2_ttl_s: float = 600.0                  # how long an L2 entry lives
     # l2_backend=memory only (Redis bounds itself: maxmemory). Beside L1's bounds, so the process holds at
     # most l1_max_bytes + l2_max_bytes of histories.
     l2_max_entries: int = 100_000
-    l2_max_bytes: int = 256 * 1024 * 1024
+    l2_max_bytes: int = 256 * 1024 * 1024    # l2_backend=memory only: bytes of histories held in L2
     vector_cache_entries: int = 100_000      # query vectors by (user, history version, index version)
     vector_cache_bytes: int = 256 * 1024 * 1024  # ... and at most this many bytes of them (ids, model input, vector)
 
     # --- prefetch ---
     prefetch_queue: int = 10_000             # pending warm-ups; beyond this they are dropped and counted
-    prefetch_workers: int = 4
+    prefetch_workers: int = 4                # tasks loading prefetched histories at once
     warm_users: int = 1000                   # most active users warmed at start-up (0: none)
 
     # --- retrieval / ranking ---
@@ -94,27 +105,30 @@ class Settings:
     index_hnsw_m: int = 32                   # HNSW graph degree
     index_ef_search: int = 0                 # HNSW search breadth; 0: tuned at build time
     index_target_recall: float = 0.95        # recall@index_recall_k vs exact that tuning aims for
-    index_recall_k: int = 100
+    index_recall_k: int = 100                # k of the recall@k that index tuning measures
     index_device: str = "auto"               # auto (GPU when faiss sees one) | cpu | gpu | torch (exact, torch CUDA)
     index_gpu_mode: str = "replicate"        # several GPUs: replicate (throughput) | shard (catalogs too big for one)
     index_fp16: bool = False                 # GPU: store vectors in float16 (half the memory)
+    # --- deny list and model versions ---
     deny_list: Path | None = None            # SKUs never recommended; default <data_dir>/deny_list.txt
     deny_poll_s: float = 1.0                 # how often the deny list file is checked for changes
     repository_poll_s: float = 2.0           # how often to look for a newer published version (0: never)
     rollout_drain_s: float = 30.0            # publish/rollback: time for replicas to switch and drain before unload
     rollout_ready_timeout_s: float = 120.0   # publish/rollback: longest wait for Triton to report a version ready
+
+    # --- ranking (Triton) ---
     rank_max_batch: int = 64                 # >1: coalesce concurrent ranker calls (1: Triton's dynamic batcher alone)
     rank_max_wait_us: int = 0                # 0: no timer; calls arriving while one is in flight leave together
     # Deadline shares: a stage may take this share of the time the request has left when it starts (rank:
     # at most triton_timeout_s too). Past it the answer falls back and is flagged degraded: history -> the
     # context items, else popular items; rank -> retrieval order. The rest stays for the later stages.
-    history_budget_share: float = 0.5
-    rank_budget_share: float = 0.5
+    history_budget_share: float = 0.5        # history lookup's share of the request's remaining time
+    rank_budget_share: float = 0.5           # rank's share of what is left (at most triton_timeout_s)
     triton_url: str = "127.0.0.1:8001"       # gRPC endpoint of Triton
-    triton_model: str = "ranker"
-    triton_timeout_s: float = 1.0
-    triton_http_port: int = 8000
-    triton_metrics_port: int = 8002
+    triton_model: str = "ranker"             # model name in Triton and in model_repository/
+    triton_timeout_s: float = 1.0            # longest a ranking call to Triton may take
+    triton_http_port: int = 8000             # HTTP port (health, admin) of the Triton `recsvc triton`/`up` start
+    triton_metrics_port: int = 8002          # Prometheus port of the Triton `recsvc triton`/`up` start
     triton_tls: bool = False                 # reach Triton's gRPC port over TLS (tritonserver --grpc-use-ssl)
     triton_ca: Path | None = None            # CA that signed Triton's certificate (default: the system's roots)
     triton_cert: Path | None = None          # client certificate for Triton's mutual TLS (--grpc-use-ssl-mutual)
@@ -170,12 +184,26 @@ def _apply(base: Settings, values: Mapping[str, Any], *, source: str) -> Setting
     changes: dict[str, Any] = {}
     for name, raw in values.items():
         if name not in fields:
-            label = f"{ENV_PREFIX}{name.upper()}" if source == "environment" else name
-            raise ConfigError(f"unknown setting {label!r} (from {source}); known: {', '.join(sorted(fields))}")
+            raise ConfigError(_unknown_setting(name, fields, source))
         changes[name] = _coerce(fields[name], raw, source)
     settings = dataclasses.replace(base, **changes)
     _validate(settings)
     return settings
+
+
+def _unknown_setting(name: str, fields: Mapping[str, object], source: str) -> str:
+    """The error for a name no field has: the closest valid names, else all of them, and where they are described."""
+    import difflib  # only on this error path: keeps the import of the serving path lean
+
+    def label(n: str) -> str:
+        return f"{ENV_PREFIX}{n.upper()}" if source == "environment" else n
+
+    close = difflib.get_close_matches(name, list(fields), n=3, cutoff=0.6)
+    if close:
+        hint = f"did you mean {' or '.join(label(n) for n in close)}?"
+    else:
+        hint = f"valid names: {', '.join(label(n) for n in sorted(fields))}"
+    return f"unknown setting {label(name)!r} (from {source}); {hint} (every setting is described in {REFERENCE})"
 
 
 def _coerce(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
@@ -230,11 +258,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"setting 'index_target_recall' must be in (0, 1], got {s.index_target_recall}")
     if s.warm_users < 0:
         raise ConfigError(f"setting 'warm_users' must be >= 0, got {s.warm_users}")
-    choices = {"history_store": ("sqlite", "redis"), "l1_policy": ("lru", "tinylfu"),
-               "l2_backend": ("auto", "none", "memory", "redis"),
-               "index_kind": ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw", "cagra"),
-               "index_device": ("auto", "cpu", "gpu", "torch"), "index_gpu_mode": ("replicate", "shard")}  # fmt: skip
-    for name, allowed in choices.items():
+    for name, allowed in CHOICES.items():
         if getattr(s, name) not in allowed:
             raise ConfigError(f"setting {name!r} must be one of {', '.join(allowed)}; got {getattr(s, name)!r}")
     if s.history_store == "redis" and s.l2_backend == "memory":

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -80,3 +81,37 @@ def test_workers_with_redis_and_deny_list_default() -> None:
     s = load_settings(env={"RECSVC_WORKERS": "4", "RECSVC_HISTORY_STORE": "redis", "RECSVC_DATA_DIR": "/d"})
     assert s.workers == 4
     assert s.resolved_deny_list() == Path("/d/deny_list.txt")
+
+
+def test_unknown_env_key_suggests_the_closest_names_and_the_reference() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"RECSVC_METRIC_PORT": "9000"})
+    message = str(err.value)
+    assert "did you mean RECSVC_METRICS_PORT" in message
+    assert "docs/CONFIGURATION.md" in message
+    assert "\n" not in message
+
+
+def test_unknown_env_key_with_nothing_close_lists_every_valid_name() -> None:
+    with pytest.raises(ConfigError) as err:
+        load_settings(env={"RECSVC_ZQXW": "1"})
+    message = str(err.value)
+    for f in dataclasses.fields(Settings):
+        assert f"RECSVC_{f.name.upper()}" in message
+    assert "docs/CONFIGURATION.md" in message
+
+
+def test_unknown_override_suggests_field_names() -> None:
+    with pytest.raises(ConfigError, match="did you mean triton_url"):
+        load_settings(env={}, triton_ulr="h:1")
+
+
+def test_cli_reports_an_unknown_setting_in_one_line(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from recsvc.cli import main
+
+    monkeypatch.setenv("RECSVC_PROT", "1")
+    assert main(["deny", "list", "--data-dir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown setting 'RECSVC_PROT'" in err[0] and "RECSVC_PORT" in err[0], err
