@@ -44,8 +44,8 @@ def _cpu_model() -> str:
 
 async def measure(clients: list[int], seconds: float, warmup_s: float, epochs: int) -> dict[str, object]:
     """Train, publish, start the stack, and run the load at each concurrency; return the figures."""
-    from recsvc.data import load_movielens
-    from recsvc.models.train import TrainConfig, train, write_bundle
+    from recsvc.offline.data import load_movielens
+    from recsvc.offline.models.train import TrainConfig, train, write_bundle
     from tests.faults.harness import LoadGen, fault_stack
 
     dataset = load_movielens()

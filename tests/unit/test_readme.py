@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from recsvc.config import load_settings
-from recsvc.data import load_files
 from recsvc.errors import RecsvcError
+from recsvc.offline.data import load_files
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text(encoding="utf-8")
