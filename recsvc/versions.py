@@ -45,7 +45,7 @@ log = logging.getLogger(__name__)
 
 
 class ModelControl(Protocol):
-    """What the follower needs from the model server (TritonRanker in production)."""
+    """What the follower needs from the model server (TritonModels in production)."""
 
     async def is_model_ready(self, version: str = "") -> bool:
         """Whether ``version`` of the ranker is loaded and ready."""

@@ -62,14 +62,14 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 def cmd_triton_sync(args: argparse.Namespace) -> int:
     """Keep one Triton (e.g. the one beside this sidecar) holding exactly the versions serving.json lists."""
     from recsvc.errors import RankerUnavailable
-    from recsvc.ranking import TritonRanker
+    from recsvc.ranking import TritonModels
     from recsvc.repository.rollout import reconcile
 
     settings = settings_of(args)
     period = settings.repository_poll_s or 2.0
 
     async def run() -> None:
-        triton = TritonRanker.from_settings(settings)
+        triton = TritonModels.from_settings(settings)
         try:
             while True:
                 try:
@@ -106,17 +106,20 @@ def cmd_rollback(args: argparse.Namespace) -> int:
 
 
 def _rollout(settings: Settings, version: int, drain_s: float | None) -> int:
-    from recsvc.ranking import TritonRanker
+    from recsvc.ranking import TritonChannel, TritonModels, TritonRanker
     from recsvc.repository.rollout import rollout
 
     async def run() -> None:
-        triton = TritonRanker.from_settings(settings, timeout_s=max(settings.triton_timeout_s, 10.0))
+        channel = TritonChannel.from_settings(settings)
+        timeout_s = max(settings.triton_timeout_s, 10.0)
+        models = TritonModels.from_settings(settings, timeout_s=timeout_s, channel=channel)
+        canary = TritonRanker.from_settings(settings, timeout_s=timeout_s, channel=channel)
         try:
-            report = await rollout(settings.model_repository, settings.triton_model, version, triton,
+            report = await rollout(settings.model_repository, settings.triton_model, version, models, canary,
                                    drain_s=settings.rollout_drain_s if drain_s is None else drain_s,
                                    ready_timeout_s=settings.rollout_ready_timeout_s)  # fmt: skip
         finally:
-            await triton.close()
+            await channel.close()
         for name, seconds in report.steps:
             print(f"  {seconds:7.2f} s  {name}")
         print(f"{settings.triton_model} version {version} is serving (previous: {report.previous})")

@@ -10,6 +10,8 @@ from recsvc.ranking.base import PADDING_SCORE, Ranker, check_batch
 from recsvc.ranking.batching import BatchingRanker
 from recsvc.ranking.fake import FakeRanker, RankCall
 from recsvc.ranking.onnx_ranker import OnnxRanker
+from recsvc.ranking.triton_channel import TritonChannel, TritonTls
+from recsvc.ranking.triton_models import TritonModels
 from recsvc.ranking.triton_ranker import TritonRanker
 
 __all__ = [
@@ -19,6 +21,9 @@ __all__ = [
     "OnnxRanker",
     "RankCall",
     "Ranker",
+    "TritonChannel",
+    "TritonModels",
     "TritonRanker",
+    "TritonTls",
     "check_batch",
 ]

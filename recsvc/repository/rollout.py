@@ -100,7 +100,7 @@ class ServingState:
 
 
 class ModelAdmin(Protocol):
-    """The model server as the rollout drives it (TritonRanker in production)."""
+    """The model server as the rollout drives it (TritonModels in production)."""
 
     async def loaded_versions(self) -> set[int]:
         """Versions of the model loaded and ready now."""
@@ -118,11 +118,6 @@ class ModelAdmin(Protocol):
         """Whether ``version`` is loaded and ready."""
         ...
 
-    async def score(
-        self, history: npt.NDArray[np.int64], candidates: npt.NDArray[np.int64], *, version: str
-    ) -> npt.NDArray[np.float32]:
-        """SCORES from ``version``."""
-        ...
 
 
 def read_serving(repository: Path, model: str) -> ServingState | None:
@@ -141,6 +136,16 @@ def read_serving(repository: Path, model: str) -> ServingState | None:
                             updated_at=str(raw.get("updated_at", "")))  # fmt: skip
     except (KeyError, TypeError, ValueError) as exc:
         raise ConfigError(f"{path} is malformed: {exc}") from exc
+
+
+class Scorer(Protocol):
+    """Inference on the model server, for the canary (TritonRanker in production)."""
+
+    async def score(
+        self, history: npt.NDArray[np.int64], candidates: npt.NDArray[np.int64], *, version: str
+    ) -> npt.NDArray[np.float32]:
+        """SCORES from ``version``."""
+        ...
 
 
 def write_serving(repository: Path, model: str, state: ServingState) -> None:
@@ -279,7 +284,7 @@ class RolloutReport:
 
 
 async def rollout(
-    repository: Path, model: str, version: int, admin: ModelAdmin, *,
+    repository: Path, model: str, version: int, admin: ModelAdmin, scorer: Scorer, *,
     drain_s: float = 30.0, ready_timeout_s: float = 120.0,
 ) -> RolloutReport:  # fmt: skip
     """Roll ``version`` out (see the module doc); call under ``rollout_lock``. Raises RolloutError if refused."""
@@ -336,7 +341,7 @@ async def rollout(
                 raise RolloutError(f"version {version} not ready within {ready_timeout_s:.0f} s")
             await asyncio.sleep(0.2)
         step("ready")
-        got = await admin.score(inputs["HISTORY"], inputs["CANDIDATES"], version=str(version))
+        got = await scorer.score(inputs["HISTORY"], inputs["CANDIDATES"], version=str(version))
         check_canary(got, expected, inputs["CANDIDATES"])
         step("canary passed")
     except (RolloutError, RankerUnavailable, BundleError, OSError) as exc:

@@ -31,7 +31,7 @@ from recsvc.history import (
 from recsvc.history.tiers import history_size
 from recsvc.pipeline import Pipeline, load_serving_bundle
 from recsvc.prefetch import Prefetcher
-from recsvc.ranking import BatchingRanker, TritonRanker
+from recsvc.ranking import BatchingRanker, TritonChannel, TritonModels, TritonRanker
 from recsvc.repository import latest_version
 from recsvc.repository.rollout import fitted_config, pinnable_versions, read_serving
 from recsvc.server.admission import AdmissionInterceptor
@@ -59,7 +59,7 @@ class Service:
     settings: Settings
     store: HistoryStore
     history: TieredHistory
-    ranker: TritonRanker
+    triton: TritonChannel          # the ranker's and model control's one channel
     pipeline: Pipeline
     prefetcher: Prefetcher
     follower: VersionFollower
@@ -68,7 +68,7 @@ class Service:
     warming: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
-        """Stop background work first, then the caches, the ranker client, the index and the store."""
+        """Stop background work first, then the caches, the Triton channel, the index and the store."""
         if self.warming is not None:
             self.warming.cancel()
             await asyncio.gather(self.warming, return_exceptions=True)
@@ -78,7 +78,7 @@ class Service:
         await self.history.close()
         if self.scorer is not None:
             await self.scorer.close()
-        await self.ranker.close()
+        await self.triton.close()
         await self.pipeline.bundle.close()
         await self.store.close()
 
@@ -141,12 +141,15 @@ async def build_service(settings: Settings) -> Service:
         opened.push_async_callback(store.close)
         history = await open_history(settings, store)
         opened.push_async_callback(history.close)
-        ranker = TritonRanker.from_settings(settings)
-        opened.push_async_callback(ranker.close)
+        # One channel to Triton for inference and for model control (pinning versions).
+        channel = TritonChannel.from_settings(settings)
+        opened.push_async_callback(channel.close)
+        ranker = TritonRanker.from_settings(settings, channel=channel)
+        models = TritonModels.from_settings(settings, channel=channel)
         try:
-            if not await ranker.is_model_ready(str(version)):
+            if not await models.is_model_ready(str(version)):
                 if state is None:
-                    await ranker.load_model()       # before any rollout: the config's version policy
+                    await models.load_model()       # before any rollout: the config's version policy
                 else:
                     # Exactly the rollout's set: never unload a version another replica serves. Less any
                     # version whose files no longer match their checksums (ours was checked when loaded,
@@ -155,7 +158,7 @@ async def build_service(settings: Settings) -> Service:
                     others = [v for v in state.loaded if v != version]
                     intact = set(await asyncio.to_thread(pinnable_versions, repo, model, others))
                     loaded = [v for v in state.loaded if v == version or v in intact]
-                    await ranker.load_versions(loaded, config)
+                    await models.load_versions(loaded, config)
         except RankerUnavailable as exc:
             # Serve anyway: retrieval-only answers flagged degraded beat no answers, and the ranker is
             # used again as soon as Triton answers.
@@ -174,10 +177,10 @@ async def build_service(settings: Settings) -> Service:
         deny = DenyListWatcher(settings.resolved_deny_list(), pipeline.set_denied, poll_s=settings.deny_poll_s)
         opened.push_async_callback(deny.close)
         await deny.start()      # can fail (a deny list path that cannot be stat()ed): all of the above closes
-        follower = VersionFollower(pipeline, ranker, settings)
+        follower = VersionFollower(pipeline, models, settings)
         follower.start()
         opened.push_async_callback(follower.close)
-        service = Service(settings, store, history, ranker, pipeline, prefetcher, follower, deny, scorer)
+        service = Service(settings, store, history, channel, pipeline, prefetcher, follower, deny, scorer)
         opened.pop_all()        # the last step that can fail is behind us: the Service owns everything now
     log.info("serving %s version %s (index %s, %d items)", model, version, bundle.index_version, len(bundle.catalog))
     if settings.warm_users:

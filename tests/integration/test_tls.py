@@ -23,9 +23,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from recsvc.domain import Event, EventType
 from recsvc.errors import Unavailable
 from recsvc.offline.triton_server import TritonOptions, TritonServer
-from recsvc.ranking import TritonRanker
+from recsvc.ranking import TritonModels, TritonRanker, TritonTls
 from recsvc.ranking.tiny import reference_scores
-from recsvc.ranking.triton_ranker import TritonTls
 from recsvc.repository import publish
 from recsvc.repository.tiny_bundle import write_tiny_bundle
 from recsvc.server.client import RecsvcClient
@@ -93,14 +92,14 @@ async def test_triton_over_mutual_tls(triton: TritonServer, pki: Pki, repository
     ranker = TritonRanker(triton.grpc_url, timeout_s=10.0,
                           tls=TritonTls(ca=pki.ca.cert, cert=pki.client.cert, key=pki.client.key))  # fmt: skip
     try:
-        assert await ranker.is_model_ready("1")
+        assert await TritonModels(ranker.channel).is_model_ready("1")
         scores = await ranker.score(history, candidates, version="1")
         np.testing.assert_allclose(scores, reference_scores(repository[1], history, candidates), rtol=1e-5, atol=1e-5)
     finally:
         await ranker.close()
     # Plaintext, and TLS without a client certificate, get nowhere.
     for tls in (None, TritonTls(ca=pki.ca.cert)):
-        refused = TritonRanker(triton.grpc_url, timeout_s=5.0, tls=tls)
+        refused = TritonModels(triton.grpc_url, timeout_s=5.0, tls=tls)
         try:
             assert not await refused.is_server_ready()
         finally:

@@ -12,7 +12,7 @@ import pytest_asyncio
 
 from recsvc.errors import RankerUnavailable
 from recsvc.offline.triton_server import TritonOptions, TritonServer
-from recsvc.ranking import OnnxRanker, TritonRanker
+from recsvc.ranking import OnnxRanker, TritonChannel, TritonModels, TritonRanker
 from recsvc.ranking.tiny import reference_scores
 from recsvc.repository import publish
 from recsvc.repository.tiny_bundle import write_tiny_bundle
@@ -53,10 +53,20 @@ async def triton(repository: Path) -> AsyncIterator[str]:
 
 
 @pytest_asyncio.fixture(loop_scope="module")
-async def ranker(triton: str) -> AsyncIterator[TritonRanker]:
-    ranker = TritonRanker(triton, timeout_s=10.0)  # generous: CI machines are slow and shared
-    yield ranker
-    await ranker.close()
+async def channel(triton: str) -> AsyncIterator[TritonChannel]:
+    channel = TritonChannel(triton)
+    yield channel
+    await channel.close()
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def ranker(channel: TritonChannel) -> TritonRanker:
+    return TritonRanker(channel, timeout_s=10.0)  # generous: CI machines are slow and shared
+
+
+@pytest_asyncio.fixture(loop_scope="module")
+async def models(channel: TritonChannel) -> TritonModels:
+    return TritonModels(channel, timeout_s=10.0)
 
 
 def random_batch(seed: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
@@ -71,10 +81,10 @@ def random_batch(seed: int, rows: int) -> tuple[np.ndarray, np.ndarray]:
     return history, candidates
 
 
-async def test_model_is_ready_at_the_published_version(ranker: TritonRanker) -> None:
-    assert await ranker.is_server_ready()
-    assert await ranker.is_model_ready("1")
-    assert not await ranker.is_model_ready("9")
+async def test_model_is_ready_at_the_published_version(models: TritonModels) -> None:
+    assert await models.is_server_ready()
+    assert await models.is_model_ready("1")
+    assert not await models.is_model_ready("9")
 
 
 async def test_scores_equal_onnx_runtime_and_the_reference(
@@ -115,12 +125,12 @@ async def test_rejected_input_raises_ranker_unavailable(ranker: TritonRanker) ->
 
 
 async def test_new_version_loads_beside_the_previous_one(
-    ranker: TritonRanker, repository: Path, workdir: Path, v1: tuple[Path, np.ndarray]
+    ranker: TritonRanker, models: TritonModels, repository: Path, workdir: Path, v1: tuple[Path, np.ndarray]
 ) -> None:
     bundle2, embeddings2 = make_bundle(workdir / "bundle-2", seed=2)
     assert publish(bundle2, repository) == 2
-    await ranker.load_model()  # explicit mode: rescan, load the newest two
-    assert await ranker.is_model_ready("2") and await ranker.is_model_ready("1")
+    await models.load_model()  # explicit mode: rescan, load the newest two
+    assert await models.is_model_ready("2") and await models.is_model_ready("1")
     history, candidates = random_batch(10, 2)
     new, old = await asyncio.gather(
         ranker.score(history, candidates, version="2"), ranker.score(history, candidates, version="1")
@@ -133,12 +143,15 @@ async def test_after_the_server_stops_score_raises_ranker_unavailable(repository
     history, candidates = random_batch(11, 1)
     async with running_triton(repository, log_path=workdir / "stopped.log") as (server, url):
         ranker = TritonRanker(url, timeout_s=10.0)
+        models = TritonModels(ranker.channel, timeout_s=10.0)
         await ranker.score(history, candidates, version="1")
         assert await server.stop() == 0
         with pytest.raises(RankerUnavailable, match="UNAVAILABLE"):
             await ranker.score(history, candidates, version="1")
-        assert not await ranker.is_server_ready()
-        await ranker.close()
+        assert not await models.is_server_ready()
+        await ranker.close()                # its own channel (given a URL): closed with it
+        with pytest.raises(RankerUnavailable, match="closed"):
+            await models.is_model_ready("1")
 
 
 async def test_start_up_failure_is_reported_with_the_cause(workdir: Path) -> None:

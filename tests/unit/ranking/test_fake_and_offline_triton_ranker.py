@@ -11,7 +11,7 @@ import pytest
 
 from recsvc.config import Settings
 from recsvc.errors import InvalidArgument, RankerUnavailable
-from recsvc.ranking import PADDING_SCORE, FakeRanker, Ranker, TritonRanker
+from recsvc.ranking import PADDING_SCORE, FakeRanker, Ranker, TritonChannel, TritonModels, TritonRanker
 
 
 async def test_fake_ranker_scores_by_table_and_records_calls() -> None:
@@ -48,11 +48,12 @@ async def test_unreachable_triton_raises_ranker_unavailable_fast(offline: Triton
         await offline.score(history, candidates, version="1")
     assert time.monotonic() - t0 < 2.5
     assert offline.url in str(info.value) and "version 1" in str(info.value)
-    assert await offline.is_server_ready() is False
+    models = TritonModels(offline.channel, timeout_s=2.0)           # model control on the same channel
+    assert await models.is_server_ready() is False
     with pytest.raises(RankerUnavailable, match="readiness"):
-        await offline.is_model_ready("1")
+        await models.is_model_ready("1")
     with pytest.raises(RankerUnavailable, match="load of model ranker"):
-        await offline.load_model()
+        await models.load_model()
 
 
 async def test_zero_rows_and_bad_shapes_need_no_server(offline: TritonRanker) -> None:
@@ -74,6 +75,21 @@ def test_triton_ranker_from_settings_and_argument_checks() -> None:
     assert (ranker.url, ranker.model_name, ranker.timeout_s) == ("h:1", "m", 0.25)
     with pytest.raises(ValueError, match="must be > 0"):
         TritonRanker("h:1", max_batch_size=0)
+    with pytest.raises(ValueError, match="must be > 0"):
+        TritonModels("h:1", load_timeout_s=0)
+
+
+async def test_a_shared_channel_is_closed_by_its_owner_not_by_the_ranker_or_model_control() -> None:
+    channel = TritonChannel(f"127.0.0.1:{unused_port()}")
+    ranker, models = TritonRanker(channel, timeout_s=0.5), TritonModels(channel, timeout_s=0.5)
+    await ranker.close()
+    await models.close()
+    assert await models.is_server_ready() is False               # still open: unreachable, not closed
+    await channel.close()
+    with pytest.raises(RankerUnavailable, match="closed"):
+        await models.is_model_ready("1")
+    with pytest.raises(RankerUnavailable, match="closed"):
+        await ranker.score(np.zeros((1, 5), np.int64), np.zeros((1, 7), np.int64), version="1")
 
 
 def _sample(name: str, **labels: str) -> float:

@@ -139,7 +139,7 @@ async def test_rollout_refuses_a_damaged_version_before_triton_sees_it(tmp_path:
     damage_model(repo / "ranker" / "2" / "model.onnx", "overwrite")
     triton = AdminTriton()
     with pytest.raises(RolloutError, match=r"version 2 refused before loading.*model\.onnx checksum"):
-        await rollout(repo, "ranker", 2, triton, drain_s=0)
+        await rollout(repo, "ranker", 2, triton, triton, drain_s=0)
     assert triton.loads == []                          # never loaded
     state = read_serving(repo, "ranker")
     assert state is not None and (state.version, state.loaded, state.refused) == (1, (1,), (2,))

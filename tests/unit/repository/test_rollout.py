@@ -64,7 +64,7 @@ async def test_rollout_loads_beside_checks_switches_then_unloads_the_old(tmp_pat
     publish(bundle, repo)
     triton = FakeTriton(repo)
     with rollout_lock(repo, "ranker"):
-        report = await rollout(repo, "ranker", 2, triton, drain_s=0)
+        report = await rollout(repo, "ranker", 2, triton, triton, drain_s=0)
     state = read_serving(repo, "ranker")
     assert state is not None and (state.version, state.previous, state.loaded) == (2, 1, (2,))
     assert triton.loads == [[1, 2], [2]]               # both loaded during the switch, then only the new one
@@ -72,7 +72,7 @@ async def test_rollout_loads_beside_checks_switches_then_unloads_the_old(tmp_pat
         "pre-flight passed (ONNX Runtime here)", "loaded beside the current version", "ready", "canary passed"]
 
     # Rollback is a rollout to the previous version.
-    await rollout(repo, "ranker", 1, triton, drain_s=0)
+    await rollout(repo, "ranker", 1, triton, triton, drain_s=0)
     state = read_serving(repo, "ranker")
     assert state is not None and (state.version, state.previous, state.loaded) == (1, 2, (1,))
     assert triton.loads[-2:] == [[1, 2], [1]]
@@ -83,12 +83,12 @@ async def test_broken_version_is_refused_and_the_current_one_keeps_serving(tmp_p
     publish(bundle, repo)
     publish(bundle, repo)
     triton = FakeTriton(repo)
-    await rollout(repo, "ranker", 2, triton, drain_s=0)
+    await rollout(repo, "ranker", 2, triton, triton, drain_s=0)
     publish(broken_bundle(bundle, tmp_path / "broken"), repo)       # static checks pass
     loads = len(triton.loads)
     with pytest.raises(RolloutError, match=r"version 3 refused before loading, 2 keeps serving: canary: SCORES shape "
                                            r"\(8, 101\), expected \(8, 100\)"):  # fmt: skip
-        await rollout(repo, "ranker", 3, triton, drain_s=0)
+        await rollout(repo, "ranker", 3, triton, triton, drain_s=0)
     state = read_serving(repo, "ranker")
     assert state is not None and (state.version, state.loaded, state.refused) == (2, (2,), (3,))
     assert len(triton.loads) == loads and triton.loaded == {2}     # Triton never saw the broken version
@@ -99,7 +99,7 @@ async def test_a_version_failing_only_inside_triton_is_unloaded_again(tmp_path: 
     for _ in range(3):
         publish(bundle, repo)
     triton = FakeTriton(repo)
-    await rollout(repo, "ranker", 2, triton, drain_s=0)
+    await rollout(repo, "ranker", 2, triton, triton, drain_s=0)
     real_score = triton.score
 
     async def garbled(history: np.ndarray, candidates: np.ndarray, *, version: str) -> np.ndarray:
@@ -109,7 +109,7 @@ async def test_a_version_failing_only_inside_triton_is_unloaded_again(tmp_path: 
 
     triton.score = garbled  # type: ignore[method-assign]
     with pytest.raises(RolloutError, match="version 3 refused, 2 keeps serving: canary: row 0 ranks differently"):
-        await rollout(repo, "ranker", 3, triton, drain_s=0)
+        await rollout(repo, "ranker", 3, triton, triton, drain_s=0)
     assert triton.loads[-2:] == [[2, 3], [2]] and triton.loaded == {2}
 
 
@@ -120,7 +120,7 @@ async def test_a_version_that_never_gets_ready_is_refused(tmp_path: Path, bundle
     triton = FakeTriton(repo)
     triton.never_ready.add(2)
     with pytest.raises(RolloutError, match="not ready within"):
-        await rollout(repo, "ranker", 2, triton, drain_s=0, ready_timeout_s=0.3)
+        await rollout(repo, "ranker", 2, triton, triton, drain_s=0, ready_timeout_s=0.3)
     state = read_serving(repo, "ranker")
     assert state is not None and state.version == 1 and state.refused == (2,)
 
@@ -131,10 +131,10 @@ async def test_unreachable_triton_refuses_nothing(tmp_path: Path, bundle: Path) 
     triton = FakeTriton(repo)
     triton.up = False
     with pytest.raises(ConfigError, match="Triton is not reachable: version 1 is published but not rolled out"):
-        await rollout(repo, "ranker", 1, triton)
+        await rollout(repo, "ranker", 1, triton, triton)
     assert read_serving(repo, "ranker") is None
     with pytest.raises(ConfigError, match="no complete version 9"):
-        await rollout(repo, "ranker", 9, triton)
+        await rollout(repo, "ranker", 9, triton, triton)
 
 
 def test_canary_checks_shape_values_padding_and_order() -> None:
@@ -159,7 +159,8 @@ async def test_reconcile_brings_another_triton_to_the_rollout_set(tmp_path: Path
     publish(bundle, repo)
     before = FakeTriton(repo)
     assert await reconcile(repo, "ranker", before) and before.loaded == {2}   # no rollout yet: the newest
-    await rollout(repo, "ranker", 1, FakeTriton(repo), drain_s=0)
+    fake = FakeTriton(repo)
+    await rollout(repo, "ranker", 1, fake, fake, drain_s=0)
     replica = FakeTriton(repo)                                          # a second Triton, freshly started
     assert await reconcile(repo, "ranker", replica)
     assert replica.loaded == {1}
@@ -175,7 +176,7 @@ async def test_triton_lost_mid_rollout_refuses_nothing(tmp_path: Path, bundle: P
     for _ in range(3):
         publish(bundle, repo)
     triton = FakeTriton(repo)
-    await rollout(repo, "ranker", 2, triton, drain_s=0)
+    await rollout(repo, "ranker", 2, triton, triton, drain_s=0)
 
     async def crash(versions: Sequence[int], config_pbtxt: str) -> None:
         triton.up = False
@@ -183,6 +184,6 @@ async def test_triton_lost_mid_rollout_refuses_nothing(tmp_path: Path, bundle: P
 
     triton.load_versions = crash  # type: ignore[method-assign]
     with pytest.raises(ConfigError, match="Triton became unreachable during the rollout of version 3"):
-        await rollout(repo, "ranker", 3, triton, drain_s=0)
+        await rollout(repo, "ranker", 3, triton, triton, drain_s=0)
     state = read_serving(repo, "ranker")
     assert state is not None and (state.version, state.loaded, state.refused) == (2, (2,), ())

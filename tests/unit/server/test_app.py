@@ -83,7 +83,7 @@ async def test_start_up_pins_the_rollouts_set_without_hashing_the_version_it_jus
     tmp_path: Path, tiny_bundle: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import recsvc.server.app as app
-    from recsvc.ranking import TritonRanker
+    from recsvc.ranking import TritonModels
     from recsvc.repository.rollout import ServingState, write_serving
 
     repo = tmp_path / "repo"
@@ -98,15 +98,15 @@ async def test_start_up_pins_the_rollouts_set_without_hashing_the_version_it_jus
         hashed.append(list(wanted))
         return real(repository, model, wanted)
 
-    async def not_ready(self: TritonRanker, version: str = "") -> bool:
+    async def not_ready(self: TritonModels, version: str = "") -> bool:
         return False                                    # Triton up, nothing loaded (EXPLICIT mode)
 
-    async def load_versions(self: TritonRanker, versions: Sequence[int], config_pbtxt: str) -> None:
+    async def load_versions(self: TritonModels, versions: Sequence[int], config_pbtxt: str) -> None:
         pinned.append(list(versions))
 
     monkeypatch.setattr(app, "pinnable_versions", recording)
-    monkeypatch.setattr(TritonRanker, "is_model_ready", not_ready)
-    monkeypatch.setattr(TritonRanker, "load_versions", load_versions)
+    monkeypatch.setattr(TritonModels, "is_model_ready", not_ready)
+    monkeypatch.setattr(TritonModels, "load_versions", load_versions)
     settings = Settings(data_dir=tmp_path, model_repository=repo, triton_url="127.0.0.1:1", triton_timeout_s=0.2,
                         max_k=10, num_candidates=20, repository_poll_s=0)  # fmt: skip
     service = await build_service(settings)

@@ -22,7 +22,7 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from recsvc.config import Settings, load_settings
 from recsvc.errors import ConfigError
-from recsvc.ranking.triton_ranker import TritonRanker, TritonTls
+from recsvc.ranking import TritonRanker, TritonTls
 from recsvc.server import app
 from recsvc.server.client import RecsvcClient
 from recsvc.server.security import AuthInterceptor, ReloadingFiles, ServerTls, bind, check_files, start_health_port
@@ -540,12 +540,12 @@ def test_no_interceptor_when_everything_is_open() -> None:
 # ----------------------------------------------------------------------------------- Triton client
 def test_triton_tls_from_settings(pki: Pki, tmp_path: Path) -> None:
     plain = TritonRanker.from_settings(_settings())
-    assert plain.tls is None
+    assert plain.channel.tls is None
     s = _settings(triton_tls=True, triton_ca=pki.ca.cert, triton_cert=pki.writer.cert, triton_key=pki.writer.key)
     ranker = TritonRanker.from_settings(s, timeout_s=7.0)
-    assert ranker.tls == TritonTls(ca=pki.ca.cert, cert=pki.writer.cert, key=pki.writer.key)
+    assert ranker.channel.tls == TritonTls(ca=pki.ca.cert, cert=pki.writer.cert, key=pki.writer.key)
     assert ranker.timeout_s == 7.0
-    assert ranker.tls.client_args() == {"ssl": True, "root_certificates": str(pki.ca.cert),
+    assert ranker.channel.tls.client_args() == {"ssl": True, "root_certificates": str(pki.ca.cert),
                                         "private_key": str(pki.writer.key),
                                         "certificate_chain": str(pki.writer.cert)}  # fmt: skip
     with pytest.raises(ConfigError, match=r"triton_ca .*absent\.pem"):

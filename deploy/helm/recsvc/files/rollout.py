@@ -152,10 +152,10 @@ class Job:
         from tritonclient.grpc import InferenceServerClient
 
         from recsvc.config import load_settings
-        from recsvc.ranking.triton_ranker import TritonRanker
+        from recsvc.ranking.triton_channel import TritonChannel
 
         # TLS to Triton as recsvc itself dials it (RECSVC_TRITON_TLS*, the chart's triton.tls).
-        tls = TritonRanker.from_settings(load_settings()).tls
+        tls = TritonChannel.from_settings(load_settings()).tls
         deadline, last = time.monotonic() + self.wait_s, "no answer"
         announced = False
         while True:
