@@ -166,18 +166,34 @@ def node_example() -> Path:
         pytest.fail("examples/node has no node_modules: run scripts/setup (it runs `npm ci` there)")
     build = subprocess.run([npm, "run", "build"], cwd=NODE_EXAMPLE, capture_output=True, text=True, timeout=180)
     assert build.returncode == 0, build.stdout + build.stderr         # tsc: a type error fails here
-    return NODE_EXAMPLE / "dist" / "recommend.js"
+    return NODE_EXAMPLE / "dist"
 
 
 def test_node_example(target: str, node_example: Path) -> None:
-    run = subprocess.run(["node", str(node_example), "--target", target, "--user", "node-example-user"],
+    example = node_example / "recommend.js"
+    run = subprocess.run(["node", str(example), "--target", target, "--user", "node-example-user"],
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert run.returncode == 0, run.stdout + run.stderr
     check_example_output(run.stdout)
 
 
 def test_node_example_uses_the_documented_retry_policy(node_example: Path) -> None:
-    script = f"console.log(JSON.stringify(require({json.dumps(str(node_example))}).RETRY_SERVICE_CONFIG))"
+    module = json.dumps(str(node_example / "recommend.js"))
+    script = f"console.log(JSON.stringify(require({module}).RETRY_SERVICE_CONFIG))"
     run = subprocess.run(["node", "-e", script], capture_output=True, text=True, timeout=30)
     assert run.returncode == 0, run.stderr
     assert json.loads(run.stdout) == json.loads(RETRY_SERVICE_CONFIG)
+
+
+def test_node_reflection_v1_client_discovers_and_calls_the_api(target: str, node_example: Path) -> None:
+    # grpc-js-reflection-client speaking grpc.reflection.v1 (UNIMPLEMENTED before recsvc served v1): the
+    # schema comes from the server, no .proto file on the client's side.
+    run = subprocess.run(["node", str(node_example / "discover.js"), "--target", target, "--user", "discovering-user"],
+                         capture_output=True, text=True, timeout=60)  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert run.stdout.splitlines() == [
+        "services=grpc.health.v1.Health,grpc.reflection.v1.ServerReflection,"
+        "grpc.reflection.v1alpha.ServerReflection,recsvc.v1.Recommender",
+        "methods=Recommend,RecordEvents,Prefetch",
+        "recommend k=unset items=10 model_version=1",
+    ]
