@@ -46,7 +46,7 @@ DEADLINE_S = 2.0        # per call; the server shares it out among its stages an
 
 def main() -> None:
     """Run the steps against ``--target`` and print what came back."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description="Call recsvc from Python with the generated stubs.")
     parser.add_argument("--target", default="127.0.0.1:50051", help="host:port of recsvc")
     parser.add_argument("--user", default="41", help="user id to recommend for")
     args = parser.parse_args()
