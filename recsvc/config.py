@@ -49,6 +49,7 @@ class Settings:
 
     # --- API limits (documented in protos/recsvc/v1/recommender.proto) ---
     max_k: int = 100                         # largest k a Recommend call may ask for
+    default_k: int = 10                      # Recommend's k when the request leaves it unset (0); <= max_k
     max_exclude: int = 500                   # exclude_item_ids per Recommend call
     max_context: int = 50                    # context_item_ids per Recommend call
     max_id_len: int = 128                    # bytes per id (users, items, events; also the deny list)
@@ -237,7 +238,7 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
 
 def _validate(s: Settings) -> None:
     positive = [
-        "max_k", "max_exclude", "max_context", "max_id_len", "max_events_per_call", "history_len",
+        "max_k", "default_k", "max_exclude", "max_context", "max_id_len", "max_events_per_call", "history_len",
         "history_keep", "l1_max_entries", "l1_max_bytes", "num_candidates", "vector_cache_entries",
         "prefetch_queue", "prefetch_workers", "search_max_batch", "workers", "index_flat_max_items",
         "index_hnsw_m", "index_recall_k", "rank_max_batch", "vector_cache_bytes", "l2_max_entries", "l2_max_bytes",
@@ -288,6 +289,8 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"setting 'rollout_drain_s' must be >= 0, got {s.rollout_drain_s}")
     if s.repository_poll_s < 0:
         raise ConfigError(f"setting 'repository_poll_s' must be >= 0 (0: never), got {s.repository_poll_s}")
+    if s.default_k > s.max_k:
+        raise ConfigError(f"default_k ({s.default_k}) cannot exceed max_k ({s.max_k}): lower RECSVC_DEFAULT_K too")
     if s.max_k > s.num_candidates:
         raise ConfigError(f"max_k ({s.max_k}) cannot exceed num_candidates ({s.num_candidates})")
     if s.history_keep < s.history_len:

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY
 
 from recsvc.config import Settings
@@ -38,6 +37,7 @@ from recsvc.server.admission import AdmissionInterceptor
 from recsvc.server.health import HealthServicer
 from recsvc.server.interceptors import RequestInterceptor
 from recsvc.server.metrics import RpcMetrics, StatsExporter, multiprocess_registry, start_metrics_server
+from recsvc.server.reflection import enable_reflection
 from recsvc.server.security import AuthInterceptor, bind, check_files, start_health_port
 from recsvc.server.servicer import SERVICE_NAME, RecommenderServicer, add_to_server
 from recsvc.server.tracing import Tracing
@@ -262,9 +262,8 @@ async def _run_grpc(
     add_to_server(server, servicer)
     health_servicer = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
-    )
+    # Reflection answers as grpc.reflection.v1 and v1alpha alike (old and new grpcurl, grpc-js clients).
+    enable_reflection(server, (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name))
     port = bind(server, settings)   # TLS when tls_cert is set
     stop = stop or asyncio.Event()
     hurry = asyncio.Event()

@@ -17,6 +17,18 @@ __all__ = ["MAX_FUTURE_S", "MAX_PREFETCH_USERS", "events_from_proto", "prefetch_
 MAX_FUTURE_S = 300.0
 MAX_PREFETCH_USERS = 1000
 
+# Named as the client writes them (the proto's enum value names, which JSON and grpcurl use too).
+_EVENT_TYPES = (pb.EVENT_TYPE_VIEW, pb.EVENT_TYPE_CART, pb.EVENT_TYPE_PURCHASE)
+_EVENT_TYPES_TEXT = "EVENT_TYPE_VIEW, EVENT_TYPE_CART or EVENT_TYPE_PURCHASE"
+
+
+def _enum_text(value: int) -> str:
+    """``EVENT_TYPE_UNSPECIFIED (0)``; just the number for a value this proto does not define."""
+    try:
+        return f"{pb.EventType.Name(value)} ({value})"
+    except ValueError:
+        return f"{value} (not an EventType)"
+
 
 def _check_ids(field: str, values: Sequence[str], max_count: int, max_len: int) -> tuple[str, ...]:
     if len(values) > max_count:
@@ -27,11 +39,14 @@ def _check_ids(field: str, values: Sequence[str], max_count: int, max_len: int) 
 def query_from_proto(request: pb.RecommendRequest, settings: Settings) -> RecommendQuery:
     """Validate a RecommendRequest against the limits in ``settings``."""
     user_id = check_id("user_id", request.user_id, settings.max_id_len)
-    if not 1 <= request.k <= settings.max_k:
-        raise InvalidArgument("k", f"must be between 1 and {settings.max_k}, got {request.k}")
+    # Unset (0) means the documented default, as page sizes do in Google's API guidelines (AIP-158).
+    k = settings.default_k if request.k == 0 else request.k
+    if not 1 <= k <= settings.max_k:
+        raise InvalidArgument("k", f"must be between 1 and {settings.max_k} (0 or unset: {settings.default_k}), "
+                                   f"got {request.k}")  # fmt: skip
     return RecommendQuery(
         user_id=user_id,
-        k=request.k,
+        k=k,
         context_item_ids=_check_ids(
             "context_item_ids", request.context_item_ids, settings.max_context, settings.max_id_len
         ),
@@ -55,8 +70,8 @@ def events_from_proto(request: pb.RecordEventsRequest, settings: Settings, now: 
         field = f"events[{i}]"
         user_id = check_id(f"{field}.user_id", e.user_id, settings.max_id_len)
         item_id = check_id(f"{field}.item_id", e.item_id, settings.max_id_len)
-        if e.type not in (pb.EVENT_TYPE_VIEW, pb.EVENT_TYPE_CART, pb.EVENT_TYPE_PURCHASE):
-            raise InvalidArgument(f"{field}.type", f"must be VIEW, CART or PURCHASE, got {e.type}")
+        if e.type not in _EVENT_TYPES:
+            raise InvalidArgument(f"{field}.type", f"must be {_EVENT_TYPES_TEXT}, got {_enum_text(e.type)}")
         if e.HasField("timestamp"):
             if not 0 <= e.timestamp.nanos < 1_000_000_000:
                 raise InvalidArgument(f"{field}.timestamp", f"nanos must be in 0..999999999, got {e.timestamp.nanos}")

@@ -42,6 +42,8 @@ def test_unknown_override_rejected() -> None:
         ({"RECSVC_PORT": "70000"}, "0..65535"),
         ({"RECSVC_GRACE_S": "-1"}, "'grace_s' must be > 0"),
         ({"RECSVC_MAX_K": "500"}, "cannot exceed num_candidates"),
+        ({"RECSVC_DEFAULT_K": "0"}, "'default_k' must be > 0"),
+        ({"RECSVC_MAX_K": "5"}, r"default_k \(10\) cannot exceed max_k \(5\): lower RECSVC_DEFAULT_K"),
         ({"RECSVC_HISTORY_KEEP": "10"}, "history_keep"),
         ({"RECSVC_INDEX_KIND": "annoy"}, "'index_kind' must be one of auto, flat"),
         ({"RECSVC_INDEX_DEVICE": "tpu"}, "'index_device' must be one of"),

@@ -36,3 +36,12 @@ def test_proto_documents_the_id_grammar_and_message_size() -> None:
     assert f"at most 4 MiB ({s.max_message_bytes} bytes, RECSVC_MAX_MESSAGE_BYTES)" in text
     assert "no\n// control character" in text and "neither start nor end with whitespace" in text
     assert "x-request-id" in text and "internal error (request id X)" in text
+
+
+def test_proto_documents_the_default_k_timestamps_and_enum_names() -> None:
+    text = (ROOT / "protos/recsvc/v1/recommender.proto").read_text()
+    s = Settings()
+    assert f"means the default: {s.default_k} (RECSVC_DEFAULT_K). Negative values are INVALID_ARGUMENT" in text
+    assert f"(0 or unset: {s.default_k}), got -1" in text
+    assert 'RFC 3339 string: "2026-12-04T13:15:00Z"' in text and "google.protobuf.Timestamp" in text
+    assert '"EVENT_TYPE_VIEW"' in text and "grpc.reflection.v1 " in text and "protos/README.md" in text

@@ -87,7 +87,7 @@ async def test_client_request_id_is_echoed_and_a_missing_one_is_generated(versio
 
             # Errors carry it too.
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await stub.Recommend(pb.RecommendRequest(user_id="u", k=0), metadata=((REQUEST_ID_KEY, "front-43"),))
+                await stub.Recommend(pb.RecommendRequest(user_id="u", k=-1), metadata=((REQUEST_ID_KEY, "front-43"),))
             assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
             assert trailing(info.value)[REQUEST_ID_KEY] == "front-43"
 

@@ -71,7 +71,7 @@ def id_ok(value: str, limits: Settings = LIMITS) -> bool:
 def recommend_errors(r: pb.RecommendRequest) -> set[str]:
     """Every field of ``r`` that is wrong (empty: the request is valid)."""
     wrong = set() if id_ok(r.user_id) else {"user_id"}
-    if not 1 <= r.k <= LIMITS.max_k:
+    if not 0 <= r.k <= LIMITS.max_k:       # 0: unset, the default (LIMITS.default_k)
         wrong.add("k")
     for name, limit in (("context_item_ids", LIMITS.max_context), ("exclude_item_ids", LIMITS.max_exclude)):
         values = getattr(r, name)
@@ -176,7 +176,7 @@ def test_recommend_answers_ok_exactly_when_valid(stub: pb_grpc.RecommenderStub, 
     check_reply(code, details, recommend_errors(request))
     if isinstance(reply, pb.RecommendResponse):
         got = [i.item_id for i in reply.items]
-        assert 1 <= len(got) <= request.k and len(set(got)) == len(got)
+        assert 1 <= len(got) <= (request.k or LIMITS.default_k) and len(set(got)) == len(got)
         assert not set(got) & (set(request.context_item_ids) | set(request.exclude_item_ids))
         assert all(re.fullmatch(r"SKU-\d{7}", i) for i in got)
         scores = [i.score for i in reply.items]

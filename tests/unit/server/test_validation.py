@@ -24,7 +24,7 @@ def test_valid_query() -> None:
         ({"user_id": "   ", "k": 5}, "user_id", "must not be blank"),
         ({"user_id": "x" * 129, "k": 5}, "user_id", "at most 128 bytes, got 129"),
         ({"user_id": "é" * 65, "k": 5}, "user_id", "at most 128 bytes, got 130"),
-        ({"user_id": "u", "k": 0}, "k", "between 1 and 100, got 0"),
+        ({"user_id": "u", "k": -1}, "k", "must be between 1 and 100 (0 or unset: 10), got -1"),
         ({"user_id": "u", "k": -3}, "k", "got -3"),
         ({"user_id": "u", "k": 101}, "k", "got 101"),
         ({"user_id": "u", "k": 5, "exclude_item_ids": ["x"] * 501}, "exclude_item_ids", "at most 500 ids allowed"),
@@ -55,6 +55,12 @@ def test_valid_ids(user_id: str) -> None:
     assert query_from_proto(pb.RecommendRequest(user_id=user_id, k=1), S).user_id == user_id
 
 
+def test_unset_k_means_the_default() -> None:
+    assert query_from_proto(pb.RecommendRequest(user_id="u"), S).k == S.default_k == 10
+    assert query_from_proto(pb.RecommendRequest(user_id="u", k=0), Settings(default_k=3)).k == 3
+    assert query_from_proto(pb.RecommendRequest(user_id="u", k=7), Settings(default_k=3)).k == 7
+
+
 def test_limits_follow_settings() -> None:
     with pytest.raises(InvalidArgument, match="between 1 and 3"):
         query_from_proto(pb.RecommendRequest(user_id="u", k=4), Settings(max_k=3))
@@ -82,7 +88,10 @@ def test_events_valid_with_and_without_timestamp() -> None:
     [
         (pb.Event(user_id="", item_id="i", type=pb.EVENT_TYPE_VIEW), "events[1].user_id", "must not be empty"),
         (pb.Event(user_id="u", item_id="", type=pb.EVENT_TYPE_VIEW), "events[1].item_id", "must not be empty"),
-        (pb.Event(user_id="u", item_id="i"), "events[1].type", "must be VIEW, CART or PURCHASE, got 0"),
+        (pb.Event(user_id="u", item_id="i"), "events[1].type",
+         "must be EVENT_TYPE_VIEW, EVENT_TYPE_CART or EVENT_TYPE_PURCHASE, got EVENT_TYPE_UNSPECIFIED (0)"),
+        (pb.Event(user_id="u", item_id="i", type=7), "events[1].type",  # type: ignore[arg-type]
+         "must be EVENT_TYPE_VIEW, EVENT_TYPE_CART or EVENT_TYPE_PURCHASE, got 7 (not an EventType)"),
         (pb.Event(user_id="u", item_id="i", type=pb.EVENT_TYPE_CART, timestamp=ts(9999)), "events[1].timestamp",
          "in the future"),
         (pb.Event(user_id="u", item_id="i", type=pb.EVENT_TYPE_CART, timestamp=ts(-5)), "events[1].timestamp",
