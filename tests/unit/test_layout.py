@@ -8,6 +8,7 @@ functions that only run on some paths.
 from __future__ import annotations
 
 import ast
+import graphlib
 import json
 import re
 import subprocess
@@ -61,13 +62,43 @@ def _imports(path: Path) -> set[str]:
     return names
 
 
-def test_no_runtime_module_imports_the_offline_side_even_lazily() -> None:
+def _runtime_modules() -> list[Path]:
     runtime = [p for p in PACKAGE.rglob("*.py")
                if p.relative_to(PACKAGE).parts[0] not in ("offline", "cli", "v1")]  # fmt: skip
     assert len(runtime) > 40
+    return runtime
+
+
+def test_no_runtime_module_imports_the_offline_side_even_lazily() -> None:
     offenders = {str(p.relative_to(PACKAGE)): sorted(n for n in _imports(p) if n.startswith(OFFLINE_SIDE))
-                 for p in runtime}  # fmt: skip
+                 for p in _runtime_modules()}  # fmt: skip
     assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_heavy_packages_appear_in_the_runtime_only_where_they_are_known_to_be_safe() -> None:
+    # model_torch.py runs inside Triton's python stub (publish copies it into a version), never in recsvc;
+    # the torch search backend is opt-in (index_device=torch, the gpu extra) and checks torch is there.
+    allowed = {"repository/model_torch.py": ["torch"], "retrieval/backends.py": ["torch"]}
+    found = {str(p.relative_to(PACKAGE)): sorted({n.split(".")[0] for n in _imports(p)} & set(HEAVY))
+             for p in _runtime_modules()}  # fmt: skip
+    assert {k: v for k, v in found.items() if v} == allowed
+
+
+def test_no_import_circles_in_the_package_even_through_lazy_imports() -> None:
+    # Circles such as bench/compression <-> cli or engines <-> publishing only ever worked because one
+    # side imported lazily; graphlib raises CycleError, naming the circle, if one comes back.
+    modules = {".".join(p.relative_to(PACKAGE.parent).with_suffix("").parts).removesuffix(".__init__"): p
+               for p in PACKAGE.rglob("*.py")}  # fmt: skip
+
+    def module_of(name: str) -> str | None:
+        while name and name not in modules:
+            name = name.rpartition(".")[0]
+        return name or None
+
+    graph = {name: {m for n in _imports(path) if (m := module_of(n)) not in (None, name)}
+             for name, path in modules.items()}  # fmt: skip
+    assert graph["recsvc.offline.bench.compression"] and graph["recsvc.offline.engines"]   # the graph is real
+    graphlib.TopologicalSorter(graph).prepare()
 
 
 def test_the_import_check_sees_a_lazy_import(tmp_path: Path) -> None:
