@@ -9,6 +9,7 @@ by masking scores) do so; the others say so, and the retriever over-fetches and 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 from typing import Any, Protocol
 
@@ -136,7 +137,9 @@ class FaissBackend:
 
 
 def torch_cuda_available() -> bool:
-    """Whether torch sees a CUDA device."""
+    """Whether torch is installed (the ``gpu`` extra; a lean serving install has none) and sees a CUDA device."""
+    if importlib.util.find_spec("torch") is None:
+        return False
     import torch
 
     return bool(torch.cuda.is_available())
@@ -149,8 +152,11 @@ class TorchBackend:
 
     def __init__(self, vectors: npt.NDArray[np.float32], *, device: str = "cuda", fp16: bool = False,
                  max_rows: int = 256) -> None:  # fmt: skip
-        import torch
-
+        try:
+            import torch
+        except ModuleNotFoundError as exc:
+            raise ConfigError("index_device=torch needs torch, which this install lacks: "
+                              "pip install 'recsvc[gpu]' (or use index_device=cpu|gpu)") from exc  # fmt: skip
         if device.startswith("cuda") and not torch.cuda.is_available():
             raise ConfigError("index_device=torch needs a CUDA device and torch does not see one")
         self._torch = torch

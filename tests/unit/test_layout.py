@@ -117,7 +117,9 @@ def test_the_base_install_is_the_serving_runtime_and_extras_carry_the_rest() -> 
     assert any(d.startswith("torch==") for d in extras["train"])
     assert any(d.startswith("nvidia-pytriton") for d in extras["triton"])
     assert any(d.startswith("matplotlib") for d in extras["bench"])
-    assert "recsvc[train,triton,bench,tracing]" in extras["dev"]   # scripts/setup installs .[dev]: everything
+    assert extras["gpu"] == [d for d in extras["train"] if d.startswith("torch==")]   # one torch pin
+    # scripts/setup installs .[dev]: everything
+    assert f"recsvc[{','.join(e for e in extras if e != 'dev')}]" in extras["dev"]
 
 
 def test_an_offline_command_without_its_extra_names_the_extra() -> None:

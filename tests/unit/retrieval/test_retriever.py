@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 
 import numpy as np
@@ -193,3 +194,16 @@ async def test_approximate_index_through_the_retriever_filters_too() -> None:
     assert len(ids) == 10
     assert r.stats()["kind"] == "ivf_flat" and r.stats()["recall"] >= 0.95
     await r.close()
+
+
+def test_without_torch_auto_stays_on_faiss_and_index_device_torch_names_the_extra(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A lean serving install has no torch: `auto` on a CUDA host must fall back to faiss, not crash.
+    from recsvc.errors import ConfigError
+    from recsvc.retrieval.backends import torch_cuda_available
+
+    monkeypatch.setitem(sys.modules, "torch", None)       # as on a serving image: import torch fails
+    assert torch_cuda_available() is False
+    with pytest.raises(ConfigError, match=r"index_device=torch needs torch.*recsvc\[gpu\]"):
+        TorchBackend(np.zeros((4, 2), np.float32), device="cpu")
