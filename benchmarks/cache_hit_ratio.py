@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from recsvc.bench.cache_sim import register
+from recsvc.offline.bench.cache_sim import register
 
 
 def main() -> int:

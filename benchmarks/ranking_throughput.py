@@ -38,8 +38,9 @@ import numpy as np
 from tritonclient.grpc import InferInput
 from tritonclient.grpc.aio import InferenceServerClient
 
+from recsvc.offline.triton_server import TritonOptions, TritonServer
 from recsvc.ranking import BatchingRanker, TritonRanker
-from recsvc.repository import TritonOptions, TritonServer, publish
+from recsvc.repository import publish
 from recsvc.repository.tiny_bundle import write_tiny_bundle
 from tests.support import free_port
 

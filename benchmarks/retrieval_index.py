@@ -94,8 +94,8 @@ def bundle_queries(bundle: Path, n_held_out: int, *, seed: int = 0, test_per_use
         return BundleQueries(stored[order[:half]], stored[order[half:]],
                              f"queries.npy split in two halves ({half} tune / {len(stored) - half} held out)")
 
-    from recsvc.data import generate_synthetic, time_split
-    from recsvc.models.train import history_matrix
+    from recsvc.offline.data import generate_synthetic, time_split
+    from recsvc.offline.models.train import history_matrix
 
     train_seed = int(manifest.extra.get("train_config", {}).get("seed", 0))
     users, items = int(manifest.extra["num_users"]), manifest.num_items
@@ -114,7 +114,7 @@ def bundle_queries(bundle: Path, n_held_out: int, *, seed: int = 0, test_per_use
         ends = np.searchsorted(train.users, chosen, side="right")
         return history_matrix(flat, starts, ends, manifest.history_len)
 
-    # The users recsvc.models.train.sample_queries(n=2000, seed=0) picks for queries.npy.
+    # The users recsvc.offline.models.train.sample_queries(n=2000, seed=0) picks for queries.npy.
     with_history = np.unique(train.users).astype(np.int64)
     tune_users = with_history
     if len(with_history) > 2000:

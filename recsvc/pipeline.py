@@ -31,11 +31,11 @@ from recsvc.errors import BundleError, RankerUnavailable, RecsvcError, Unavailab
 from recsvc.history import TieredHistory
 from recsvc.history.policies import LRU
 from recsvc.logs import Throttle
-from recsvc.models.query_encoder import QueryEncoder
 from recsvc.prefetch import Prefetcher
 from recsvc.ranking import Ranker
 from recsvc.repository.publishing import verify_version
 from recsvc.retrieval import Retriever, open_retriever
+from recsvc.retrieval.query_encoder import QueryEncoder
 
 __all__ = ["DEGRADED_REASONS", "Pipeline", "ServingBundle", "load_serving_bundle"]
 

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from recsvc.data import Dataset, generate_synthetic, time_split
-from recsvc.models.train import TrainConfig, Trained, train, write_bundle
+from recsvc.offline.data import Dataset, generate_synthetic, time_split
+from recsvc.offline.models.train import TrainConfig, Trained, train, write_bundle
 from tests.redis_fixture import redis_cluster, redis_server  # noqa: F401  (session fixtures: real redis-server)
 
 TINY_CONFIG = TrainConfig(dim=16, history_len=10, num_candidates=20, retrieval_epochs=10, ranker_epochs=3,

@@ -28,7 +28,7 @@ __all__ = [
     "write_tiny_ranker",
 ]
 
-# 17 matches recsvc.models.export, so the tiny model exercises the same runtime paths as real bundles.
+# 17 matches recsvc.offline.models.export, so the tiny model exercises the same runtime paths as real bundles.
 _OPSET = 17
 
 

@@ -1,4 +1,7 @@
-"""The Triton model repository: publishing bundles as versions, and running the bundled tritonserver."""
+"""The Triton model repository: versions published from bundles, read by the serving runtime.
+
+Running tritonserver locally is the offline toolchain's job (recsvc/offline/triton_server.py).
+"""
 
 from __future__ import annotations
 
@@ -10,28 +13,12 @@ from recsvc.repository.publishing import (
     publish,
     version_dir,
 )
-from recsvc.repository.triton_server import (
-    SupervisedTriton,
-    TritonDistribution,
-    TritonOptions,
-    TritonServer,
-    find_tritonserver,
-    options_from_settings,
-    serve_triton,
-)
 
 __all__ = [
     "STAGING_PREFIX",
-    "SupervisedTriton",
-    "TritonDistribution",
-    "TritonOptions",
-    "TritonServer",
     "config_template",
-    "find_tritonserver",
     "latest_version",
     "list_versions",
-    "options_from_settings",
     "publish",
-    "serve_triton",
     "version_dir",
 ]

@@ -43,7 +43,9 @@ from recsvc.errors import BundleError, ConfigError
 
 __all__ = [
     "STAGING_PREFIX",
+    "config_for_bundle",
     "config_template",
+    "fit_warmup",
     "latest_version",
     "list_versions",
     "publish",
@@ -201,10 +203,41 @@ def _remove_leftover_staging(model_dir: Path) -> None:
             shutil.rmtree(entry)
 
 
+_WARMUP_DIMS = {
+    name: re.compile(r'(key:\s*"' + name + r'"\s*value:\s*\{[^}]*?dims:\s*\[\s*)\d+(\s*\])')
+    for name in ("HISTORY", "CANDIDATES")
+}
+
+
+def config_for_bundle(flavour: str, manifest: Manifest) -> str:
+    """The ``flavour`` template with warm-up dims set to the bundle's history_len and num_candidates.
+
+    The text keeps the template's comments. ConfigError when the template's warm-up samples do not each
+    name both inputs (a template edit this function would otherwise silently miss).
+    """
+    return fit_warmup(config_template(flavour), manifest, what=f"the {flavour} template", required=True)
+
+
+def fit_warmup(text: str, manifest: Manifest, *, what: str = "the config", required: bool = False) -> str:
+    """``text`` (a ranker config.pbtxt) with its warm-up dims set to the bundle's L and C.
+
+    A config without warm-up samples is returned as is unless ``required``.
+    """
+    sizes = {"HISTORY": manifest.history_len, "CANDIDATES": manifest.num_candidates}
+    counts: dict[str, int] = {}
+    for name, pattern in _WARMUP_DIMS.items():
+        text, counts[name] = pattern.subn(rf"\g<1>{sizes[name]}\g<2>", text)
+    samples = len(re.findall(r"^\s*batch_size:", text, flags=re.M))
+    if not required and samples == 0 and not any(counts.values()):
+        return text
+    if samples == 0 or set(counts.values()) != {samples}:
+        raise ConfigError(f"{what} has {samples} warm-up samples but warm-up dims {counts}")
+    return text
+
+
+
 def write_config(model_dir: Path, target: str, manifest: Manifest) -> Path:
     """Write ``target``'s config.pbtxt (warm-up shaped like ``manifest``'s bundle) atomically."""
-    from recsvc.repository.engines import config_for_bundle
-
     text = config_for_bundle(target, manifest)
     model_dir.mkdir(parents=True, exist_ok=True)
     tmp = model_dir / ".config.pbtxt.tmp"

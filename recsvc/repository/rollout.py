@@ -221,7 +221,7 @@ async def _reachable(admin: ModelAdmin) -> bool:
 
 def fitted_config(repository: Path, model: str, version: int) -> str:
     """The model's config.pbtxt with warm-up shaped like ``version``'s bundle (Triton refuses a misfit)."""
-    from recsvc.repository.engines import fit_warmup
+    from recsvc.repository.publishing import fit_warmup
 
     text = (repository / model / "config.pbtxt").read_text(encoding="utf-8")
     return fit_warmup(text, read_manifest(version_dir(repository, model, version) / "bundle"))

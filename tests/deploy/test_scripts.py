@@ -24,7 +24,7 @@ import pytest
 
 from recsvc.bundle import read_manifest
 from recsvc.repository import config_template, list_versions
-from recsvc.repository.engines import config_for_bundle
+from recsvc.repository.publishing import config_for_bundle
 from recsvc.repository.rollout import read_serving
 from recsvc.repository.tiny_bundle import write_tiny_bundle
 from tests.broken_models import broken_bundle

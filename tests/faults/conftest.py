@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from recsvc.data import Dataset, time_split
+from recsvc.offline.data import Dataset, time_split
 
 
 @pytest.fixture(scope="session")

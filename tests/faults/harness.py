@@ -32,7 +32,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.catalog import Catalog
 from recsvc.config import Settings
-from recsvc.data import Dataset
+from recsvc.offline.data import Dataset
 from recsvc.repository import publish
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc

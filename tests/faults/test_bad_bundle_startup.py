@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from recsvc.bundle import update_manifest
-from recsvc.data import Dataset
+from recsvc.offline.data import Dataset
 from recsvc.repository import publish
 from tests.broken_models import damage_model
 from tests.faults.harness import TRACEBACK, record

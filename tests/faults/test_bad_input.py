@@ -23,7 +23,7 @@ from pathlib import Path
 import grpc
 from google.protobuf.message import DecodeError
 
-from recsvc.data import Dataset
+from recsvc.offline.data import Dataset
 from recsvc.server.servicer import UNPARSEABLE_LOG_INTERVAL_S
 from recsvc.v1 import recommender_pb2 as pb
 from tests.faults.harness import LoadGen, fault_stack, health_status, record

@@ -17,7 +17,7 @@ from pathlib import Path
 import grpc
 
 from recsvc.bundle import update_manifest
-from recsvc.data import Dataset
+from recsvc.offline.data import Dataset
 from recsvc.repository import publish
 from recsvc.repository.rollout import ServingState, read_serving, write_serving
 from recsvc.v1 import recommender_pb2 as pb

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recsvc.data import Dataset
+from recsvc.offline.data import Dataset
 from tests.faults.harness import LoadGen, fault_stack, health_status, record
 
 

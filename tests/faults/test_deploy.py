@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recsvc.data import Dataset
+from recsvc.offline.data import Dataset
 from tests.faults.harness import LOCAL_SUBCHANNEL_POOL, FaultStack, LoadGen, fault_stack, record
 from tests.processes import Proc, start, wait_until
 from tests.redis_fixture import start_redis

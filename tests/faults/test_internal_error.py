@@ -26,7 +26,7 @@ import onnx
 from onnx import numpy_helper
 
 from recsvc.bundle import read_manifest, update_manifest
-from recsvc.data import Dataset
+from recsvc.offline.data import Dataset
 from recsvc.repository import publish
 from recsvc.server.interceptors import REQUEST_ID_KEY, TRACEBACK_INTERVAL_S
 from recsvc.v1 import recommender_pb2 as pb

@@ -14,7 +14,7 @@ import re
 import urllib.request
 from pathlib import Path
 
-from recsvc.data import Dataset
+from recsvc.offline.data import Dataset
 from tests.faults.harness import LoadGen, fault_stack, record
 from tests.support import free_port
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from recsvc.data import Dataset
+from recsvc.offline.data import Dataset
 from tests.faults.harness import LoadGen, fault_stack, health_status, record
 
 CLIENTS = 16

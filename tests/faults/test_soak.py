@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from recsvc.data import Dataset
+from recsvc.offline.data import Dataset
 from tests.faults.harness import LoadGen, children, descendants, fault_stack, record, signal_all
 from tests.faults.test_deploy import _drain, _serve_on
 from tests.faults.test_store_outage import Writer, compare_stored

@@ -22,8 +22,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from recsvc.data import Dataset
 from recsvc.history.redis_store import RedisHistoryStore
+from recsvc.offline.data import Dataset
 from recsvc.pipeline import DEGRADED_REASONS
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import grpc
 
-from recsvc.data import Dataset
+from recsvc.offline.data import Dataset
 from recsvc.pipeline import DEGRADED_REASONS
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc

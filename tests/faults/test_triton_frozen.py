@@ -13,7 +13,7 @@ import asyncio
 import signal
 from pathlib import Path
 
-from recsvc.data import Dataset
+from recsvc.offline.data import Dataset
 from recsvc.pipeline import DEGRADED_REASONS
 from tests.faults.harness import LoadGen, descendants, fault_stack, record, signal_all
 from tests.faults.test_store_outage import degraded_counts

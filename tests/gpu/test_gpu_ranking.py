@@ -20,11 +20,13 @@ import pytest
 import recsvc.repository
 from recsvc.bundle import PADDING_SCORE, read_manifest
 from recsvc.errors import ConfigError
-from recsvc.models.export import export_ranker_torchscript
-from recsvc.models.tensorrt import EngineSpec, calibration_cache_path, info_path
-from recsvc.models.train import Trained
-from recsvc.repository import find_tritonserver, publish, version_dir
-from recsvc.repository.engines import build_engine_for, config_for_bundle, resolve_source
+from recsvc.offline.engines import build_engine_for, resolve_source
+from recsvc.offline.models.export import export_ranker_torchscript
+from recsvc.offline.models.tensorrt import EngineSpec, calibration_cache_path, info_path
+from recsvc.offline.models.train import Trained
+from recsvc.offline.triton_server import find_tritonserver
+from recsvc.repository import publish, version_dir
+from recsvc.repository.publishing import config_for_bundle
 
 pytestmark = pytest.mark.gpu
 

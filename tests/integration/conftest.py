@@ -12,9 +12,9 @@ import pytest
 
 from recsvc.catalog import Catalog
 from recsvc.config import Settings
-from recsvc.data import Split, load_movielens, time_split
 from recsvc.history import SqliteHistoryStore
-from recsvc.models.train import TrainConfig, train, write_bundle
+from recsvc.offline.data import Split, load_movielens, time_split
+from recsvc.offline.models.train import TrainConfig, train, write_bundle
 from recsvc.repository import publish
 from tests.processes import Proc, http_ok, stack_env, start, start_server, triton_ready, wait_until
 from tests.support import free_port

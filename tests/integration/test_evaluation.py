@@ -8,8 +8,8 @@ import grpc
 import numpy as np
 import pytest
 
-from recsvc.data import popularity_ranking, recall_at_k
-from recsvc.models.evaluate import evaluate_bundle
+from recsvc.offline.data import popularity_ranking, recall_at_k
+from recsvc.offline.models.evaluate import evaluate_bundle
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 

@@ -23,9 +23,9 @@ import pytest
 
 from recsvc.bundle import read_manifest
 from recsvc.catalog import Catalog
-from recsvc.catalog_update import update_catalog
-from recsvc.data import Split
 from recsvc.deny import update_deny_list
+from recsvc.offline.catalog_update import update_catalog
+from recsvc.offline.data import Split
 from recsvc.repository import publish
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc

@@ -22,8 +22,8 @@ import pandas as pd
 import pytest
 
 from recsvc.bundle import read_manifest
-from recsvc.catalog_update import update_catalog
-from recsvc.data import Split
+from recsvc.offline.catalog_update import update_catalog
+from recsvc.offline.data import Split
 from recsvc.repository.rollout import read_serving
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc

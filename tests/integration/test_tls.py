@@ -22,10 +22,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.domain import Event, EventType
 from recsvc.errors import Unavailable
+from recsvc.offline.triton_server import TritonOptions, TritonServer
 from recsvc.ranking import TritonRanker
 from recsvc.ranking.tiny import reference_scores
 from recsvc.ranking.triton_ranker import TritonTls
-from recsvc.repository import TritonOptions, TritonServer, publish
+from recsvc.repository import publish
 from recsvc.repository.tiny_bundle import write_tiny_bundle
 from recsvc.server.client import RecsvcClient
 from tests.processes import Proc, stack_env, start_server

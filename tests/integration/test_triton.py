@@ -11,9 +11,10 @@ import pytest
 import pytest_asyncio
 
 from recsvc.errors import RankerUnavailable
+from recsvc.offline.triton_server import TritonOptions, TritonServer
 from recsvc.ranking import OnnxRanker, TritonRanker
 from recsvc.ranking.tiny import reference_scores
-from recsvc.repository import TritonOptions, TritonServer, publish
+from recsvc.repository import publish
 from recsvc.repository.tiny_bundle import write_tiny_bundle
 from tests.integration.triton_fixture import running_triton
 from tests.support import free_ports

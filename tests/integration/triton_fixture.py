@@ -16,7 +16,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from recsvc.repository import TritonOptions, TritonServer
+from recsvc.offline.triton_server import TritonOptions, TritonServer
 from tests.support import free_ports
 
 __all__ = ["running_triton"]

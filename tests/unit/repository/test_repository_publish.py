@@ -18,8 +18,7 @@ from recsvc.repository import (
     publish,
     version_dir,
 )
-from recsvc.repository.engines import config_for_bundle
-from recsvc.repository.publishing import write_config
+from recsvc.repository.publishing import config_for_bundle, write_config
 from recsvc.repository.tiny_bundle import write_tiny_bundle
 
 RANKER_MODEL_SOURCE = Path(publish_module.__file__).with_name("ranker_model.py")

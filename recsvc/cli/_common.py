@@ -1,0 +1,43 @@
+"""What every command module shares: settings from the common options, and the printing of answers."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from recsvc.config import Settings, load_settings
+
+__all__ = ["DEMO_USER", "latest_catalog", "print_recommendation", "settings_of"]
+
+# Demo user for MovieLens: ~200 ratings, mostly sci-fi and action, so the answer is visibly personal.
+DEMO_USER = "41"
+
+
+def settings_of(args: argparse.Namespace) -> Settings:
+    """Settings: defaults < RECSVC_* environment < the command's options."""
+    return load_settings(
+        port=getattr(args, "port", None),
+        model_repository=getattr(args, "model_repository", None),
+        data_dir=getattr(args, "data_dir", None),
+        triton_url=getattr(args, "triton_url", None),
+    )
+
+
+def print_recommendation(rec: Any, catalog: Any, user: str) -> None:
+    """Print an answer, with titles from ``catalog`` when there is one."""
+    print(f"\nRecommend(user_id={user!r}) -> model version {rec.model_version}, index {rec.index_version}"
+          + (f", DEGRADED: {rec.degraded_reason}" if rec.degraded else ""))  # fmt: skip
+    for rank, item in enumerate(rec.items, 1):
+        title = catalog.title(item.item_id) if catalog is not None else ""
+        print(f"  {rank:2d}. {item.item_id:>10}  {item.score:8.3f}  {title}")
+
+
+def latest_catalog(settings: Settings) -> Any:
+    """The newest published version's catalog, or None before the first publish."""
+    from recsvc.catalog import Catalog
+    from recsvc.repository import latest_version
+
+    version = latest_version(settings.model_repository, settings.triton_model)
+    if version is None:
+        return None
+    return Catalog.read(settings.model_repository / settings.triton_model / str(version) / "bundle" / "items.parquet")

@@ -1,0 +1,57 @@
+"""The catalog: add cold-start items and retire items (a new bundle), and the deny list."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from recsvc.cli._common import settings_of
+
+__all__ = ["register"]
+
+
+def cmd_update_catalog(args: argparse.Namespace) -> int:
+    """Add cold-start items (content-based embeddings from their category) and retire items, as a new bundle."""
+    from recsvc.offline.catalog_update import read_items, update_catalog
+
+    add = read_items(args.add) if args.add else None
+    result = update_catalog(args.bundle, args.out, add=add, retire=args.retire)
+    print(f"{args.out}: {result.added} items added, {result.reactivated} re-activated, {result.retired} retired; "
+          f"{result.num_items:,} items ({result.model_items:,} known to the models). Publish it with "
+          f"`recsvc publish {args.out}`")  # fmt: skip
+    return 0
+
+
+def cmd_deny(args: argparse.Namespace) -> int:
+    """Show or change the deny list (SKUs never recommended); running servers pick it up within a second."""
+    from recsvc.deny import read_deny_list, update_deny_list
+
+    settings = settings_of(args)
+    path = settings.resolved_deny_list()
+    if args.action == "list":
+        skus = read_deny_list(path)
+    else:
+        skus = update_deny_list(path, add=args.skus if args.action == "add" else (),
+                                remove=args.skus if args.action == "remove" else (), clear=args.action == "clear",
+                                max_id_len=settings.max_id_len)  # fmt: skip
+    for sku in sorted(skus):
+        print(sku)
+    print(f"{len(skus)} SKUs denied ({path})", file=sys.stderr)
+    return 0
+
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    """Add update-catalog and deny."""
+    p = sub.add_parser("update-catalog", parents=[common], help=cmd_update_catalog.__doc__)
+    p.add_argument("bundle", type=Path, help="the bundle to start from (e.g. model_repository/ranker/3/bundle)")
+    p.add_argument("--out", type=Path, required=True, help="directory of the new bundle")
+    p.add_argument("--add", type=Path, help="CSV/Parquet of new items: item_id[,title,category]")
+    p.add_argument("--retire", nargs="*", default=[], help="SKUs never to retrieve again")
+    p.set_defaults(func=cmd_update_catalog)
+
+    p = sub.add_parser("deny", parents=[common], help=cmd_deny.__doc__)
+    p.add_argument("action", choices=["list", "add", "remove", "clear"])
+    p.add_argument("skus", nargs="*")
+    p.set_defaults(func=cmd_deny)

@@ -1,0 +1,80 @@
+"""The bundled client: `recsvc recommend` and `recsvc record` against a running server."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from recsvc.cli._common import latest_catalog, print_recommendation, settings_of
+from recsvc.config import Settings
+
+if TYPE_CHECKING:
+    from recsvc.server.client import RecsvcClient
+
+__all__ = ["TOKEN_ENV", "register"]
+
+# The client's token comes from --token-file or this variable (not RECSVC_*: those are server settings,
+# and the server refuses any it does not know).
+TOKEN_ENV = "RECOMMENDER_TOKEN"
+
+
+def _client(args: argparse.Namespace, settings: Settings) -> RecsvcClient:
+    from recsvc.server.client import RecsvcClient
+    from recsvc.server.security import read_token
+
+    token = read_token(args.token_file) if args.token_file is not None else os.environ.get(TOKEN_ENV) or None
+    return RecsvcClient(args.target or f"{settings.host}:{settings.port}", tls=args.tls, ca=args.ca,
+                        cert=args.cert, key=args.key, token=token)  # fmt: skip
+
+
+def cmd_recommend(args: argparse.Namespace) -> int:
+    """Ask a running server for recommendations and print them with titles."""
+    settings = settings_of(args)
+
+    async def run() -> Any:
+        async with _client(args, settings) as client:
+            return await client.recommend(args.user, args.k, context=args.context, exclude=args.exclude)
+
+    print_recommendation(asyncio.run(run()), latest_catalog(settings), args.user)
+    return 0
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """Send one event to a running server."""
+    from recsvc.domain import Event, EventType
+
+    settings = settings_of(args)
+    event = Event(args.user, args.item, EventType[args.type.upper()], time.time())
+
+    async def run() -> int:
+        async with _client(args, settings) as client:
+            return await client.record([event])
+
+    print(f"accepted {asyncio.run(run())} event(s)")
+    return 0
+
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
+    """Add recommend and record."""
+    for name, func in (("recommend", cmd_recommend), ("record", cmd_record)):
+        p = sub.add_parser(name, parents=[common], help=func.__doc__)
+        p.add_argument("user")
+        if name == "recommend":
+            p.add_argument("--k", type=int, default=10)
+            p.add_argument("--context", nargs="*", default=[])
+            p.add_argument("--exclude", nargs="*", default=[])
+        else:
+            p.add_argument("item")
+            p.add_argument("--type", choices=["view", "cart", "purchase"], default="view")
+        p.add_argument("--target", help="host:port of the server (default host:port from settings)")
+        p.add_argument("--tls", action="store_true", help="speak TLS (implied by --ca or --cert)")
+        p.add_argument("--ca", type=Path, help="CA that signed the server's certificate (default: system roots)")
+        p.add_argument("--cert", type=Path, help="client certificate, for a server that requires mutual TLS")
+        p.add_argument("--key", type=Path, help="the client certificate's key")
+        p.add_argument("--token-file", type=Path, help=f"bearer token to send (first line; default ${TOKEN_ENV})")
+        p.set_defaults(func=func)

@@ -1,8 +1,0 @@
-"""PyTorch models: the retrieval two-tower, the ranker, training and ONNX export."""
-
-from __future__ import annotations
-
-from recsvc.models.ranker import RankerNet
-from recsvc.models.retrieval import RetrievalNet
-
-__all__ = ["RankerNet", "RetrievalNet"]

@@ -1,0 +1,74 @@
+"""``recsvc compress BUNDLE``: the bundle's ranker as FP32, FP16, INT8 and a distilled student, compared.
+
+Writes ranker.<variant>.onnx for every variant into ``--out`` (default ``BUNDLE.compressed``: beside the
+bundle, so `recsvc publish` does not copy the variants along), each with the bundle's ranker interface,
+then prints a Markdown table of size, quality on the time split (NDCG@10, recall@10, candidate AUC),
+agreement with FP32 and ONNX Runtime CPU speed, and writes it as report.md and report.json beside them.
+Pass the data arguments the bundle was trained with: the time
+split is recomputed from them. What each variant is and how it is measured: recsvc/offline/models/compression.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["QUICK_USERS", "register", "run_compress"]
+
+# --quick: a smoke run in about a minute on MovieLens; its figures are noisier and the student is
+# under-trained, so documented tables never come from it.
+QUICK_USERS = 200
+
+
+def register(subparsers: Any) -> None:
+    """Add the ``compress`` command to ``recsvc``'s subparsers."""
+    from recsvc.offline.data_options import add_data_args
+
+    p = subparsers.add_parser("compress", help="compare the ranker as FP32, FP16, INT8 and distilled: quality, "
+                              "latency, throughput, size", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("bundle", type=Path)
+    add_data_args(p)
+    p.add_argument("--out", type=Path, help="where the variants and the report go (default BUNDLE.compressed)")
+    p.add_argument("--test-per-user", type=int, default=5, help="held-out latest interactions per user, as in train")
+    p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many test users")
+    # The names are recsvc.offline.models.compression.VARIANTS, spelled out: importing it here would load torch.
+    p.add_argument("--variants", type=lambda text: [v for v in text.split(",") if v],
+                   default=["fp32", "fp16", "int8", "int8-static", "distilled"],
+                   help="comma-separated subset of fp32,fp16,int8,int8-static,distilled (fp32 is always measured)")
+    p.add_argument("--student-dim", type=int, default=16, help="embedding width of the distilled ranker (default 16)")
+    p.add_argument("--student-hidden", type=int, default=32, help="first MLP layer width of the distilled ranker")
+    p.add_argument("--distill-epochs", type=int, default=4, help="distillation epochs (default 4; --quick: 1)")
+    p.add_argument("--quick", action="store_true",
+                   help=f"smoke run: 1 distillation epoch on 20k examples, {QUICK_USERS} test users, short timing")
+    p.set_defaults(func=run_compress)
+
+
+def run_compress(args: argparse.Namespace) -> int:
+    """The ``compress`` handler: build and measure the variants, print the table; the exit code."""
+    from recsvc.offline.data import time_split
+    from recsvc.offline.data_options import load_dataset
+
+    # Imported here, not at the top: `recsvc --help` and every other command would otherwise pay for torch.
+    from recsvc.offline.models.compression import BenchConfig, DistillConfig, compress
+
+    split = time_split(load_dataset(args), test_per_user=args.test_per_user)
+    out = args.out if args.out is not None else args.bundle.with_name(args.bundle.name + ".compressed")
+    student = {"dim": args.student_dim, "hidden": args.student_hidden}
+    if args.quick:
+        distill = DistillConfig(**student, epochs=1, max_examples=20_000)
+        bench = BenchConfig(repetitions=3, requests=200, batches=8)
+        users = min(args.eval_users, QUICK_USERS)
+    else:
+        distill = DistillConfig(**student, epochs=args.distill_epochs)
+        bench, users = BenchConfig(), args.eval_users
+    report = compress(args.bundle, split.train, split.test, out, variants=args.variants, max_users=users,
+                      distill=distill, bench=bench)  # fmt: skip
+    sys.stdout.write(
+        f"{args.bundle}: {report.users} test users ({report.auc_users} with a held-out item among the "
+        f"{report.num_candidates} candidates: AUC), speed on {report.samples} sample rows, ONNX Runtime CPU, "
+        "1 intra-op thread\n\n" + report.table() + f"\n\nvariants, report.md and report.json in {out}\n"
+    )  # fmt: skip
+    return 0

@@ -1,0 +1,313 @@
+"""The user's own interactions (and optional catalog) from CSV or Parquet files."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import numpy.typing as npt
+import pandas as pd
+
+from recsvc.domain import EventType
+from recsvc.errors import ConfigError, InvalidArgument
+from recsvc.offline.data._dataset import Dataset, from_unsorted
+
+__all__ = ["FileReport", "load_files"]
+
+log = logging.getLogger(__name__)
+
+_CSV_SUFFIXES = (".csv", ".csv.gz")
+_PARQUET_SUFFIXES = (".parquet", ".pq")
+_CSV_TEXT_COLUMNS = {"user_id": str, "item_id": str, "title": str, "category": str}
+_EVENT_NAMES = {t.name.lower(): int(t) for t in EventType} | {str(int(t)): int(t) for t in EventType}
+# Unix seconds beyond this (year ~5138) are almost surely milliseconds; failing beats silent nonsense.
+_MAX_UNIX_S = 1e11
+# How many skipped rows a report names (all of them are counted).
+_FIRST_BAD = 5
+
+
+@dataclass
+class FileReport:
+    """What loading the interactions file found besides good rows (filled in by ``load_files``).
+
+    ``duplicates``: rows identical to an earlier one in user, item, timestamp and event type (dropped
+    unless ``keep_duplicates``). ``bad_rows``: rows skipped by ``skip_bad_rows``; ``first_bad`` names the
+    first few (row, field, value, problem).
+    """
+
+    duplicates: int = 0
+    duplicates_kept: bool = False
+    bad_rows: int = 0
+    first_bad: list[str] = field(default_factory=list)
+
+    def lines(self, path: Path) -> list[str]:
+        """One line per finding, for the user (empty when the file was clean)."""
+        out = []
+        if self.duplicates:
+            fate = "kept (--keep-duplicates)" if self.duplicates_kept else "dropped (--keep-duplicates keeps them)"
+            out.append(f"{path}: {self.duplicates:,} duplicate rows {fate}")
+        if self.bad_rows:
+            out.append(f"{path}: skipped {self.bad_rows:,} bad rows; first: " + "; ".join(self.first_bad))
+        return out
+
+
+class _Rows:
+    """Where bad rows go: the first one raises, or with ``skip`` all are collected and dropped."""
+
+    def __init__(self, n: int, skip: bool) -> None:
+        self.skip = skip
+        self.bad = np.zeros(n, dtype=bool)
+        self.problems: list[tuple[int, str]] = []
+
+    def reject(self, field: str, mask: npt.NDArray[np.bool_], values: pd.Series, what: str, hint: str = "") -> None:
+        if not mask.any():
+            return
+        if not self.skip:
+            raise _row_error(field, mask, values, what, hint)
+        for row in np.flatnonzero(mask & ~self.bad)[:_FIRST_BAD]:
+            self.problems.append((int(row), f"row {row + 1} {field}: {what} {values.iloc[row]!r}{hint}"))
+        self.bad |= mask
+
+    def first(self) -> list[str]:
+        return [text for _, text in sorted(self.problems)[:_FIRST_BAD]]
+
+
+def load_files(
+    interactions: Path, items: Path | None = None, *, name: str | None = None, keep_duplicates: bool = False,
+    skip_bad_rows: bool = False, report: FileReport | None = None,
+) -> Dataset:  # fmt: skip
+    """Load interactions, and optionally a catalog, from CSV (``.csv``, ``.csv.gz``) or Parquet.
+
+    Interactions need columns ``user_id``, ``item_id``, ``timestamp`` (Unix seconds as int/float, or
+    ISO-8601 strings / datetimes; a timestamp without a zone is UTC) and may have ``event_type``
+    (``view``/``cart``/``purchase`` in any case, or 1/2/3; all VIEW when the column is absent). The
+    items file needs ``item_id`` and may have ``title`` and ``category``. Other columns are ignored.
+    Ids are read as strings, verbatim ("007" stays "007").
+
+    Dense item ids follow the items file's row order, then items only seen in interactions in order of
+    first appearance (with empty title and category); catalog items nobody interacted with stay in the
+    catalog, so they can still be retrieved. Dense user ids follow first appearance. Fractional seconds
+    are truncated after sorting, so they still order a user's events.
+
+    Raises ConfigError for a missing file and InvalidArgument (``field`` = ``"interactions"``/``"items"``
+    or ``"<file>.<column>"``) for an unsupported suffix, an unreadable or empty file, a missing column,
+    an empty id, an unparsable timestamp or an unknown event type; messages name the row (1-based,
+    header excluded) and the offending value. With ``skip_bad_rows`` such interaction rows are dropped
+    instead (the items file stays strict), and only a file with no good row is an error.
+
+    Rows repeating an earlier row's user, item, timestamp and event type are dropped, unless
+    ``keep_duplicates``. What was dropped or skipped is logged as a warning and, when ``report`` is
+    given, counted in it.
+    """
+    interactions = Path(interactions)
+    frame = _read(interactions, "interactions")
+    _require_columns(frame, ("user_id", "item_id", "timestamp"), "interactions", interactions)
+    rows = _Rows(len(frame), skip_bad_rows)
+    user_col = _ids(frame["user_id"], "interactions.user_id", rows)
+    item_col = _ids(frame["item_id"], "interactions.item_id", rows)
+    seconds = _timestamps(frame["timestamp"], rows)
+    if "event_type" in frame.columns:
+        event_types = _event_types(frame["event_type"], rows)
+    else:
+        event_types = np.full(len(frame), int(EventType.VIEW), dtype=np.int8)
+    found = report if report is not None else FileReport()
+    found.duplicates_kept = keep_duplicates
+    keep = ~rows.bad
+    found.bad_rows, found.first_bad = int(rows.bad.sum()), rows.first()
+    if not keep.any():
+        raise InvalidArgument("interactions", f"{interactions}: no good row ({found.bad_rows:,} bad rows, first: "
+                                              f"{'; '.join(found.first_bad)})")  # fmt: skip
+    # Duplicates after parsing: "view" and "1", or "1700000000" and its ISO form, are the same event.
+    duplicated = pd.DataFrame({"u": user_col, "i": item_col, "t": seconds, "e": event_types})[keep].duplicated()
+    found.duplicates = int(duplicated.sum())
+    if found.duplicates and not keep_duplicates:
+        keep[np.flatnonzero(keep)[duplicated.to_numpy()]] = False
+    for line in found.lines(interactions):
+        log.warning("%s", line)
+    user_col, item_col, seconds, event_types = user_col[keep], item_col[keep], seconds[keep], event_types[keep]
+
+    if items is not None:
+        items = Path(items)
+        catalog = _read(items, "items")
+        _require_columns(catalog, ("item_id",), "items", items)
+        catalog_ids = _ids(catalog["item_id"], "items.item_id", _Rows(len(catalog), skip=False))
+        duplicated = pd.Index(catalog_ids).duplicated()
+        if duplicated.any():
+            row = int(np.flatnonzero(duplicated)[0])
+            raise InvalidArgument(
+                "items.item_id", f"{items}: duplicate item_id {catalog_ids[row]!r} in row {row + 1}"
+            )
+        titles = _text(catalog, "title")
+        categories = _text(catalog, "category")
+    else:
+        catalog_ids = np.empty(0, dtype=object)
+        titles = categories = np.empty(0, dtype=object)
+
+    # Catalog items first, in file order; items only seen in interactions appended after them.
+    item_codes = pd.Index(catalog_ids).get_indexer(item_col)
+    unknown = item_codes < 0
+    extra_codes, extra_ids = pd.factorize(item_col[unknown])
+    item_codes[unknown] = len(catalog_ids) + extra_codes
+    extra = np.asarray(extra_ids, dtype=object)
+    blank = np.full(len(extra), "", dtype=object)
+    user_codes, user_ids = pd.factorize(user_col)
+
+    return from_unsorted(
+        name if name is not None else _stem(interactions),
+        user_ids=np.asarray(user_ids, dtype=object),
+        item_ids=np.concatenate([catalog_ids, extra]),
+        titles=np.concatenate([titles, blank]),
+        categories=np.concatenate([categories, blank]),
+        users=user_codes,
+        items=item_codes,
+        timestamps=np.floor(seconds).astype(np.int64),
+        event_types=event_types,
+        sort_key=seconds,
+    )
+
+
+def _stem(path: Path) -> str:
+    name = path.name
+    for suffix in (*_CSV_SUFFIXES, *_PARQUET_SUFFIXES):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def _read(path: Path, field: str) -> pd.DataFrame:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{field} file {path} does not exist")
+    lower = path.name.lower()
+    try:
+        if lower.endswith(_CSV_SUFFIXES):
+            # Text columns as str with no NA conversion, so ids stay verbatim ("007", "NA", "1e5");
+            # timestamp and event_type are inferred (ints parse far faster than strings) and checked later.
+            frame = pd.read_csv(path, dtype=_CSV_TEXT_COLUMNS, keep_default_na=False, na_filter=False)
+        elif lower.endswith(_PARQUET_SUFFIXES):
+            frame = pd.read_parquet(path)
+        else:
+            raise InvalidArgument(
+                field,
+                f"{path}: unsupported file type; expected one of "
+                f"{', '.join(_CSV_SUFFIXES + _PARQUET_SUFFIXES)}",
+            )
+    except pd.errors.EmptyDataError as exc:
+        raise InvalidArgument(field, f"{path} is empty") from exc
+    except InvalidArgument:
+        raise
+    except (ValueError, OSError) as exc:
+        # pandas' ParserError and pyarrow's ArrowInvalid are ValueErrors; a corrupt .gz is an OSError.
+        raise InvalidArgument(field, f"{path} cannot be read: {exc}") from exc
+    if len(frame) == 0:
+        raise InvalidArgument(field, f"{path} has no rows")
+    return frame
+
+
+def _require_columns(frame: pd.DataFrame, required: tuple[str, ...], field: str, path: Path) -> None:
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        found = ", ".join(str(c) for c in frame.columns)
+        raise InvalidArgument(
+            field, f"{path}: missing column {', '.join(missing)} (columns found: {found})"
+        )
+
+
+def _row_error(
+    field: str, mask: npt.NDArray[np.bool_], values: pd.Series, what: str, hint: str = ""
+) -> InvalidArgument:
+    """Name the first offending row (1-based, header excluded) and its value."""
+    row = int(np.flatnonzero(mask)[0])
+    return InvalidArgument(field, f"{what} {values.iloc[row]!r} in row {row + 1}{hint}")
+
+
+def _ids(column: pd.Series, field: str, rows: _Rows) -> npt.NDArray[np.object_]:
+    """Ids as Python str; integer columns (Parquet) become their decimal strings. Bad rows go to ``rows``."""
+    original = column
+    if pd.api.types.is_float_dtype(column.dtype):
+        # A float id column is an int column that met a null somewhere, or real floats: neither is an id.
+        bad = column.isna().to_numpy() | (column.fillna(0) % 1 != 0).to_numpy()
+        rows.reject(field, bad, column, "id must be a string or integer, got")
+        column = column.where(~bad, 0).astype(np.int64)
+    null = column.isna().to_numpy()
+    rows.reject(field, null, original, "empty id")
+    values: npt.NDArray[np.object_] = column.astype(str).to_numpy(dtype=object)
+    empty = (values == "") & ~null
+    rows.reject(field, empty, original, "empty id")
+    return values
+
+
+def _text(frame: pd.DataFrame, column: str) -> npt.NDArray[np.object_]:
+    if column not in frame.columns:
+        return np.full(len(frame), "", dtype=object)
+    values = frame[column]
+    text: npt.NDArray[np.object_] = values.astype(object).where(values.notna(), "").astype(str).to_numpy(
+        dtype=object
+    )
+    return text
+
+
+def _timestamps(column: pd.Series, rows: _Rows) -> npt.NDArray[np.float64]:
+    """Unix seconds (float, so sub-second order survives until sorting) from numbers or ISO-8601."""
+    field = "interactions.timestamp"
+    seconds: npt.NDArray[np.float64]
+    if pd.api.types.is_datetime64_any_dtype(column.dtype):
+        utc = column.dt.tz_localize("UTC") if column.dt.tz is None else column.dt.tz_convert("UTC")
+        seconds = (utc - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=np.float64)
+    elif pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column.dtype):
+        seconds = column.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        seconds = _text_timestamps(_as_text(column).str.strip())
+    bad = ~np.isfinite(seconds)
+    rows.reject(field, bad, column, "unparsable timestamp", " (want Unix seconds or ISO-8601)")
+    too_big = np.abs(np.where(bad, 0.0, seconds)) > _MAX_UNIX_S
+    rows.reject(field, too_big, column, "timestamp out of range", " (milliseconds? want Unix seconds)")
+    return np.where(bad | too_big, 0.0, seconds)
+
+
+def _as_text(column: pd.Series) -> pd.Series:
+    """The column as strings, nulls as ""; a no-op for CSV's null-free str columns (saves copies)."""
+    if pd.api.types.is_string_dtype(column.dtype) and not column.isna().any():
+        return column.astype(str)
+    return column.astype(object).where(column.notna(), "").astype(str)
+
+
+def _text_timestamps(text: pd.Series) -> npt.NDArray[np.float64]:
+    """Seconds from numeric or ISO-8601 strings; NaN where neither parses."""
+    # Whole-column strict parses first: they fail fast on the first odd value, while the element-wise
+    # coercing path below is several times slower on millions of rows.
+    try:
+        return np.array(pd.to_numeric(text).to_numpy(dtype=np.float64, na_value=np.nan))
+    except (ValueError, TypeError):
+        pass
+    epoch = pd.Timestamp(0, tz="UTC")
+    try:
+        parsed = pd.to_datetime(text, utc=True, format="ISO8601")
+        return np.array((parsed - epoch).dt.total_seconds().to_numpy(dtype=np.float64, na_value=np.nan))
+    except (ValueError, TypeError):
+        pass
+    # Mixed or bad values: parse each form where it applies; what neither parses stays NaN.
+    # np.array copies: pandas' copy-on-write hands out read-only views, and this one is filled in.
+    seconds = np.array(pd.to_numeric(text, errors="coerce").to_numpy(dtype=np.float64, na_value=np.nan))
+    iso = np.isnan(seconds) & (text != "").to_numpy()
+    if iso.any():
+        parsed = pd.to_datetime(text[iso], utc=True, format="ISO8601", errors="coerce")
+        ok = parsed.notna().to_numpy()
+        delta = (parsed[ok] - epoch).dt.total_seconds()
+        seconds[np.flatnonzero(iso)[ok]] = delta.to_numpy(dtype=np.float64)
+    return seconds
+
+
+def _event_types(column: pd.Series, rows: _Rows) -> npt.NDArray[np.int8]:
+    field = "interactions.event_type"
+    hint = " (want view/cart/purchase or 1/2/3)"
+    if pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column.dtype):
+        values = column.to_numpy(dtype=np.float64, na_value=np.nan)
+    else:
+        text = _as_text(column).str.strip().str.lower()
+        values = text.map(_EVENT_NAMES).to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isin(values, [int(t) for t in EventType])
+    rows.reject(field, bad, column, "unknown event type", hint)
+    return np.asarray(np.where(bad, int(EventType.VIEW), values), dtype=np.int8)
