@@ -37,7 +37,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from recsvc.config import Settings
 from recsvc.errors import ConfigError
-from recsvc.server.servicer import SERVICE_NAME
+from recsvc.server.names import SERVICE_NAME
 
 __all__ = [
     "AuthInterceptor",

@@ -96,6 +96,9 @@ def test_an_offline_command_without_its_extra_names_the_extra(capsys: pytest.Cap
     from recsvc.cli import main
 
     monkeypatch.setitem(sys.modules, "pandas", None)      # as on a serving image: import pandas fails
+    # Modules other tests already imported would not import pandas again: forget them for this test.
+    for name in [m for m in sys.modules if m == "recsvc.offline.data" or m.startswith("recsvc.offline.data.")]:
+        monkeypatch.delitem(sys.modules, name)
     assert main(["train", "--dataset", "synthetic"]) == 2
     err = capsys.readouterr().err
     assert err == "recsvc train: needs pandas, which this install lacks: pip install 'recsvc[train]'\n"

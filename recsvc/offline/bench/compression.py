@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("compress", help="compare the ranker as FP32, FP16, INT8 and distilled: quality, "
                               "latency, throughput, size", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("bundle", type=Path)
+    p.add_argument("bundle", type=Path, help="bundle directory whose ranker is compressed")
     add_data_args(p)
     p.add_argument("--out", type=Path, help="where the variants and the report go (default BUNDLE.compressed)")
     p.add_argument("--test-per-user", type=int, default=5, help="held-out latest interactions per user, as in train")
