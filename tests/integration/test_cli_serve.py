@@ -36,6 +36,15 @@ def test_a_second_server_on_a_taken_port_is_one_error_line(tmp_path: Path, tiny_
         assert errors == [f"recsvc serve: cannot listen on 127.0.0.1:{port}: the port is in use (another recsvc?) "
                           "or the address is not this machine's; choose another with --port or RECSVC_PORT"]
         first.check_alive()
+        # `recsvc recommend | head` where head has already left: one line, exit 2, no traceback.
+        recommend = subprocess.Popen([sys.executable, "-m", "recsvc.cli", "recommend", "u-1", "--target",
+                                      f"127.0.0.1:{port}"], env=env, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)  # fmt: skip
+        assert recommend.stdout is not None
+        recommend.stdout.close()
+        _, err = recommend.communicate(timeout=60)
+        assert recommend.returncode == 2, err
+        assert err.strip().splitlines() == ["recsvc recommend: output closed before it was all written (broken pipe)"]
     finally:
         assert first.stop() == 0
 
