@@ -31,6 +31,9 @@ def cmd_seed(args: argparse.Namespace) -> int:
     """Load a dataset's interactions into the history store (once: refuses a non-empty store)."""
     settings = settings_of(args)
     if not asyncio.run(_seed(settings, load_dataset(args))):
+        if args.if_empty:
+            print(f"history store {_where(settings)} already has users; left as it is (--if-empty)")
+            return 0
         raise ConfigError(f"history store {_where(settings)} already has users; seed fills an empty store only "
                           "(seeding twice would double every history)")  # fmt: skip
     return 0
@@ -194,6 +197,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
 
     p = sub.add_parser("seed", parents=[common, options("data_dir")], help=cmd_seed.__doc__)
     add_data_args(p)
+    p.add_argument("--if-empty", action="store_true",
+                   help="a store that already has users is left alone with exit status 0 (for jobs that may run "
+                        "again); without it that is an error")  # fmt: skip
     p.set_defaults(func=cmd_seed)
 
 
