@@ -73,8 +73,9 @@ class _Intermixed(Parser):
     def parse_known_args(  # type: ignore[override]
         self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
     ) -> tuple[argparse.Namespace, list[str]]:
-        # parse_known_intermixed_args calls parse_known_args itself: the plain one, from inside.
-        if self._parsing:
+        # parse_known_intermixed_args calls parse_known_args itself: the plain one, from inside. After "--"
+        # (SKUs that start with "-") the order is explicit already, and intermixed parsing mishandles it.
+        if self._parsing or (args is not None and "--" in args):
             return super().parse_known_args(args, namespace)
         self._parsing = True
         try:

@@ -102,9 +102,10 @@ def test_deny_takes_skus_and_options_in_any_order(tmp_path: Path, capsys: pytest
     assert main(["deny", "add", "A", "--data-dir", d, "B"]) == 0
     assert main(["deny", "add", "--data-dir", d, "with space", "a#b"]) == 0
     assert main(["deny", "remove", "B", "--data-dir", d]) == 0
+    assert main(["deny", "add", "--data-dir", d, "--", "-dash"]) == 0
     capsys.readouterr()
     assert main(["deny", "list", "--data-dir", d]) == 0
-    assert capsys.readouterr().out.splitlines() == ["A", "a#b", "with space"]
+    assert capsys.readouterr().out.splitlines() == ["-dash", "A", "a#b", "with space"]
     with pytest.raises(SystemExit) as exit_:
         main(["deny", "add", "--data-dir", d])
     assert exit_.value.code == 2
