@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import re
 import shutil
 import subprocess
@@ -208,3 +209,14 @@ def test_a_retried_record_is_stored_once(tmp_path: Path, tiny_bundle: Path, caps
         assert main(["record", "u-1", "sku-4", "--target", running.target]) == 0
         history = server.call(running.store.get("u-1", 10))
     assert history.item_ids == ("sku-3", "sku-4")
+
+
+def test_client_commands_load_no_serving_pipeline() -> None:
+    # `recsvc recommend/record` start fast: the parser and the bundled client, not the server behind them.
+    code = ("import json, sys, recsvc.cli, recsvc.server.client\nrecsvc.cli._parser()\n"
+            "print(json.dumps(sorted(sys.modules)))")  # fmt: skip
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                           check=True).stdout))  # fmt: skip
+    heavy = {"recsvc.server.app", "recsvc.pipeline", "recsvc.server.servicer", "pyarrow", "pandas", "faiss", "torch",
+             "redis", "onnxruntime", "tritonclient"}  # fmt: skip
+    assert not heavy & loaded, heavy & loaded
