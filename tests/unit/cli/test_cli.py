@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import json
 import re
 import shutil
@@ -220,3 +221,17 @@ def test_client_commands_load_no_serving_pipeline() -> None:
     heavy = {"recsvc.server.app", "recsvc.pipeline", "recsvc.server.servicer", "pyarrow", "pandas", "faiss", "torch",
              "redis", "onnxruntime", "tritonclient"}  # fmt: skip
     assert not heavy & loaded, heavy & loaded
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_seed_shows_progress_on_a_terminal(tmp_path: Path, tiny_dataset: Dataset,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    interactions, _ = _write_files(tiny_dataset, tmp_path)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["seed", "--interactions", str(interactions), "--data-dir", str(tmp_path / "var")]) == 0
+    assert re.search(r"seeding: .*/7.82k .*events/s", terminal.getvalue()), terminal.getvalue()
