@@ -200,6 +200,14 @@ def load_array(path: Path) -> npt.NDArray[Any]:
     return array
 
 
+def update_extra(directory: Path, extra: dict[str, Any]) -> Manifest:
+    """Merge ``extra`` into an existing bundle's manifest ``extra`` (files and checksums unchanged)."""
+    manifest = read_manifest(directory)
+    updated = Manifest(**{**manifest.__dict__, "extra": {**manifest.extra, **extra}})
+    _replace_manifest(directory, updated)
+    return updated
+
+
 def update_metrics(directory: Path, metrics: dict[str, float]) -> Manifest:
     """Record evaluation metrics in an existing bundle's manifest (files and checksums unchanged)."""
     manifest = read_manifest(directory)

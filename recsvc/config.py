@@ -40,6 +40,10 @@ class Settings:
     host: str = "127.0.0.1"                  # address the gRPC server listens on (0.0.0.0: every interface)
     port: int = 50051                        # gRPC port (0: pick a free one; `recsvc serve --port-file F` writes it)
     workers: int = 1                         # server processes sharing the port (SO_REUSEPORT); >1 needs Redis
+    # Let other processes bind the same port (SO_REUSEPORT) and share its connections. Off, so a second
+    # server on a taken port fails instead of silently taking half its traffic; workers > 1 turns it on
+    # for its own workers.
+    reuse_port: bool = False
     metrics_port: int = 0                    # Prometheus text format on http://host:port/metrics (0: off)
     grace_s: float = 5.0                     # drain time on SIGTERM; matches the Helm terminationGracePeriod
     drain_delay_s: float = 5.0               # on SIGTERM: NOT_SERVING at once, keep serving this long, then stop

@@ -3,14 +3,45 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from pathlib import Path
+from typing import Any, NoReturn
 
 from recsvc.config import Settings, load_settings
 
-__all__ = ["DEMO_USER", "latest_catalog", "print_recommendation", "settings_of"]
+__all__ = ["DEMO_USER", "Parser", "latest_catalog", "options", "print_recommendation", "settings_of"]
 
 # Demo user for MovieLens: ~200 ratings, mostly sci-fi and action, so the answer is visibly personal.
 DEMO_USER = "41"
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse's parser, but a usage error is one line (what is wrong, and where help is), exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        """Print one line to stderr and exit 2."""
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
+_OPTIONS: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "data_dir": (("--data-dir",), {"type": Path, "help": "history store, deny list, bundles and logs (default var/; "
+                                                         "RECSVC_DATA_DIR)"}),
+    "model_repository": (("--model-repository",), {
+        "type": Path, "help": "published model versions (default model_repository/; RECSVC_MODEL_REPOSITORY)"}),
+    "triton_url": (("--triton-url",), {
+        "help": "Triton's gRPC host:port (default 127.0.0.1:8001; RECSVC_TRITON_URL)"}),
+}  # fmt: skip
+
+
+def options(*names: str) -> argparse.ArgumentParser:
+    """A parent parser with just the shared options (``data_dir``, ``model_repository``, ``triton_url``) named.
+
+    Each command takes only those it uses, so its --help lists nothing it would ignore.
+    """
+    parent = argparse.ArgumentParser(add_help=False)
+    for name in names:
+        flags, kwargs = _OPTIONS[name]
+        parent.add_argument(*flags, **kwargs)
+    return parent
 
 
 def settings_of(args: argparse.Namespace) -> Settings:

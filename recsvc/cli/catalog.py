@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from recsvc.cli._common import settings_of
+from recsvc.cli._common import Parser, options, settings_of
 
 __all__ = ["register"]
 
@@ -29,11 +29,12 @@ def cmd_deny(args: argparse.Namespace) -> int:
 
     settings = settings_of(args)
     path = settings.resolved_deny_list()
+    skus_given = getattr(args, "skus", [])
     if args.action == "list":
         skus = read_deny_list(path)
     else:
-        skus = update_deny_list(path, add=args.skus if args.action == "add" else (),
-                                remove=args.skus if args.action == "remove" else (), clear=args.action == "clear",
+        skus = update_deny_list(path, add=skus_given if args.action == "add" else (),
+                                remove=skus_given if args.action == "remove" else (), clear=args.action == "clear",
                                 max_id_len=settings.max_id_len)  # fmt: skip
     for sku in sorted(skus):
         print(sku)
@@ -44,14 +45,40 @@ def cmd_deny(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     """Add update-catalog and deny."""
-    p = sub.add_parser("update-catalog", parents=[common], help=cmd_update_catalog.__doc__)
+    p = sub.add_parser("update-catalog", parents=[common], help=cmd_update_catalog.__doc__,
+                       description=cmd_update_catalog.__doc__)
     p.add_argument("bundle", type=Path, help="the bundle to start from (e.g. model_repository/ranker/3/bundle)")
     p.add_argument("--out", type=Path, required=True, help="directory of the new bundle")
     p.add_argument("--add", type=Path, help="CSV/Parquet of new items: item_id[,title,category]")
     p.add_argument("--retire", nargs="*", default=[], help="SKUs never to retrieve again")
     p.set_defaults(func=cmd_update_catalog)
 
-    p = sub.add_parser("deny", parents=[common], help=cmd_deny.__doc__)
-    p.add_argument("action", choices=["list", "add", "remove", "clear"])
-    p.add_argument("skus", nargs="*")
+    p = sub.add_parser("deny", help=cmd_deny.__doc__, description=cmd_deny.__doc__)
+    actions: argparse._SubParsersAction[argparse.ArgumentParser] = p.add_subparsers(
+        dest="action", required=True, metavar="ACTION", parser_class=_Intermixed)
+    for action, text in (("list", "print the denied SKUs"), ("add", "deny these SKUs"),
+                         ("remove", "stop denying these SKUs"), ("clear", "deny nothing")):  # fmt: skip
+        q = actions.add_parser(action, parents=[common, options("data_dir")], help=text, description=text)
+        if action in ("add", "remove"):
+            # One or more, before or after the options; a SKU that starts with "-" goes after "--".
+            q.add_argument("skus", nargs="+", metavar="SKU", help="SKU as the API takes it (spaces and # allowed)")
     p.set_defaults(func=cmd_deny)
+
+
+class _Intermixed(Parser):
+    """A leaf command's parser taking options and positionals in any order (`add A --data-dir D B`)."""
+
+    _parsing = False
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: list[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # parse_known_intermixed_args calls parse_known_args itself: the plain one, from inside. After "--"
+        # (SKUs that start with "-") the order is explicit already, and intermixed parsing mishandles it.
+        if self._parsing or (args is not None and "--" in args):
+            return super().parse_known_args(args, namespace)
+        self._parsing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._parsing = False

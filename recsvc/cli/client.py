@@ -6,10 +6,11 @@ import argparse
 import asyncio
 import os
 import time
+import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recsvc.cli._common import latest_catalog, print_recommendation, settings_of
+from recsvc.cli._common import latest_catalog, options, print_recommendation, settings_of
 from recsvc.config import Settings
 
 if TYPE_CHECKING:
@@ -48,7 +49,9 @@ def cmd_record(args: argparse.Namespace) -> int:
     from recsvc.domain import Event, EventType
 
     settings = settings_of(args)
-    event = Event(args.user, args.item, EventType[args.type.upper()], time.time())
+    # An event id, so that a retried call (by gRPC's retry policy, or by the user running the same
+    # command again with --event-id) is recognised by the server and stored once.
+    event = Event(args.user, args.item, EventType[args.type.upper()], time.time(), args.event_id or uuid.uuid4().hex)
 
     async def run() -> int:
         async with _client(args, settings) as client:
@@ -61,16 +64,22 @@ def cmd_record(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     """Add recommend and record."""
+    titles = options("model_repository")      # recommend prints titles from the newest published catalog
     for name, func in (("recommend", cmd_recommend), ("record", cmd_record)):
-        p = sub.add_parser(name, parents=[common], help=func.__doc__)
-        p.add_argument("user")
+        p = sub.add_parser(name, parents=[common, titles] if name == "recommend" else [common], help=func.__doc__,
+                           description=func.__doc__)  # fmt: skip
+        p.add_argument("user", help="user id, as your shop writes it")
         if name == "recommend":
-            p.add_argument("--k", type=int, default=10)
-            p.add_argument("--context", nargs="*", default=[])
-            p.add_argument("--exclude", nargs="*", default=[])
+            p.add_argument("--k", type=int, default=10, help="how many items (default 10)")
+            p.add_argument("--context", nargs="*", default=[], metavar="ITEM",
+                           help="items the user is looking at now (e.g. the cart)")
+            p.add_argument("--exclude", nargs="*", default=[], metavar="ITEM", help="items never to return")
         else:
-            p.add_argument("item")
-            p.add_argument("--type", choices=["view", "cart", "purchase"], default="view")
+            p.add_argument("item", help="item id (SKU) the user acted on")
+            p.add_argument("--type", choices=["view", "cart", "purchase"], default="view",
+                           help="what the user did (default view)")
+            p.add_argument("--event-id", help="your id for this event; the server stores an event id once per user "
+                                              "(default: a fresh random id)")  # fmt: skip
         p.add_argument("--target", help="host:port of the server (default host:port from settings)")
         p.add_argument("--tls", action="store_true", help="speak TLS (implied by --ca or --cert)")
         p.add_argument("--ca", type=Path, help="CA that signed the server's certificate (default: system roots)")

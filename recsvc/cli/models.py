@@ -7,7 +7,7 @@ import asyncio
 import logging
 from pathlib import Path
 
-from recsvc.cli._common import settings_of
+from recsvc.cli._common import options, settings_of
 from recsvc.config import Settings, load_settings
 from recsvc.errors import ConfigError, RecsvcError
 
@@ -168,35 +168,38 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     """Add publish, render-config, rollout, triton-sync, rollback, build-index, triton and build-engine."""
     from recsvc.offline.engines import register as register_build_engine
 
-    p = sub.add_parser("publish", parents=[common], help=cmd_publish.__doc__)
-    p.add_argument("bundle", type=Path)
+    triton = options("model_repository", "triton_url")
+
+    p = sub.add_parser("publish", parents=[common, triton], help=cmd_publish.__doc__)
+    p.add_argument("bundle", type=Path, help="bundle directory (from `recsvc train` or `recsvc update-catalog`)")
     p.add_argument("--no-rollout", action="store_true", help="only write the version (Triton not contacted)")
     p.add_argument("--target", choices=["cpu", "gpu", "gpu-onnx", "gpu-torch"], default="cpu",
                    help="Triton target of config.pbtxt when the model has none yet (see render-config)")
     p.add_argument("--drain-s", type=float, help="wait before unloading the old version (RECSVC_ROLLOUT_DRAIN_S)")
     p.set_defaults(func=cmd_publish)
 
-    p = sub.add_parser("render-config", parents=[common], help=cmd_render_config.__doc__)
-    p.add_argument("--target", choices=["cpu", "gpu", "gpu-onnx", "gpu-torch"], required=True)
+    p = sub.add_parser("render-config", parents=[common, options("model_repository")], help=cmd_render_config.__doc__)
+    p.add_argument("--target", choices=["cpu", "gpu", "gpu-onnx", "gpu-torch"], required=True,
+                   help="where Triton runs the ranker: CPU (python backend), or GPU as TensorRT, ONNX or torch")
     p.add_argument("--bundle", type=Path, help="bundle whose L and C shape the warm-up (default: newest version's)")
     p.set_defaults(func=cmd_render_config)
 
-    p = sub.add_parser("rollout", parents=[common], help=cmd_rollout.__doc__)
-    p.add_argument("version", type=int)
+    p = sub.add_parser("rollout", parents=[common, triton], help=cmd_rollout.__doc__)
+    p.add_argument("version", type=int, help="published version number to serve")
     p.add_argument("--drain-s", type=float, help="wait before unloading the old version (RECSVC_ROLLOUT_DRAIN_S)")
     p.set_defaults(func=cmd_rollout)
 
-    p = sub.add_parser("triton-sync", parents=[common], help=cmd_triton_sync.__doc__)
+    p = sub.add_parser("triton-sync", parents=[common, triton], help=cmd_triton_sync.__doc__)
     p.add_argument("--once", action="store_true", help="one reconciliation, then exit")
     p.set_defaults(func=cmd_triton_sync)
 
-    p = sub.add_parser("rollback", parents=[common], help=cmd_rollback.__doc__)
+    p = sub.add_parser("rollback", parents=[common, triton], help=cmd_rollback.__doc__)
     p.add_argument("--to", type=int, help="version to serve (default: the previous serving version)")
     p.add_argument("--drain-s", type=float, help="wait before unloading the old version (RECSVC_ROLLOUT_DRAIN_S)")
     p.set_defaults(func=cmd_rollback)
 
     p = sub.add_parser("build-index", parents=[common], help=cmd_build_index.__doc__)
-    p.add_argument("bundle", type=Path)
+    p.add_argument("bundle", type=Path, help="bundle directory whose item embeddings are indexed")
     p.add_argument("--kind", choices=["auto", "flat", "ivf_flat", "ivf_pq", "hnsw"], help="RECSVC_INDEX_KIND")
     p.add_argument("--nlist", type=int, help="IVF lists (0: about 4 sqrt(items))")
     p.add_argument("--nprobe", type=int, help="IVF lists probed (0: tuned to --target-recall)")
@@ -208,7 +211,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     p.add_argument("--queries", type=Path, help="float32 [Q, dim] .npy of held-out queries (default the bundle's)")
     p.set_defaults(func=cmd_build_index)
 
-    p = sub.add_parser("triton", parents=[common], help=cmd_triton.__doc__)
+    p = sub.add_parser("triton", parents=[common, triton], help=cmd_triton.__doc__)
     p.add_argument("--no-models", action="store_true",
                    help="load nothing at start (like an official Triton image in EXPLICIT mode); recsvc pins it")
     p.add_argument("--no-restart", action="store_true",

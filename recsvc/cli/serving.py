@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import sys
 from pathlib import Path
 from typing import Any
 
-from recsvc.cli._common import DEMO_USER, latest_catalog, print_recommendation, settings_of
+from recsvc.cli._common import DEMO_USER, latest_catalog, options, print_recommendation, settings_of
 from recsvc.cli.training import add_train_args, train_bundle
 from recsvc.config import Settings
-from recsvc.offline.data_options import add_data_args, load_dataset
+from recsvc.errors import ConfigError
+from recsvc.offline.data_options import add_data_args, data_source, load_dataset, load_source
 
 __all__ = ["register"]
 
@@ -26,42 +28,97 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_seed(args: argparse.Namespace) -> int:
     """Load a dataset's interactions into the history store (once: refuses a non-empty store)."""
-    return asyncio.run(_seed(settings_of(args), load_dataset(args)))
+    settings = settings_of(args)
+    if not asyncio.run(_seed(settings, load_dataset(args))):
+        if args.if_empty:
+            print(f"history store {_where(settings)} already has users; left as it is (--if-empty)")
+            return 0
+        raise ConfigError(f"history store {_where(settings)} already has users; seed fills an empty store only "
+                          "(seeding twice would double every history)")  # fmt: skip
+    return 0
 
 
-async def _seed(settings: Settings, ds: Any) -> int:
+def _where(settings: Settings) -> str:
+    return str(settings.resolved_history_db()) if settings.history_store == "sqlite" else settings.redis_url
+
+
+async def _seed(settings: Settings, ds: Any) -> bool:
+    """Seed an empty store with ``ds``' events; False (nothing written) when it already has users."""
+    from tqdm import tqdm
+
     from recsvc.server.app import open_store
 
     store: Any = await open_store(settings)       # sqlite or redis: both have count_users and bulk_append
-    where = settings.resolved_history_db() if settings.history_store == "sqlite" else settings.redis_url
     try:
         if await store.count_users():
-            print(f"history store {where} already has users; not seeding again")
-            return 0
-        n = await store.bulk_append(ds.event_rows())
-        print(f"seeded {n:,} events for {ds.num_users:,} users into {where}")
-        return 0
+            return False
+        # Progress on a terminal only (disable=None): logs and pipes get the summary line alone.
+        with tqdm(ds.event_rows(), total=ds.num_interactions, desc="seeding", unit=" events", unit_scale=True,
+                  file=sys.stderr, disable=None, leave=False) as rows:  # fmt: skip
+            n = await store.bulk_append(rows)
+        print(f"seeded {n:,} events for {ds.num_users:,} users into {_where(settings)}")
+        return True
     finally:
         await store.close()
 
 
 # ------------------------------------------------------------------------------------------- up
 def cmd_up(args: argparse.Namespace) -> int:
-    """Everything on the embedded defaults: data -> train -> publish -> Triton -> server -> a demo query."""
-    from recsvc.repository import latest_version, publish
+    """Everything in one command: data -> train -> publish -> seed -> Triton -> server -> a demo query.
+
+    MovieLens by default; --interactions F [--items F] does the same for your own catalog.
+    """
+    import datetime as dt
+
+    from recsvc.bundle import read_manifest
+    from recsvc.repository import latest_version, publish, version_dir
 
     settings = settings_of(args)
-    if latest_version(settings.model_repository, settings.triton_model) is None:
-        print("no published model yet: training on MovieLens (first run only)")
-        bundle = train_bundle(args, settings.data_dir / "bundles" / "movielens")
-        version = publish(bundle, settings.model_repository, settings.triton_model)
-        print(f"published as {settings.triton_model} version {version}")
-    args.dataset = "movielens"
-    asyncio.run(_seed(settings, load_dataset(args)))
-    return asyncio.run(_up(settings, exit_after_demo=args.exit_after_demo))
+    source = data_source(args)
+    repo, model = settings.model_repository, settings.triton_model
+    latest = latest_version(repo, model)
+    served = None
+    if latest is not None:
+        manifest = read_manifest(version_dir(repo, model, latest) / "bundle")
+        # Bundles from before data sources were recorded: the MovieLens of the first `up`.
+        served = manifest.extra.get("data_source") or ({"dataset": "movielens"} if manifest.dataset == "movielens"
+                                                       else {"dataset": manifest.dataset})  # fmt: skip
+    ds = load_source(source)
+    if served != source:
+        if latest is not None and asyncio.run(_has_users(settings)):
+            # Seeding this data on top of another's histories would mix two shops' users.
+            raise ConfigError(f"{repo / model} serves a model of other data and the history store {_where(settings)} "
+                              "holds its users: start this data in a fresh place (--data-dir DIR "
+                              "--model-repository DIR2)")  # fmt: skip
+        print(f"training on {ds.name} ({'first run' if latest is None else 'new data'}; `up` reuses the model after)")
+        stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
+        bundle = train_bundle(args, settings.data_dir / "bundles" / f"{source['dataset']}-{stamp}", ds, source)
+        version = publish(bundle, repo, model)
+        print(f"published as {model} version {version}")
+    if not asyncio.run(_seed(settings, ds)):
+        print(f"history store {_where(settings)} already seeded; keeping its histories")
+    if source["dataset"] == "movielens":
+        demo_user, who = DEMO_USER, f"MovieLens user {DEMO_USER} recently watched"
+    else:
+        import numpy as np
+
+        busiest = int(np.bincount(ds.users).argmax())
+        demo_user = str(ds.user_ids[busiest])
+        who = f"your most active user {demo_user!r} recently interacted with"
+    return asyncio.run(_up(settings, demo_user, who, exit_after_demo=args.exit_after_demo))
 
 
-async def _up(settings: Settings, *, exit_after_demo: bool) -> int:
+async def _has_users(settings: Settings) -> bool:
+    from recsvc.server.app import open_store
+
+    store: Any = await open_store(settings)
+    try:
+        return bool(await store.count_users())
+    finally:
+        await store.close()
+
+
+async def _up(settings: Settings, demo_user: str, who: str, *, exit_after_demo: bool) -> int:
     from recsvc.offline.triton_server import SupervisedTriton, options_from_settings
     from recsvc.server import serve
     from recsvc.server.client import RecsvcClient
@@ -81,18 +138,19 @@ async def _up(settings: Settings, *, exit_after_demo: bool) -> int:
             port = ready.result()
             target = f"{settings.host}:{port}"
             async with RecsvcClient(target) as client:
-                rec = await client.recommend(DEMO_USER, 10)
+                rec = await client.recommend(demo_user, 10)
             catalog = latest_catalog(settings)
-            print(f"\nrecsvc is serving on {target}. MovieLens user {DEMO_USER} recently watched:")
-            for title in await _recent_titles(settings, DEMO_USER, catalog, 8):
+            print(f"\nrecsvc is serving on {target}. {who}:")
+            for title in await _recent_titles(settings, demo_user, catalog, 8):
                 print(f"  - {title}")
-            print_recommendation(rec, catalog, DEMO_USER)
+            print_recommendation(rec, catalog, demo_user)
+            item = rec.items[0].item_id if rec.items else "ITEM"
             print(
                 "\nQuery it yourself (server reflection is on):\n"
-                f"  grpcurl -plaintext -d '{{\"user_id\": \"{DEMO_USER}\", \"k\": 5}}' {target} "
+                f"  grpcurl -plaintext -d '{{\"user_id\": \"{demo_user}\", \"k\": 5}}' {target} "
                 "recsvc.v1.Recommender/Recommend\n"
-                f"  .venv/bin/recsvc recommend {DEMO_USER} --k 5 --target {target}\n"
-                f"  .venv/bin/recsvc record {DEMO_USER} 1 --type view --target {target}   (Toy Story)\n"
+                f"  .venv/bin/recsvc recommend {demo_user} --k 5 --target {target}\n"
+                f"  .venv/bin/recsvc record {demo_user} {item} --type view --target {target}\n"
                 f"  grpcurl -plaintext {target} grpc.health.v1.Health/Check\n"
                 "Ctrl-C stops the server and Triton."
             )
@@ -121,17 +179,27 @@ async def _recent_titles(settings: Settings, user: str, catalog: Any, n: int) ->
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     """Add up, serve and seed."""
-    p = sub.add_parser("up", parents=[common], help=cmd_up.__doc__)
+    everything = options("data_dir", "model_repository", "triton_url")
+    p = sub.add_parser("up", parents=[common, everything], help=_first_line(cmd_up.__doc__),
+                       description=cmd_up.__doc__)
     p.add_argument("--port", type=int, help="gRPC port (RECSVC_PORT, default 50051)")
     p.add_argument("--exit-after-demo", action="store_true", help="stop after printing the sample request")
+    add_data_args(p)
     add_train_args(p)
-    p.set_defaults(func=cmd_up, dataset="movielens", seed=0)
+    p.set_defaults(func=cmd_up)
 
-    p = sub.add_parser("serve", parents=[common], help=cmd_serve.__doc__)
+    p = sub.add_parser("serve", parents=[common, everything], help=cmd_serve.__doc__)
     p.add_argument("--port", type=int, help="gRPC port; 0 picks a free one (RECSVC_PORT, default 50051)")
     p.add_argument("--port-file", type=Path, help="write the bound port here once serving")
     p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("seed", parents=[common], help=cmd_seed.__doc__)
+    p = sub.add_parser("seed", parents=[common, options("data_dir")], help=cmd_seed.__doc__)
     add_data_args(p)
+    p.add_argument("--if-empty", action="store_true",
+                   help="a store that already has users is left alone with exit status 0 (for jobs that may run "
+                        "again); without it that is an error")  # fmt: skip
     p.set_defaults(func=cmd_seed)
+
+
+def _first_line(doc: str | None) -> str:
+    return (doc or "").strip().split("\n", 1)[0]

@@ -5,31 +5,38 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 from pathlib import Path
+from typing import Any
 
-from recsvc.cli._common import settings_of
-from recsvc.offline.data_options import add_data_args, load_dataset
+from recsvc.cli._common import options, settings_of
+from recsvc.offline.data_options import add_data_args, bundle_dataset, data_source, load_source
 
 __all__ = ["add_train_args", "register", "train_bundle"]
 
 
-def train_bundle(args: argparse.Namespace, out: Path) -> Path:
-    """Train on ``args``' dataset, write the bundle to ``out``, evaluate it on the held-out split."""
-    from recsvc.bundle import update_metrics
+def train_bundle(args: argparse.Namespace, out: Path, ds: Any = None, source: dict[str, Any] | None = None) -> Path:
+    """Train on ``args``' dataset (or ``ds``, loaded from ``source``), write the bundle to ``out``, evaluate it."""
+    from recsvc.bundle import update_extra, update_metrics
     from recsvc.offline.data import time_split
     from recsvc.offline.models.evaluate import evaluate_bundle
     from recsvc.offline.models.train import TrainConfig, train, write_bundle
 
-    ds = load_dataset(args)
+    if source is None:
+        source = data_source(args)
+    if ds is None:
+        ds = load_source(source)
     print(f"dataset {ds.name}: {ds.num_users:,} users, {ds.num_items:,} items, {ds.num_interactions:,} interactions")
     config = TrainConfig(retrieval_epochs=args.epochs, ranker_epochs=args.ranker_epochs, seed=args.seed)
     if args.no_holdout:
         trained = train(ds, config)
         write_bundle(trained, ds, out)
+        update_extra(out, {"data_source": source})
     else:
         # Train on the time split's train part so the figures below are honest held-out figures.
         split = time_split(ds, test_per_user=args.test_per_user)
         trained = train(split.train, config)
         write_bundle(trained, split.train, out)
+        # Where the data came from, so `recsvc evaluate BUNDLE` can load it again unasked.
+        update_extra(out, {"data_source": source})
         report = evaluate_bundle(out, split.train, split.test, k=10, max_users=args.eval_users)
         update_metrics(out, report.as_metrics())
         print(f"\nheld-out evaluation (last {args.test_per_user} interactions per user, {report.users} users):")
@@ -41,26 +48,26 @@ def train_bundle(args: argparse.Namespace, out: Path) -> Path:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train both models, export ONNX, evaluate, write a bundle."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-    out = args.out or settings_of(args).data_dir / "bundles" / f"{args.dataset}-{stamp}"
+    out = args.out or settings_of(args).data_dir / "bundles" / f"{data_source(args)['dataset']}-{stamp}"
     train_bundle(args, out)
     return 0
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Add the training options (epochs, hold-out)."""
-    p.add_argument("--epochs", type=int, default=8, help="retrieval epochs")
-    p.add_argument("--ranker-epochs", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=8, help="retrieval model epochs (default 8)")
+    p.add_argument("--ranker-epochs", type=int, default=4, help="ranker epochs (default 4)")
     p.add_argument("--test-per-user", type=int, default=5, help="held-out latest interactions per user")
     p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many users")
     p.add_argument("--no-holdout", action="store_true", help="train on everything (no evaluation)")
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Evaluate a bundle on the time split of the data it was trained on."""
+    """Evaluate a bundle on the time split of the data it was trained on (recorded in the bundle)."""
     from recsvc.offline.data import time_split
     from recsvc.offline.models.evaluate import evaluate_bundle
 
-    split = time_split(load_dataset(args), test_per_user=args.test_per_user)
+    split = time_split(bundle_dataset(args, args.bundle), test_per_user=args.test_per_user)
     report = evaluate_bundle(args.bundle, split.train, split.test, k=args.k, max_users=args.eval_users)
     print(report.table())
     return 0
@@ -70,16 +77,19 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
     """Add train and evaluate."""
-    p = sub.add_parser("train", parents=[common], help=cmd_train.__doc__)
+    p = sub.add_parser("train", parents=[common, options("data_dir")], help=cmd_train.__doc__,
+                       description=cmd_train.__doc__)
     add_data_args(p)
     add_train_args(p)
     p.add_argument("--out", type=Path, help="bundle directory (default <data-dir>/bundles/<dataset>-<time>)")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("evaluate", parents=[common], help=cmd_evaluate.__doc__)
-    p.add_argument("bundle", type=Path)
-    add_data_args(p)
-    p.add_argument("--test-per-user", type=int, default=5)
-    p.add_argument("--eval-users", type=int, default=20_000)
-    p.add_argument("--k", type=int, default=10)
+    p = sub.add_parser("evaluate", parents=[common], help=cmd_evaluate.__doc__,
+                       description=f"{cmd_evaluate.__doc__} The data options are needed only for a bundle that "
+                                   "does not record its data.")  # fmt: skip
+    p.add_argument("bundle", type=Path, help="bundle directory (from `recsvc train`)")
+    add_data_args(p, default=None)
+    p.add_argument("--test-per-user", type=int, default=5, help="held-out latest interactions per user (default 5)")
+    p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many users")
+    p.add_argument("--k", type=int, default=10, help="recall@k and NDCG@k (default 10)")
     p.set_defaults(func=cmd_evaluate)

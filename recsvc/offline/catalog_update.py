@@ -2,10 +2,12 @@
 
 A new item has no interactions, so no trained embedding. It gets a content-based one from what is
 known about it, its category: the popularity-weighted mean of the trained embeddings of the active items
-in that category (the global mean for a category never seen). Users whose queries point at that
-category retrieve it next to the category's typical items. The models (query encoder, ranker) only know
-trained items, so the new item borrows the model id of its *proxy*: the trained item of its category
-closest to that mean. It can then appear in histories and be scored by the ranker like its proxy.
+in that category. A category no active trained item has is refused: its only estimate would be the mean
+of the whole catalog, which sits close to every query and would rank the item first for everyone.
+Users whose queries point at that category retrieve it next to the category's typical items. The models
+(query encoder, ranker) only know trained items, so the new item borrows the model id of its *proxy*:
+the trained item of its category closest to that mean. It can then appear in histories and be scored
+by the ranker like its proxy.
 
 Retired items stay in the catalog, marked inactive, so dense ids and old histories keep their meaning;
 they are never retrieved. Re-adding a retired SKU re-activates it.
@@ -105,6 +107,16 @@ def update_catalog(
         raise InvalidArgument("items.item_id", f"already in the catalog and active: {', '.join(clash)}")
     active[reactivated] = True
     fresh = ~skus.isin([catalog.sku(d) for d in reactivated]).to_numpy()
+    # A category no trained item has would get the mean of the whole catalog: a vector that sits near
+    # every user's query and so takes over every ranking. Refused: the category must be one we know.
+    known_categories = set(catalog.categories[trained & active].tolist())
+    strange = sorted(set(categories[fresh].tolist()) - known_categories)
+    if strange:
+        listed = ", ".join(repr(c) for c in sorted(known_categories)[:10])
+        more = f" (and {len(known_categories) - 10} more)" if len(known_categories) > 10 else ""
+        raise InvalidArgument("items.category", f"unknown category {', '.join(repr(c) for c in strange[:5])}: "
+                                                f"new items need a category of the catalog's trained items: "
+                                                f"{listed}{more}")  # fmt: skip
 
     unknown = [s for s in retire if not catalog.dense([s])]
     if unknown:

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recsvc.bundle import MANIFEST, Manifest, read_manifest
 from recsvc.errors import ConfigError
 
 if TYPE_CHECKING:
+    from recsvc.bundle import Manifest
     from recsvc.offline.models.tensorrt import EngineInfo, EngineSpec
 
 __all__ = [
@@ -53,6 +53,8 @@ class EngineSource:
 
 def resolve_source(path: Path) -> EngineSource:
     """Read a bundle or a published version directory; ConfigError when it is neither."""
+    from recsvc.bundle import MANIFEST, read_manifest  # numpy: not for registering the command
+
     if (path / MANIFEST).is_file():                          # a bundle
         onnx, bundle = path / "ranker.onnx", path
     elif (path / "bundle" / MANIFEST).is_file():             # a version directory
@@ -112,9 +114,10 @@ def register(subparsers: Any) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("source", type=Path, help="a bundle directory or a published version (model_repository/ranker/N)")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16",
+                   help="engine precision (default fp16; int8 calibrates on the bundle's samples.npz)")
     p.add_argument("--out", type=Path, help="plan path (default: model.plan next to the ONNX file)")
-    p.add_argument("--min-batch", type=int, default=1)
+    p.add_argument("--min-batch", type=int, default=1, help="smallest batch the engine accepts (default 1)")
     p.add_argument("--opt-batch", type=int, default=16, help="batch the kernels are tuned for (default 16)")
     p.add_argument("--max-batch", type=int, default=64, help="must equal max_batch_size of ranker_gpu.pbtxt (64)")
     p.add_argument("--workspace-mib", type=int, default=1024, help="TensorRT workspace limit in MiB")

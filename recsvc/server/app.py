@@ -239,6 +239,9 @@ async def _serve(
     server = grpc.aio.server(interceptors=interceptors, options=[
         ("grpc.max_receive_message_length", settings.max_message_bytes),
         ("grpc.max_send_message_length", settings.max_message_bytes),
+        # gRPC sets SO_REUSEPORT by default on Linux: a second server on our port would then bind it
+        # silently and take half the connections. Only the worker supervisor's workers share a port.
+        ("grpc.so_reuseport", 1 if settings.reuse_port else 0),
     ])  # fmt: skip
     servicer = RecommenderServicer(service.pipeline, settings)
 

@@ -8,6 +8,7 @@ overload (RESOURCE_EXHAUSTED, retried no sooner than the server's ``grpc-retry-p
 from __future__ import annotations
 
 import json
+import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -95,7 +96,11 @@ class RecsvcClient:
         )  # fmt: skip
 
     async def record(self, events: Sequence[Event]) -> int:
-        """Call RecordEvents."""
+        """Call RecordEvents; an event without an ``event_id`` is given a random one.
+
+        The request is built once, so gRPC's retries (``RETRY_SERVICE_CONFIG``) send the same ids and the
+        server stores each event once however often the call is retried.
+        """
         request = pb.RecordEventsRequest(events=[_event(e) for e in events])
         try:
             reply = await self._stub.RecordEvents(request, timeout=self._timeout, metadata=self._metadata)
@@ -115,7 +120,8 @@ class RecsvcClient:
 def _event(e: Event) -> pb.Event:
     ts = Timestamp()
     ts.FromNanoseconds(int(e.timestamp * 1e9))
-    return pb.Event(user_id=e.user_id, item_id=e.item_id, type=int(e.type), timestamp=ts)  # type: ignore[arg-type]
+    return pb.Event(user_id=e.user_id, item_id=e.item_id, type=int(e.type), timestamp=ts,  # type: ignore[arg-type]
+                    event_id=e.event_id or uuid.uuid4().hex)
 
 
 def _translate(exc: grpc.aio.AioRpcError) -> RecsvcError:

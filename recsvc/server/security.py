@@ -37,7 +37,7 @@ from grpc_health.v1 import health_pb2_grpc
 
 from recsvc.config import Settings
 from recsvc.errors import ConfigError
-from recsvc.server.servicer import SERVICE_NAME
+from recsvc.server.names import SERVICE_NAME
 
 __all__ = [
     "AuthInterceptor",
@@ -234,9 +234,21 @@ def bind(server: grpc.aio.Server, settings: Settings, *, clock: Callable[[], flo
     """Add the service port to ``server``: TLS when ``tls_cert`` is set, else plaintext. Returns the port."""
     address = f"{settings.host}:{settings.port}"
     if settings.tls_cert is None:
-        return server.add_insecure_port(address)
+        return _add_port(lambda: server.add_insecure_port(address), address, "--port or RECSVC_PORT")
     tls = ServerTls(settings, clock=clock)
-    return server.add_secure_port(address, tls.credentials())
+    return _add_port(lambda: server.add_secure_port(address, tls.credentials()), address, "--port or RECSVC_PORT")
+
+
+def _add_port(add: Callable[[], int], address: str, setting: str) -> int:
+    """``add()``'s port, or one ConfigError naming the address when it cannot be bound."""
+    try:
+        port = add()
+    except RuntimeError:            # grpc's "Failed to bind to address ...": no errno, nothing more to say
+        port = 0
+    if port == 0:                   # older grpc versions return 0 instead of raising
+        raise ConfigError(f"cannot listen on {address}: the port is in use (another recsvc?) or the address "
+                          f"is not this machine's; choose another with {setting}")  # fmt: skip
+    return port
 
 
 def check_files(settings: Settings) -> None:
@@ -258,9 +270,10 @@ async def start_health_port(settings: Settings, health: Any) -> grpc.aio.Server 
     """
     if not settings.health_port:
         return None
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 1 if settings.reuse_port else 0)])
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
-    server.add_insecure_port(f"{settings.host}:{settings.health_port}")
+    address = f"{settings.host}:{settings.health_port}"
+    _add_port(lambda: server.add_insecure_port(address), address, "RECSVC_HEALTH_PORT")
     await server.start()
     log.info("plaintext health port on %s:%d", settings.host, settings.health_port)
     return server

@@ -28,6 +28,7 @@ from recsvc.errors import DeadlineExceeded, RecsvcError
 from recsvc.logs import Throttle
 from recsvc.pipeline import Pipeline
 from recsvc.server.errors import abort_with
+from recsvc.server.names import SERVICE_NAME
 from recsvc.server.validation import events_from_proto, prefetch_users_from_proto, query_from_proto
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -45,7 +46,6 @@ log = logging.getLogger(__name__)
 
 Context = grpc.aio.ServicerContext[Any, Any]
 
-SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Recommender"].full_name
 
 # Garbage can arrive at any rate: one log line per interval (with a count) is enough to notice it.
 UNPARSEABLE_LOG_INTERVAL_S = 10.0

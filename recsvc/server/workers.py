@@ -1,8 +1,9 @@
 """Worker processes: ``workers`` copies of the server sharing one port, under one supervisor.
 
 One Python process serves gRPC on one core (the GIL), so a pod with several cores runs several
-processes. They bind the same port with SO_REUSEPORT (on by default in gRPC on Linux) and the kernel
-spreads connections across them. They share histories and invalidations through Redis, which is
+processes. They bind the same port with SO_REUSEPORT (``reuse_port``, which the supervisor sets for
+them alone: a lone server keeps it off, so a taken port is an error) and the kernel spreads connections
+across them. They share histories and invalidations through Redis, which is
 why config refuses ``workers`` > 1 with the embedded store.
 
 The supervisor (this module, the process the container starts):
@@ -58,8 +59,8 @@ class _Worker:
         env = {k: v for k, v in os.environ.items() if not k.startswith("RECSVC_")}
         env.update({k: v for k, v in os.environ.items() if k.startswith("RECSVC_")})
         # What CLI flags may have set on the supervisor reaches the workers through their environment.
-        env.update(RECSVC_WORKERS="1", RECSVC_METRICS_PORT="0", RECSVC_PORT=str(s.port), RECSVC_HOST=s.host,
-                   RECSVC_DATA_DIR=str(s.data_dir), RECSVC_MODEL_REPOSITORY=str(s.model_repository),
+        env.update(RECSVC_WORKERS="1", RECSVC_REUSE_PORT="1", RECSVC_METRICS_PORT="0", RECSVC_PORT=str(s.port),
+                   RECSVC_HOST=s.host, RECSVC_DATA_DIR=str(s.data_dir), RECSVC_MODEL_REPOSITORY=str(s.model_repository),
                    RECSVC_TRITON_URL=s.triton_url, PROMETHEUS_MULTIPROC_DIR=str(self.metrics_dir))  # fmt: skip
         self.port_file.unlink(missing_ok=True)
         self.proc = await asyncio.create_subprocess_exec(

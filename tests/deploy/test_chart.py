@@ -840,6 +840,8 @@ def test_seed_job_uses_the_servers_redis() -> None:
     seed = container(m.component("seed"), "seed")
     for name in ("RECSVC_HISTORY_STORE", "RECSVC_REDIS_URL", "RECSVC_REDIS_CLUSTER"):
         assert env_of(seed)[name] == env_of(c)[name]
+    # A re-run (a new release hash over the same Redis) must succeed: the seeded store is left alone.
+    assert seed["command"] == ["recsvc", "seed", "--if-empty"]
 
 
 @pytest.mark.parametrize("profile", ["bundled-redis", "quickstart"])

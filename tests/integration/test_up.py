@@ -7,7 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
+
+from recsvc.offline.data import generate_synthetic
 
 from .conftest import free_port, stack_env
 
@@ -34,4 +37,36 @@ def test_up_trains_publishes_serves_and_prints_titled_recommendations(tmp_path: 
     again = subprocess.run([sys.executable, "-m", "recsvc.cli", "up", "--exit-after-demo"], env=env,
                            capture_output=True, text=True, timeout=120)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "training" not in again.stdout and "already has users" in again.stdout
+    assert "training" not in again.stdout and "already seeded" in again.stdout
+
+
+def test_up_serves_the_users_own_files(tmp_path: Path) -> None:
+    # Bring your own data: the same one command on two CSV files, not MovieLens.
+    ds = generate_synthetic(300, 80, seed=3)
+    events, items = tmp_path / "events.csv", tmp_path / "items.csv"
+    pd.DataFrame(list(ds.event_rows()), columns=["user_id", "item_id", "event_type", "timestamp"]).to_csv(
+        events, index=False)
+    frame = ds.items_frame()
+    frame["title"] = [f"Product {sku}" for sku in frame["item_id"]]
+    frame.to_csv(items, index=False)
+    env = stack_env(tmp_path, free_port())
+    env["RECSVC_PORT"] = str(free_port())
+    up = [sys.executable, "-m", "recsvc.cli", "up", "--exit-after-demo", "--interactions", str(events),
+          "--items", str(items)]  # fmt: skip
+    run = subprocess.run([*up, "--epochs", "1", "--ranker-epochs", "1"], env=env, capture_output=True, text=True,
+                         timeout=280)  # fmt: skip
+    out = run.stdout
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "training on events" in out and "published as ranker version 1" in out
+    assert f"seeded {ds.num_interactions:,} events for {ds.num_users:,} users" in out
+    assert "your most active user" in out and "MovieLens" not in out
+    rows = re.findall(r"^\s+\d+\.\s+\S+\s+-?\d+\.\d+\s+Product (\S+)$", out, flags=re.M)
+    assert len(rows) == 10 and set(rows) <= set(frame["item_id"]), out
+    again = subprocess.run(up, env=env, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "training" not in again.stdout and "already seeded" in again.stdout
+    # MovieLens on top of this shop's histories would mix two shops' users: refused, one line.
+    other = subprocess.run([sys.executable, "-m", "recsvc.cli", "up", "--exit-after-demo"], env=env,
+                           capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert other.returncode == 2 and "Traceback" not in other.stderr
+    assert other.stderr.strip().splitlines()[-1].startswith("recsvc up: ")

@@ -397,7 +397,7 @@ def register(subparsers: Any) -> None:
                    help="cache sizes as fractions of --users, or of a --trace's distinct keys "
                         "(default 0.01,0.05,0.1,0.2,0.4)")
     p.add_argument("--trace", type=Path, help="replay this file instead (one key per line, or .npy of ints)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace (default 0)")
     p.add_argument("--png", type=Path, default=Path("cache_sim.png"), help="plot path (default cache_sim.png)")
     p.add_argument("--policies", type=_names, default=list(POLICIES),
                    help=f"comma-separated subset of: {', '.join(POLICIES)}")  # fmt: skip

@@ -29,8 +29,8 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("compress", help="compare the ranker as FP32, FP16, INT8 and distilled: quality, "
                               "latency, throughput, size", description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("bundle", type=Path)
-    add_data_args(p)
+    p.add_argument("bundle", type=Path, help="bundle directory whose ranker is compressed")
+    add_data_args(p, default=None)
     p.add_argument("--out", type=Path, help="where the variants and the report go (default BUNDLE.compressed)")
     p.add_argument("--test-per-user", type=int, default=5, help="held-out latest interactions per user, as in train")
     p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many test users")
@@ -49,12 +49,13 @@ def register(subparsers: Any) -> None:
 def run_compress(args: argparse.Namespace) -> int:
     """The ``compress`` handler: build and measure the variants, print the table; the exit code."""
     from recsvc.offline.data import time_split
-    from recsvc.offline.data_options import load_dataset
+    from recsvc.offline.data_options import bundle_dataset
 
     # Imported here, not at the top: `recsvc --help` and every other command would otherwise pay for torch.
     from recsvc.offline.models.compression import BenchConfig, DistillConfig, compress
 
-    split = time_split(load_dataset(args), test_per_user=args.test_per_user)
+    # The data the bundle was trained on (recorded in it), unless the options name other data.
+    split = time_split(bundle_dataset(args, args.bundle), test_per_user=args.test_per_user)
     out = args.out if args.out is not None else args.bundle.with_name(args.bundle.name + ".compressed")
     student = {"dim": args.student_dim, "hidden": args.student_hidden}
     if args.quick:

@@ -15,7 +15,7 @@ sorted by (user, timestamp), so per-user slices are contiguous.
 from __future__ import annotations
 
 from recsvc.offline.data._dataset import Dataset, user_histories
-from recsvc.offline.data._files import load_files
+from recsvc.offline.data._files import FileReport, load_files
 from recsvc.offline.data._movielens import load_movielens
 from recsvc.offline.data._split import Split, time_split
 from recsvc.offline.data._synthetic import SESSION_GAP_S, SYNTHETIC_EPOCH, generate_synthetic
@@ -25,6 +25,7 @@ __all__ = [
     "SESSION_GAP_S",
     "SYNTHETIC_EPOCH",
     "Dataset",
+    "FileReport",
     "Split",
     "generate_synthetic",
     "load_files",

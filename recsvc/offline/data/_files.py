@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +14,9 @@ from recsvc.domain import EventType
 from recsvc.errors import ConfigError, InvalidArgument
 from recsvc.offline.data._dataset import Dataset, from_unsorted
 
-__all__ = ["load_files"]
+__all__ = ["FileReport", "load_files"]
+
+log = logging.getLogger(__name__)
 
 _CSV_SUFFIXES = (".csv", ".csv.gz")
 _PARQUET_SUFFIXES = (".parquet", ".pq")
@@ -20,9 +24,60 @@ _CSV_TEXT_COLUMNS = {"user_id": str, "item_id": str, "title": str, "category": s
 _EVENT_NAMES = {t.name.lower(): int(t) for t in EventType} | {str(int(t)): int(t) for t in EventType}
 # Unix seconds beyond this (year ~5138) are almost surely milliseconds; failing beats silent nonsense.
 _MAX_UNIX_S = 1e11
+# How many skipped rows a report names (all of them are counted).
+_FIRST_BAD = 5
 
 
-def load_files(interactions: Path, items: Path | None = None, *, name: str | None = None) -> Dataset:
+@dataclass
+class FileReport:
+    """What loading the interactions file found besides good rows (filled in by ``load_files``).
+
+    ``duplicates``: rows identical to an earlier one in user, item, timestamp and event type (dropped
+    unless ``keep_duplicates``). ``bad_rows``: rows skipped by ``skip_bad_rows``; ``first_bad`` names the
+    first few (row, field, value, problem).
+    """
+
+    duplicates: int = 0
+    duplicates_kept: bool = False
+    bad_rows: int = 0
+    first_bad: list[str] = field(default_factory=list)
+
+    def lines(self, path: Path) -> list[str]:
+        """One line per finding, for the user (empty when the file was clean)."""
+        out = []
+        if self.duplicates:
+            fate = "kept (--keep-duplicates)" if self.duplicates_kept else "dropped (--keep-duplicates keeps them)"
+            out.append(f"{path}: {self.duplicates:,} duplicate rows {fate}")
+        if self.bad_rows:
+            out.append(f"{path}: skipped {self.bad_rows:,} bad rows; first: " + "; ".join(self.first_bad))
+        return out
+
+
+class _Rows:
+    """Where bad rows go: the first one raises, or with ``skip`` all are collected and dropped."""
+
+    def __init__(self, n: int, skip: bool) -> None:
+        self.skip = skip
+        self.bad = np.zeros(n, dtype=bool)
+        self.problems: list[tuple[int, str]] = []
+
+    def reject(self, field: str, mask: npt.NDArray[np.bool_], values: pd.Series, what: str, hint: str = "") -> None:
+        if not mask.any():
+            return
+        if not self.skip:
+            raise _row_error(field, mask, values, what, hint)
+        for row in np.flatnonzero(mask & ~self.bad)[:_FIRST_BAD]:
+            self.problems.append((int(row), f"row {row + 1} {field}: {what} {values.iloc[row]!r}{hint}"))
+        self.bad |= mask
+
+    def first(self) -> list[str]:
+        return [text for _, text in sorted(self.problems)[:_FIRST_BAD]]
+
+
+def load_files(
+    interactions: Path, items: Path | None = None, *, name: str | None = None, keep_duplicates: bool = False,
+    skip_bad_rows: bool = False, report: FileReport | None = None,
+) -> Dataset:  # fmt: skip
     """Load interactions, and optionally a catalog, from CSV (``.csv``, ``.csv.gz``) or Parquet.
 
     Interactions need columns ``user_id``, ``item_id``, ``timestamp`` (Unix seconds as int/float, or
@@ -39,24 +94,45 @@ def load_files(interactions: Path, items: Path | None = None, *, name: str | Non
     Raises ConfigError for a missing file and InvalidArgument (``field`` = ``"interactions"``/``"items"``
     or ``"<file>.<column>"``) for an unsupported suffix, an unreadable or empty file, a missing column,
     an empty id, an unparsable timestamp or an unknown event type; messages name the row (1-based,
-    header excluded) and the offending value.
+    header excluded) and the offending value. With ``skip_bad_rows`` such interaction rows are dropped
+    instead (the items file stays strict), and only a file with no good row is an error.
+
+    Rows repeating an earlier row's user, item, timestamp and event type are dropped, unless
+    ``keep_duplicates``. What was dropped or skipped is logged as a warning and, when ``report`` is
+    given, counted in it.
     """
     interactions = Path(interactions)
     frame = _read(interactions, "interactions")
     _require_columns(frame, ("user_id", "item_id", "timestamp"), "interactions", interactions)
-    user_col = _ids(frame["user_id"], "interactions.user_id")
-    item_col = _ids(frame["item_id"], "interactions.item_id")
-    seconds = _timestamps(frame["timestamp"])
+    rows = _Rows(len(frame), skip_bad_rows)
+    user_col = _ids(frame["user_id"], "interactions.user_id", rows)
+    item_col = _ids(frame["item_id"], "interactions.item_id", rows)
+    seconds = _timestamps(frame["timestamp"], rows)
     if "event_type" in frame.columns:
-        event_types = _event_types(frame["event_type"])
+        event_types = _event_types(frame["event_type"], rows)
     else:
         event_types = np.full(len(frame), int(EventType.VIEW), dtype=np.int8)
+    found = report if report is not None else FileReport()
+    found.duplicates_kept = keep_duplicates
+    keep = ~rows.bad
+    found.bad_rows, found.first_bad = int(rows.bad.sum()), rows.first()
+    if not keep.any():
+        raise InvalidArgument("interactions", f"{interactions}: no good row ({found.bad_rows:,} bad rows, first: "
+                                              f"{'; '.join(found.first_bad)})")  # fmt: skip
+    # Duplicates after parsing: "view" and "1", or "1700000000" and its ISO form, are the same event.
+    duplicated = pd.DataFrame({"u": user_col, "i": item_col, "t": seconds, "e": event_types})[keep].duplicated()
+    found.duplicates = int(duplicated.sum())
+    if found.duplicates and not keep_duplicates:
+        keep[np.flatnonzero(keep)[duplicated.to_numpy()]] = False
+    for line in found.lines(interactions):
+        log.warning("%s", line)
+    user_col, item_col, seconds, event_types = user_col[keep], item_col[keep], seconds[keep], event_types[keep]
 
     if items is not None:
         items = Path(items)
         catalog = _read(items, "items")
         _require_columns(catalog, ("item_id",), "items", items)
-        catalog_ids = _ids(catalog["item_id"], "items.item_id")
+        catalog_ids = _ids(catalog["item_id"], "items.item_id", _Rows(len(catalog), skip=False))
         duplicated = pd.Index(catalog_ids).duplicated()
         if duplicated.any():
             row = int(np.flatnonzero(duplicated)[0])
@@ -147,21 +223,19 @@ def _row_error(
     return InvalidArgument(field, f"{what} {values.iloc[row]!r} in row {row + 1}{hint}")
 
 
-def _ids(column: pd.Series, field: str) -> npt.NDArray[np.object_]:
-    """Ids as Python str; integer columns (Parquet) become their decimal strings."""
+def _ids(column: pd.Series, field: str, rows: _Rows) -> npt.NDArray[np.object_]:
+    """Ids as Python str; integer columns (Parquet) become their decimal strings. Bad rows go to ``rows``."""
+    original = column
     if pd.api.types.is_float_dtype(column.dtype):
         # A float id column is an int column that met a null somewhere, or real floats: neither is an id.
         bad = column.isna().to_numpy() | (column.fillna(0) % 1 != 0).to_numpy()
-        if bad.any():
-            raise _row_error(field, bad, column, "id must be a string or integer, got")
-        column = column.astype(np.int64)
+        rows.reject(field, bad, column, "id must be a string or integer, got")
+        column = column.where(~bad, 0).astype(np.int64)
     null = column.isna().to_numpy()
-    if null.any():
-        raise _row_error(field, null, column, "empty id")
+    rows.reject(field, null, original, "empty id")
     values: npt.NDArray[np.object_] = column.astype(str).to_numpy(dtype=object)
-    empty = values == ""
-    if empty.any():
-        raise _row_error(field, empty, column, "empty id")
+    empty = (values == "") & ~null
+    rows.reject(field, empty, original, "empty id")
     return values
 
 
@@ -175,14 +249,11 @@ def _text(frame: pd.DataFrame, column: str) -> npt.NDArray[np.object_]:
     return text
 
 
-def _timestamps(column: pd.Series) -> npt.NDArray[np.float64]:
+def _timestamps(column: pd.Series, rows: _Rows) -> npt.NDArray[np.float64]:
     """Unix seconds (float, so sub-second order survives until sorting) from numbers or ISO-8601."""
     field = "interactions.timestamp"
     seconds: npt.NDArray[np.float64]
     if pd.api.types.is_datetime64_any_dtype(column.dtype):
-        bad = column.isna().to_numpy()
-        if bad.any():
-            raise _row_error(field, bad, column, "unparsable timestamp")
         utc = column.dt.tz_localize("UTC") if column.dt.tz is None else column.dt.tz_convert("UTC")
         seconds = (utc - pd.Timestamp(0, tz="UTC")).dt.total_seconds().to_numpy(dtype=np.float64)
     elif pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column.dtype):
@@ -190,14 +261,10 @@ def _timestamps(column: pd.Series) -> npt.NDArray[np.float64]:
     else:
         seconds = _text_timestamps(_as_text(column).str.strip())
     bad = ~np.isfinite(seconds)
-    if bad.any():
-        raise _row_error(field, bad, column, "unparsable timestamp", " (want Unix seconds or ISO-8601)")
-    too_big = np.abs(seconds) > _MAX_UNIX_S
-    if too_big.any():
-        raise _row_error(
-            field, too_big, column, "timestamp out of range", " (milliseconds? want Unix seconds)"
-        )
-    return seconds
+    rows.reject(field, bad, column, "unparsable timestamp", " (want Unix seconds or ISO-8601)")
+    too_big = np.abs(np.where(bad, 0.0, seconds)) > _MAX_UNIX_S
+    rows.reject(field, too_big, column, "timestamp out of range", " (milliseconds? want Unix seconds)")
+    return np.where(bad | too_big, 0.0, seconds)
 
 
 def _as_text(column: pd.Series) -> pd.Series:
@@ -233,17 +300,14 @@ def _text_timestamps(text: pd.Series) -> npt.NDArray[np.float64]:
     return seconds
 
 
-def _event_types(column: pd.Series) -> npt.NDArray[np.int8]:
+def _event_types(column: pd.Series, rows: _Rows) -> npt.NDArray[np.int8]:
     field = "interactions.event_type"
+    hint = " (want view/cart/purchase or 1/2/3)"
     if pd.api.types.is_numeric_dtype(column.dtype) and not pd.api.types.is_bool_dtype(column.dtype):
         values = column.to_numpy(dtype=np.float64, na_value=np.nan)
-        bad = ~np.isin(values, [int(t) for t in EventType])
-        if bad.any():
-            raise _row_error(field, bad, column, "unknown event type", " (want view/cart/purchase or 1/2/3)")
-        return np.asarray(values, dtype=np.int8)
-    text = _as_text(column).str.strip().str.lower()
-    codes = text.map(_EVENT_NAMES)
-    bad = codes.isna().to_numpy()
-    if bad.any():
-        raise _row_error(field, bad, column, "unknown event type", " (want view/cart/purchase or 1/2/3)")
-    return np.asarray(codes.to_numpy(dtype=np.int8), dtype=np.int8)
+    else:
+        text = _as_text(column).str.strip().str.lower()
+        values = text.map(_EVENT_NAMES).to_numpy(dtype=np.float64, na_value=np.nan)
+    bad = ~np.isin(values, [int(t) for t in EventType])
+    rows.reject(field, bad, column, "unknown event type", hint)
+    return np.asarray(np.where(bad, int(EventType.VIEW), values), dtype=np.int8)

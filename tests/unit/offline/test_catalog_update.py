@@ -28,27 +28,25 @@ def test_cold_items_get_their_category_mean_and_a_trained_proxy(tiny_bundle: Pat
     parent = Catalog.read(tiny_bundle / "items.parquet")
     category = str(parent.categories[0])
     out = tmp_path / "b2"
-    result = update_catalog(tiny_bundle, out, add=pd.concat([_new_items(category, 2), pd.DataFrame(
-        {"item_id": ["ODD-1"], "category": ["never-seen"]})]), retire=[parent.sku(5)])  # fmt: skip
-    assert (result.added, result.retired, result.num_items, result.model_items) == (3, 1, 123, 120)
+    result = update_catalog(tiny_bundle, out, add=_new_items(category, 2), retire=[parent.sku(5)])
+    assert (result.added, result.retired, result.num_items, result.model_items) == (2, 1, 122, 120)
     manifest = verify_bundle(out)                 # a complete, checksummed bundle
-    assert manifest.num_items == 123 and manifest.extra["catalog_update"]["added"] == 3
+    assert manifest.num_items == 122 and manifest.extra["catalog_update"]["added"] == 2
 
     catalog = Catalog.read(out / "items.parquet")
     emb = np.load(out / "item_embeddings.npy")
     old = np.load(tiny_bundle / "item_embeddings.npy")
-    assert emb.shape == (123, old.shape[1]) and np.array_equal(emb[:120], old)
+    assert emb.shape == (122, old.shape[1]) and np.array_equal(emb[:120], old)
     members = np.flatnonzero(parent.categories == category)
     assert members.size and catalog.model_ids is not None and catalog.active is not None
-    # Proxies are trained items of the same category; the odd one borrows some trained item.
+    # Proxies are trained items of the same category.
     assert catalog.model_ids[120] in members and catalog.model_ids[121] == catalog.model_ids[120]
-    assert 0 <= catalog.model_ids[122] < 120
     np.testing.assert_allclose(emb[120], emb[121])
     # The category mean sits closer to its category's items than to the rest.
     cos = (old @ emb[120]) / (np.linalg.norm(old, axis=1) * np.linalg.norm(emb[120]))
     others = np.setdiff1d(np.arange(120), members)
     assert cos[members].mean() > cos[others].mean()
-    assert not catalog.active[5] and catalog.active.sum() == 122
+    assert not catalog.active[5] and catalog.active.sum() == 121
     assert catalog.to_model(np.array([120, -1, 3])).tolist() == [catalog.model_ids[120], -1, 3]
 
 
@@ -60,6 +58,13 @@ def test_bad_updates_are_refused_and_write_nothing(tiny_bundle: Path, tmp_path: 
         update_catalog(tiny_bundle, tmp_path / "b", add=pd.DataFrame({"item_id": ["X", "X"]}))
     with pytest.raises(InvalidArgument, match="not in the catalog: NOPE"):
         update_catalog(tiny_bundle, tmp_path / "c", retire=["NOPE"])
+    known = sorted(set(parent.categories.tolist()))
+    with pytest.raises(InvalidArgument, match=rf"unknown category 'never-seen': .* {known[0]!r}") as err:
+        update_catalog(tiny_bundle, tmp_path / "d", add=pd.concat([_new_items(known[0], 2), pd.DataFrame(
+            {"item_id": ["ODD-1"], "category": ["never-seen"]})]))  # fmt: skip
+    assert err.value.field == "items.category"
+    with pytest.raises(InvalidArgument, match="unknown category ''"):      # no category at all is no better
+        update_catalog(tiny_bundle, tmp_path / "e", add=pd.DataFrame({"item_id": ["NEW-9"]}))
     assert not any(tmp_path.iterdir())
 
 

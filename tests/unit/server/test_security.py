@@ -440,7 +440,8 @@ async def test_a_health_port_that_cannot_be_bound_stops_the_main_server(tmp_path
     main_port = free_port()
     settings = Settings(host="127.0.0.1", port=main_port, health_port=taken.getsockname()[1])
     server = grpc.aio.server()
-    with taken, pytest.raises(RuntimeError):
+    with taken, pytest.raises(ConfigError, match=rf"cannot listen on 127.0.0.1:{settings.health_port}: the port is "
+                                                 "in use .* RECSVC_HEALTH_PORT"):
         await app._run_grpc(server, cast(Any, Echo()), settings, None, asyncio.Event())
     # The main server was started before the health port failed: it must be stopped, its port free again.
     with socket.socket() as probe:

@@ -13,7 +13,7 @@ containers:
   - name: seed
     image: {{ include "recsvc.image" . }}
     imagePullPolicy: {{ .Values.image.pullPolicy }}
-    command: [recsvc, seed]
+    command: [recsvc, seed, --if-empty]
     args:
       {{- toYaml .Values.seed.args | nindent 6 }}
     env:

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from recsvc.errors import ConfigError, InvalidArgument
-from recsvc.offline.data import Dataset, load_files
+from recsvc.offline.data import Dataset, FileReport, load_files
 
 CSV = """user_id,item_id,timestamp,event_type,extra
 007,A-1,1700000300,view,x
@@ -200,3 +200,63 @@ def test_large_ids_are_not_mangled(tmp_path: Path) -> None:
     text = "user_id,item_id,timestamp\n" + "".join(f"u,{i},{n}\n" for n, i in enumerate(ids))
     ds = load_files(_write(tmp_path / "ids.csv", text))
     assert ds.item_ids.tolist() == ids.tolist()
+
+
+DUPLICATED = """user_id,item_id,timestamp,event_type
+u,A,1700000000,view
+u,A,1700000000,1
+u,A,2023-11-14T22:13:20Z,VIEW
+u,A,1700000000,cart
+v,A,1700000000,view
+"""
+
+
+def test_duplicate_rows_are_counted_and_dropped(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    report = FileReport()
+    ds = load_files(_write(tmp_path / "dup.csv", DUPLICATED), report=report)
+    # "view"/"1" and the ISO form of the same second are the same event: 2 duplicates of row 1.
+    assert report.duplicates == 2 and not report.duplicates_kept
+    assert sorted(_rows(ds)) == [("u", "A", 1700000000, 1), ("u", "A", 1700000000, 2), ("v", "A", 1700000000, 1)]
+    assert "dup.csv: 2 duplicate rows dropped (--keep-duplicates keeps them)" in caplog.text
+
+
+def test_duplicate_rows_can_be_kept(tmp_path: Path) -> None:
+    report = FileReport()
+    ds = load_files(_write(tmp_path / "dup.csv", DUPLICATED), keep_duplicates=True, report=report)
+    assert report.duplicates == 2 and report.duplicates_kept
+    assert ds.num_interactions == 5
+    assert report.lines(tmp_path / "dup.csv") == [f"{tmp_path / 'dup.csv'}: 2 duplicate rows kept (--keep-duplicates)"]
+
+
+def test_bad_rows_are_skipped_counted_and_the_first_few_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    text = ("user_id,item_id,timestamp,event_type\n"
+            "u,A,1,view\n,A,2,view\nu,B,yesterday,view\nu,C,3,wishlist\nu,D,1700000000000,view\n"
+            + "".join(f"u,X{n},zz{n},view\n" for n in range(10)) + "w,E,4,cart\n")  # fmt: skip
+    report = FileReport()
+    ds = load_files(_write(tmp_path / "bad.csv", text), skip_bad_rows=True, report=report)
+    assert sorted(_rows(ds)) == [("u", "A", 1, 1), ("w", "E", 4, 2)]
+    assert report.bad_rows == 14
+    assert report.first_bad == [
+        "row 2 interactions.user_id: empty id ''",
+        "row 3 interactions.timestamp: unparsable timestamp 'yesterday' (want Unix seconds or ISO-8601)",
+        "row 4 interactions.event_type: unknown event type 'wishlist' (want view/cart/purchase or 1/2/3)",
+        "row 5 interactions.timestamp: timestamp out of range '1700000000000' (milliseconds? want Unix seconds)",
+        "row 6 interactions.timestamp: unparsable timestamp 'zz0' (want Unix seconds or ISO-8601)",
+    ]
+    assert "bad.csv: skipped 14 bad rows; first: row 2 interactions.user_id" in caplog.text
+    # Without the option the first bad row is the error, as before.
+    with pytest.raises(InvalidArgument, match="empty id '' in row 2"):
+        load_files(tmp_path / "bad.csv")
+
+
+def test_skipping_bad_rows_from_parquet_with_null_ids(tmp_path: Path) -> None:
+    pd.DataFrame({"user_id": [1.0, None, 3.0], "item_id": ["a", "b", "c"], "timestamp": [1, 2, 3]}).to_parquet(
+        tmp_path / "e.parquet")
+    report = FileReport()
+    ds = load_files(tmp_path / "e.parquet", skip_bad_rows=True, report=report)
+    assert sorted(_rows(ds)) == [("1", "a", 1, 1), ("3", "c", 3, 1)] and report.bad_rows == 1
+
+
+def test_a_file_of_only_bad_rows_is_still_an_error(tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match=r"no good row \(2 bad rows, first: row 1"):
+        load_files(_write(tmp_path / "bad.csv", "user_id,item_id,timestamp\nu,i,x\nu,j,y\n"), skip_bad_rows=True)

@@ -173,12 +173,12 @@ def test_compress_command(
     parser = argparse.ArgumentParser(prog="recsvc")
     cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["compress", str(tiny_bundle), "--out", str(tmp_path), "--quick"])
-    assert args.func is cli.run_compress and args.dataset == "movielens" and args.test_per_user == 5
+    assert args.func is cli.run_compress and args.dataset is None and args.test_per_user == 5
     assert args.variants == list(VARIANTS)
     # The full set is the fixture's job; here the command's plumbing (fp32 is added as the base).
     args = parser.parse_args(["compress", str(tiny_bundle), "--out", str(tmp_path), "--quick", "--variants", "int8"])
     # The tiny bundle was trained on the tiny synthetic shop, which no --dataset flag reproduces exactly.
-    monkeypatch.setattr("recsvc.offline.data_options.load_dataset", lambda _: tiny_dataset)
+    monkeypatch.setattr("recsvc.offline.data_options.bundle_dataset", lambda *_: tiny_dataset)
     assert args.func(args) == 0
     out = capsys.readouterr().out
     assert "| fp32 |" in out and "| int8 |" in out and f"variants, report.md and report.json in {tmp_path}" in out

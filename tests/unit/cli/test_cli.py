@@ -1,0 +1,237 @@
+"""The CLI a new user meets: options, help, errors as one line, data files, seed, deny, evaluate, record."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import json
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from recsvc import __version__
+from recsvc.bundle import update_extra
+from recsvc.cli import _parser, main
+from recsvc.config import Settings
+from recsvc.domain import Event, EventType
+from recsvc.history import SqliteHistoryStore
+from recsvc.offline.data import Dataset
+from recsvc.server.client import _event
+from tests.unit.server.serving import ServerThread, publish_tiny, settings_for
+
+
+def _commands(parser: argparse.ArgumentParser, name: str = "recsvc") -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield name, parser
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub_name, sub in action.choices.items():
+                yield from _commands(sub, f"{name} {sub_name}")
+
+
+def _one_error_line(err: str, prefix: str) -> str:
+    assert "Traceback" not in err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(prefix), err
+    return lines[0]
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"recsvc {__version__}\n"
+
+
+def test_every_option_has_help_and_no_help_has_rst_markup() -> None:
+    for name, parser in _commands(_parser()):
+        for action in parser._actions:
+            if not isinstance(action, argparse._SubParsersAction):
+                assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        text = parser.format_help()
+        assert not re.search(r"``|:[a-z]+:`|`", text), f"{name} --help shows markup:\n{text}"
+
+
+def test_help_lists_only_the_options_a_command_uses() -> None:
+    helps = {name: parser.format_help() for name, parser in _commands(_parser())}
+    for name in ("recsvc deny add", "recsvc seed", "recsvc train"):
+        assert "--data-dir" in helps[name] and "--triton-url" not in helps[name]
+        assert "--model-repository" not in helps[name]
+    assert "--data-dir" not in helps["recsvc recommend"] and "--triton-url" not in helps["recsvc recommend"]
+    assert "--model-repository" not in helps["recsvc record"]
+    assert "--data-dir" not in helps["recsvc update-catalog"] and "--data-dir" not in helps["recsvc evaluate"]
+    assert "--triton-url" in helps["recsvc serve"] and "--triton-url" in helps["recsvc publish"]
+    assert "--interactions" in helps["recsvc up"] and "--skip-bad-rows" in helps["recsvc up"]
+
+
+def test_log_level_has_choices_and_is_accepted_after_the_command(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["deny", "list", "--data-dir", str(tmp_path), "--log-level", "WARNING"]) == 0
+    assert main(["--log-level", "debug", "deny", "list", "--data-dir", str(tmp_path)]) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["deny", "list", "--log-level", "loud"])
+    assert exit_.value.code == 2
+    line = _one_error_line(capsys.readouterr().err, "recsvc deny list: argument --log-level: invalid choice: 'loud'")
+    assert line.endswith("(see recsvc deny list --help)")
+
+
+def test_a_missing_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["cache-sim", "--trace", str(tmp_path / "nope.txt"), "--png", str(tmp_path / "x.png")]) == 2
+    _one_error_line(capsys.readouterr().err, f"recsvc cache-sim: No such file or directory: {tmp_path / 'nope.txt'}")
+
+
+def test_a_closed_pipe_is_one_line_exit_2(tmp_path: Path) -> None:
+    (tmp_path / "deny_list.txt").write_text("".join(f"SKU-{n}\n" for n in range(200_000)))
+    proc = subprocess.Popen([sys.executable, "-m", "recsvc.cli", "deny", "list", "--data-dir", str(tmp_path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.read(10)
+    proc.stdout.close()              # `| head -c 10`: the reader leaves
+    err = proc.stderr.read().decode()
+    assert proc.wait(60) == 2
+    _one_error_line(err, "recsvc deny: output closed before it was all written (broken pipe)")
+
+
+def test_deny_takes_skus_and_options_in_any_order(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    d = str(tmp_path)
+    assert main(["deny", "add", "A", "--data-dir", d, "B"]) == 0
+    assert main(["deny", "add", "--data-dir", d, "with space", "a#b"]) == 0
+    assert main(["deny", "remove", "B", "--data-dir", d]) == 0
+    assert main(["deny", "add", "--data-dir", d, "--", "-dash"]) == 0
+    capsys.readouterr()
+    assert main(["deny", "list", "--data-dir", d]) == 0
+    assert capsys.readouterr().out.splitlines() == ["-dash", "A", "a#b", "with space"]
+    with pytest.raises(SystemExit) as exit_:
+        main(["deny", "add", "--data-dir", d])
+    assert exit_.value.code == 2
+    _one_error_line(capsys.readouterr().err, "recsvc deny add: the following arguments are required: SKU")
+    assert main(["deny", "add", " padded", "--data-dir", d]) == 2         # what the API refuses, refused
+    _one_error_line(capsys.readouterr().err, "recsvc deny: sku: must not start or end with whitespace")
+
+
+# --------------------------------------------------------------------------------------------- data
+def _write_files(ds: Dataset, directory: Path) -> tuple[Path, Path]:
+    interactions, items = directory / "events.csv", directory / "items.csv"
+    pd.DataFrame(list(ds.event_rows()), columns=["user_id", "item_id", "event_type", "timestamp"]).to_csv(
+        interactions, index=False)
+    ds.items_frame().to_csv(items, index=False)
+    return interactions, items
+
+
+def _users(data_dir: Path) -> int:
+    async def count() -> int:
+        store = await SqliteHistoryStore.open(Settings(data_dir=data_dir).resolved_history_db(), keep=1000)
+        try:
+            return int(await store.count_users())
+        finally:
+            await store.close()
+
+    return asyncio.run(count())
+
+
+def test_data_files_imply_dataset_files_and_seed_refuses_a_full_store(
+    tmp_path: Path, tiny_dataset: Dataset, capsys: pytest.CaptureFixture[str]
+) -> None:
+    interactions, items = _write_files(tiny_dataset, tmp_path)
+    var = str(tmp_path / "var")
+    assert main(["seed", "--interactions", str(interactions), "--items", str(items), "--data-dir", var]) == 0
+    assert _users(tmp_path / "var") == tiny_dataset.num_users          # the user's data, not MovieLens
+    assert f"seeded {tiny_dataset.num_interactions:,} events" in capsys.readouterr().out
+    assert main(["seed", "--interactions", str(interactions), "--data-dir", var]) == 2
+    _one_error_line(capsys.readouterr().err, "recsvc seed: history store")
+    assert main(["seed", "--interactions", str(interactions), "--data-dir", var, "--if-empty"]) == 0
+    assert "already has users; left as it is" in capsys.readouterr().out
+    assert _users(tmp_path / "var") == tiny_dataset.num_users
+    assert main(["seed", "--dataset", "movielens", "--interactions", str(interactions), "--data-dir", var]) == 2
+    _one_error_line(capsys.readouterr().err, "recsvc seed: --interactions/--items are your own data: drop "
+                                             "--dataset movielens")
+    assert main(["train", "--dataset", "files"]) == 2
+    _one_error_line(capsys.readouterr().err, "recsvc train: your own data needs --interactions FILE")
+
+
+def test_duplicates_and_bad_rows_are_reported_by_the_cli(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,item_id,timestamp\nu,A,1\nu,A,1\nu,B,later\nv,A,2\n")
+    assert main(["seed", "--interactions", str(events), "--data-dir", str(tmp_path / "a")]) == 2
+    assert "unparsable timestamp 'later' in row 3" in capsys.readouterr().err
+    assert main(["seed", "--interactions", str(events), "--skip-bad-rows", "--data-dir", str(tmp_path / "b")]) == 0
+    captured = capsys.readouterr()
+    assert "seeded 2 events" in captured.out
+    assert "1 duplicate rows dropped" in captured.err and "skipped 1 bad rows; first: row 3" in captured.err
+    assert main(["seed", "--interactions", str(events), "--skip-bad-rows", "--keep-duplicates",
+                 "--data-dir", str(tmp_path / "c")]) == 0  # fmt: skip
+    assert "seeded 3 events" in capsys.readouterr().out
+
+
+def test_evaluate_uses_the_bundles_own_data_or_says_what_it_needs(
+    tmp_path: Path, tiny_bundle: Path, tiny_dataset: Dataset, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    assert main(["evaluate", str(bundle), "--eval-users", "50"]) == 2     # records no data: says what to pass
+    _one_error_line(capsys.readouterr().err, f"recsvc evaluate: {bundle} was trained on {tiny_dataset.name!r} and "
+                                             "does not record where that data is: pass it (--interactions FILE")
+    interactions, items = _write_files(tiny_dataset, tmp_path)
+    update_extra(bundle, {"data_source": {"dataset": "files", "interactions": str(interactions),
+                                          "items": str(items)}})  # fmt: skip
+    assert main(["evaluate", str(bundle), "--eval-users", "50"]) == 0
+    assert "recall@10" in capsys.readouterr().out
+    # Data without the bundle's items: one line, not an ONNX Runtime traceback.
+    other = tmp_path / "other.csv"
+    other.write_text("user_id,item_id,timestamp\nu,A,1\nu,B,2\nv,A,3\n")
+    assert main(["evaluate", str(bundle), "--interactions", str(other)]) == 2
+    _one_error_line(capsys.readouterr().err, f"recsvc evaluate: {bundle} was trained on 120 items; this data")
+    (tmp_path / "events.csv").unlink()
+    assert main(["evaluate", str(bundle)]) == 2
+    _one_error_line(capsys.readouterr().err, f"recsvc evaluate: {bundle} was trained on {interactions}, which no "
+                                             "longer exist")
+
+
+# -------------------------------------------------------------------------------------------- client
+def test_the_client_sends_an_event_id() -> None:
+    assert _event(Event("u", "i", EventType.VIEW, 1.0, "mine")).event_id == "mine"
+    ids = {_event(Event("u", "i", EventType.VIEW, 1.0)).event_id for _ in range(3)}
+    assert len(ids) == 3 and all(ids)
+
+
+def test_a_retried_record_is_stored_once(tmp_path: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    version = publish_tiny(tiny_bundle, tmp_path / "repo")
+    server = ServerThread(version, settings_for())
+    with server as running:
+        for _ in range(2):
+            assert main(["record", "u-1", "sku-3", "--event-id", "e-1", "--target", running.target]) == 0
+        assert main(["record", "u-1", "sku-4", "--target", running.target]) == 0
+        history = server.call(running.store.get("u-1", 10))
+    assert history.item_ids == ("sku-3", "sku-4")
+
+
+def test_client_commands_load_no_serving_pipeline() -> None:
+    # `recsvc recommend/record` start fast: the parser and the bundled client, not the server behind them.
+    code = ("import json, sys, recsvc.cli, recsvc.server.client\nrecsvc.cli._parser()\n"
+            "print(json.dumps(sorted(sys.modules)))")  # fmt: skip
+    loaded = set(json.loads(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                           check=True).stdout))  # fmt: skip
+    heavy = {"recsvc.server.app", "recsvc.pipeline", "recsvc.server.servicer", "pyarrow", "pandas", "faiss", "torch",
+             "redis", "onnxruntime", "tritonclient"}  # fmt: skip
+    assert not heavy & loaded, heavy & loaded
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_seed_shows_progress_on_a_terminal(tmp_path: Path, tiny_dataset: Dataset,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    interactions, _ = _write_files(tiny_dataset, tmp_path)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert main(["seed", "--interactions", str(interactions), "--data-dir", str(tmp_path / "var")]) == 0
+    assert re.search(r"seeding: .*/7.82k .*events/s", terminal.getvalue()), terminal.getvalue()
