@@ -35,8 +35,9 @@ PROBES = 16                 # health channels per drain: each is connected to on
 async def _serve_on(stack: FaultStack, port: int, name: str) -> Proc:
     port_file = stack.tmp / f"{name}.port"
     port_file.unlink(missing_ok=True)
+    # Two servers on one port, as two pods behind a Service would be: port sharing is opt-in.
     proc = start(name, ["--log-format", "json", "serve", "--port", str(port), "--port-file", str(port_file)],
-                 stack.env, stack.tmp / f"{name}.log")  # fmt: skip
+                 {**stack.env, "RECSVC_REUSE_PORT": "1"}, stack.tmp / f"{name}.log")  # fmt: skip
     stack.extra.append(proc)
     await asyncio.to_thread(wait_until, proc, port_file.exists, 120, name)
     return proc
