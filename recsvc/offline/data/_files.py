@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from recsvc.domain import EventType
 from recsvc.errors import ConfigError, InvalidArgument
@@ -176,6 +181,16 @@ def _stem(path: Path) -> str:
     return name
 
 
+# Rows per chunk of a file read: a progress step of a second or so, little extra memory.
+_CHUNK_ROWS = 1_000_000
+
+
+def _progress(path: Path, total: int | None = None) -> tqdm[Any]:
+    # On a terminal only (disable=None): logs and pipes get the loader's summary line alone.
+    return tqdm(desc=f"reading {path.name}", total=total, unit=" rows", unit_scale=True, file=sys.stderr,
+                disable=None, leave=False)  # fmt: skip
+
+
 def _read(path: Path, field: str) -> pd.DataFrame:
     path = Path(path)
     if not path.is_file():
@@ -185,9 +200,22 @@ def _read(path: Path, field: str) -> pd.DataFrame:
         if lower.endswith(_CSV_SUFFIXES):
             # Text columns as str with no NA conversion, so ids stay verbatim ("007", "NA", "1e5");
             # timestamp and event_type are inferred (ints parse far faster than strings) and checked later.
-            frame = pd.read_csv(path, dtype=_CSV_TEXT_COLUMNS, keep_default_na=False, na_filter=False)
+            # In chunks, so that a long load shows its progress on a terminal.
+            chunks = []
+            with _progress(path) as bar, pd.read_csv(path, dtype=_CSV_TEXT_COLUMNS, keep_default_na=False,
+                                                     na_filter=False, chunksize=_CHUNK_ROWS) as reader:  # fmt: skip
+                for chunk in reader:
+                    chunks.append(chunk)
+                    bar.update(len(chunk))
+            frame = pd.concat(chunks, ignore_index=True) if chunks else pd.DataFrame()
         elif lower.endswith(_PARQUET_SUFFIXES):
-            frame = pd.read_parquet(path)
+            parquet = pq.ParquetFile(path)
+            batches = []
+            with _progress(path, total=parquet.metadata.num_rows) as bar:
+                for batch in parquet.iter_batches(batch_size=_CHUNK_ROWS):
+                    batches.append(batch)
+                    bar.update(batch.num_rows)
+            frame = pa.Table.from_batches(batches, schema=parquet.schema_arrow).to_pandas()
         else:
             raise InvalidArgument(
                 field,

@@ -1,6 +1,9 @@
 from __future__ import annotations
 
 import gzip
+import io
+import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -260,3 +263,33 @@ def test_skipping_bad_rows_from_parquet_with_null_ids(tmp_path: Path) -> None:
 def test_a_file_of_only_bad_rows_is_still_an_error(tmp_path: Path) -> None:
     with pytest.raises(InvalidArgument, match=r"no good row \(2 bad rows, first: row 1"):
         load_files(_write(tmp_path / "bad.csv", "user_id,item_id,timestamp\nu,i,x\nu,j,y\n"), skip_bad_rows=True)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("chunk_rows", [2, 1_000_000])
+def test_reading_shows_progress_on_a_terminal_and_chunks_change_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, chunk_rows: int
+) -> None:
+    # Small chunks: the file is read in three pieces, which must give the very same dataset.
+    monkeypatch.setattr("recsvc.offline.data._files._CHUNK_ROWS", chunk_rows)
+    csv = _write(tmp_path / "events.csv", CSV)
+    pd.read_csv(csv, dtype=str).to_parquet(tmp_path / "events.parquet")
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    from_csv = load_files(csv)
+    from_parquet = load_files(tmp_path / "events.parquet")
+    assert _rows(from_csv) == _rows(from_parquet) == _rows(load_files(csv, name="again"))
+    assert len(_rows(from_csv)) == 5
+    # A bar per file (tqdm redraws at most every 0.1 s, so a tiny file shows its first frame only);
+    # Parquet knows its row count up front.
+    assert re.search(r"reading events\.csv: .* rows", terminal.getvalue()), terminal.getvalue()
+    assert re.search(r"reading events\.parquet: .*/5\.00 ", terminal.getvalue()), terminal.getvalue()
+
+
+def test_reading_is_silent_when_stderr_is_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    load_files(_write(tmp_path / "events.csv", CSV))
+    assert "reading" not in capsys.readouterr().err
