@@ -150,7 +150,12 @@ def cmd_build_index(args: argparse.Namespace) -> int:
                              index_recall_k=args.recall_k, index_target_recall=args.target_recall)  # fmt: skip
     manifest = read_manifest(args.bundle)
     spec = IndexSpec.from_settings(settings, manifest.num_items)
-    queries = np.load(args.queries) if args.queries else None
+    queries = None
+    if args.queries:
+        try:
+            queries = np.load(args.queries, allow_pickle=False)
+        except ValueError as exc:           # not a .npy (numpy reads other bytes as a pickle, refused)
+            raise ConfigError(f"--queries {args.queries}: not a NumPy .npy array ({exc})") from exc
     meta = build_bundle_index(args.bundle, spec, k=settings.index_recall_k, target=settings.index_target_recall,
                               queries=queries, progress=True)  # fmt: skip
     recall = "not measured (no queries.npy and no --queries)" if meta.recall is None else f"{meta.recall:.4f}"

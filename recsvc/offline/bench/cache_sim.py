@@ -107,14 +107,21 @@ def load_trace(path: Path) -> Trace:
     Text keys are numbered in order of first appearance; policies only compare keys for equality.
     """
     if path.suffix == ".npy":
-        array = np.load(path, allow_pickle=False)
+        try:
+            array = np.load(path, allow_pickle=False)
+        except ValueError as exc:           # not a .npy (numpy reads other bytes as a pickle, refused)
+            raise ConfigError(f"{path}: not a NumPy .npy array ({exc})") from exc
         if array.ndim != 1 or not np.issubdtype(array.dtype, np.integer):
             raise ConfigError(f"{path}: expected a 1-D integer array, got {array.dtype} with shape {array.shape}")
         trace: Trace = array.astype(np.int64)
         return trace
     ids: dict[str, int] = {}
-    with path.open(encoding="utf-8") as f:
-        keys = [ids.setdefault(line, len(ids)) for raw in f if (line := raw.strip())]
+    try:
+        with path.open(encoding="utf-8") as f:
+            keys = [ids.setdefault(line, len(ids)) for raw in f if (line := raw.strip())]
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not a text trace (one key per line, UTF-8) nor a .npy: {exc.reason} "
+                          f"at byte {exc.start}") from exc  # fmt: skip
     return np.asarray(keys, dtype=np.int64)
 
 

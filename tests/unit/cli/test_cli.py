@@ -23,6 +23,7 @@ from recsvc.config import Settings
 from recsvc.domain import Event, EventType
 from recsvc.history import SqliteHistoryStore
 from recsvc.offline.data import Dataset
+from recsvc.repository.tiny_bundle import write_tiny_bundle
 from recsvc.server.client import _event
 from tests.unit.server.serving import ServerThread, publish_tiny, settings_for
 
@@ -85,6 +86,20 @@ def test_log_level_has_choices_and_is_accepted_after_the_command(
 def test_a_missing_file_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["cache-sim", "--trace", str(tmp_path / "nope.txt"), "--png", str(tmp_path / "x.png")]) == 2
     _one_error_line(capsys.readouterr().err, f"recsvc cache-sim: No such file or directory: {tmp_path / 'nope.txt'}")
+
+
+def test_unreadable_trace_and_query_files_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00bad")
+    (tmp_path / "text.npy").write_text("not numpy")
+    assert main(["cache-sim", "--trace", str(tmp_path / "bin.csv"), "--png", str(tmp_path / "x.png")]) == 2
+    _one_error_line(capsys.readouterr().err, f"recsvc cache-sim: {tmp_path / 'bin.csv'}: not a text trace (one key "
+                    "per line, UTF-8) nor a .npy: invalid start byte at byte 0")  # fmt: skip
+    assert main(["cache-sim", "--trace", str(tmp_path / "text.npy"), "--png", str(tmp_path / "x.png")]) == 2
+    assert capsys.readouterr().err.startswith(f"recsvc cache-sim: {tmp_path / 'text.npy'}: not a NumPy .npy array")
+    bundle = tmp_path / "bundle"
+    write_tiny_bundle(bundle)
+    assert main(["build-index", str(bundle), "--queries", str(tmp_path / "text.npy")]) == 2
+    assert capsys.readouterr().err.startswith(f"recsvc build-index: --queries {tmp_path / 'text.npy'}: not a NumPy")
 
 
 def test_a_closed_pipe_is_one_line_exit_2(tmp_path: Path) -> None:
