@@ -27,6 +27,8 @@ def cmd_deny(args: argparse.Namespace) -> int:
     """Show or change the deny list (SKUs never recommended); running servers pick it up within a second."""
     from recsvc.deny import read_deny_list, update_deny_list
 
+    if args.data_dir is None:
+        args.data_dir = args.deny_data_dir
     settings = settings_of(args)
     path = settings.resolved_deny_list()
     skus_given = getattr(args, "skus", [])
@@ -54,6 +56,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     p.set_defaults(func=cmd_update_catalog)
 
     p = sub.add_parser("deny", help=cmd_deny.__doc__, description=cmd_deny.__doc__)
+    # Also before the action (`deny --data-dir D add SKU`): its own dest, as the action's parser would
+    # otherwise reset data_dir to its default.
+    p.add_argument("--data-dir", dest="deny_data_dir", type=Path, help="default var/ (RECSVC_DATA_DIR)")
     actions: argparse._SubParsersAction[argparse.ArgumentParser] = p.add_subparsers(
         dest="action", required=True, metavar="ACTION", parser_class=_Intermixed)
     for action, text in (("list", "print the denied SKUs"), ("add", "deny these SKUs"),

@@ -120,6 +120,8 @@ def test_deny_takes_skus_and_options_in_any_order(tmp_path: Path, capsys: pytest
     assert main(["deny", "add", "--data-dir", d, "with space", "a#b"]) == 0
     assert main(["deny", "remove", "B", "--data-dir", d]) == 0
     assert main(["deny", "add", "--data-dir", d, "--", "-dash"]) == 0
+    assert main(["deny", "--data-dir", d, "add", "C"]) == 0                # the option before the action too
+    assert main(["deny", "--data-dir", d, "remove", "C"]) == 0
     capsys.readouterr()
     assert main(["deny", "list", "--data-dir", d]) == 0
     assert capsys.readouterr().out.splitlines() == ["-dash", "A", "a#b", "with space"]
