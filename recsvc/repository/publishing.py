@@ -34,8 +34,6 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
 
 from recsvc.bundle import MANIFEST, Manifest, sha256_file, verify_bundle
 from recsvc.durable import fsync_dir, fsync_file
@@ -157,6 +155,10 @@ def publish(bundle_dir: Path, repository: Path, model_name: str = "ranker", *, t
 
 def _check_ranker(path: Path, manifest: Manifest) -> None:
     """Refuse a ranker Triton would fail to serve, before anything is written."""
+    # Here, not at the top: only publish reads the graph, and serving processes need not load onnx.
+    import onnx
+    from onnx import numpy_helper
+
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # onnx raises DecodeError and friends from protobuf, not one base type

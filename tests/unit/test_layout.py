@@ -41,6 +41,7 @@ def test_the_serving_runtime_loads_neither_torch_nor_matplotlib_nor_pytriton_nor
     offline = [m for m in loaded if m.startswith(OFFLINE_SIDE)]
     assert heavy == [] and offline == [], (heavy[:10], offline)
     assert "recsvc.server.app" in loaded       # the check did import something
+    assert "onnx" not in loaded                # only publish reads ONNX graphs (ONNX Runtime runs them)
 
 
 def test_the_cli_parser_loads_no_model_code() -> None:
