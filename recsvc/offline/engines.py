@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from recsvc.offline.models.tensorrt import EngineInfo, EngineSpec
 
 __all__ = [
+    "DESCRIPTION",
     "PRECISIONS",
     "EngineSource",
     "build_engine_for",
@@ -36,6 +37,14 @@ __all__ = [
 ]
 
 PLAN = "model.plan"
+# `recsvc build-engine --help`: what a user needs, not the module's notes.
+DESCRIPTION = """\
+Build the TensorRT engine (model.plan) of the gpu target from SOURCE, on the GPU that will run it.
+
+SOURCE is a bundle (manifest.json + ranker.onnx) or a published version directory (model.onnx +
+bundle/manifest.json). The plan goes next to the ONNX file unless --out says otherwise, so for a
+version it lands where the gpu target's config expects it. INT8 calibrates on the bundle's samples.npz.
+Builds with the TensorRT Python API, or with trtexec when --trtexec PATH is given."""
 # recsvc.offline.models.tensorrt.PRECISIONS (a test keeps them equal). Every `recsvc` command builds the parser, so
 # registering build-engine must not import torch (recsvc.offline.models) or tritonclient: those wait for the handler.
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -111,7 +120,7 @@ def register(subparsers: Any) -> None:
     """Add the ``build-engine`` command to ``recsvc``'s subparsers."""
     p = subparsers.add_parser(
         "build-engine", help="build the TensorRT engine (model.plan) of a bundle or published version, on this GPU",
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )  # fmt: skip
     p.add_argument("source", type=Path, help="a bundle directory or a published version (model_repository/ranker/N)")
     p.add_argument("--precision", choices=PRECISIONS, default="fp16",

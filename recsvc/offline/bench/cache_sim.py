@@ -30,8 +30,18 @@ import numpy.typing as npt
 
 from recsvc.errors import ConfigError
 
+# `recsvc cache-sim --help`: what a user needs, not the module's notes.
+DESCRIPTION = """\
+Replay an access trace through cache policies and compare their hit ratios with Belady's optimum (OPT).
+
+The trace is synthetic (Zipf over --users keys with exponent --alpha: independent draws, sessions, or
+shifting popularity) or recorded (--trace: a text file with one key per line, or a .npy of integer
+keys). Sizes are fractions of the key space. Policies: opt, recsvc's lru and tinylfu, cachetools' LRU
+and LFU, and the peer libraries theine, cachebox and moka-py where installed."""
+
 __all__ = [
     "DEFAULT_SIZES",
+    "DESCRIPTION",
     "POLICIES",
     "WORKLOADS",
     "SimResult",
@@ -393,7 +403,8 @@ def _names(text: str) -> list[str]:
 def register(subparsers: Any) -> None:
     """Add the ``cache-sim`` command to ``recsvc``'s subparsers."""
     p = subparsers.add_parser("cache-sim", help="replay an access trace through cache policies; hit ratios + PNG",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+                              description=DESCRIPTION,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--workload", choices=list(WORKLOADS), default="zipf",
                    help="synthetic trace: independent Zipf draws (default), bursty user sessions, or "
                         "popularity that shifts in 8 phases")  # fmt: skip

@@ -4,8 +4,8 @@ Writes ranker.<variant>.onnx for every variant into ``--out`` (default ``BUNDLE.
 bundle, so `recsvc publish` does not copy the variants along), each with the bundle's ranker interface,
 then prints a Markdown table of size, quality on the time split (NDCG@10, recall@10, candidate AUC),
 agreement with FP32 and ONNX Runtime CPU speed, and writes it as report.md and report.json beside them.
-Pass the data arguments the bundle was trained with: the time
-split is recomputed from them. What each variant is and how it is measured: recsvc/offline/models/compression.py.
+The time split is recomputed from the data the bundle records it was trained on (or from the data
+options, for an older bundle). What each variant is and how it is measured: recsvc/offline/models/compression.py.
 """
 
 from __future__ import annotations
@@ -15,7 +15,16 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["QUICK_USERS", "register", "run_compress"]
+__all__ = ["DESCRIPTION", "QUICK_USERS", "register", "run_compress"]
+
+# `recsvc compress --help`: what a user needs, not the module's notes.
+DESCRIPTION = """\
+Compare the bundle's ranker as FP32, FP16, INT8 (dynamic and static) and a distilled student.
+
+Writes ranker.<variant>.onnx for every variant into --out (default BUNDLE.compressed), then prints a
+Markdown table of size, quality on the held-out time split (NDCG@10, recall@10, candidate AUC),
+agreement with FP32 and ONNX Runtime CPU speed, and writes it as report.md and report.json there.
+The split is recomputed from the data the bundle was trained on; --quick is a one-minute smoke run."""
 
 # --quick: a smoke run in about a minute on MovieLens; its figures are noisier and the student is
 # under-trained, so documented tables never come from it.
@@ -27,7 +36,7 @@ def register(subparsers: Any) -> None:
     from recsvc.offline.data_options import add_data_args
 
     p = subparsers.add_parser("compress", help="compare the ranker as FP32, FP16, INT8 and distilled: quality, "
-                              "latency, throughput, size", description=__doc__,
+                              "latency, throughput, size", description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("bundle", type=Path, help="bundle directory whose ranker is compressed")
     add_data_args(p, default=None)

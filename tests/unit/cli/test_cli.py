@@ -56,6 +56,8 @@ def test_every_option_has_help_and_no_help_has_rst_markup() -> None:
                 assert action.help, f"{name} {action.option_strings or action.dest} has no help"
         text = parser.format_help()
         assert not re.search(r"``|:[a-z]+:`|`", text), f"{name} --help shows markup:\n{text}"
+        # Help speaks to users: no source files or function names (module notes are for developers).
+        assert not re.search(r"\w+\.py\b|\w+_\w+\(", text), f"{name} --help shows internals:\n{text}"
 
 
 def test_help_lists_only_the_options_a_command_uses() -> None:
