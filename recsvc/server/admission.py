@@ -45,6 +45,7 @@ from typing import Any
 import grpc
 
 from recsvc.config import Settings
+from recsvc.server.interceptors import REQUEST_ID_KEY, request_id_for
 from recsvc.server.metrics import RpcMetrics
 from recsvc.server.servicer import SERVICE_NAME
 
@@ -233,7 +234,10 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
         async def refused(request: Any, context: grpc.aio.ServicerContext[Any, Any]) -> Any:
             if self._metrics is not None:
                 self._metrics.count(method, refusal.code.name, None)
-            await context.abort(refusal.code, refusal.details, trailing_metadata=refusal.trailing_metadata())
+            # A refused call has its request id too (the request interceptor, inside, never ran).
+            rid = request_id_for(context.invocation_metadata())
+            await context.abort(refusal.code, refusal.details,
+                                trailing_metadata=((REQUEST_ID_KEY, rid), *refusal.trailing_metadata()))
 
         return refused
 
@@ -252,8 +256,10 @@ class AdmissionInterceptor(grpc.aio.ServerInterceptor):
             if refusal is not None:
                 if self._metrics is not None:
                     self._metrics.count(method, refusal.code.name, None)
-                # abort() replaces trailing metadata set earlier: keep what is there.
-                trailing = (*(context.trailing_metadata() or ()), *refusal.trailing_metadata())
+                # abort() replaces trailing metadata set earlier: keep what is there. The request
+                # interceptor, inside, has not run: the request id is added here.
+                rid = request_id_for(context.invocation_metadata())
+                trailing = (*(context.trailing_metadata() or ()), (REQUEST_ID_KEY, rid), *refusal.trailing_metadata())
                 await context.abort(refusal.code, refusal.details, trailing_metadata=trailing)
             if gate is None:
                 return await behavior(request, context)

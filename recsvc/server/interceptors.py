@@ -50,6 +50,7 @@ __all__ = [
     "TIMING_REQUEST_KEY",
     "TRACEBACK_INTERVAL_S",
     "RequestInterceptor",
+    "request_id_for",
     "server_timing",
 ]
 
@@ -90,6 +91,14 @@ def _usable(value: str | bytes) -> bool:
     # Echoed into our logs and back to the client: short, visible ASCII only.
     return (isinstance(value, str) and 0 < len(value) <= MAX_REQUEST_ID_LEN and value.isascii()
             and value.isprintable() and " " not in value)
+
+
+def request_id_for(metadata: Any) -> str:
+    """The call's request id: the client's ``x-request-id`` when it sent a usable one, else a new one."""
+    for key, value in metadata or ():
+        if key == REQUEST_ID_KEY and _usable(value):
+            return str(value)
+    return _new_request_id()
 
 
 class RequestInterceptor(grpc.aio.ServerInterceptor):

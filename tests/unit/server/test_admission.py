@@ -134,10 +134,12 @@ async def test_the_excess_fails_fast_with_a_pushback_and_other_methods_are_not_r
         await _until(lambda: servicer.waiting == 2)
 
         with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await stub.Recommend(pb.RecommendRequest(user_id="one-too-many", k=1), timeout=5)
+            await stub.Recommend(pb.RecommendRequest(user_id="one-too-many", k=1), timeout=5,
+                                 metadata=(("x-request-id", "front-7"),))  # fmt: skip
         assert refused.value.code() == OVERLOADED
         assert "server overloaded" in (refused.value.details() or "")
         trailing = dict(refused.value.trailing_metadata() or ())
+        assert trailing["x-request-id"] == "front-7"           # a refused call has its request id too
         assert 5 <= int(trailing["grpc-retry-pushback-ms"]) <= 1000
         assert trailing["retry-after"] == f"{int(trailing['grpc-retry-pushback-ms']) / 1000:.3f}s"
         assert metrics.calls[("Recommend", "RESOURCE_EXHAUSTED")] == 1
@@ -201,6 +203,7 @@ async def test_once_closed_new_calls_are_held_then_refused_unavailable_and_calls
                 await call
             assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
             assert "shutting down" in (refused.value.details() or "")
+            assert dict(refused.value.trailing_metadata() or ())["x-request-id"]     # generated: none sent
         assert interceptor.held == 0
         assert {k: n for k, n in metrics.calls.items() if k[1] == "UNAVAILABLE"} == {
             ("Recommend", "UNAVAILABLE"): 1, ("RecordEvents", "UNAVAILABLE"): 1, ("Prefetch", "UNAVAILABLE"): 1}
