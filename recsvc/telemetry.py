@@ -91,8 +91,8 @@ RANK_BATCH_ROWS = Histogram(
 # disappears and, during a switch, both versions show.
 BUILD_INFO = Gauge(
     "recsvc_build_info",
-    "Always 1; the labels say which recsvc release serves, and which ranker model version and item index "
-    "version it serves now.",
+    "1 for the label set served now: the recsvc release, the ranker model version and the item index "
+    "version; 0 for versions this process served before (select == 1 for the current one).",
     ["version", "model_version", "index_version"], multiprocess_mode="livemax",
 )  # fmt: skip
 

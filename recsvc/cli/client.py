@@ -53,11 +53,13 @@ def cmd_record(args: argparse.Namespace) -> int:
     # command again with --event-id) is recognised by the server and stored once.
     event = Event(args.user, args.item, EventType[args.type.upper()], time.time(), args.event_id or uuid.uuid4().hex)
 
-    async def run() -> int:
+    async def run() -> tuple[int, int]:
         async with _client(args, settings) as client:
-            return await client.record([event])
+            return await client.record_counts([event])
 
-    print(f"accepted {asyncio.run(run())} event(s)")
+    accepted, duplicates = asyncio.run(run())
+    print(f"accepted {accepted} event(s)" + (f"; {duplicates} already stored (same event id), not stored again"
+                                            if duplicates else ""))  # fmt: skip
     return 0
 
 

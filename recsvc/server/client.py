@@ -96,17 +96,23 @@ class RecsvcClient:
         )  # fmt: skip
 
     async def record(self, events: Sequence[Event]) -> int:
-        """Call RecordEvents; an event without an ``event_id`` is given a random one.
+        """Call RecordEvents (see ``record_counts``); the number of events accepted."""
+        accepted, _ = await self.record_counts(events)
+        return accepted
+
+    async def record_counts(self, events: Sequence[Event]) -> tuple[int, int]:
+        """Call RecordEvents; (accepted, duplicates). An event without an ``event_id`` is given a random one.
 
         The request is built once, so gRPC's retries (``RETRY_SERVICE_CONFIG``) send the same ids and the
-        server stores each event once however often the call is retried.
+        server stores each event once however often the call is retried; ``duplicates`` counts the events
+        it already held (stored by an earlier attempt), which are among the accepted.
         """
         request = pb.RecordEventsRequest(events=[_event(e) for e in events])
         try:
             reply = await self._stub.RecordEvents(request, timeout=self._timeout, metadata=self._metadata)
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from exc
-        return int(reply.accepted)
+        return int(reply.accepted), int(reply.duplicates)
 
     async def serving(self, service: str = "") -> bool:
         """True when the health service reports SERVING."""

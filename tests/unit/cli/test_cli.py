@@ -229,6 +229,10 @@ def test_a_retried_record_is_stored_once(tmp_path: Path, tiny_bundle: Path, caps
         assert main(["record", "u-1", "sku-4", "--target", running.target]) == 0
         history = server.call(running.store.get("u-1", 10))
     assert history.item_ids == ("sku-3", "sku-4")
+    # The retry is told it was not stored again.
+    assert capsys.readouterr().out.splitlines()[-3:] == [
+        "accepted 1 event(s)", "accepted 1 event(s); 1 already stored (same event id), not stored again",
+        "accepted 1 event(s)"]
 
 
 def test_client_commands_load_no_serving_pipeline() -> None:
