@@ -27,6 +27,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
 
+from recsvc.errors import ConfigError
 from recsvc.telemetry import LATENCY_BUCKETS_S
 
 __all__ = [
@@ -279,7 +280,11 @@ class MetricsEndpoint:
 
 def start_metrics_server(host: str, port: int, registry: CollectorRegistry = REGISTRY) -> MetricsEndpoint:
     """Serve ``registry`` on http://host:port/metrics (any path answers, as prometheus_client does)."""
-    server, thread = start_http_server(port, host, registry=registry)
+    try:
+        server, thread = start_http_server(port, host, registry=registry)
+    except OSError as exc:
+        raise ConfigError(f"cannot serve metrics on {host}:{port}: {exc.strerror or exc}; choose another with "
+                          "RECSVC_METRICS_PORT (0: none)") from exc  # fmt: skip
     endpoint = MetricsEndpoint(server, thread)
     log.info("metrics on http://%s:%d/metrics", host, endpoint.port)
     return endpoint

@@ -15,6 +15,7 @@ from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.multiprocess import mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 
+from recsvc.errors import ConfigError
 from recsvc.server.metrics import RpcMetrics, StatsExporter, multiprocess_registry, start_metrics_server
 
 
@@ -118,6 +119,10 @@ async def test_endpoint_serves_the_registry_in_the_text_format() -> None:
         assert kind.startswith("text/plain")
         fams = {f.name: f for f in text_string_to_metric_families(text)}
         assert fams["recsvc_requests"].samples[0].labels == {"method": "Prefetch", "code": "OK"}
+        # A taken metrics port is one clear error naming the address and the setting.
+        with pytest.raises(ConfigError, match=rf"cannot serve metrics on 127\.0\.0\.1:{endpoint.port}: .*"
+                                              r"RECSVC_METRICS_PORT"):  # fmt: skip
+            start_metrics_server("127.0.0.1", endpoint.port, CollectorRegistry())
     finally:
         await endpoint.close()
 
