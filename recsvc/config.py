@@ -237,7 +237,11 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
             raise ValueError("expected true/false")
         return str(raw)
     except (TypeError, ValueError) as exc:
-        raise ConfigError(f"setting {f.name!r} from {source}: {raw!r} is not a valid {kind} ({exc})") from exc
+        # From the environment, name the variable the user wrote.
+        where = f"setting {f.name!r}"
+        if source == "environment":
+            where = f"{ENV_PREFIX}{f.name.upper()} ({where})"
+        raise ConfigError(f"{where} from {source}: {raw!r} is not a valid {kind} ({exc})") from exc
 
 
 def _validate(s: Settings) -> None:

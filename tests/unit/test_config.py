@@ -37,7 +37,7 @@ def test_unknown_override_rejected() -> None:
 @pytest.mark.parametrize(
     ("env", "message"),
     [
-        ({"RECSVC_PORT": "abc"}, "'port'"),
+        ({"RECSVC_PORT": "abc"}, r"RECSVC_PORT \(setting 'port'\) from environment: 'abc' is not a valid int"),
         ({"RECSVC_MAX_K": "0"}, "'max_k' must be > 0"),
         ({"RECSVC_PORT": "70000"}, "0..65535"),
         ({"RECSVC_GRACE_S": "-1"}, "'grace_s' must be > 0"),
