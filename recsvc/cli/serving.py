@@ -12,7 +12,7 @@ from recsvc.cli._common import DEMO_USER, latest_catalog, options, print_recomme
 from recsvc.cli.training import add_train_args, train_bundle
 from recsvc.config import Settings
 from recsvc.errors import ConfigError
-from recsvc.offline.data_options import add_data_args, data_source, load_dataset, load_source
+from recsvc.offline.data_options import add_data_args, data_source, load_source
 
 __all__ = ["register"]
 
@@ -29,7 +29,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
 def cmd_seed(args: argparse.Namespace) -> int:
     """Load a dataset's interactions into the history store (once: refuses a non-empty store)."""
     settings = settings_of(args)
-    if not asyncio.run(_seed(settings, load_dataset(args))):
+    # The options are checked first; the data is loaded only once the store is known to be empty (a
+    # refusal costs no file read).
+    source = data_source(args)
+    if not asyncio.run(_seed(settings, lambda: load_source(source))):
         if args.if_empty:
             print(f"history store {_where(settings)} already has users; left as it is (--if-empty)")
             return 0
@@ -42,8 +45,11 @@ def _where(settings: Settings) -> str:
     return str(settings.resolved_history_db()) if settings.history_store == "sqlite" else settings.redis_url
 
 
-async def _seed(settings: Settings, ds: Any) -> bool:
-    """Seed an empty store with ``ds``' events; False (nothing written) when it already has users."""
+async def _seed(settings: Settings, dataset: Any) -> bool:
+    """Seed an empty store with ``dataset``'s events; False (nothing written) when it already has users.
+
+    ``dataset`` is a Dataset, or a callable that loads one: called only once the store is known to be empty.
+    """
     from tqdm import tqdm
 
     from recsvc.server.app import open_store
@@ -52,6 +58,7 @@ async def _seed(settings: Settings, ds: Any) -> bool:
     try:
         if await store.count_users():
             return False
+        ds = dataset() if callable(dataset) else dataset
         # Progress on a terminal only (disable=None): logs and pipes get the summary line alone.
         with tqdm(ds.event_rows(), total=ds.num_interactions, desc="seeding", unit=" events", unit_scale=True,
                   file=sys.stderr, disable=None, leave=False) as rows:  # fmt: skip

@@ -165,6 +165,8 @@ def test_data_files_imply_dataset_files_and_seed_refuses_a_full_store(
     assert f"seeded {tiny_dataset.num_interactions:,} events" in capsys.readouterr().out
     assert main(["seed", "--interactions", str(interactions), "--data-dir", var]) == 2
     _one_error_line(capsys.readouterr().err, "recsvc seed: history store")
+    # Refused before the file is read: a file that is gone by now does not matter.
+    assert main(["seed", "--interactions", str(tmp_path / "gone.csv"), "--data-dir", var, "--if-empty"]) == 0
     assert main(["seed", "--interactions", str(interactions), "--data-dir", var, "--if-empty"]) == 0
     assert "already has users; left as it is" in capsys.readouterr().out
     assert _users(tmp_path / "var") == tiny_dataset.num_users
