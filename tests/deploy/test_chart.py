@@ -390,6 +390,22 @@ def test_inflight_autoscaling_without_metrics_is_refused() -> None:
         render({"autoscaling": {"enabled": True}, "recsvc": {"metricsPort": 0}})
 
 
+def test_server_pods_run_the_lean_serving_image_when_one_is_named() -> None:
+    def images(m: Manifests) -> dict[str, set[str]]:
+        return {w["metadata"]["name"].rsplit("-", 1)[-1]: {c["image"] for c in containers(w)
+                                                          if c["name"] != "fetch-models"}
+                for w in m.workloads()}  # fmt: skip
+
+    full = images(manifests_for({}))
+    assert {i for imgs in full.values() for i in imgs} >= {"recsvc:0.1.0"}
+    lean = manifests_for({"image": {"serving": {"repository": "reg/recsvc-serving", "digest": "sha256:" + "a" * 64}}})
+    deployment = lean.component("server")
+    assert {c["image"] for c in containers(deployment)} == {f"reg/recsvc-serving@sha256:{'a' * 64}"}
+    # Jobs (training, seeding) and Triton keep the full image: they need torch and pytriton.
+    others = {c["image"] for w in lean.workloads() if w is not deployment for c in containers(w)}
+    assert "recsvc:0.1.0" in others and not any("recsvc-serving" in i for i in others)
+
+
 def test_settings_values_become_recsvc_variables() -> None:
     m = manifests("everything")
     _, _, settings = _server(m)

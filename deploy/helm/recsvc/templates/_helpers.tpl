@@ -77,6 +77,17 @@ app.kubernetes.io/component: {{ index . 1 }}
 {{- include "recsvc.imageRef" (dict "repository" $img.repository "tag" (default .Chart.AppVersion $img.tag) "digest" $img.digest) }}
 {{- end }}
 
+{{/* The server pod's image: the lean serving image (Dockerfile --target serving) when image.serving names
+     one, else the full image. */}}
+{{- define "recsvc.servingImage" -}}
+{{- $img := .Values.image.serving }}
+{{- if $img.repository }}
+{{- include "recsvc.imageRef" (dict "repository" $img.repository "tag" (default .Chart.AppVersion $img.tag) "digest" $img.digest) }}
+{{- else }}
+{{- include "recsvc.image" . }}
+{{- end }}
+{{- end }}
+
 {{/* Object names of the parts. */}}
 {{- define "recsvc.tritonName" -}}{{ include "recsvc.fullname" . }}-triton{{- end }}
 {{- define "recsvc.tritonAdminName" -}}{{ include "recsvc.fullname" . }}-triton-admin{{- end }}
