@@ -99,6 +99,9 @@ def check_names_and_types(families: dict[str, Any]) -> None:
         if not name.startswith("recsvc_"):
             continue
         assert family.documentation, name
+        # HELP explains: more than the name's own words said again.
+        words = set(family.documentation.lower().replace("_", " ").split()) - set(name.split("_"))
+        assert len(words) >= 3, (name, family.documentation)
         if family.type == "counter":
             assert {s.name for s in family.samples} <= {f"{name}_total", f"{name}_created"}, name
         if family.type == "gauge":

@@ -193,6 +193,8 @@ def _progress(path: Path, total: int | None = None) -> tqdm[Any]:
 
 def _read(path: Path, field: str) -> pd.DataFrame:
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"{field} file {path} is a directory: give the CSV or Parquet file in it")
     if not path.is_file():
         raise ConfigError(f"{field} file {path} does not exist")
     lower = path.name.lower()

@@ -196,6 +196,8 @@ def test_missing_file_is_a_config_error(tmp_path: Path) -> None:
     inter = _write(tmp_path / "ok.csv", "user_id,item_id,timestamp\nu,i,1\n")
     with pytest.raises(ConfigError, match=r"items file .*nope\.pq does not exist"):
         load_files(inter, tmp_path / "nope.pq")
+    with pytest.raises(ConfigError, match=r"interactions file .* is a directory: give the CSV or Parquet file"):
+        load_files(tmp_path)
 
 
 def test_large_ids_are_not_mangled(tmp_path: Path) -> None:
