@@ -38,7 +38,7 @@ from recsvc.server.health import HealthServicer
 from recsvc.server.interceptors import RequestInterceptor
 from recsvc.server.metrics import RpcMetrics, StatsExporter, multiprocess_registry, start_metrics_server
 from recsvc.server.reflection import enable_reflection
-from recsvc.server.security import AuthInterceptor, bind, check_files, start_health_port
+from recsvc.server.security import AuthInterceptor, bind, check_files, check_port_free, start_health_port
 from recsvc.server.servicer import SERVICE_NAME, RecommenderServicer, add_to_server
 from recsvc.server.tracing import Tracing
 from recsvc.server.tracing import enabled as tracing_enabled
@@ -204,6 +204,7 @@ async def serve(
     port (see server/workers.py).
     """
     check_files(settings)       # a bad certificate or token file: one ConfigError before anything loads
+    check_port_free(settings)   # ... and a taken port
     if settings.workers > 1:
         from recsvc.server.workers import supervise
 

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from recsvc.config import Settings
 from recsvc.domain import Event, EventType, RecommendQuery
-from recsvc.errors import ConfigError
+from recsvc.errors import BundleError, ConfigError
 from recsvc.history import SqliteHistoryStore
 from recsvc.repository import publish
 from recsvc.server.app import SERVICE_NAME, _run_grpc, build_service
@@ -206,3 +206,21 @@ async def test_second_signal_skips_the_rest_of_the_drain_delay() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
         await asyncio.wait_for(task, 30)
         assert time.monotonic() - t0 < 30 < settings.drain_delay_s
+
+
+async def test_a_taken_port_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    import socket
+
+    from recsvc.server.app import serve
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # No model repository at all: the port is what is refused, before the bundle would be looked for.
+        settings = Settings(data_dir=tmp_path, model_repository=tmp_path / "none", port=port)
+        with pytest.raises(ConfigError, match=rf"cannot listen on 127\.0\.0\.1:{port}: the port is in use"):
+            await serve(settings)
+        # Unless sharing the port is asked for (the worker supervisor's workers): then the bundle is next.
+        with pytest.raises(BundleError, match="no published version"):
+            await serve(Settings(data_dir=tmp_path, model_repository=tmp_path / "none", port=port, reuse_port=True))
