@@ -357,6 +357,11 @@ class TritonServer:
                     with contextlib.suppress(ProcessLookupError):
                         process.kill()
                     await process.wait()
+            # Its python backend stubs share its process group (start_new_session made it the leader).
+            # After a server that died by itself (kill -9, an abort) they can outlive it, holding memory
+            # and shared-memory regions: whatever is left of the group goes with it.
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(process.pid, signal.SIGKILL)
             log.info("tritonserver exited with status %s", process.returncode)
             return process.returncode
         finally:
