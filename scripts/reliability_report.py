@@ -19,7 +19,8 @@ from pathlib import Path
 
 # Rows in the order of the reliability issue's table; rows of other tests follow, by name.
 ORDER = [
-    "test_baseline", "test_deploy", "test_sigterm", "test_overload", "test_triton_frozen", "test_triton_crash",
+    "test_baseline", "test_deploy", "test_deploy_proxy", "test_sigterm", "test_overload", "test_overload_proxy",
+    "test_triton_frozen", "test_triton_crash",
     "test_store_outage", "test_bad_input", "test_bad_model", "test_bad_bundle_startup", "test_internal_error",
     "test_soak",
 ]  # fmt: skip

@@ -25,7 +25,8 @@ NAMESPACE = "recs"
 BUNDLE = {"publish": {"bundle": "movielens-2026-11-30"}}
 ROLLBACK = {"rollback": {"request": "2026-12-01-a"}}
 # Everything security turned on: mutual TLS with a write identity, both tokens, Triton over mutual TLS.
-TLS = {"recsvc": {"tls": {"enabled": True, "secretName": "recsvc-tls", "requireClientCert": True,
+TLS = {"recsvc": {"shed": {"enabled": False},
+                  "tls": {"enabled": True, "secretName": "recsvc-tls", "requireClientCert": True,
                           "writeAllowedIdentities": ["backend.shop.svc"]},
                   "auth": {"writeToken": {"secretName": "recsvc-tokens", "key": "write"},
                            "readToken": {"secretName": "recsvc-tokens", "key": "read"}}},

@@ -233,10 +233,22 @@ def _server(m: Manifests) -> tuple[dict[str, Any], dict[str, Any], Settings]:
 @pytest.mark.parametrize("profile", ALL)
 def test_server_ports_probes_and_settings_agree(profile: str) -> None:
     m = manifests(profile)
-    _, c, settings = _server(m)
+    deployment, c, settings = _server(m)
     ports = {p["name"]: p["containerPort"] for p in c["ports"]}
     assert settings.host == "0.0.0.0"
-    assert ports["grpc"] == settings.port
+    r = m.merged["recsvc"]
+    if r["shed"]["enabled"]:
+        # The Services' "grpc" port is the proxy's; it forwards to recsvc's own port over localhost.
+        proxy = container(deployment, "shed")
+        assert {p["name"]: p["containerPort"] for p in proxy["ports"]} == {"grpc": r["port"]}
+        assert ports["grpc-server"] == settings.port == r["shed"]["upstreamPort"] != r["port"]
+        env = env_of(proxy)
+        assert env["SHED_BIND"] == f"0.0.0.0:{r['port']}"
+        assert env["SHED_UPSTREAM"] == f"127.0.0.1:{settings.port}"
+        assert env["SHED_MAXCONN"] == str(r["shed"]["callsPerWorker"] * settings.workers)
+        assert "grpc" not in ports
+    else:
+        assert ports["grpc"] == settings.port == r["port"]
     if settings.metrics_port:
         assert ports["metrics"] == settings.metrics_port
     else:
@@ -331,7 +343,11 @@ def test_a_triton_tls_without_mutual_needs_only_the_ca() -> None:
     [
         ({"recsvc": {"tls": {"writeAllowedIdentities": ["a"]}}}, r"writeAllowedIdentities needs mutual TLS"),
         ({"recsvc": {"auth": {"readToken": {"secretName": "r", "key": "token"}}}}, r"readToken needs writes protected"),
-        ({"recsvc": {"tls": {"enabled": True, "secretName": "s", "healthPort": 9464}}}, r"healthPort must differ"),
+        ({"recsvc": {"shed": {"enabled": False}, "tls": {"enabled": True, "secretName": "s", "healthPort": 9464}}},
+         r"healthPort must differ"),
+        ({"recsvc": {"tls": {"enabled": True, "secretName": "s"}}}, r"cannot stand in front of recsvc\.tls"),
+        ({"recsvc": {"shed": {"upstreamPort": 50051}}}, r"upstreamPort must differ"),
+        ({"recsvc": {"shed": {"upstreamPort": 9464}}}, r"upstreamPort must differ"),
     ],
 )
 def test_security_combinations_recsvc_would_refuse_are_refused(values: dict[str, Any], message: str) -> None:
@@ -356,9 +372,46 @@ def test_termination_outlasts_the_drain(profile: str) -> None:
 def test_a_pre_stop_sleep_is_rendered_and_counted_when_asked_for() -> None:
     m = manifests_for({"recsvc": {"preStopSleepSeconds": 3, "drainDelaySeconds": 2.5, "graceSeconds": 10,
                                   "terminationMarginSeconds": 5}})  # fmt: skip
-    deployment, c, _ = _server(m)
+    deployment, c, settings = _server(m)
     assert c["lifecycle"]["preStop"]["exec"]["command"] == ["sleep", "3"]
-    assert pod_spec(deployment)["terminationGracePeriodSeconds"] == 3 + 3 + 10 + 5
+    # Behind the proxy recsvc drains a second longer than the proxy: 2.5 + 1, rounded up.
+    assert settings.drain_delay_s == 3.5
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] == 3 + 4 + 10 + 5
+
+
+@pytest.mark.parametrize("profile", ALL)
+def test_shedding_proxy_stops_before_the_server_and_within_the_grace(profile: str) -> None:
+    m = manifests(profile)
+    deployment, _, settings = _server(m)
+    r = m.merged["recsvc"]
+    names = [x["name"] for x in containers(deployment)]
+    if not r["shed"]["enabled"]:
+        assert "shed" not in names
+        return
+    proxy = container(deployment, "shed")
+    env = env_of(proxy)
+    scripts = next(cm for cm in m.of_kind("ConfigMap") if cm["metadata"]["name"].endswith("-scripts"))
+    script_dir = next(v["mountPath"] for v in proxy["volumeMounts"] if v["name"] == "scripts")
+    # HAProxy runs the chart's copy of the config the overload test runs, in master-worker mode (so the
+    # hook's SIGUSR1 is a soft stop) and writes its PID where the hook reads it.
+    assert proxy["command"] == ["haproxy", "-W", "-db", "-p", "$(PIDFILE)", "-f", f"{script_dir}/recsvc-shed.cfg"]
+    assert scripts["data"]["recsvc-shed.cfg"] == (CHART / "files" / "recsvc-shed.cfg").read_text().rstrip("\n")
+    assert proxy["lifecycle"]["preStop"]["exec"]["command"] == ["sh", f"{script_dir}/proxy-drain.sh"]
+    assert env["PIDFILE"].startswith("/tmp/")
+    assert any(v["mountPath"] == "/tmp" for v in proxy["volumeMounts"])
+    # The proxy forwards through the drain delay, stops, and recsvc stops accepting a second after it.
+    assert float(env["DRAIN_SECONDS"]) == r["drainDelaySeconds"] == settings.drain_delay_s - 1
+    assert pod_spec(deployment)["terminationGracePeriodSeconds"] > settings.drain_delay_s + settings.grace_s
+    # Readiness follows recsvc (which turns NOT_SERVING at once); the proxy's own is a listening socket.
+    assert proxy["readinessProbe"]["tcpSocket"]["port"] == "grpc"
+    assert "livenessProbe" not in proxy
+
+
+def test_the_shedding_proxy_can_be_turned_off() -> None:
+    m = manifests_for({"recsvc": {"shed": {"enabled": False}, "drainDelaySeconds": 5}})
+    deployment, _, settings = _server(m)
+    assert "shed" not in [x["name"] for x in containers(deployment)]
+    assert settings.port == 50051 and settings.drain_delay_s == 5
 
 
 def test_liveness_shorter_than_the_drain_is_refused() -> None:
@@ -393,14 +446,15 @@ def test_inflight_autoscaling_without_metrics_is_refused() -> None:
 def test_server_pods_run_the_lean_serving_image_when_one_is_named() -> None:
     def images(m: Manifests) -> dict[str, set[str]]:
         return {w["metadata"]["name"].rsplit("-", 1)[-1]: {c["image"] for c in containers(w)
-                                                          if c["name"] != "fetch-models"}
+                                                          if c["name"] not in ("fetch-models", "shed")}
                 for w in m.workloads()}  # fmt: skip
 
     full = images(manifests_for({}))
     assert {i for imgs in full.values() for i in imgs} >= {"recsvc:0.1.0"}
     lean = manifests_for({"image": {"serving": {"repository": "reg/recsvc-serving", "digest": "sha256:" + "a" * 64}}})
     deployment = lean.component("server")
-    assert {c["image"] for c in containers(deployment)} == {f"reg/recsvc-serving@sha256:{'a' * 64}"}
+    served = {c["image"] for c in containers(deployment) if c["name"] != "shed"}
+    assert served == {f"reg/recsvc-serving@sha256:{'a' * 64}"}
     # Jobs (training, seeding) and Triton keep the full image: they need torch and pytriton.
     others = {c["image"] for w in lean.workloads() if w is not deployment for c in containers(w)}
     assert "recsvc:0.1.0" in others and not any("recsvc-serving" in i for i in others)

@@ -131,7 +131,7 @@ class LoadGen:
     def __init__(
         self, target: str, users: list[str], *, clients: int = 16, deadline_s: float = 2.0, retry: bool = True,
         request: Callable[[str], pb.RecommendRequest] | None = None, k: int = 10, seed: int = 0,
-        metadata: tuple[tuple[str, str], ...] = (),
+        metadata: tuple[tuple[str, str], ...] = (), options: tuple[tuple[str, Any], ...] = (),
     ) -> None:  # fmt: skip
         if not users:
             raise ValueError("LoadGen needs at least one user")
@@ -142,12 +142,13 @@ class LoadGen:
         self.retry = retry
         self.request = request or (lambda user: pb.RecommendRequest(user_id=user, k=k))
         self.metadata = metadata
+        self.options = options
         self._rng = random.Random(seed)
 
     def _channel(self) -> grpc.aio.Channel:
         # gRPC shares one connection among channels with equal arguments (its global subchannel pool):
         # a local pool gives each caller its own, as separate frontends would have.
-        options = [LOCAL_SUBCHANNEL_POOL, *(retry_options() if self.retry else [])]
+        options = [LOCAL_SUBCHANNEL_POOL, *(retry_options() if self.retry else []), *self.options]
         return grpc.aio.insecure_channel(self.target, options=options)
 
     async def _call(self, stub: pb_grpc.RecommenderStub, tally: Tally, started: float | None = None) -> None:

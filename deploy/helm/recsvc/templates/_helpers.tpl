@@ -297,9 +297,21 @@ Every Secret is mounted as a directory (never subPath), so renewals and token ro
 {{- define "recsvc.tritonClientTlsDir" -}}/etc/recsvc/triton-tls{{- end }}
 {{- define "recsvc.tritonServerTlsDir" -}}/etc/triton/tls{{- end }}
 
-{{/* Whether the server's probes go to the plaintext health-only port (TLS on the gRPC port). */}}
+{{/* The port recsvc itself listens on: behind the shedding proxy (recsvc.shed), the proxy has recsvc.port. */}}
+{{- define "recsvc.serverPort" -}}
+{{- if .Values.recsvc.shed.enabled }}{{ .Values.recsvc.shed.upstreamPort }}{{ else }}{{ .Values.recsvc.port }}{{ end }}
+{{- end }}
+
+{{/* recsvc's drain delay (RECSVC_DRAIN_DELAY_S). Behind the proxy it stops accepting a second after the
+     proxy has stopped (files/proxy-drain.sh), so that nothing the proxy forwards finds it closed. */}}
+{{- define "recsvc.serverDrainDelay" -}}
+{{- if .Values.recsvc.shed.enabled }}{{ addf (float64 .Values.recsvc.drainDelaySeconds) 1 }}{{ else }}{{ .Values.recsvc.drainDelaySeconds }}{{ end }}
+{{- end }}
+
+{{/* The server's probes ask recsvc directly (never through the proxy, which would refuse them under load),
+     on the plaintext health-only port when TLS is on the gRPC port. */}}
 {{- define "recsvc.probePort" -}}
-{{- if .Values.recsvc.tls.enabled }}{{ .Values.recsvc.tls.healthPort }}{{ else }}{{ .Values.recsvc.port }}{{ end }}
+{{- if .Values.recsvc.tls.enabled }}{{ .Values.recsvc.tls.healthPort }}{{ else }}{{ include "recsvc.serverPort" . }}{{ end }}
 {{- end }}
 
 {{/* The server's TLS and token settings. */}}
@@ -375,6 +387,12 @@ Every Secret is mounted as a directory (never subPath), so renewals and token ro
 {{- end }}
 {{- if and $r.auth.readToken.secretName (not (or $r.auth.writeToken.secretName $r.tls.writeAllowedIdentities)) }}
 {{- fail "recsvc.auth.readToken needs writes protected too (recsvc.auth.writeToken or recsvc.tls.writeAllowedIdentities)" }}
+{{- end }}
+{{- if and $r.tls.enabled $r.shed.enabled }}
+{{- fail "recsvc.shed (HAProxy in front of recsvc) reads HTTP/2 streams and cannot stand in front of recsvc.tls: set recsvc.shed.enabled=false and shed in the ingress or mesh" }}
+{{- end }}
+{{- if and $r.shed.enabled (has (int $r.shed.upstreamPort) (list (int $r.port) (int $r.metricsPort))) }}
+{{- fail "recsvc.shed.upstreamPort must differ from recsvc.port and recsvc.metricsPort" }}
 {{- end }}
 {{- if and $r.tls.enabled (or (eq (int $r.tls.healthPort) (int $r.port)) (eq (int $r.tls.healthPort) (int $r.metricsPort))) }}
 {{- fail "recsvc.tls.healthPort must differ from recsvc.port and recsvc.metricsPort" }}
