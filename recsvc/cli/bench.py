@@ -1,4 +1,4 @@
-"""Offline measurements: `recsvc cache-sim` (cache policies vs OPT) and `recsvc compress` (ranker variants)."""
+"""Measurements: `recsvc bench` (end-to-end load), `recsvc cache-sim` (caches vs OPT), `recsvc compress`."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ __all__ = ["register"]
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: argparse.ArgumentParser) -> None:
-    """Add cache-sim and compress (their options live beside their code in recsvc/offline/bench/)."""
+    """Add bench, cache-sim and compress (their options live beside their code in recsvc/offline/bench/)."""
     from recsvc.offline.bench.cache_sim import register as register_cache_sim
     from recsvc.offline.bench.compression import register as register_compress
+    from recsvc.offline.bench.e2e import register as register_bench
 
+    register_bench(sub)
     register_cache_sim(sub)
     register_compress(sub)

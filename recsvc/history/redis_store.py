@@ -42,7 +42,7 @@ import asyncio
 import logging
 from collections import deque
 from collections.abc import Awaitable, Iterable, Sequence
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import orjson
 
@@ -261,10 +261,14 @@ class RedisHistoryStore:
 
     async def top_users(self, n: int) -> list[str]:
         """See HistoryStore: ZREVRANGE of the activity set (ties in reverse user-id order)."""
+        return [u for u, _ in await self.active_users(n)]
+
+    async def active_users(self, n: int) -> list[tuple[str, int]]:
+        """See HistoryStore: ZREVRANGE WITHSCORES of the activity set."""
         if n < 1:
             return []
-        users = await self._call("top_users", self._client.zrevrange(self._active, 0, n - 1))
-        return [u.decode() if isinstance(u, bytes) else str(u) for u in users]
+        rows: Any = await self._call("top_users", self._client.zrevrange(self._active, 0, n - 1, withscores=True))
+        return [(u.decode() if isinstance(u, bytes) else str(u), int(score)) for u, score in rows]
 
     async def bulk_append(self, rows: Iterable[tuple[str, str, int, float]], *, batch: int = 2000) -> int:
         """Load many (user_id, item_id, type, ts) rows without event ids (seeding); return how many were read.

@@ -146,14 +146,18 @@ class SqliteHistoryStore:
 
     async def top_users(self, n: int) -> list[str]:
         """See HistoryStore: one GROUP BY over the table (start-up only; ties by user id)."""
+        return [u for u, _ in await self.active_users(n)]
+
+    async def active_users(self, n: int) -> list[tuple[str, int]]:
+        """See HistoryStore: one GROUP BY over the table (ties by user id)."""
         if n < 1:
             return []
 
-        def query() -> list[str]:
+        def query() -> list[tuple[str, int]]:
             cur = self._db.execute(
-                "SELECT user_id FROM events GROUP BY user_id ORDER BY COUNT(*) DESC, user_id LIMIT ?", (n,)
+                "SELECT user_id, COUNT(*) AS n FROM events GROUP BY user_id ORDER BY n DESC, user_id LIMIT ?", (n,)
             )
-            return [row[0] for row in cur]
+            return [(row[0], int(row[1])) for row in cur]
 
         return await self._run(query)
 

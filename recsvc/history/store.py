@@ -38,6 +38,10 @@ class HistoryStore(Protocol):
         """The ``n`` users with the most kept events, most active first (start-up warming); ties in any order."""
         ...
 
+    async def active_users(self, n: int) -> list[tuple[str, int]]:
+        """``top_users`` with each user's number of kept events (`recsvc bench` draws users by activity)."""
+        ...
+
     async def close(self) -> None:
         """Release resources; pending appends finish first."""
         ...
@@ -103,8 +107,12 @@ class InMemoryHistoryStore:
 
     async def top_users(self, n: int) -> list[str]:
         """See HistoryStore (ties by user id)."""
+        return [u for u, _ in await self.active_users(n)]
+
+    async def active_users(self, n: int) -> list[tuple[str, int]]:
+        """See HistoryStore (ties by user id)."""
         ranked = sorted(((u, len(rows)) for u, rows in self._rows.items() if rows), key=lambda ur: (-ur[1], ur[0]))
-        return [u for u, _ in ranked[: max(n, 0)]]
+        return ranked[: max(n, 0)]
 
     async def close(self) -> None:
         """See HistoryStore."""

@@ -98,6 +98,11 @@ class IndexRetriever:
         log.info("retriever: %d items on %s (%s)", n, backend.device, "exact" if meta is None else meta.spec.kind)
 
     @property
+    def backend(self) -> SearchBackend:
+        """The index searched (for `recsvc bench --ceilings`, which searches it raw)."""
+        return self._backend
+
+    @property
     def num_items(self) -> int:
         """Items in the index."""
         return self._backend.ntotal

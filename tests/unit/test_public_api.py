@@ -27,8 +27,11 @@ def test_every_module_declares_all_and_exports_exist() -> None:
 
 
 def test_only_the_owning_package_imports_each_outside_system() -> None:
-    owners = {"grpc": ("recsvc.server", "recsvc.v1", "recsvc.ranking"), "faiss": ("recsvc.retrieval",),
-              "tritonclient": ("recsvc.ranking",), "redis": ("recsvc.redis_conn",)}
+    # The benchmark speaks raw gRPC and raw tritonclient on purpose: its ceilings measure them without recsvc.
+    bench = ("recsvc.offline.bench.loadgen", "recsvc.offline.bench.echo", "recsvc.offline.bench.ceilings",
+             "recsvc.offline.bench.e2e")
+    owners = {"grpc": ("recsvc.server", "recsvc.v1", "recsvc.ranking", *bench), "faiss": ("recsvc.retrieval",),
+              "tritonclient": ("recsvc.ranking", *bench), "redis": ("recsvc.redis_conn",)}
     offenders = []
     for name in MODULES:
         source = importlib.util.find_spec(name).origin  # type: ignore[union-attr]

@@ -17,7 +17,7 @@ COMMANDS = {
                "build-engine"},
     "catalog": {"update-catalog", "deny"},
     "client": {"recommend", "record"},
-    "bench": {"cache-sim", "compress"},
+    "bench": {"bench", "cache-sim", "compress"},
 }  # fmt: skip
 
 
