@@ -81,7 +81,8 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ranker-epochs", type=int, default=4, help="ranker epochs (default 4)")
     p.add_argument("--candidates", type=positive_int, metavar="N",
                    help=f"candidates retrieved and ranked per request, fixed in the bundle: at most the number of "
-                        f"items (default {DEFAULT_CANDIDATES}, or all items of a smaller catalog)")  # fmt: skip
+                        f"items (default {DEFAULT_CANDIDATES}, or all items of a smaller catalog); serving uses "
+                        "them all unless RECSVC_NUM_CANDIDATES is lower")  # fmt: skip
     p.add_argument("--test-per-user", type=int, default=5, help="held-out latest interactions per user")
     p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many users")
     p.add_argument("--no-holdout", action="store_true", help="train on everything (no evaluation)")
