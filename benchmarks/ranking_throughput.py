@@ -38,6 +38,7 @@ import numpy as np
 from tritonclient.grpc import InferInput
 from tritonclient.grpc.aio import InferenceServerClient
 
+from recsvc.bundle import read_manifest
 from recsvc.offline.triton_server import TritonOptions, TritonServer
 from recsvc.ranking import BatchingRanker, TritonRanker
 from recsvc.repository import publish
@@ -78,9 +79,11 @@ async def main(args: argparse.Namespace) -> None:
             with np.load(samples_path) as s:
                 history, candidates = s["HISTORY"].astype(np.int64), s["CANDIDATES"].astype(np.int64)
         else:
+            # Shaped like what the service sends this bundle: its L and C, ids of its catalog.
+            manifest = read_manifest(bundle)
             rng = np.random.default_rng(args.seed)
-            history = rng.integers(0, 100, (256, 50)).astype(np.int64)
-            candidates = rng.integers(0, 100, (256, 100)).astype(np.int64)
+            history = rng.integers(0, manifest.num_items, (256, manifest.history_len)).astype(np.int64)
+            candidates = rng.integers(0, manifest.num_items, (256, manifest.num_candidates)).astype(np.int64)
         rows = [(history[i : i + 1], candidates[i : i + 1]) for i in range(len(history))]
         version = str(publish(bundle, tmp / "repo"))
         options = TritonOptions(model_repository=tmp / "repo", log_path=tmp / "triton.log", grpc_port=free_port(),

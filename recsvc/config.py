@@ -97,7 +97,10 @@ class Settings:
     warm_users: int = 1000                   # most active users warmed at start-up (0: none)
 
     # --- retrieval / ranking ---
-    num_candidates: int = 100                # retrieved per request, then ranked (the ranker's C)
+    # Candidates retrieved per request, then ranked. 0: the served bundle's C (`recsvc train --candidates`,
+    # default 100), which is also the most allowed: a larger value is refused when a version loads. The
+    # ranker always scores C slots (fewer candidates are padded), so a lower value saves retrieval only.
+    num_candidates: int = 0
     search_max_batch: int = 64               # rows per coalesced FAISS search
     search_max_wait_us: int = 200            # longest a search waits for company
 
@@ -247,7 +250,7 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
 def _validate(s: Settings) -> None:
     positive = [
         "max_k", "default_k", "max_exclude", "max_context", "max_id_len", "max_events_per_call", "history_len",
-        "history_keep", "l1_max_entries", "l1_max_bytes", "num_candidates", "vector_cache_entries",
+        "history_keep", "l1_max_entries", "l1_max_bytes", "vector_cache_entries",
         "prefetch_queue", "prefetch_workers", "search_max_batch", "workers", "index_flat_max_items",
         "index_hnsw_m", "index_recall_k", "rank_max_batch", "vector_cache_bytes", "l2_max_entries", "l2_max_bytes",
     ]  # fmt: skip
@@ -260,6 +263,8 @@ def _validate(s: Settings) -> None:
     for name in ["index_nlist", "index_nprobe", "index_pq_m", "index_ef_search"]:
         if getattr(s, name) < 0:
             raise ConfigError(f"setting {name!r} must be >= 0 (0: automatic), got {getattr(s, name)}")
+    if s.num_candidates < 0:
+        raise ConfigError(f"setting 'num_candidates' must be >= 0 (0: the bundle's), got {s.num_candidates}")
     for name in ["history_budget_share", "rank_budget_share"]:
         if not 0 < getattr(s, name) <= 1:
             raise ConfigError(f"setting {name!r} must be in (0, 1], got {getattr(s, name)}")
@@ -299,7 +304,7 @@ def _validate(s: Settings) -> None:
         raise ConfigError(f"setting 'repository_poll_s' must be >= 0 (0: never), got {s.repository_poll_s}")
     if s.default_k > s.max_k:
         raise ConfigError(f"default_k ({s.default_k}) cannot exceed max_k ({s.max_k}): lower RECSVC_DEFAULT_K too")
-    if s.max_k > s.num_candidates:
+    if s.num_candidates and s.max_k > s.num_candidates:
         raise ConfigError(f"max_k ({s.max_k}) cannot exceed num_candidates ({s.num_candidates})")
     if s.history_keep < s.history_len:
         raise ConfigError(f"history_keep ({s.history_keep}) must be >= history_len ({s.history_len})")

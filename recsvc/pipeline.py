@@ -27,7 +27,7 @@ from recsvc.bundle import Manifest, load_array
 from recsvc.catalog import Catalog
 from recsvc.config import Settings
 from recsvc.domain import Event, History, Recommendation, RecommendQuery, ScoredItem
-from recsvc.errors import BundleError, RankerUnavailable, RecsvcError, Unavailable
+from recsvc.errors import BundleError, ConfigError, RankerUnavailable, RecsvcError, Unavailable
 from recsvc.history import TieredHistory
 from recsvc.history.policies import LRU
 from recsvc.logs import Throttle
@@ -106,10 +106,19 @@ def load_serving_bundle(version_dir: Path, model_version: str, settings: Setting
     a damaged version is refused before anything is served from it or Triton is asked to load it. Files
     that match their checksums yet cannot be read (the manifest was rewritten to match a truncated or
     garbage file) raise BundleError naming the file, never numpy's, pyarrow's or ONNX Runtime's own errors.
+    A ``num_candidates`` setting above the bundle's C is a ConfigError (at start-up: the server does not
+    start; on a hot swap: the version is refused and the current one keeps serving).
     """
     s = settings or Settings()
     bundle = version_dir / "bundle"
     manifest = verify_version(version_dir)
+    if s.num_candidates > manifest.num_candidates:
+        # The ranker scores exactly C slots: more candidates could only be cut, so it is a mistake to report.
+        raise ConfigError(
+            f"num_candidates (RECSVC_NUM_CANDIDATES) is {s.num_candidates}, more than the {manifest.num_candidates} "
+            f"candidates version {model_version}'s ranker was trained for: unset it to serve the bundle's "
+            f"{manifest.num_candidates}, or serve a bundle from `recsvc train --candidates {s.num_candidates}`"
+        )
     with _reading(bundle / "items.parquet"):
         catalog = Catalog.read(bundle / "items.parquet")
     embeddings = load_array(bundle / "item_embeddings.npy")
@@ -327,7 +336,9 @@ class Pipeline:
             seen = user.seen()
             extra = set(context_ids) | set(catalog.dense(query.exclude_item_ids))
             excluded = seen | extra if extra else seen
-            n = min(bundle.manifest.num_candidates, self.settings.num_candidates)
+            # Unset (0): the bundle's C. Never more: load_serving_bundle refuses that, min() covers a
+            # pipeline built by hand.
+            n = min(bundle.manifest.num_candidates, self.settings.num_candidates or bundle.manifest.num_candidates)
             [(cand_ids, cand_scores)] = await bundle.retriever.search(vector, n, [excluded])
             finite = np.isfinite(cand_scores)
             if not finite.all():

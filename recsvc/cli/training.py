@@ -8,9 +8,13 @@ from pathlib import Path
 from typing import Any
 
 from recsvc.cli._common import options, settings_of
+from recsvc.errors import ConfigError
 from recsvc.offline.data_options import add_data_args, bundle_dataset, data_source, load_source
 
-__all__ = ["add_train_args", "register", "train_bundle"]
+__all__ = ["DEFAULT_CANDIDATES", "add_train_args", "positive_int", "register", "train_bundle"]
+
+# TrainConfig's default C (not imported from there: that would load torch for every command's --help).
+DEFAULT_CANDIDATES = 100
 
 
 def train_bundle(args: argparse.Namespace, out: Path, ds: Any = None, source: dict[str, Any] | None = None) -> Path:
@@ -25,7 +29,13 @@ def train_bundle(args: argparse.Namespace, out: Path, ds: Any = None, source: di
     if ds is None:
         ds = load_source(source)
     print(f"dataset {ds.name}: {ds.num_users:,} users, {ds.num_items:,} items, {ds.num_interactions:,} interactions")
-    config = TrainConfig(retrieval_epochs=args.epochs, ranker_epochs=args.ranker_epochs, seed=args.seed)
+    # Unset: the default, or every item of a smaller catalog (a shop of 80 items trains as it is).
+    candidates = min(DEFAULT_CANDIDATES, ds.num_items) if args.candidates is None else args.candidates
+    if candidates > ds.num_items:
+        raise ConfigError(f"--candidates {candidates}: more than the {ds.num_items:,} items of {ds.name}; "
+                          f"choose at most {ds.num_items}")  # fmt: skip
+    config = TrainConfig(retrieval_epochs=args.epochs, ranker_epochs=args.ranker_epochs, seed=args.seed,
+                         num_candidates=candidates)  # fmt: skip
     if args.no_holdout:
         trained = train(ds, config)
         write_bundle(trained, ds, out)
@@ -53,10 +63,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def positive_int(text: str) -> int:
+    """Parse an argparse value: an integer >= 1 (a bad value is argparse's one-line usage error, exit status 2)."""
+    bad = argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise bad from None
+    if value < 1:
+        raise bad
+    return value
+
+
 def add_train_args(p: argparse.ArgumentParser) -> None:
-    """Add the training options (epochs, hold-out)."""
+    """Add the training options (epochs, candidates, hold-out)."""
     p.add_argument("--epochs", type=int, default=8, help="retrieval model epochs (default 8)")
     p.add_argument("--ranker-epochs", type=int, default=4, help="ranker epochs (default 4)")
+    p.add_argument("--candidates", type=positive_int, metavar="N",
+                   help=f"candidates retrieved and ranked per request, fixed in the bundle: at most the number of "
+                        f"items (default {DEFAULT_CANDIDATES}, or all items of a smaller catalog); serving uses "
+                        "them all unless RECSVC_NUM_CANDIDATES is lower")  # fmt: skip
     p.add_argument("--test-per-user", type=int, default=5, help="held-out latest interactions per user")
     p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many users")
     p.add_argument("--no-holdout", action="store_true", help="train on everything (no evaluation)")

@@ -63,3 +63,15 @@ def test_servers_that_ask_for_it_share_a_port(tmp_path: Path, tiny_bundle: Path)
     finally:
         for proc in procs:
             proc.stop()
+
+
+def test_more_candidates_than_the_bundles_c_is_one_error_line_at_start_up(tmp_path: Path, tiny_bundle: Path) -> None:
+    publish(tiny_bundle, tmp_path / "repo")                      # trained with 20 candidates
+    env = {**_env(tmp_path), "RECSVC_NUM_CANDIDATES": "30"}
+    refused = subprocess.run([sys.executable, "-m", "recsvc.cli", "serve", "--port", "0"], env=env,
+                             capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert refused.stderr.strip().splitlines() == [
+        "recsvc serve: num_candidates (RECSVC_NUM_CANDIDATES) is 30, more than the 20 candidates version 1's ranker "
+        "was trained for: unset it to serve the bundle's 20, or serve a bundle from `recsvc train --candidates 30`"
+    ], refused.stderr

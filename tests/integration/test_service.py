@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import numpy as np
@@ -11,10 +12,13 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from recsvc.bundle import read_manifest
+from recsvc.offline.data import generate_synthetic, time_split
+from recsvc.offline.models.train import TrainConfig, train, write_bundle
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
-from .conftest import Stack, start_server
+from .conftest import Stack, running_stack, start_server
 
 pytestmark = pytest.mark.integration
 
@@ -161,3 +165,28 @@ def test_sigterm_drains_and_exits_cleanly(stack: Stack) -> None:
         status = server.stop(timeout=15)
     assert status == 0, server.tail()
     assert "shutting down" in server.tail()
+
+
+def test_a_bundle_trained_for_200_candidates_serves_200_ranked_items(tmp_path: Path) -> None:
+    # Tiny and fast (a second or two of training), with more items than candidates.
+    split = time_split(generate_synthetic(200, 250, num_categories=6, seed=7))
+    config = TrainConfig(dim=16, history_len=10, num_candidates=200, retrieval_epochs=2, ranker_epochs=1,
+                         batch_size=128, lr=1e-2, ranker_dim=8, ranker_negatives=7, seed=0)  # fmt: skip
+    bundle = tmp_path / "bundle"
+    write_bundle(train(split.train, config, progress=False), split.train, bundle)
+    assert read_manifest(bundle).num_candidates == 200
+    tr = split.train
+    user = int(np.bincount(tr.users).argmin())           # the fewest seen items: 200 unseen are left
+    seen = set(tr.item_ids[tr.items[tr.users == user]].tolist())
+    assert len(seen) <= 250 - 200
+    # RECSVC_NUM_CANDIDATES unset: the service retrieves and ranks the bundle's 200 (Triton, CPU python
+    # backend, warm-up shaped for 200); max_k lets one answer show all of them.
+    with running_stack(tmp_path, split, bundle, RECSVC_MAX_K="200") as stack, \
+            grpc.insecure_channel(stack.target) as channel:  # fmt: skip
+        r = recommend(pb_grpc.RecommenderStub(channel), str(tr.user_ids[user]), 200)
+        stack.server.check_alive()
+    ids = [i.item_id for i in r.items]
+    assert (r.model_version, r.degraded, r.degraded_reason) == ("1", False, ""), r.degraded_reason
+    assert len(ids) == 200 and len(set(ids)) == 200 and not set(ids) & seen
+    scores = [i.score for i in r.items]
+    assert scores == sorted(scores, reverse=True) and len(set(scores)) > 1

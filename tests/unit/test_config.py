@@ -41,7 +41,8 @@ def test_unknown_override_rejected() -> None:
         ({"RECSVC_MAX_K": "0"}, "'max_k' must be > 0"),
         ({"RECSVC_PORT": "70000"}, "0..65535"),
         ({"RECSVC_GRACE_S": "-1"}, "'grace_s' must be > 0"),
-        ({"RECSVC_MAX_K": "500"}, "cannot exceed num_candidates"),
+        ({"RECSVC_MAX_K": "500", "RECSVC_NUM_CANDIDATES": "100"}, r"max_k \(500\) cannot exceed num_candidates"),
+        ({"RECSVC_NUM_CANDIDATES": "-1"}, r"'num_candidates' must be >= 0 \(0: the bundle's\)"),
         ({"RECSVC_DEFAULT_K": "0"}, "'default_k' must be > 0"),
         ({"RECSVC_MAX_K": "5"}, r"default_k \(10\) cannot exceed max_k \(5\): lower RECSVC_DEFAULT_K"),
         ({"RECSVC_HISTORY_KEEP": "10"}, "history_keep"),
@@ -62,6 +63,13 @@ def test_unknown_override_rejected() -> None:
 def test_invalid_values_rejected(env: dict[str, str], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_settings(env=env)
+
+
+def test_num_candidates_defaults_to_the_bundles_so_max_k_is_not_bound_by_it_here() -> None:
+    assert Settings().num_candidates == 0
+    # The bundle's C is known only when a version loads (pipeline.load_serving_bundle checks it there).
+    assert load_settings(env={"RECSVC_MAX_K": "300"}).max_k == 300
+    assert load_settings(env={"RECSVC_NUM_CANDIDATES": "300", "RECSVC_MAX_K": "300"}).num_candidates == 300
 
 
 def test_settings_are_frozen() -> None:

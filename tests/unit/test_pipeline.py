@@ -17,7 +17,7 @@ from cachetools import LRUCache
 
 from recsvc.config import Settings
 from recsvc.domain import Event, EventType, RecommendQuery
-from recsvc.errors import RankerUnavailable, StoreUnavailable
+from recsvc.errors import ConfigError, RankerUnavailable, StoreUnavailable
 from recsvc.history import InMemoryHistoryStore, TieredHistory
 from recsvc.pipeline import Pipeline, ServingBundle, load_serving_bundle
 from recsvc.ranking import BatchingRanker, FakeRanker
@@ -55,6 +55,41 @@ async def test_ranked_by_ranker_scores_and_versions_reported(bundle: ServingBund
     assert (rec.model_version, rec.index_version, rec.degraded) == ("1", bundle.index_version, False)
     assert ranker.calls[0].version == "1"
     assert ranker.calls[0].candidates.shape == (1, bundle.manifest.num_candidates)
+
+
+@pytest.fixture
+def published_c200(tmp_path: Path) -> Path:
+    """A published bundle whose ranker takes 200 candidates (more than the 100 of TrainConfig's default)."""
+    from recsvc.repository import publish
+    from recsvc.repository.tiny_bundle import write_tiny_bundle
+
+    write_tiny_bundle(tmp_path / "bundle-c200", num_items=300, history_len=10, num_candidates=200)
+    return tmp_path / "repo" / "ranker" / str(publish(tmp_path / "bundle-c200", tmp_path / "repo"))
+
+
+async def test_num_candidates_unset_ranks_the_bundles_c_and_a_lower_setting_retrieves_fewer(
+    published_c200: Path,
+) -> None:
+    for settings, retrieved in [(Settings(max_k=10), 200), (Settings(num_candidates=150, max_k=10), 150)]:
+        bundle = load_serving_bundle(published_c200, "1", settings)
+        try:
+            ranker = FakeRanker(np.arange(len(bundle.catalog), dtype=np.float32))
+            history = TieredHistory(InMemoryHistoryStore(), l1=LRUCache(maxsize=10), limit=500)
+            rec = await Pipeline(settings, history, ranker, bundle).recommend(RecommendQuery(user_id="new", k=10))
+        finally:
+            await bundle.close()
+        assert len(rec.items) == 10 and not rec.degraded
+        (call,) = ranker.calls
+        assert call.candidates.shape == (1, 200)                      # always padded to the ranker's C
+        assert int((call.candidates >= 0).sum()) == retrieved, settings.num_candidates
+
+
+def test_num_candidates_above_the_bundles_c_is_refused_when_the_version_loads(published_c200: Path) -> None:
+    with pytest.raises(ConfigError) as err:
+        load_serving_bundle(published_c200, "1", Settings(num_candidates=300, max_k=10))
+    assert str(err.value) == (
+        "num_candidates (RECSVC_NUM_CANDIDATES) is 300, more than the 200 candidates version 1's ranker was "
+        "trained for: unset it to serve the bundle's 200, or serve a bundle from `recsvc train --candidates 300`")
 
 
 async def test_seen_context_and_excluded_items_never_returned(bundle: ServingBundle) -> None:

@@ -17,6 +17,7 @@ from recsvc.pipeline import Pipeline, ServingBundle, load_serving_bundle
 from recsvc.ranking import FakeRanker
 from recsvc.repository import publish
 from recsvc.repository.rollout import ServingState, write_serving
+from recsvc.repository.tiny_bundle import write_tiny_bundle
 from recsvc.versions import VersionFollower
 
 
@@ -119,6 +120,19 @@ async def test_broken_version_is_refused_once_and_the_next_good_one_is_taken(rep
     assert not await follower.check() and follower._failed[2] > 0.0
     publish(tiny_bundle, repo)
     assert await follower.check() and pipeline.bundle.model_version == "3"
+    await follower.close()
+    await pipeline.bundle.close()
+
+
+async def test_a_version_with_fewer_candidates_than_the_setting_is_refused(
+    repo: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    pipeline, _, _, follower = _setup(repo)             # RECSVC_NUM_CANDIDATES=20, the tiny bundle's C
+    write_tiny_bundle(tmp_path / "c10", num_items=120, history_len=10, num_candidates=10)
+    publish(tmp_path / "c10", repo)
+    assert not await follower.check()
+    assert pipeline.bundle.model_version == "1"         # the current version keeps serving
+    assert "num_candidates (RECSVC_NUM_CANDIDATES) is 20, more than the 10 candidates version 2's" in caplog.text
     await follower.close()
     await pipeline.bundle.close()
 

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from recsvc.bundle import Manifest, write_manifest
+from recsvc.errors import ConfigError
 from recsvc.offline.data import Dataset
 from recsvc.offline.models.export import export_query_encoder, export_ranker, export_ranker_torchscript
 from recsvc.offline.models.ranker import RankerNet
@@ -51,6 +52,8 @@ class TrainConfig:
 
     dim: int = 64
     history_len: int = 50
+    # C: candidates retrieved and ranked per request. The ranker is exported for it and the bundle's
+    # manifest records it; serving pads every request to it. At most the catalog's size (see ``train``).
     num_candidates: int = 100
     retrieval_epochs: int = 8
     ranker_epochs: int = 4
@@ -63,6 +66,12 @@ class TrainConfig:
     max_examples_per_epoch: int = 200_000     # bounds epoch time on large data; MovieLens (95k) fits whole
     seed: int = 0
     threads: int = 2
+
+    def __post_init__(self) -> None:
+        c = self.num_candidates
+        # A Python int: it goes into the manifest's JSON as is (a float or numpy integer would not).
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise ConfigError(f"num_candidates must be a positive integer, got {self.num_candidates!r}")
 
 
 @dataclass(frozen=True)
@@ -96,7 +105,13 @@ def train(
     progress: bool = True,
     on_epoch: Callable[[str, int, float], None] | None = None,
 ) -> Trained:
-    """Train both networks on every interaction of ``ds`` (pass the train split for evaluation)."""
+    """Train both networks on every interaction of ``ds`` (pass the train split for evaluation).
+
+    ConfigError when ``config.num_candidates`` exceeds the catalog: a bundle could never fill its C
+    candidates, so every request would pad slots that no item can take.
+    """
+    if config.num_candidates > ds.num_items:
+        raise ConfigError(f"num_candidates ({config.num_candidates}) cannot exceed the catalog's {ds.num_items} items")
     t0 = time.perf_counter()
     torch.set_num_threads(config.threads)
     gen = torch.Generator().manual_seed(config.seed)

@@ -13,16 +13,23 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
+import onnxruntime as ort
 import pandas as pd
 import pytest
 
 from recsvc import __version__
-from recsvc.bundle import update_extra
+from recsvc.bundle import read_manifest, update_extra
 from recsvc.cli import _parser, main
+from recsvc.cli.training import DEFAULT_CANDIDATES
 from recsvc.config import Settings
 from recsvc.domain import Event, EventType
 from recsvc.history import SqliteHistoryStore
 from recsvc.offline.data import Dataset
+from recsvc.offline.models.train import TrainConfig
+from recsvc.repository import publish, version_dir
+from recsvc.repository.publishing import config_for_bundle
+from recsvc.repository.rollout import canary_inputs
 from recsvc.repository.tiny_bundle import write_tiny_bundle
 from recsvc.server.client import _event
 from tests.unit.server.serving import ServerThread, publish_tiny, settings_for
@@ -213,6 +220,67 @@ def test_evaluate_uses_the_bundles_own_data_or_says_what_it_needs(
     assert main(["evaluate", str(bundle)]) == 2
     _one_error_line(capsys.readouterr().err, f"recsvc evaluate: {bundle} was trained on {interactions}, which no "
                                              "longer exist")
+
+
+# ------------------------------------------------------------------------------------------ training
+_WARMUP_CANDIDATES = re.compile(r'key: "CANDIDATES"\s+value: \{[^}]*dims: \[ (\d+) \]')
+
+
+def test_train_candidates_is_the_c_of_everything_built_from_the_bundle(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tmp_path / "bundle"
+    assert main(["train", "--dataset", "synthetic", "--synthetic-users", "200", "--synthetic-items", "250",
+                 "--epochs", "1", "--ranker-epochs", "1", "--eval-users", "50", "--candidates", "200",
+                 "--out", str(bundle)]) == 0  # fmt: skip
+    capsys.readouterr()
+    manifest = read_manifest(bundle)
+    assert manifest.num_candidates == 200 and manifest.extra["train_config"]["num_candidates"] == 200
+    # The ranker's candidate axis stays free (one Triton config serves any C); the bundle's own inputs
+    # (INT8 calibration, canary, benchmarks) are [N, 200], and the ranker scores all 200.
+    with np.load(bundle / "samples.npz") as stored:
+        samples = {name: stored[name].astype(np.int64) for name in stored.files}
+    assert samples["CANDIDATES"].shape[1] == 200
+    session = ort.InferenceSession(str(bundle / "ranker.onnx"), providers=["CPUExecutionProvider"])
+    (scores,) = session.run(["SCORES"], samples)
+    assert scores.shape == samples["CANDIDATES"].shape and np.isfinite(scores).all()
+    # Published: the model config's warm-up samples (Triton refuses a load whose warm-up fails) and the
+    # rollout canary are shaped for 200 candidates, on every target.
+    version = publish(bundle, tmp_path / "repo")
+    config = (tmp_path / "repo" / "ranker" / "config.pbtxt").read_text(encoding="utf-8")
+    assert _WARMUP_CANDIDATES.findall(config) == ["200", "200"]
+    for target in ("gpu", "gpu-onnx", "gpu-torch"):
+        assert _WARMUP_CANDIDATES.findall(config_for_bundle(target, manifest)) == ["200", "200"], target
+    assert canary_inputs(version_dir(tmp_path / "repo", "ranker", version) / "bundle")["CANDIDATES"].shape[1] == 200
+
+
+def test_the_clis_default_candidates_is_the_training_apis() -> None:
+    assert DEFAULT_CANDIDATES == TrainConfig().num_candidates == 100
+
+
+@pytest.mark.parametrize("command", ["train", "up"])
+@pytest.mark.parametrize("value", ["0", "-3", "many", "2.5", ""])
+def test_candidates_must_be_a_positive_integer(command: str, value: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--candidates", value])
+    assert exit_.value.code == 2
+    line = _one_error_line(capsys.readouterr().err,
+                           f"recsvc {command}: argument --candidates: expected a positive integer, got {value!r}")
+    assert line.endswith(f"(see recsvc {command} --help)")
+
+
+def test_more_candidates_than_items_is_refused_and_the_default_fits_a_small_catalog(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "bundle"
+    small = ["train", "--dataset", "synthetic", "--synthetic-users", "50", "--synthetic-items", "80", "--epochs", "1",
+             "--ranker-epochs", "1", "--no-holdout", "--out", str(out)]  # fmt: skip
+    assert main([*small, "--candidates", "81"]) == 2
+    _one_error_line(capsys.readouterr().err, "recsvc train: --candidates 81: more than the 80 items of synthetic; "
+                                             "choose at most 80")  # fmt: skip
+    assert not out.exists()                     # refused before training
+    assert main(small) == 0                     # unset: 100 would not fit, the whole catalog does
+    assert read_manifest(out).num_candidates == 80
 
 
 # -------------------------------------------------------------------------------------------- client

@@ -1,16 +1,21 @@
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
+import pytest
 import torch
 
 from recsvc.bundle import PADDING_SCORE
+from recsvc.errors import ConfigError
 from recsvc.offline.data import Dataset
 from recsvc.offline.models import RankerNet, RetrievalNet
 from recsvc.offline.models.export import export_query_encoder, export_ranker
-from recsvc.offline.models.train import Trained, history_matrix
+from recsvc.offline.models.train import TrainConfig, Trained, history_matrix, train, write_bundle
+from tests.conftest import TINY_CONFIG
 
 
 def test_history_matrix_left_pads_and_keeps_newest() -> None:
@@ -90,3 +95,19 @@ def test_untrained_ranker_reproduces_retrieval_order() -> None:
     with torch.no_grad():
         expected = retrieval(hist) @ retrieval.item_vectors().T
         torch.testing.assert_close(ranker(hist, cand), expected)
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.5, True, None])
+def test_num_candidates_must_be_a_positive_integer(bad: Any) -> None:
+    with pytest.raises(ConfigError, match="num_candidates must be a positive integer"):
+        TrainConfig(num_candidates=bad)
+
+
+def test_num_candidates_may_be_the_whole_catalog_but_no_more(tiny_dataset: Dataset, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"num_candidates \(121\) cannot exceed the catalog's 120 items"):
+        train(tiny_dataset, replace(TINY_CONFIG, num_candidates=121), progress=False)
+    config = replace(TINY_CONFIG, num_candidates=120, retrieval_epochs=1, ranker_epochs=1)
+    manifest = write_bundle(train(tiny_dataset, config, progress=False), tiny_dataset, tmp_path)
+    assert manifest.num_candidates == 120
+    with np.load(tmp_path / "samples.npz") as samples:
+        assert samples["CANDIDATES"].shape[1] == 120
