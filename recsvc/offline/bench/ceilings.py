@@ -59,7 +59,7 @@ def faiss_ceiling(settings: Settings, duration_s: float, *, seed: int = 0) -> di
 
         assert isinstance(bundle.retriever, IndexRetriever)
         backend = bundle.retriever.backend
-        k = min(settings.num_candidates, backend.ntotal)
+        k = min(settings.num_candidates or bundle.manifest.num_candidates, backend.ntotal)   # 0: the bundle's C
         rng = np.random.default_rng(seed)
         queries = _queries(bundle, 4096, rng)
         out: dict[str, Any] = {"version": version, "items": backend.ntotal, "k": k,
@@ -94,7 +94,7 @@ async def triton_ceiling(settings: Settings, levels: list[Level], *, seed: int =
     version, directory = served_version(settings)
     manifest = read_manifest(directory / "bundle")
     rng = np.random.default_rng(seed)
-    c = min(settings.num_candidates, manifest.num_candidates)
+    c = min(settings.num_candidates or manifest.num_candidates, manifest.num_candidates)    # 0: the bundle's C
     history = rng.integers(0, manifest.num_items, size=(1, manifest.history_len), dtype=np.int64)
     candidates = rng.integers(0, manifest.num_items, size=(1, c), dtype=np.int64)
     # The served model's candidate dimension is fixed (the bundle's C): pad as the service does.
