@@ -39,7 +39,7 @@ class Settings:
     # --- gRPC server ---
     host: str = "127.0.0.1"                  # address the gRPC server listens on (0.0.0.0: every interface)
     port: int = 50051                        # gRPC port (0: pick a free one; `recsvc serve --port-file F` writes it)
-    workers: int = 1                         # server processes sharing the port (SO_REUSEPORT); >1 needs Redis
+    workers: int = 1                         # server processes sharing the port (SO_REUSEPORT)
     # Let other processes bind the same port (SO_REUSEPORT) and share its connections. Off, so a second
     # server on a taken port fails instead of silently taking half its traffic; workers > 1 turns it on
     # for its own workers.
@@ -75,6 +75,10 @@ class Settings:
     # Invalidation subscriber: PING after this long without traffic; no PONG within redis_timeout_s means
     # a dead (e.g. half-open) connection: reconnect and clear L1, since invalidations may have been missed.
     invalidation_ping_s: float = 1.0
+    # Processes sharing one SQLite store (workers > 1, or servers on one port with reuse_port) read which
+    # users the others changed this often and drop those from their L1: the most a history served by one
+    # process can lag a write made through another.
+    sqlite_poll_s: float = 0.1
 
     # --- history: caches ---
     l1_policy: str = "tinylfu"               # lru | tinylfu (admission-filtered LRU)
@@ -166,8 +170,14 @@ class Settings:
         if self.l2_backend != "auto":
             return self.l2_backend
         if self.history_store == "sqlite":
-            return "memory"
+            # A process-local L2 beside several processes' L1s would be one more copy to keep coherent.
+            return "none" if self.shares_sqlite else "memory"
         return "none" if self.redis_cluster else "redis"
+
+    @property
+    def shares_sqlite(self) -> bool:
+        """Whether other processes write the same SQLite store (workers, or servers sharing a port)."""
+        return self.history_store == "sqlite" and (self.workers > 1 or self.reuse_port)
 
     def with_overrides(self, **overrides: Any) -> Settings:
         """Return a copy with ``overrides`` applied (unknown keys rejected, values coerced)."""
@@ -282,9 +292,13 @@ def _validate(s: Settings) -> None:
     if not 0 < s.invalidation_ping_s <= 60:
         # It bounds how long a dead subscription goes unnoticed (plus redis_timeout_s).
         raise ConfigError(f"setting 'invalidation_ping_s' must be in (0, 60] seconds, got {s.invalidation_ping_s}")
-    if s.workers > 1 and s.history_store != "redis":
-        # Each worker has its own L1: only through Redis do they share histories and hear each other's writes.
-        raise ConfigError(f"workers={s.workers} needs history_store=redis (the embedded store serves one process)")
+    if s.shares_sqlite and s.l2_backend == "memory":
+        # Other processes' writes reach L1 through the store's change feed; a process-local L2 would hand
+        # the stale history straight back.
+        raise ConfigError("l2_backend=memory cannot be used with a SQLite store shared by several processes "
+                          "(workers > 1 or reuse_port); use none or auto")  # fmt: skip
+    if not 0 < s.sqlite_poll_s <= 60:
+        raise ConfigError(f"setting 'sqlite_poll_s' must be in (0, 60] seconds, got {s.sqlite_poll_s}")
     for name in ["grace_s", "request_timeout_s", "triton_timeout_s", "redis_timeout_s", "l1_ttl_s",
                  "negative_ttl_s", "l2_ttl_s", "deny_poll_s", "rollout_ready_timeout_s"]:  # fmt: skip
         if not getattr(s, name) > 0:

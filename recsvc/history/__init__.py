@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from recsvc.history.coherence import Invalidator, LocalInvalidator, RedisInvalidator
+from recsvc.history.coherence import Invalidator, LocalInvalidator, RedisInvalidator, StoreChangeFeed
 from recsvc.history.l2 import L2Read, MemoryTier, RedisTier, SharedTier
 from recsvc.history.redis_store import RedisHistoryStore
 from recsvc.history.sqlite import SqliteHistoryStore
@@ -21,5 +21,6 @@ __all__ = [
     "RedisTier",
     "SharedTier",
     "SqliteHistoryStore",
+    "StoreChangeFeed",
     "TieredHistory",
 ]

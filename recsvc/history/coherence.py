@@ -1,7 +1,11 @@
 """Coherence across replicas: an event recorded by one process drops that user's L1 entry everywhere.
 
-Invalidations travel over Redis pub/sub. Classic pub/sub messages reach every node of a Redis Cluster,
-so one plain connection to any node suffices there too. Delivery is at most once: a replica that loses
+With a SQLite store shared by several processes (workers on one machine), each process reads the
+store's own change feed (``StoreChangeFeed``): the events table's sequence numbers say which users
+changed since it last looked, whoever wrote them.
+
+Over Redis, invalidations travel over pub/sub. Classic pub/sub messages reach every node of a Redis
+Cluster, so one plain connection to any node suffices there too. Delivery is at most once: a replica that loses
 its subscription clears its whole L1 when it reconnects (it may have missed messages), and the L1 TTL
 bounds staleness even if that were to fail. A subscription that merely goes silent (a half-open
 connection) counts as lost once a PING goes unanswered (``RedisInvalidator``).
@@ -14,7 +18,7 @@ import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol
 
 import orjson
@@ -23,7 +27,7 @@ from recsvc.errors import Unavailable
 from recsvc.redis_conn import REDIS_ERRORS, redis_client
 from recsvc.tasks import cancel_and_wait
 
-__all__ = ["CHANNEL", "Invalidator", "LocalInvalidator", "RedisInvalidator", "SubscriptionLost"]
+__all__ = ["CHANNEL", "Invalidator", "LocalInvalidator", "RedisInvalidator", "StoreChangeFeed", "SubscriptionLost"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +54,61 @@ class LocalInvalidator:
 
     async def close(self) -> None:
         """Nothing to do."""
+
+
+class StoreChangeFeed:
+    """Polls a shared store for users changed by anyone, every ``poll_s``; ``publish`` has nothing to do.
+
+    ``changed_since(seq)`` returns (the sequence number read up to, the users changed after ``seq``). It
+    is durable and ordered, so nothing is missed across errors: a failed poll is retried from the same
+    number. Its own process's writes come back too and drop entries that ``record`` had just refreshed
+    (one more store read for that user): the price of needing no writer id in the events.
+    """
+
+    def __init__(self, changed_since: Callable[[int], Awaitable[tuple[int, list[str]]]],
+                 on_invalidate: Callable[[list[str]], None], *, start: int, poll_s: float) -> None:  # fmt: skip
+        self._changed_since = changed_since
+        self._on_invalidate = on_invalidate
+        self._seq = start
+        self._poll_s = poll_s
+        self._task: asyncio.Task[None] | None = None
+        self.received = 0
+        self.errors = 0
+
+    def start(self) -> None:
+        """Begin polling (the owner awaits ``close``)."""
+        self._task = asyncio.create_task(self._poll(), name="recsvc-store-changes")
+
+    async def poll_once(self) -> list[str]:
+        """Read the changes since the last poll and drop those users; return them."""
+        users: list[str] = []
+        while True:
+            seq, batch = await self._changed_since(self._seq)
+            if seq == self._seq:
+                break
+            self._seq = seq
+            users += batch
+        if users:
+            users = list(dict.fromkeys(users))
+            self.received += len(users)
+            self._on_invalidate(users)
+        return users
+
+    async def _poll(self) -> None:
+        while True:
+            await asyncio.sleep(self._poll_s)
+            try:
+                await self.poll_once()
+            except Unavailable as exc:
+                self.errors += 1
+                log.warning("could not read the store's changes (retrying from the same point): %s", exc)
+
+    async def publish(self, user_ids: Sequence[str]) -> None:
+        """See Invalidator: the write itself is the announcement."""
+
+    async def close(self) -> None:
+        """See Invalidator."""
+        await cancel_and_wait(self._task)
 
 
 class SubscriptionLost(Exception):

@@ -69,6 +69,9 @@ class SqliteHistoryStore:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
+        # Several processes may write (workers): a writer waits for another's transaction instead of
+        # failing at once with SQLITE_BUSY.
+        conn.execute("PRAGMA busy_timeout=5000")
         # One IMMEDIATE transaction: two processes opening an old database at once must not both add the
         # column (the second ALTER would fail with "duplicate column name").
         conn.execute("BEGIN IMMEDIATE")
@@ -158,6 +161,27 @@ class SqliteHistoryStore:
                 "SELECT user_id, COUNT(*) AS n FROM events GROUP BY user_id ORDER BY n DESC, user_id LIMIT ?", (n,)
             )
             return [(row[0], int(row[1])) for row in cur]
+
+        return await self._run(query)
+
+    async def last_seq(self) -> int:
+        """The newest event's sequence number (0 when empty): where a change feed starts."""
+        row = await self._run(lambda: self._db.execute("SELECT COALESCE(MAX(seq), 0) FROM events").fetchone())
+        return int(row[0])
+
+    async def changed_since(self, seq: int, limit: int = 10_000) -> tuple[int, list[str]]:
+        """Users with events after ``seq`` (whoever wrote them), and the sequence number read up to.
+
+        seq is AUTOINCREMENT: never reused, so a reader that keeps the returned number misses nothing.
+        At most ``limit`` events per call; the caller asks again from the returned number.
+        """
+
+        def query() -> tuple[int, list[str]]:
+            rows = self._db.execute("SELECT seq, user_id FROM events WHERE seq > ? ORDER BY seq LIMIT ?",
+                                    (seq, limit)).fetchall()  # fmt: skip
+            if not rows:
+                return seq, []
+            return int(rows[-1][0]), list(dict.fromkeys(user for _, user in rows))
 
         return await self._run(query)
 

@@ -27,7 +27,7 @@ from typing import Any
 from cachetools import Cache, LRUCache, TTLCache
 
 from recsvc.domain import Event, History
-from recsvc.history.coherence import Invalidator, LocalInvalidator, RedisInvalidator
+from recsvc.history.coherence import Invalidator, LocalInvalidator, RedisInvalidator, StoreChangeFeed
 from recsvc.history.l2 import SharedTier
 from recsvc.history.store import HistoryStore
 
@@ -262,6 +262,8 @@ class TieredHistory:
             inv = self.invalidator
             out["invalidations"] = {"published": inv.published, "received": inv.received, "errors": inv.errors,
                                     "lost": inv.lost, "resets": inv.resets}  # fmt: skip
+        if isinstance(self.invalidator, StoreChangeFeed):
+            out["invalidations"] = {"received": self.invalidator.received, "errors": self.invalidator.errors}
         out["prefetch"] = {"used": self.prefetch_used}
         return out
 

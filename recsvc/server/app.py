@@ -25,6 +25,7 @@ from recsvc.history import (
     RedisTier,
     SharedTier,
     SqliteHistoryStore,
+    StoreChangeFeed,
     TieredHistory,
 )
 from recsvc.history.tiers import history_size
@@ -122,6 +123,12 @@ async def open_history(settings: Settings, store: HistoryStore) -> TieredHistory
         except BaseException:
             await history.close()
             raise
+    elif settings.shares_sqlite and isinstance(store, SqliteHistoryStore):
+        # Other processes write the same file: read its change feed from its newest event on.
+        feed = StoreChangeFeed(store.changed_since, history.invalidate_local, start=await store.last_seq(),
+                               poll_s=settings.sqlite_poll_s)  # fmt: skip
+        history.invalidator = feed
+        feed.start()
     return history
 
 

@@ -3,8 +3,8 @@
 One Python process serves gRPC on one core (the GIL), so a pod with several cores runs several
 processes. They bind the same port with SO_REUSEPORT (``reuse_port``, which the supervisor sets for
 them alone: a lone server keeps it off, so a taken port is an error) and the kernel spreads connections
-across them. They share histories and invalidations through Redis, which is
-why config refuses ``workers`` > 1 with the embedded store.
+across them. They share the history store: Redis (invalidations over pub/sub) or the embedded SQLite
+file (each worker reads its change feed, ``StoreChangeFeed``).
 
 The supervisor (this module, the process the container starts):
 * starts the workers as ``recsvc serve`` child processes and restarts one that dies (with a pause);

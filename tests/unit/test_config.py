@@ -51,7 +51,8 @@ def test_unknown_override_rejected() -> None:
         ({"RECSVC_INDEX_NPROBE": "-1"}, "'index_nprobe' must be >= 0"),
         ({"RECSVC_INDEX_TARGET_RECALL": "1.5"}, "index_target_recall"),
         ({"RECSVC_METRICS_PORT": "70000"}, "'metrics_port' must be in 0..65535"),
-        ({"RECSVC_WORKERS": "2"}, "workers=2 needs history_store=redis"),
+        ({"RECSVC_WORKERS": "2", "RECSVC_L2_BACKEND": "memory"}, "l2_backend=memory cannot be used with a SQLite"),
+        ({"RECSVC_SQLITE_POLL_S": "0"}, "'sqlite_poll_s' must be in"),
         ({"RECSVC_REPOSITORY_POLL_S": "-1"}, "repository_poll_s"),
         ({"RECSVC_DRAIN_DELAY_S": "-1"}, "'drain_delay_s' must be in 0..600"),
         ({"RECSVC_DRAIN_DELAY_S": "nan"}, "'drain_delay_s' must be in 0..600"),
@@ -125,3 +126,12 @@ def test_cli_reports_an_unknown_setting_in_one_line(
     assert main(["deny", "list", "--data-dir", str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "unknown setting 'RECSVC_PROT'" in err[0] and "RECSVC_PORT" in err[0], err
+
+
+def test_workers_share_the_embedded_store_without_a_local_l2() -> None:
+    single = load_settings({})
+    assert not single.shares_sqlite and single.resolved_l2() == "memory"
+    for env in ({"RECSVC_WORKERS": "2"}, {"RECSVC_REUSE_PORT": "1"}):
+        shared = load_settings(env)
+        assert shared.shares_sqlite and shared.resolved_l2() == "none"
+    assert not load_settings({"RECSVC_WORKERS": "2", "RECSVC_HISTORY_STORE": "redis"}).shares_sqlite
