@@ -334,8 +334,9 @@ def _stack(settings: Settings, *, start: bool, log_dir: Path) -> Iterator[tuple[
         log = log_dir / "server.log"
         env = {**os.environ, "RECSVC_METRICS_PORT": str(metrics_port)}
         with log.open("wb") as fh:
+            # A fixed free port rather than 0: workers (RECSVC_WORKERS > 1) share one port.
             procs.append(subprocess.Popen(
-                [sys.executable, "-m", "recsvc.cli", "--log-format", "json", "serve", "--port", "0",
+                [sys.executable, "-m", "recsvc.cli", "--log-format", "json", "serve", "--port", str(_free_port()),
                  "--port-file", str(port_file)], env=env, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True,
             ))  # fmt: skip
         port = _wait_for(port_file, procs[-1], "recsvc serve", log)
