@@ -98,6 +98,7 @@ class IndexRetriever:
         self.set_denied(())
         # One thread: the backend is searched from nowhere else (GPU indexes are not thread-safe).
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="search")
+        self._closed = False
         self._stats = RetrievalStats()
         self.batch_sizes: Counter[int] = Counter()      # rows per index search -> how many searches
         log.info("retriever: %d items on %s (%s)", n, backend.device, "exact" if meta is None else meta.spec.kind)
@@ -135,6 +136,8 @@ class IndexRetriever:
         self, queries: npt.NDArray[np.float32], n: int, exclude: Sequence[npt.NDArray[np.int64]]
     ) -> Candidates:
         """See Retriever."""
+        if self._closed:
+            raise Unavailable("the retriever is closed")      # retryable: a newer bundle serves the retry
         q = np.ascontiguousarray(queries, dtype=np.float32)
         rows = len(q)
         if rows != len(exclude):
@@ -188,7 +191,8 @@ class IndexRetriever:
         return out
 
     async def close(self) -> None:
-        """Stop the search thread once its search finishes (waited for off the loop)."""
+        """Refuse new searches, stop the search thread once its search finishes (waited for off the loop)."""
+        self._closed = True
         await asyncio.to_thread(self._executor.shutdown, wait=True)
         self._backend.close()
 
