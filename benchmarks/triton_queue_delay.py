@@ -8,9 +8,9 @@ Needs a running Triton with the served version loaded (`recsvc triton`, or `make
 asyncio callers send requests back to back for --seconds, two ways:
 
 * ``raw``: one row per request (HISTORY [1, L], CANDIDATES [1, C]), as a client without its own batching;
-* ``recsvc``: through recsvc's BatchingRanker over TritonRanker (the served path: concurrent calls leave
-  as one request of many rows; no timer), so Triton's batcher only merges what several recsvc
-  processes send at once.
+* ``batched``: requests of --rows rows (default 8) through recsvc's TritonRanker, as the batch-first
+  pipeline sends a batch's candidates in one call; C callers stand for C recsvc processes, and
+  Triton's batcher only merges what they send at once.
 
 Delays are interleaved in every repetition; the median per (delay, way, concurrency) is reported, and
 the shipped config is loaded again at the end.
@@ -30,7 +30,7 @@ import numpy as np
 from recsvc.bundle import read_manifest
 from recsvc.config import load_settings
 from recsvc.offline.bench.ceilings import served_version
-from recsvc.ranking import BatchingRanker, TritonRanker
+from recsvc.ranking import TritonRanker
 
 
 async def _load(client: Any, model: str, config: dict[str, Any], delay_us: int) -> None:
@@ -62,6 +62,7 @@ async def main() -> None:
     p.add_argument("--concurrency", default="1,16,64")
     p.add_argument("--seconds", type=float, default=4.0)
     p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--rows", type=int, default=8, help="rows per batched request (default 8)")
     args = p.parse_args()
     delays = [int(x) for x in args.delays.split(",")]
     levels = [int(x) for x in args.concurrency.split(",")]
@@ -72,13 +73,13 @@ async def main() -> None:
     hist = rng.integers(0, manifest.num_items, (1, manifest.history_len), dtype=np.int64)
     cands = rng.integers(0, manifest.num_items, (1, manifest.num_candidates), dtype=np.int64)
     triton = TritonRanker.from_settings(settings, timeout_s=5.0)
-    batching = BatchingRanker(triton, max_batch=64, max_wait_us=0)
+    rows_hist, rows_cands = np.repeat(hist, args.rows, axis=0), np.repeat(cands, args.rows, axis=0)
     client = triton.channel.client()
     model = settings.triton_model
     shipped = await client.get_model_config(model, as_json=True)
     config = shipped["config"]
     ways = {"raw": lambda h, c: triton.score(h, c, version=str(version)),
-            "recsvc": lambda h, c: batching.score(h, c, version=str(version))}
+            "batched": lambda h, c: triton.score(rows_hist, rows_cands, version=str(version))}
     runs: dict[tuple[int, str, int], list[dict[str, float]]] = {}
     try:
         for _ in range(args.reps):
@@ -90,7 +91,6 @@ async def main() -> None:
                         runs.setdefault((delay, way, c), []).append(await _run(score, c, args.seconds, hist, cands))
     finally:
         await client.load_model(model, config=json.dumps(config))
-        await batching.close()
         await triton.close()
     print(f"| way | concurrency | {' | '.join(f'delay {d} us: calls/s, p50 / p99 ms' for d in delays)} |")
     print("|---|---|" + "---|" * len(delays))

@@ -1,12 +1,14 @@
-"""Coalescing concurrent calls into batches: the one mechanism behind the search and ranking queues.
+"""Coalescing concurrent calls into batches: the one mechanism behind the pipeline's batches.
 
-FAISS and Triton both answer one call of 64 rows far faster than 64 calls of one row. So callers
-``submit`` their rows to a queue; one runner task takes the first waiting item, gathers more for at
-most ``max_wait_us`` or until ``max_rows`` rows (items with the same key only: e.g. one model version
-per Triton call), hands the batch to ``handle`` once, and gives each caller its own result. A caller
-that was cancelled meanwhile is skipped; a failed batch fails exactly its callers. Up to
-``max_in_flight`` batches run at once (the next one forms while the current one computes). Batch sizes
-are counted for metrics.
+The encoder, FAISS and Triton all answer one call of 64 rows far faster than 64 calls of one row, and
+per-call Python overhead is what saturates the event loop. So callers ``submit`` their items to a queue;
+one runner task takes the first waiting item, gathers more for at most ``max_wait_us`` (0: no timer,
+just what is already queued) or until ``max_rows`` rows (items with the same key only: e.g. one serving
+bundle per batch), hands the batch to ``handle`` once, and gives each caller its own result. ``handle``
+may also settle a caller before the batch ends (``answer(i, result)``: e.g. one whose deadline share ran
+out); the batch goes on for the others. A caller that was cancelled meanwhile is skipped; a failed batch
+fails exactly its callers. Up to ``max_in_flight`` batches run at once; with 1, whatever arrives while a
+batch runs forms the next one. Batch sizes are counted for metrics.
 
 No caller waits forever: whatever ends a batch (its result, its error, its task being cancelled before or
 while it runs) resolves every caller in it, and whatever ends the runner (``close``, a cancellation, a
@@ -48,12 +50,19 @@ class _Pending(Generic[T, R]):
     future: asyncio.Future[R]
 
 
+Answer = Callable[[int, R], None]
+
+
 class Coalescer(Generic[T, R]):
-    """Batches ``submit(item)`` calls into ``handle(items) -> results`` calls (one result per item)."""
+    """Batches ``submit(item)`` calls into ``handle(items, answer) -> results`` calls (one result per item).
+
+    ``answer(i, result)`` settles the caller of ``items[i]`` at once; its entry in the returned results
+    is then ignored.
+    """
 
     def __init__(
         self,
-        handle: Callable[[Sequence[T]], Awaitable[Sequence[R]]],
+        handle: Callable[[Sequence[T], Answer[R]], Awaitable[Sequence[R]]],
         *,
         max_rows: int,
         max_wait_us: int,
@@ -171,8 +180,13 @@ class Coalescer(Generic[T, R]):
         return [p for p in batch if not p.future.cancelled()]
 
     async def _dispatch(self, live: list[_Pending[T, R]]) -> None:
+        def answer(i: int, result: R) -> None:
+            future = live[i].future
+            if not future.done():
+                future.set_result(result)
+
         try:
-            results = await self._handle([p.item for p in live])
+            results = await self._handle([p.item for p in live], answer)
         except Exception as exc:  # noqa: BLE001 - every caller of this batch gets the error
             for p in live:
                 if not p.future.done():

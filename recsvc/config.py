@@ -105,8 +105,9 @@ class Settings:
     # default 100), which is also the most allowed: a larger value is refused when a version loads. The
     # ranker always scores C slots (fewer candidates are padded), so a lower value saves retrieval only.
     num_candidates: int = 0
-    search_max_batch: int = 64               # rows per coalesced FAISS search
-    search_max_wait_us: int = 200            # longest a search waits for company
+    # Requests per pipeline batch (one encoder, search and Triton call each). No timer: one batch runs at a
+    # time and whatever arrives meanwhile is the next one, up to this many.
+    max_batch: int = 64
 
     # --- retrieval index (built by `recsvc build-index`, or at load when a version has none) ---
     index_kind: str = "auto"                 # auto | flat | ivf_flat | ivf_pq | hnsw | cagra
@@ -129,8 +130,6 @@ class Settings:
     rollout_ready_timeout_s: float = 120.0   # publish/rollback: longest wait for Triton to report a version ready
 
     # --- ranking (Triton) ---
-    rank_max_batch: int = 64                 # >1: coalesce concurrent ranker calls (1: Triton's dynamic batcher alone)
-    rank_max_wait_us: int = 0                # 0: no timer; calls arriving while one is in flight leave together
     # Deadline shares: a stage may take this share of the time the request has left when it starts (rank:
     # at most triton_timeout_s too). Past it the answer falls back and is flagged degraded: history -> the
     # context items, else popular items; rank -> retrieval order. The rest stays for the later stages.
@@ -261,15 +260,12 @@ def _validate(s: Settings) -> None:
     positive = [
         "max_k", "default_k", "max_exclude", "max_context", "max_id_len", "max_events_per_call", "history_len",
         "history_keep", "l1_max_entries", "l1_max_bytes", "vector_cache_entries",
-        "prefetch_queue", "prefetch_workers", "search_max_batch", "workers", "index_flat_max_items",
-        "index_hnsw_m", "index_recall_k", "rank_max_batch", "vector_cache_bytes", "l2_max_entries", "l2_max_bytes",
+        "prefetch_queue", "prefetch_workers", "max_batch", "workers", "index_flat_max_items",
+        "index_hnsw_m", "index_recall_k", "vector_cache_bytes", "l2_max_entries", "l2_max_bytes",
     ]  # fmt: skip
     for name in positive:
         if getattr(s, name) <= 0:
             raise ConfigError(f"setting {name!r} must be > 0, got {getattr(s, name)}")
-    for name in ["search_max_wait_us", "rank_max_wait_us"]:
-        if getattr(s, name) < 0:
-            raise ConfigError(f"setting {name!r} must be >= 0, got {getattr(s, name)}")
     for name in ["index_nlist", "index_nprobe", "index_pq_m", "index_ef_search"]:
         if getattr(s, name) < 0:
             raise ConfigError(f"setting {name!r} must be >= 0 (0: automatic), got {getattr(s, name)}")

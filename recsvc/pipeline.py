@@ -3,6 +3,15 @@
 The pipeline speaks plain dataclasses and numpy arrays; gRPC, FAISS and Triton stay behind their modules.
 Each request takes one reference to the active ServingBundle when it starts, so a version switch is
 atomic and a request never mixes a ranker version with another version's item index.
+
+Requests are served in batches: each request looks its history up on its own (a cache hit awaits
+nothing; a miss waits for the store within its own share of the deadline, so a slow store never holds
+up the cached requests), then joins a queue (recsvc.coalesce). One batch runs at a time; whatever
+arrives while it runs forms the next one, so at concurrency 1 nobody waits and under load batches grow
+by themselves. A batch does query encoding, search, filtering, ranking and top-k as numpy work over all
+its rows: one encoder call (for the rows whose vector is not cached), one search, one ranker call. Per
+request Python objects and awaits are what saturated the event loop: a batch of 64 costs about what a
+handful of single requests did.
 """
 
 from __future__ import annotations
@@ -25,6 +34,7 @@ from onnxruntime.capi import onnxruntime_pybind11_state as _ort_state
 
 from recsvc.bundle import Manifest, load_array
 from recsvc.catalog import Catalog
+from recsvc.coalesce import Answer, Coalescer
 from recsvc.config import Settings
 from recsvc.domain import Event, History, Recommendation, RecommendQuery, ScoredItem
 from recsvc.errors import BundleError, ConfigError, RankerUnavailable, RecsvcError, Unavailable
@@ -36,7 +46,7 @@ from recsvc.ranking import Ranker
 from recsvc.repository.publishing import verify_version
 from recsvc.retrieval import Retriever, open_retriever
 from recsvc.retrieval.query_encoder import QueryEncoder
-from recsvc.telemetry import DEGRADED, set_build_info, stage
+from recsvc.telemetry import DEGRADED, record_stages, set_build_info, stage
 
 __all__ = ["DEGRADED_REASONS", "Pipeline", "ServingBundle", "load_serving_bundle"]
 
@@ -185,9 +195,9 @@ DEGRADED_REASONS: dict[str, str] = {
 # degrades every request, and the log must not grow by a warning per request.
 DEGRADED_LOG_INTERVAL_S = 10.0
 
-# Bytes of one vector cache entry besides its arrays: the _UserQuery, three ndarray headers, the key tuple
+# Bytes of one vector cache entry besides its arrays: the _UserQuery, four ndarray headers, the key tuple
 # and its strings, the cache's own bookkeeping (measured with sys.getsizeof, rounded up).
-_ENTRY_OVERHEAD_BYTES = 800
+_ENTRY_OVERHEAD_BYTES = 900
 
 
 @dataclass
@@ -195,22 +205,18 @@ class _UserQuery:
     """One user's history as one bundle sees it; cached per (user, history version, index version).
 
     Compact on purpose (review: 100k entries of 1000-id histories held as a list plus a frozenset of
-    Python ints reached ~7 GB): the dense ids are one int32 array, 4 bytes an id instead of ~70. The
-    exclusion set is built per request from it (~35 us for 1000 ids, nothing for short histories).
+    Python ints reached ~7 GB): dense ids are int32 arrays, 4 bytes an id instead of ~70.
     """
 
-    ids: npt.NDArray[np.int32]                      # dense ids, oldest first
+    seen: npt.NDArray[np.int32]                     # every dense id of the history, sorted, unique: excluded
+    recent: npt.NDArray[np.int32]                   # the newest history_len dense ids, oldest first
     hist: npt.NDArray[np.int64]                     # HISTORY [1, L] for the models
     vector_nbytes: int                              # what ``vector`` holds once filled (counted up front)
-    vector: npt.NDArray[np.float32] | None = None   # the query vector of the history alone
+    vector: npt.NDArray[np.float32] | None = None   # the query vector of the history alone [1, dim]
 
     def nbytes(self) -> int:
         """Bytes this entry holds (what the vector cache's byte bound counts)."""
-        return _ENTRY_OVERHEAD_BYTES + self.ids.nbytes + self.hist.nbytes + self.vector_nbytes
-
-    def seen(self) -> frozenset[int]:
-        """The ids as a set, for the retriever's exclusions."""
-        return frozenset(self.ids.tolist())
+        return _ENTRY_OVERHEAD_BYTES + self.seen.nbytes + self.recent.nbytes + self.hist.nbytes + self.vector_nbytes
 
 
 class _Deadline:
@@ -229,6 +235,22 @@ class _Deadline:
         return min(cap, self.remaining() * fraction)
 
 
+@dataclass(eq=False)
+class _Request:
+    """One Recommend inside a batch: what it asked, what its history gave, and what fell back so far."""
+
+    query: RecommendQuery
+    bundle: ServingBundle
+    deadline: _Deadline
+    user: _UserQuery
+    context: list[int]                              # dense ids of the items on screen
+    kinds: list[str]                                # degraded kinds, in stage order
+    fallbacks: list[str]                            # their reason texts
+    # (stage, start, end) in perf_counter seconds: the batch's stages, recorded in the request's context.
+    stages: list[tuple[str, float, float]] = field(default_factory=list)
+    answered: bool = False                          # settled before its batch ended (rank share ran out)
+
+
 class Pipeline:
     """Recommend and RecordEvents over the history cache, the active bundle and the ranker.
 
@@ -237,7 +259,8 @@ class Pipeline:
     else the most popular items are served) and ranking (``rank_budget_share``, at most
     ``triton_timeout_s``; ranker down, too slow or returning non-finite scores: retrieval order). A
     fallback answer is flagged degraded with a fixed reason and counted in ``stats()["degraded"]`` and in
-    ``recsvc_degraded_responses_total``. Each stage is timed by ``telemetry.stage``.
+    ``recsvc_degraded_responses_total``. Each stage is timed (``telemetry.stage``; a batch's stages are
+    recorded for every request in it).
     Retrieval has no fallback: it is in-process, and if it overruns the deadline the server says so.
     """
 
@@ -268,6 +291,11 @@ class Pipeline:
             DEGRADED.labels(kind)           # every reason shows on /metrics, at 0 until it happens
         set_build_info(bundle.model_version, bundle.index_version)
         self._log_throttle = Throttle(DEGRADED_LOG_INTERVAL_S, clock=clock)
+        # One batch at a time, one bundle per batch (requests pinned to another one during a swap wait
+        # for the next); no timer: what queued while the last batch ran is the next batch.
+        self._batches: Coalescer[_Request, Recommendation | None] = Coalescer(
+            self._run_batch, max_rows=settings.max_batch, max_wait_us=0, key=lambda r: id(r.bundle), name="pipeline"
+        )
 
     @property
     def bundle(self) -> ServingBundle:
@@ -298,68 +326,222 @@ class Pipeline:
         """
         at = deadline if deadline is not None else self._clock() + self.settings.request_timeout_s
         with self._bundle.use() as bundle:      # one version for the whole request
-            return await self._recommend(bundle, query, _Deadline(at, self._clock))
+            request = await self._prepare(bundle, query, _Deadline(at, self._clock))
+            if isinstance(request, Recommendation):
+                return request
+            try:
+                rec = await self._batches.submit(request)
+            finally:
+                # In this request's context: its server-timing and its trace get the batch's stages.
+                record_stages(request.stages)
+            assert rec is not None      # None only for a request answered early, whose own answer this is
+            return rec
 
-    async def _recommend(self, bundle: ServingBundle, query: RecommendQuery, deadline: _Deadline) -> Recommendation:
-        # Each stage is timed by telemetry.stage: its histogram, the caller's server-timing, a tracing span.
-        fallbacks: list[str] = []          # reason texts, in stage order
-
-        # 1. history (within its share; if it cannot be read, the request goes on without it)
+    async def _prepare(
+        self, bundle: ServingBundle, query: RecommendQuery, deadline: _Deadline
+    ) -> _Request | Recommendation:
+        """Stage 1, per request: the history (within its share), or the popular answer when there is none."""
         with stage("history"):
-            history, kind = await self._history(query.user_id, deadline)
-        catalog = bundle.catalog
-        context_ids = catalog.dense(query.context_item_ids)
-        if history is None:
-            if not context_ids:
-                with stage("respond"):
-                    rec = self._popular_answer(bundle, query)
-                return self._answer(bundle, rec, [f"{DEGRADED_REASONS[kind]}: served popular items"], [kind])
-            fallbacks.append(f"{DEGRADED_REASONS[kind]}: served from the context items")
-            kinds = [kind]
-            user = self._empty_user(bundle)
-        else:
-            kinds = []
-            user = self._user_query(bundle, history)
+            history, kind = self.history.cached(query.user_id), ""
+            if history is None:
+                history, kind = await self._history(query.user_id, deadline)
+        context = bundle.catalog.dense(query.context_item_ids)
+        if history is not None:
+            return _Request(query, bundle, deadline, self._user_query(bundle, history), context, [], [])
+        if not context:
+            with stage("respond"):
+                items = self._popular_answer(bundle, query)
+            return self._answer(bundle, items, [f"{DEGRADED_REASONS[kind]}: served popular items"], [kind])
+        # The context items stand in for the history: the request goes on without it.
+        reasons = [f"{DEGRADED_REASONS[kind]}: served from the context items"]
+        return _Request(query, bundle, deadline, self._empty_user(bundle), context, [kind], reasons)
 
-        # 2. query: the history's newest items, then what is on screen, as the most recent context.
-        with stage("query"):
-            if context_ids:
-                # Depends on what is on screen: computed per request, never cached.
-                hist = self._history_matrix(bundle, [*user.ids.tolist(), *context_ids])
-                vector = await bundle.encoder.encode(hist)
-            else:
-                hist = user.hist
-                vector = await self._user_vector(bundle, user)
+    async def _run_batch(
+        self, batch: Sequence[_Request], answer: Answer[Recommendation | None]
+    ) -> list[Recommendation | None]:
+        """Stages 2-5 for a batch of requests on one bundle (the queue's key): one call of each model."""
+        bundle = batch[0].bundle
+        clock = time.perf_counter
+
+        # 2. query: the history's newest items, then what is on screen, as the most recent context. Only
+        # rows whose vector is not cached are encoded, all in one call.
+        started = clock()
+        hists, queries = await self._queries(bundle, batch)
+        encoded = clock()
 
         # 3. retrieve, never returning what the user has seen, what is on screen or what was excluded.
-        with stage("retrieve"):
-            seen = user.seen()
-            extra = set(context_ids) | set(catalog.dense(query.exclude_item_ids))
-            excluded = seen | extra if extra else seen
-            # Unset (0): the bundle's C. Never more: load_serving_bundle refuses that, min() covers a
-            # pipeline built by hand.
-            n = min(bundle.manifest.num_candidates, self.settings.num_candidates or bundle.manifest.num_candidates)
-            [(cand_ids, cand_scores)] = await bundle.retriever.search(vector, n, [excluded])
-            finite = np.isfinite(cand_scores)
-            if not finite.all():
-                # A damaged index or embeddings: such a score orders nothing and must never reach a client.
-                cand_ids, cand_scores = cand_ids[finite], cand_scores[finite]
-                self._note("nonfinite_retrieval", f"{int((~finite).sum())} non-finite retrieval scores", kinds,
-                           fallbacks)  # fmt: skip
+        # Unset (0): the bundle's C. Never more: load_serving_bundle refuses that, min() covers a pipeline
+        # built by hand.
+        n = min(bundle.manifest.num_candidates, self.settings.num_candidates or bundle.manifest.num_candidates)
+        ids, scores = await bundle.retriever.search(queries, n, [self._excluded(bundle, r) for r in batch])
+        valid = ids >= 0
+        bad = valid & ~np.isfinite(scores)
+        if bad.any():
+            # A damaged index or embeddings: such a score orders nothing and must never reach a client.
+            for i in np.flatnonzero(bad.any(axis=1)).tolist():
+                self._note(batch[i], "nonfinite_retrieval", f"{int(bad[i].sum())} non-finite retrieval scores")
+            valid &= ~bad
+            order = np.argsort(~valid, axis=1, kind="stable")        # the finite ones first, in order
+            ids = np.where(np.take_along_axis(valid, order, axis=1), np.take_along_axis(ids, order, axis=1), -1)
+            scores = np.take_along_axis(np.where(valid, scores, 0.0), order, axis=1).astype(np.float32)
+            valid = ids >= 0
+        retrieved = clock()
+        for r in batch:
+            r.stages += [("query", started, encoded), ("retrieve", encoded, retrieved)]
 
-        # 4. rank (candidates padded to the model's fixed C so Triton can batch requests together)
-        with stage("rank"):
-            scores = cand_scores
-            if len(cand_ids):
-                ranked = await self._rank(bundle, hist, cand_ids, deadline, kinds, fallbacks)
-                if ranked is not None:
-                    scores = ranked
+        # 4. rank (candidates padded to the model's fixed C); rows the ranker does not score keep the
+        # retrieval order. Padding sorts last.
+        final = np.where(valid, scores, np.float32(-np.inf))
+        ranked = await self._rank(bundle, batch, hists, ids, final, answer)
 
-        # 5. respond
-        with stage("respond"):
-            order = np.argsort(-scores, kind="stable")[: query.k]
-            items = [ScoredItem(catalog.sku(int(cand_ids[i])), float(scores[i])) for i in order]
-        return self._answer(bundle, items, fallbacks, kinds)
+        # 5. respond: one top-k over the [B, n] score matrix.
+        responding = clock()
+        order = np.argsort(-final, axis=1, kind="stable")
+        out: list[Recommendation | None] = []
+        for i, r in enumerate(batch):
+            if r.answered:
+                out.append(None)        # already answered alone; the queue ignores this entry
+                continue
+            r.stages += [("rank", retrieved, ranked), ("respond", responding, responding)]
+            out.append(self._respond(r, ids[i], final[i], order[i]))
+        done = clock()
+        for r in batch:
+            if not r.answered:
+                r.stages[-1] = ("respond", responding, done)
+        return out
+
+    async def _queries(
+        self, bundle: ServingBundle, batch: Sequence[_Request]
+    ) -> tuple[list[npt.NDArray[np.int64]], npt.NDArray[np.float32]]:
+        """Each request's model input [1, L] and the query vectors [B, dim], from one encoder call."""
+        hists: list[npt.NDArray[np.int64]] = []
+        queries = np.empty((len(batch), bundle.manifest.dim), dtype=np.float32)
+        rows: list[npt.NDArray[np.int64]] = []           # to encode
+        row_of: dict[int, int] = {}                      # request -> its row in ``rows`` (not cached)
+        fill: dict[int, tuple[_UserQuery, int]] = {}     # users whose cached vector the encoding fills
+        for i, r in enumerate(batch):
+            if r.context:
+                # Depends on what is on screen: encoded per request, never cached.
+                hist = self._history_matrix(bundle, [*r.user.recent.tolist(), *r.context])
+                row_of[i] = len(rows)
+                rows.append(hist)
+            elif r.user.vector is not None:
+                self.vector_hits += 1
+                hist = r.user.hist
+                queries[i] = r.user.vector[0]
+            else:
+                self.vector_misses += 1
+                hist = r.user.hist
+                pending = fill.get(id(r.user))
+                if pending is None:
+                    pending = fill[id(r.user)] = (r.user, len(rows))
+                    rows.append(hist)
+                row_of[i] = pending[1]
+            hists.append(hist)
+        if rows:
+            encoded = await bundle.encoder.encode(np.concatenate(rows))
+            for i, row in row_of.items():
+                queries[i] = encoded[row]
+            for user, row in fill.values():
+                user.vector = encoded[row : row + 1].copy()      # not a view that keeps the batch's array
+        return hists, queries
+
+    @staticmethod
+    def _excluded(bundle: ServingBundle, r: _Request) -> npt.NDArray[Any]:
+        """The request's excluded dense ids, sorted and unique: seen, on screen, excluded by the caller."""
+        extra = [*r.context, *bundle.catalog.dense(r.query.exclude_item_ids)]
+        return np.union1d(r.user.seen, np.asarray(extra, dtype=np.int64)) if extra else r.user.seen
+
+    async def _rank(
+        self, bundle: ServingBundle, batch: Sequence[_Request], hists: list[npt.NDArray[np.int64]],
+        ids: npt.NDArray[np.int64], final: npt.NDArray[np.float32], answer: Answer[Recommendation | None],
+    ) -> float:  # fmt: skip
+        """Put the ranker's scores into ``final`` (rows it scored); return when the stage ended.
+
+        One call for the batch. Each request waits within its own share of its deadline
+        (``rank_budget_share``, at most ``triton_timeout_s``): one whose share runs out is answered alone
+        in retrieval order, and the call goes on for the others (cancelled once nobody waits for it).
+        """
+        loop = asyncio.get_running_loop()
+        counts = (ids >= 0).sum(axis=1)
+        budgets: dict[int, float] = {}
+        for i, r in enumerate(batch):
+            if counts[i] == 0:
+                continue                    # nothing to rank
+            budget = r.deadline.share(self.settings.rank_budget_share, self.settings.triton_timeout_s)
+            if budget <= 0:
+                self._note(r, "ranker_timeout", "no time left for the rank stage")
+            else:
+                budgets[i] = budget
+        if not budgets:
+            return time.perf_counter()
+        rows = list(budgets)
+        candidates = np.full((len(rows), bundle.manifest.num_candidates), -1, dtype=np.int64)
+        candidates[:, : ids.shape[1]] = bundle.catalog.to_model(ids[rows])
+        history = np.concatenate([hists[i] for i in rows])
+        call = asyncio.ensure_future(self.ranker.score(history, candidates, version=bundle.model_version))
+        started = loop.time()
+        expiry = sorted(rows, key=lambda i: budgets[i])
+        try:
+            while expiry:
+                finished, _ = await asyncio.wait({call}, timeout=started + budgets[expiry[0]] - loop.time())
+                if finished:
+                    break
+                while expiry and started + budgets[expiry[0]] <= loop.time():
+                    self._answer_alone(batch, expiry.pop(0), ids, final, budgets, answer)
+        finally:
+            if not call.done():
+                call.cancel()           # nobody waits for it any more (or the batch itself was cancelled)
+        if not call.done() or call.cancelled():
+            return time.perf_counter()
+        waiting = [i for i in rows if not batch[i].answered]
+        try:
+            ranked = call.result()
+        except TimeoutError:
+            for i in waiting:
+                self._note(batch[i], "ranker_timeout", f"no scores within {budgets[i]:.3f} s")
+            return time.perf_counter()
+        except RankerUnavailable as exc:
+            for i in waiting:
+                self._note(batch[i], "ranker_unavailable", str(exc))
+            return time.perf_counter()
+        width = ids.shape[1]
+        for j, i in enumerate(rows):
+            if batch[i].answered:
+                continue
+            row = np.asarray(ranked[j, :width], dtype=np.float32)
+            count = counts[i]
+            if not np.isfinite(row[:count]).all():
+                bad = int((~np.isfinite(row[:count])).sum())
+                self._note(batch[i], "nonfinite_scores", f"model version {bundle.model_version}: {bad} of "
+                           f"{count} scores NaN or infinite")  # fmt: skip
+                continue
+            final[i, :count] = row[:count]
+        return time.perf_counter()
+
+    def _answer_alone(
+        self, batch: Sequence[_Request], i: int, ids: npt.NDArray[np.int64], final: npt.NDArray[np.float32],
+        budgets: dict[int, float], answer: Answer[Recommendation | None],
+    ) -> None:  # fmt: skip
+        """Answer request i now in retrieval order: its rank share ran out while the batch's call goes on."""
+        r = batch[i]
+        self._note(r, "ranker_timeout", f"no scores within {budgets[i]:.3f} s")
+        ranked = time.perf_counter()
+        r.stages.append(("rank", r.stages[-1][2], ranked))
+        order = np.argsort(-final[i], kind="stable")
+        rec = self._respond(r, ids[i], final[i], order)
+        r.stages.append(("respond", ranked, time.perf_counter()))
+        r.answered = True
+        answer(i, rec)
+
+    def _respond(
+        self, r: _Request, ids: npt.NDArray[np.int64], scores: npt.NDArray[np.float32], order: npt.NDArray[np.intp]
+    ) -> Recommendation:
+        """The request's top k of its row (``order``: the row's positions by score, padding last)."""
+        top = order[: min(r.query.k, int((ids >= 0).sum()))]
+        sku = r.bundle.catalog.sku
+        items = [ScoredItem(sku(i), s) for i, s in zip(ids[top].tolist(), scores[top].tolist(), strict=True)]
+        return self._answer(r.bundle, items, r.fallbacks, r.kinds)
 
     def _answer(
         self, bundle: ServingBundle, items: list[ScoredItem], reasons: list[str], kinds: list[str]
@@ -387,39 +569,9 @@ class Pipeline:
             self._log("history_unavailable", f"{type(exc).__name__}: {exc}")
             return None, "history_unavailable"
 
-    async def _rank(
-        self, bundle: ServingBundle, hist: npt.NDArray[np.int64], cand_ids: npt.NDArray[np.int64],
-        deadline: _Deadline, kinds: list[str], fallbacks: list[str],
-    ) -> npt.NDArray[np.float32] | None:  # fmt: skip
-        """The ranker's scores for the candidates, or None (noted as degraded) to serve retrieval order."""
-        budget = deadline.share(self.settings.rank_budget_share, self.settings.triton_timeout_s)
-        if budget <= 0:
-            self._note("ranker_timeout", "no time left for the rank stage", kinds, fallbacks)
-            return None
-        candidates = np.full((1, bundle.manifest.num_candidates), -1, dtype=np.int64)
-        candidates[0, : len(cand_ids)] = bundle.catalog.to_model(cand_ids)
-        try:
-            # A caller in a shared batch (BatchingRanker) gives up alone: cancelling its wait leaves the
-            # batch, and the other callers in it, untouched.
-            async with asyncio.timeout(budget):
-                ranked = await self.ranker.score(hist, candidates, version=bundle.model_version)
-        except TimeoutError:
-            self._note("ranker_timeout", f"no scores within {budget:.3f} s", kinds, fallbacks)
-            return None
-        except RankerUnavailable as exc:
-            self._note("ranker_unavailable", str(exc), kinds, fallbacks)
-            return None
-        scores = np.asarray(ranked[0, : len(cand_ids)], dtype=np.float32)
-        if not np.isfinite(scores).all():
-            bad = int((~np.isfinite(scores)).sum())
-            self._note("nonfinite_scores", f"model version {bundle.model_version}: {bad} of {len(scores)} "
-                       "scores NaN or infinite", kinds, fallbacks)  # fmt: skip
-            return None
-        return scores
-
-    def _note(self, kind: str, detail: str, kinds: list[str], fallbacks: list[str]) -> None:
-        kinds.append(kind)
-        fallbacks.append(DEGRADED_REASONS[kind])
+    def _note(self, r: _Request, kind: str, detail: str) -> None:
+        r.kinds.append(kind)
+        r.fallbacks.append(DEGRADED_REASONS[kind])
         self._log(kind, detail)
 
     def _log(self, kind: str, detail: str) -> None:
@@ -473,6 +625,15 @@ class Pipeline:
         out["degraded"] = {kind: self.degraded.get(kind, 0) for kind in DEGRADED_REASONS}
         return out
 
+    @property
+    def batch_sizes(self) -> Counter[int]:
+        """Requests per batch -> how many batches."""
+        return self._batches.batch_sizes
+
+    async def close(self) -> None:
+        """Stop the batch queue: requests still waiting fail with ``Unavailable``, later ones too."""
+        await self._batches.close()
+
     async def warm(self, user_id: str) -> None:
         """Prefetch: bring the user's history and query vector into the caches."""
         with self._bundle.use() as bundle:
@@ -490,8 +651,9 @@ class Pipeline:
         return hist
 
     def _new_user_query(self, bundle: ServingBundle, ids: list[int]) -> _UserQuery:
-        dense = np.asarray(ids, dtype=np.int32)
-        return _UserQuery(dense, self._history_matrix(bundle, ids), vector_nbytes=4 * bundle.manifest.dim)
+        recent = ids[-bundle.manifest.history_len :]
+        return _UserQuery(np.unique(np.asarray(ids, dtype=np.int32)), np.asarray(recent, dtype=np.int32),
+                          self._history_matrix(bundle, recent), vector_nbytes=4 * bundle.manifest.dim)  # fmt: skip
 
     def _empty_user(self, bundle: ServingBundle) -> _UserQuery:
         # Stands in for a history that could not be read: never cached (the real one may be long).

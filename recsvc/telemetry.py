@@ -9,14 +9,15 @@ Which of these is a counter, a histogram or a gauge, and why, is in docs/OBSERVA
 ``stage(name)`` times one stage of a request: it feeds ``recsvc_stage_duration_seconds``, the request's
 ``server-timing`` entry (when the interceptor asked for timings, see ``collect_timings``) and, when
 tracing is on (server/tracing.py sets ``tracer``), a span of that name. Without tracing nothing of
-OpenTelemetry is imported.
+OpenTelemetry is imported. ``record_stages`` does the same for stages a batch timed once for all its
+requests.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from types import TracebackType
 from typing import Any, Protocol
@@ -39,6 +40,7 @@ __all__ = [
     "TRITON_SECONDS",
     "annotate_request",
     "collect_timings",
+    "record_stages",
     "set_build_info",
     "set_tracer",
     "stage",
@@ -48,7 +50,7 @@ __all__ = [
 LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 # Stages are shorter than whole calls: a cached history lookup is a few microseconds.
 STAGE_BUCKETS_S = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
-# Rows per batch: powers of two up to the largest batch either batcher forms by default (64) and beyond.
+# Rows per batch: powers of two up to the largest pipeline batch by default (64) and beyond.
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 
 STAGE_SECONDS = Histogram(
@@ -78,12 +80,12 @@ TRITON_ERRORS = Counter(
 )  # fmt: skip
 SEARCH_BATCH_ROWS = Histogram(
     "recsvc_search_batch_size",
-    "Query rows per index search: concurrent requests coalesced into one search (larger is cheaper per row).",
+    "Query rows per index search: the requests of one pipeline batch (larger is cheaper per row).",
     buckets=BATCH_BUCKETS,
 )  # fmt: skip
 RANK_BATCH_ROWS = Histogram(
     "recsvc_rank_batch_size",
-    "Requests' candidate rows per inference call to Triton (1 unless rank_max_batch coalesces calls).",
+    "Requests' candidate rows per inference call to Triton (the requests of one pipeline batch).",
     buckets=BATCH_BUCKETS,
 )  # fmt: skip
 # A gauge of value 1 whose labels carry the information (the Prometheus idiom for build info). Under
@@ -115,8 +117,14 @@ class _Span(Protocol):
     def set_attribute(self, key: str, value: Any) -> None: ...
 
 
+class _EndableSpan(_Span, Protocol):
+    def end(self, end_time: int | None = None) -> None: ...
+
+
 class _Tracer(Protocol):
     def start_as_current_span(self, name: str) -> contextlib.AbstractContextManager[_Span]: ...
+
+    def start_span(self, name: str, *, start_time: int | None = None) -> _EndableSpan: ...
 
 
 _tracer: _Tracer | None = None
@@ -184,3 +192,26 @@ class stage:  # lower case: used like a function, ``with stage("rank"):``
             timings[self._name] = timings.get(self._name, 0.0) + elapsed * 1000.0
         if self._span is not None:
             self._span.__exit__(kind, exc, tb)
+
+
+def record_stages(stages: Iterable[tuple[str, float, float]]) -> None:
+    """Record stages timed elsewhere, as ``stage`` would have: (name, start, end) in ``time.perf_counter()``.
+
+    A batch times its stages once for all its requests; each request records them in its own context,
+    so they reach its server-timing and its trace.
+    """
+    timings = _timings.get()
+    # perf_counter is what stages are timed with; spans want the wall clock in nanoseconds.
+    to_ns = time.time_ns() - time.perf_counter_ns() if _tracer is not None else 0
+    for name, start, end in stages:
+        child = _STAGE_CHILDREN.get(name)
+        if child is None:
+            child = _STAGE_CHILDREN[name] = STAGE_SECONDS.labels(name)
+        elapsed = end - start
+        child.observe(elapsed)
+        if timings is not None:
+            timings[name] = timings.get(name, 0.0) + elapsed * 1000.0
+        if _tracer is not None:
+            span = _tracer.start_span(name, start_time=to_ns + int(start * 1e9))
+            span.set_attribute("recsvc.request_id", request_id.get())
+            span.end(end_time=to_ns + int(end * 1e9))

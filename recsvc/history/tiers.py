@@ -105,6 +105,14 @@ class TieredHistory:
     # ------------------------------------------------------------------ reads
     async def get(self, user_id: str) -> History:
         """The user's newest ``limit`` events, oldest first."""
+        cached = self.cached(user_id)
+        if cached is not None:
+            return cached
+        self.l1_misses += 1
+        return await asyncio.shield(self._load_task(user_id))
+
+    def cached(self, user_id: str) -> History | None:
+        """The user's history when this process holds it (L1 or the negative cache), without awaiting."""
         cached = self._l1_get(user_id)
         if cached is not None:
             self.l1_hits += 1
@@ -115,9 +123,7 @@ class TieredHistory:
         negative = self._negative.get(user_id)
         if negative is not None:
             self.negative_hits += 1
-            return negative
-        self.l1_misses += 1
-        return await asyncio.shield(self._load_task(user_id))
+        return negative
 
     async def prefetch(self, user_id: str) -> History:
         """Load into the tiers on behalf of a future request (counted separately from demand loads)."""

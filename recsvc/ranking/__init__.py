@@ -7,7 +7,6 @@ for every backend failure.
 from __future__ import annotations
 
 from recsvc.ranking.base import PADDING_SCORE, Ranker, check_batch
-from recsvc.ranking.batching import BatchingRanker
 from recsvc.ranking.fake import FakeRanker, RankCall
 from recsvc.ranking.onnx_ranker import OnnxRanker
 from recsvc.ranking.triton_channel import TritonChannel, TritonTls
@@ -16,7 +15,6 @@ from recsvc.ranking.triton_ranker import TritonRanker
 
 __all__ = [
     "PADDING_SCORE",
-    "BatchingRanker",
     "FakeRanker",
     "OnnxRanker",
     "RankCall",

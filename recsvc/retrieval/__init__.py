@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from recsvc.retrieval.backends import FaissBackend, TorchBackend
-from recsvc.retrieval.batching import SearchBatcher
 from recsvc.retrieval.index_build import IndexMeta, IndexSpec, build_and_tune, read_index, write_index
 from recsvc.retrieval.retriever import IndexRetriever, Retriever, open_retriever
 
@@ -13,7 +12,6 @@ __all__ = [
     "IndexRetriever",
     "IndexSpec",
     "Retriever",
-    "SearchBatcher",
     "TorchBackend",
     "build_and_tune",
     "open_retriever",

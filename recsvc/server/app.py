@@ -31,7 +31,7 @@ from recsvc.history import (
 from recsvc.history.tiers import history_size
 from recsvc.pipeline import Pipeline, load_serving_bundle
 from recsvc.prefetch import Prefetcher
-from recsvc.ranking import BatchingRanker, TritonChannel, TritonModels, TritonRanker
+from recsvc.ranking import TritonChannel, TritonModels, TritonRanker
 from recsvc.repository import latest_version
 from recsvc.repository.rollout import fitted_config, pinnable_versions, read_serving
 from recsvc.server.admission import AdmissionInterceptor
@@ -65,7 +65,6 @@ class Service:
     prefetcher: Prefetcher
     follower: VersionFollower
     deny: DenyListWatcher
-    scorer: BatchingRanker | None = None
     warming: asyncio.Task[None] | None = None
 
     async def close(self) -> None:
@@ -77,8 +76,7 @@ class Service:
         await self.deny.close()
         await self.prefetcher.close()
         await self.history.close()
-        if self.scorer is not None:
-            await self.scorer.close()
+        await self.pipeline.close()
         await self.triton.close()
         await self.pipeline.bundle.close()
         await self.store.close()
@@ -171,12 +169,8 @@ async def build_service(settings: Settings) -> Service:
             # used again as soon as Triton answers.
             log.warning("ranker %s v%s not ready at start-up (%s); responses are degraded until it is",
                         model, version, exc)  # fmt: skip
-        # Our own batching in front of Triton only where it measured faster (see BatchingRanker).
-        scorer = (BatchingRanker(ranker, max_batch=settings.rank_max_batch, max_wait_us=settings.rank_max_wait_us)
-                  if settings.rank_max_batch > 1 else None)  # fmt: skip
-        if scorer is not None:
-            opened.push_async_callback(scorer.close)
-        pipeline = Pipeline(settings, history, scorer or ranker, bundle)
+        pipeline = Pipeline(settings, history, ranker, bundle)
+        opened.push_async_callback(pipeline.close)
         prefetcher = Prefetcher(pipeline.warm, queue_size=settings.prefetch_queue, workers=settings.prefetch_workers)
         pipeline.prefetcher = prefetcher
         prefetcher.start()
@@ -187,7 +181,7 @@ async def build_service(settings: Settings) -> Service:
         follower = VersionFollower(pipeline, models, settings)
         follower.start()
         opened.push_async_callback(follower.close)
-        service = Service(settings, store, history, channel, pipeline, prefetcher, follower, deny, scorer)
+        service = Service(settings, store, history, channel, pipeline, prefetcher, follower, deny)
         opened.pop_all()        # the last step that can fail is behind us: the Service owns everything now
     log.info("serving %s version %s (index %s, %d items)", model, version, bundle.index_version, len(bundle.catalog))
     if settings.warm_users:

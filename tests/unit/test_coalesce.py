@@ -3,12 +3,10 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
-import numpy as np
 import pytest
 
-from recsvc.coalesce import Coalescer
+from recsvc.coalesce import Answer, Coalescer
 from recsvc.errors import RankerUnavailable, Unavailable
-from recsvc.ranking import BatchingRanker, FakeRanker
 
 # Every wait on a caller below is bounded: without the fixes these calls never return, and a bound turns
 # that hang into a failure (TimeoutError) instead of a stuck suite.
@@ -18,7 +16,7 @@ BOUND_S = 5.0
 async def test_items_of_one_key_share_a_batch_and_keys_never_mix() -> None:
     batches: list[list[tuple[str, int]]] = []
 
-    async def handle(items: Sequence[tuple[str, int]]) -> list[int]:
+    async def handle(items: Sequence[tuple[str, int]], _: Answer[int]) -> list[int]:
         batches.append(list(items))
         return [n * 10 for _, n in items]
 
@@ -34,7 +32,7 @@ async def test_items_of_one_key_share_a_batch_and_keys_never_mix() -> None:
 async def test_an_item_that_would_overflow_opens_the_next_batch() -> None:
     sizes: list[int] = []
 
-    async def handle(items: Sequence[int]) -> list[int]:
+    async def handle(items: Sequence[int], _: Answer[int]) -> list[int]:
         sizes.append(sum(items))
         return list(items)
 
@@ -47,7 +45,7 @@ async def test_an_item_that_would_overflow_opens_the_next_batch() -> None:
 async def test_failure_reaches_exactly_its_batch_and_cancelled_callers_are_skipped() -> None:
     seen: list[list[int]] = []
 
-    async def handle(items: Sequence[int]) -> list[int]:
+    async def handle(items: Sequence[int], _: Answer[int]) -> list[int]:
         seen.append(list(items))
         if 13 in items:
             raise RuntimeError("unlucky batch")
@@ -60,28 +58,6 @@ async def test_failure_reaches_exactly_its_batch_and_cancelled_callers_are_skipp
     await c.close()
     with pytest.raises(Unavailable, match="closed"):
         await c.submit(1)
-
-
-async def test_batching_ranker_scores_like_the_inner_ranker_in_fewer_calls() -> None:
-    scores = np.arange(50, dtype=np.float32)
-    inner = FakeRanker(scores)
-    ranker = BatchingRanker(inner, max_batch=64, max_wait_us=20_000)
-    rng = np.random.default_rng(0)
-    histories = [rng.integers(-1, 50, (1, 5)) for _ in range(12)]
-    candidates = [rng.integers(-1, 50, (1, 8)) for _ in range(12)]
-    versions = ["1"] * 8 + ["2"] * 4
-    got = await asyncio.gather(*(ranker.score(h, c, version=v) for h, c, v in zip(histories, candidates, versions,
-                                                                                     strict=True)))  # fmt: skip
-    for c, g in zip(candidates, got, strict=True):
-        expected = await FakeRanker(scores).score(np.zeros((1, 5), np.int64), c, version="x")
-        np.testing.assert_array_equal(g, expected)
-    assert len(inner.calls) < 12                                     # coalesced
-    assert {call.version for call in inner.calls} == {"1", "2"}
-    assert all(call.history.shape[0] == call.candidates.shape[0] for call in inner.calls)
-    assert max(call.candidates.shape[0] for call in inner.calls) > 1         # some call carried several rows
-    assert sum(call.candidates.shape[0] for call in inner.calls) == 12
-    await ranker.close()
-    assert not inner.closed                                         # the inner ranker belongs to its maker
 
 
 async def test_sub_millisecond_waits_never_arm_a_timer(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -97,7 +73,7 @@ async def test_sub_millisecond_waits_never_arm_a_timer(monkeypatch: pytest.Monke
 
     monkeypatch.setattr(recsvc.coalesce.asyncio, "wait_for", spy)
 
-    async def handle(items: Sequence[int]) -> list[int]:
+    async def handle(items: Sequence[int], _: Answer[int]) -> list[int]:
         return list(items)
 
     short: Coalescer[int, int] = Coalescer(handle, max_rows=64, max_wait_us=200)
@@ -115,7 +91,7 @@ async def test_more_than_one_batch_in_flight_when_allowed() -> None:
     peak = 0
     release = asyncio.Event()
 
-    async def handle(items: Sequence[int]) -> list[int]:
+    async def handle(items: Sequence[int], _: Answer[int]) -> list[int]:
         nonlocal running, peak
         running += 1
         peak = max(peak, running)
@@ -135,7 +111,7 @@ async def test_more_than_one_batch_in_flight_when_allowed() -> None:
 async def test_close_fails_callers_of_a_batch_in_flight_held_and_queued() -> None:
     started, release = asyncio.Event(), asyncio.Event()
 
-    async def handle(items: Sequence[int]) -> list[int]:
+    async def handle(items: Sequence[int], _: Answer[int]) -> list[int]:
         started.set()
         await release.wait()            # a backend that never answers (a frozen Triton)
         return list(items)
@@ -152,7 +128,7 @@ async def test_close_fails_callers_of_a_batch_in_flight_held_and_queued() -> Non
 async def test_close_fails_callers_of_a_batch_still_forming() -> None:
     handled: list[list[int]] = []
 
-    async def handle(items: Sequence[int]) -> list[int]:
+    async def handle(items: Sequence[int], _: Answer[int]) -> list[int]:
         handled.append(list(items))
         return list(items)
 
@@ -171,7 +147,7 @@ async def test_a_cancelled_batch_fails_its_callers_and_the_queue_keeps_serving()
     started = asyncio.Event()
     stuck = True
 
-    async def handle(items: Sequence[int]) -> list[int]:
+    async def handle(items: Sequence[int], _: Answer[int]) -> list[int]:
         if stuck:
             started.set()
             await asyncio.sleep(3600)
@@ -190,7 +166,7 @@ async def test_a_cancelled_batch_fails_its_callers_and_the_queue_keeps_serving()
 
 
 async def test_a_cancelled_runner_fails_what_it_holds_and_the_next_submit_restarts_it() -> None:
-    async def handle(items: Sequence[int]) -> list[int]:
+    async def handle(items: Sequence[int], _: Answer[int]) -> list[int]:
         return list(items)
 
     c: Coalescer[int, int] = Coalescer(handle, max_rows=8, max_wait_us=10_000_000)
@@ -211,7 +187,7 @@ async def test_a_caller_gives_up_alone_and_the_shared_batch_still_answers_the_ot
     started, release = asyncio.Event(), asyncio.Event()
     calls_seen: list[list[int]] = []
 
-    async def handle(items: Sequence[int]) -> list[int]:
+    async def handle(items: Sequence[int], _: Answer[int]) -> list[int]:
         calls_seen.append(list(items))
         started.set()
         await release.wait()
@@ -232,34 +208,8 @@ async def test_a_caller_gives_up_alone_and_the_shared_batch_still_answers_the_ot
     await c.close()
 
 
-async def test_batching_ranker_close_fails_waiting_calls_as_ranker_unavailable() -> None:
-    class Frozen:
-        def __init__(self) -> None:
-            self.started = asyncio.Event()
-
-        async def score(self, history: np.ndarray, candidates: np.ndarray, *, version: str) -> np.ndarray:
-            self.started.set()
-            await asyncio.sleep(3600)
-            raise AssertionError("unreachable")
-
-        async def close(self) -> None:
-            pass
-
-    inner = Frozen()
-    ranker = BatchingRanker(inner, max_batch=8, max_wait_us=0)
-    h, cands = np.zeros((1, 4), np.int64), np.zeros((1, 6), np.int64)
-    calls = [asyncio.create_task(ranker.score(h, cands, version="1")) for _ in range(3)]
-    await asyncio.wait_for(inner.started.wait(), BOUND_S)
-    await asyncio.wait_for(ranker.close(), BOUND_S)
-    results = await asyncio.wait_for(asyncio.gather(*calls, return_exceptions=True), BOUND_S)
-    # RankerUnavailable, which the pipeline turns into a degraded answer (not an error for the client).
-    assert all(isinstance(r, RankerUnavailable) for r in results), results
-    with pytest.raises(RankerUnavailable):
-        await ranker.score(h, cands, version="1")
-
-
 async def test_a_result_count_mismatch_fails_the_batch_with_the_owners_error() -> None:
-    async def handle(items: Sequence[int]) -> list[int]:
+    async def handle(items: Sequence[int], _: Answer[int]) -> list[int]:
         return [*items, 0]                       # one row too many: the backend answered wrongly
 
     c: Coalescer[int, int] = Coalescer(handle, max_rows=1, max_wait_us=0, name="ranking queue",
@@ -267,4 +217,21 @@ async def test_a_result_count_mismatch_fails_the_batch_with_the_owners_error() -
     # RankerUnavailable (the pipeline answers degraded), not RuntimeError (INTERNAL for the client).
     with pytest.raises(RankerUnavailable, match="ranking queue answered 2 results for a batch of 1"):
         await asyncio.wait_for(c.submit(1), BOUND_S)
+    await c.close()
+
+
+async def test_a_caller_answered_early_returns_while_its_batch_goes_on() -> None:
+    release = asyncio.Event()
+
+    async def handle(items: Sequence[int], answer: Answer[int]) -> list[int]:
+        answer(0, -1)                   # e.g. its deadline share ran out: answered alone, now
+        await release.wait()
+        return [i * 2 for i in items]
+
+    c: Coalescer[int, int] = Coalescer(handle, max_rows=8, max_wait_us=0)
+    early, late = asyncio.create_task(c.submit(1)), asyncio.create_task(c.submit(2))
+    assert await asyncio.wait_for(early, BOUND_S) == -1
+    assert not late.done()
+    release.set()
+    assert await asyncio.wait_for(late, BOUND_S) == 4     # the batch's own result, for the others
     await c.close()

@@ -97,8 +97,8 @@ async def test_switch_waits_for_in_flight_requests_on_the_old_version(repo: Path
     await follower.close()                              # the old bundle was retired once idle
     assert old.in_flight == 0
     assert old.retriever.num_items > 0
-    with pytest.raises(Unavailable, match="closed"):      # its search queue is gone
-        await old.retriever.search(np.zeros((1, old.manifest.dim), np.float32), 5, [set()])
+    with pytest.raises(Unavailable, match="closed"):      # its index is gone
+        await old.retriever.search(np.zeros((1, old.manifest.dim), np.float32), 5, [np.empty(0, np.int64)])
     await pipeline.bundle.close()
 
 
@@ -243,7 +243,7 @@ async def test_a_bundle_loaded_for_a_switch_that_fails_is_closed(repo: Path, tin
     assert not await follower.check()
     assert len(opened) == 1 and pipeline.bundle.model_version == "1"
     with pytest.raises(Unavailable, match="closed"):     # closed, not leaked
-        await opened[0].retriever.search(np.zeros((1, opened[0].manifest.dim), np.float32), 5, [set()])
+        await opened[0].retriever.search(np.zeros((1, opened[0].manifest.dim), np.float32), 5, [np.empty(0, np.int64)])
     assert not await follower.check() and len(opened) == 1     # refused for a while
     await follower.close()
     await pipeline.bundle.close()
@@ -274,7 +274,7 @@ def _counting_loader(opened: list[ServingBundle]):  # type: ignore[no-untyped-de
 
 async def _is_closed(bundle: ServingBundle) -> bool:
     try:
-        await bundle.retriever.search(np.zeros((1, bundle.manifest.dim), np.float32), 5, [set()])
+        await bundle.retriever.search(np.zeros((1, bundle.manifest.dim), np.float32), 5, [np.empty(0, np.int64)])
     except Unavailable:
         return True
     return False

@@ -3,7 +3,7 @@
 - gRPC: a bare grpc.aio server answering the same response (recsvc/offline/bench/echo.py), loaded by the
   same load generator at the same levels.
 - FAISS: the served version's own index, searched for the served number of candidates by one thread,
-  one query at a time and in batches of ``search_max_batch``.
+  one query at a time and in batches of ``max_batch``.
 - Triton: the served ranker version, called with raw tritonclient (one process, grpc.aio) at the same
   concurrencies, with the served history length and candidates.
 """
@@ -47,7 +47,7 @@ def _queries(bundle: Any, n: int, rng: np.random.Generator) -> npt.NDArray[np.fl
 
 
 def faiss_ceiling(settings: Settings, duration_s: float, *, seed: int = 0) -> dict[str, Any]:
-    """Raw searches on the served index (blocking): one query per call, and batches of search_max_batch."""
+    """Raw searches on the served index (blocking): one query per call, and batches of max_batch."""
     from recsvc.pipeline import load_serving_bundle
 
     from .loadgen import latency_histogram
@@ -64,7 +64,7 @@ def faiss_ceiling(settings: Settings, duration_s: float, *, seed: int = 0) -> di
         queries = _queries(bundle, 4096, rng)
         out: dict[str, Any] = {"version": version, "items": backend.ntotal, "k": k,
                                "device": getattr(backend, "device", "cpu")}  # fmt: skip
-        for name, batch in (("single_query", 1), ("batched", settings.search_max_batch)):
+        for name, batch in (("single_query", 1), ("batched", settings.max_batch)):
             hist = latency_histogram()
             rows, i = 0, 0
             backend.search(queries[:batch], k, None)                 # warm

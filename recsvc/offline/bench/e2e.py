@@ -397,8 +397,8 @@ def _git_commit() -> str | None:
 
 
 def _settings_summary(settings: Settings) -> dict[str, Any]:
-    keep = ("workers", "num_candidates", "history_store", "l1_policy", "l1_max_entries", "search_max_batch",
-            "search_max_wait_us", "rank_max_batch", "index_kind", "index_device", "max_in_flight")  # fmt: skip
+    keep = ("workers", "num_candidates", "history_store", "l1_policy", "l1_max_entries", "max_batch",
+            "index_kind", "index_device", "max_in_flight")  # fmt: skip
     return {k: _jsonable(getattr(settings, k)) for k in keep if hasattr(settings, k)}
 
 

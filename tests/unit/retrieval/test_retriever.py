@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import pytest
@@ -52,6 +52,12 @@ def _data(seed: int, n: int = 200, d: int = 8) -> tuple[np.ndarray, np.ndarray]:
     return rng.standard_normal((n, d)).astype(np.float32), rng.standard_normal((4, d)).astype(np.float32)
 
 
+async def one(r: IndexRetriever, query: np.ndarray, n: int, excluded: Iterable[int] = ()) -> np.ndarray:
+    """The ids one query row gets (the retriever's padding dropped)."""
+    ids, _ = await r.search(query, n, [np.unique(np.fromiter(excluded, np.int64))])
+    return ids[0][ids[0] >= 0]
+
+
 @pytest.fixture(params=sorted(BACKENDS))
 def make(request: pytest.FixtureRequest) -> Callable[..., IndexRetriever]:
     def build(emb: np.ndarray, **kwargs: object) -> IndexRetriever:
@@ -63,8 +69,8 @@ def make(request: pytest.FixtureRequest) -> Callable[..., IndexRetriever]:
 async def test_matches_exact_numpy_search(make: Callable[..., IndexRetriever]) -> None:
     emb, q = _data(0)
     r = make(emb)
-    results = await r.search(q, 5, [set()] * len(q))
-    for row, (ids, scores) in enumerate(results):
+    all_ids, all_scores = await r.search(q, 5, [np.empty(0, np.int64)] * len(q))
+    for row, (ids, scores) in enumerate(zip(all_ids, all_scores, strict=True)):
         expected = np.argsort(-(emb @ q[row]), kind="stable")[:5]
         assert ids.tolist() == expected.tolist()
         np.testing.assert_allclose(scores, (emb @ q[row])[expected], rtol=1e-4)
@@ -78,7 +84,7 @@ async def test_exclusions_removed_and_n_still_returned_even_when_the_estimate_is
     r = make(emb)
     order = np.argsort(-(emb @ q[0]))
     excluded = set(order[:40].tolist())          # the 40 best: far more than the first fetch allows for
-    [(ids, _)] = await r.search(q[:1], 5, [excluded])
+    ids = await one(r, q[:1], 5, excluded)
     assert ids.tolist() == order[40:45].tolist()
     assert r.stats()["retries"] == 1             # the first fetch came back short and was repeated
     await r.close()
@@ -93,7 +99,7 @@ async def test_over_fetch_adapts_to_what_gets_removed(make: Callable[..., IndexR
         order = np.argsort(-(emb @ query[0]))
         # 500 excluded items of which 20 are among the best: the guaranteed bound would fetch 510 rows.
         excluded = set(order[:20].tolist()) | set(order[-480:].tolist())
-        [(ids, _)] = await r.search(query, 10, [excluded])
+        ids = await one(r, query, 10, excluded)
         assert ids.tolist() == order[20:30].tolist()
     stats = r.stats()
     assert stats["removed_estimate"] > 10
@@ -108,11 +114,11 @@ async def test_deny_list_applies_to_later_searches_and_n_is_still_returned(make:
     order = np.argsort(-(emb @ q[0]))
     denied = order[:30].tolist()
     r.set_denied(denied)
-    [(ids, _)] = await r.search(q[:1], 10, [set()])
+    ids = await one(r, q[:1], 10)
     assert ids.tolist() == order[30:40].tolist()
     assert r.stats()["denied"] == 30
     r.set_denied([])                              # replaced, not merged
-    [(ids, _)] = await r.search(q[:1], 10, [set()])
+    ids = await one(r, q[:1], 10)
     assert ids.tolist() == order[:10].tolist()
     r.set_denied([-5, 10_000])                    # ids outside the index are ignored
     assert r.stats()["denied"] == 0
@@ -128,7 +134,7 @@ async def test_retired_items_are_never_returned_and_stay_retired_under_a_new_den
     retired[order[:3]] = True
     r = make(emb, retired=retired)
     r.set_denied([int(order[3])])
-    [(ids, _)] = await r.search(q[:1], 5, [set()])
+    ids = await one(r, q[:1], 5)
     assert ids.tolist() == order[4:9].tolist()
     await r.close()
 
@@ -137,9 +143,9 @@ async def test_small_catalog_returns_what_exists(make: Callable[..., IndexRetrie
     emb, q = _data(6, n=6)
     r = make(emb)
     r.set_denied([5])
-    [(ids, _)] = await r.search(q[:1], 10, [{0, 1}])
+    ids = await one(r, q[:1], 10, {0, 1})
     assert sorted(ids.tolist()) == [2, 3, 4]
-    [(ids, _)] = await r.search(q[:1], 10, [set(range(6))])
+    ids = await one(r, q[:1], 10, set(range(6)))
     assert ids.tolist() == []
     await r.close()
 
@@ -150,15 +156,13 @@ async def test_filters_outside_the_backend_over_fetch_by_the_denied_count() -> N
     r = IndexRetriever(backend)  # type: ignore[arg-type]
     order = np.argsort(-(emb @ q[0]))
     r.set_denied(order[:50].tolist())
-    [(ids, _)] = await r.search(q[:1], 10, [set()])
+    ids = await one(r, q[:1], 10)
     assert ids.tolist() == order[50:60].tolist()
     assert max(backend.ks) == 60                 # the bound: n + every denied item
     await r.close()
 
 
-async def test_concurrent_searches_are_batched() -> None:
-    import asyncio
-
+async def test_a_batch_of_rows_is_one_search_with_its_own_exclusions_per_row() -> None:
     from prometheus_client import REGISTRY
 
     def histogram() -> tuple[float, float]:
@@ -166,17 +170,23 @@ async def test_concurrent_searches_are_batched() -> None:
                 REGISTRY.get_sample_value("recsvc_search_batch_size_sum") or 0.0)  # fmt: skip
 
     emb, _ = _data(8, n=500)
-    r = IndexRetriever(_faiss(emb), max_batch=64, max_wait_us=5000)
+    r = IndexRetriever(_faiss(emb))
     rng = np.random.default_rng(9)
     queries = rng.standard_normal((32, 8)).astype(np.float32)
+    orders = [np.argsort(-(emb @ q)) for q in queries]
+    # Row i excludes its own i best items (row 0 none): one row's exclusions never touch another row.
+    exclude = [np.sort(orders[i][:i]).astype(np.int64) for i in range(32)]
     searches, rows = histogram()
-    results = await asyncio.gather(*(r.search(queries[i : i + 1], 5, [set()]) for i in range(32)))
-    for i, [(ids, _)] in enumerate(results):
-        assert ids.tolist() == np.argsort(-(emb @ queries[i]))[:5].tolist()
-    assert max(r.stats()["batches"]) > 1
-    # recsvc_search_batch_size: one observation per index search, of its rows (all 32, in fewer searches).
+    ids, scores = await r.search(queries, 5, exclude)
+    for i in range(32):
+        assert ids[i].tolist() == orders[i][i : i + 5].tolist()
+        np.testing.assert_allclose(scores[i], (emb @ queries[i])[ids[i]], rtol=1e-4)
+    # recsvc_search_batch_size: one observation per index search, of its rows (all 32 at once, plus one
+    # retry of the rows the first fetch left short).
     after = histogram()
-    assert after[1] - rows == 32 and after[0] - searches == sum(r.stats()["batches"].values()) < 32
+    assert after[0] - searches == sum(r.stats()["batches"].values()) <= 2
+    assert after[1] - rows == sum(size * count for size, count in r.stats()["batches"].items())
+    assert r.stats()["batches"].get(32) == 1
     await r.close()
 
 
@@ -189,7 +199,7 @@ async def test_approximate_index_through_the_retriever_filters_too() -> None:
     r = IndexRetriever(FaissBackend(index, meta.spec, device="cpu"), meta=meta)
     order = np.argsort(-(emb @ queries[0]))
     r.set_denied(order[:5].tolist())
-    [(ids, _)] = await r.search(queries[:1], 10, [set(order[5:8].tolist())])
+    ids = await one(r, queries[:1], 10, set(order[5:8].tolist()))
     assert not set(ids.tolist()) & set(order[:8].tolist())
     assert len(ids) == 10
     assert r.stats()["kind"] == "ivf_flat" and r.stats()["recall"] >= 0.95
