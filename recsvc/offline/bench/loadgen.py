@@ -197,11 +197,14 @@ class LoadGenerator:
 
     def run(self, level: Level, *, on_window: Callable[[str], None] | None = None) -> LevelResult:
         """Run ``level`` on every process at once; ``on_window("start"|"end")`` marks the measured window."""
-        # Each process takes an equal share of the callers or of the rate.
+        # Each process takes an equal share of the callers or of the rate (fewer callers than processes:
+        # the first ones take one each, the rest sit this level out).
         shares = _split(level, self.processes)
         start_at = time.time() + 0.5                        # all processes start together
+        busy = [(proc, conn) for (proc, conn), share in zip(self._procs, shares, strict=True) if share is not None]
         for (_, conn), share in zip(self._procs, shares, strict=True):
-            conn.send((share, start_at))
+            if share is not None:
+                conn.send((share, start_at))
         if on_window is not None:
             _sleep_until(start_at + level.warmup_s)
             on_window("start")
@@ -209,20 +212,18 @@ class LoadGenerator:
             on_window("end")
         result = LevelResult(level)
         limit = level.warmup_s + level.duration_s + self._spec.deadline_s + 60
-        for proc, conn in self._procs:
+        for proc, conn in busy:
             if not conn.poll(limit):
                 raise RuntimeError(f"load generator process {proc.name} did not report")
             result.merge(conn.recv())
         return result
 
 
-def _split(level: Level, n: int) -> list[Level]:
+def _split(level: Level, n: int) -> list[Level | None]:
     if level.mode == "closed":
         base, extra = divmod(int(level.value), n)
         counts = [base + (1 if i < extra else 0) for i in range(n)]
-        if any(c == 0 for c in counts):
-            raise ValueError(f"concurrency {level.value:g} is less than the {n} client processes")
-        return [dataclasses.replace(level, value=c) for c in counts]
+        return [dataclasses.replace(level, value=c) if c else None for c in counts]
     return [dataclasses.replace(level, value=level.value / n) for _ in range(n)]
 
 

@@ -51,6 +51,9 @@ async def test_closed_loop_over_two_processes_counts_every_call_by_code() -> Non
     async for target in _serve(servicer):
         with LoadGenerator(target, ["ok", "fail", "deg"], [6, 1, 1], processes=2, k=5) as gen:
             result = await asyncio.to_thread(gen.run, Level("closed", 4, duration_s=1.0, warmup_s=0.3))
+            # One caller for two processes: the second sits the level out, the level still runs.
+            lone = await asyncio.to_thread(gen.run, Level("closed", 1, duration_s=0.5, warmup_s=0.1))
+    assert lone.ok > 10 and lone.failed + lone.ok == lone.sent
     assert result.sent == sum(result.codes.values()) > 100
     assert result.ok == result.codes["OK"] == result.histogram.get_total_count()
     assert result.failed == result.codes["UNAVAILABLE"] > 0
