@@ -38,7 +38,7 @@ def main() -> None:
         if e:
             echo[name.split("-")[0]] = e["throughput_per_s"]
     print("| configuration | best calls/s at p99 <= 50 ms (level) | of the echo ceiling | server CPU us/call | "
-          "stages ms: history / query / retrieve / rank / respond | overhead ms | Triton rows/execution |")
+          "stages ms: history / query / retrieve / rank / respond | overhead ms | Triton requests per execution |")
     print("|---|---|---|---|---|---|---|")
     for name, r in reports.items():
         label = next(iter(r["configurations"]))
@@ -53,7 +53,7 @@ def main() -> None:
         frac = f"{lv['throughput_per_s'] / ceiling:.3f}" if ceiling else "-"
         print(f"| {name} | {lv['throughput_per_s']:,.1f} ({level}, p99 {lv['latency_ms']['p99']:.1f} ms) | {frac} "
               f"| {_fmt((lv.get('cpu_us_per_call') or {}).get('server'))} | {stages} | {_fmt(b.get('overhead_ms'))} "
-              f"| {_fmt((b.get('triton') or {}).get('rows_per_execution'))} |")
+              f"| {_fmt((b.get('triton') or {}).get('requests_per_execution'))} |")
     for name, r in reports.items():
         print(f"\n{name}: `{r['command']}` ({r['date']}, commit {r['machine'].get('git_commit')}, "
               f"{r['machine']['cpu']}, {r['machine']['cores']} cores)\n")

@@ -96,7 +96,7 @@ def breakdown(recsvc: MetricsSnapshot, triton: MetricsSnapshot, client_mean_ms: 
         out["triton"] = {"calls": int(trips), "round_trip_ms": trip_ms, "queue_ms": round(queue, 3),
                          "compute_ms": round(compute, 3),
                          "communication_ms": round(trip_ms - queue - compute, 3) if trip_ms is not None else None,
-                         "rows_per_execution": round(ok / execs, 2) if execs else None}  # fmt: skip
+                         "requests_per_execution": round(ok / execs, 2) if execs else None}  # fmt: skip
     elif trips:
         out["triton"] = {"calls": int(trips), "round_trip_ms": trip_ms}
     for name, key in (("recsvc_search_batch_size", "search_batch_rows"), ("recsvc_rank_batch_size", "rank_batch_rows")):

@@ -87,7 +87,7 @@ def test_breakdown_covers_exactly_the_window(served: tuple[_Exposition, str]) ->
     assert b["overhead_ms"] == pytest.approx(2.0)                # 10 - (1 + 3 + 4)
     assert b["communication_ms"] == pytest.approx(2.0)           # 12 measured by the client - 10
     assert b["triton"] == {"calls": 4, "round_trip_ms": pytest.approx(3.5), "queue_ms": 0.5, "compute_ms": 2.0,
-                           "communication_ms": pytest.approx(1.0), "rows_per_execution": 2.0}  # fmt: skip
+                           "communication_ms": pytest.approx(1.0), "requests_per_execution": 2.0}  # fmt: skip
     assert b["search_batch_rows"] == 8.0
     assert b["l1_hit_ratio"] == 0.75
     assert b["degraded"] == {"ranker_timeout": 1.0}
