@@ -22,19 +22,6 @@ from recsvc.pipeline import Pipeline, ServingBundle, load_serving_bundle
 from recsvc.ranking import FakeRanker
 
 
-@pytest.fixture
-def published(tmp_path: Path, tiny_bundle: Path) -> Path:
-    from recsvc.repository import publish
-
-    version = publish(tiny_bundle, tmp_path / "repo")
-    return tmp_path / "repo" / "ranker" / str(version)
-
-
-@pytest.fixture
-def bundle(published: Path) -> ServingBundle:
-    return load_serving_bundle(published, "1")
-
-
 def make(
     bundle: ServingBundle, ranker: Any, store: InMemoryHistoryStore | None = None, **settings: Any
 ) -> tuple[Pipeline, InMemoryHistoryStore]:

@@ -31,17 +31,6 @@ from recsvc.retrieval.index_build import build_index
 BOUND_S = 10.0
 
 
-@pytest.fixture
-def published(tmp_path: Path, tiny_bundle: Path) -> Path:
-    from recsvc.repository import publish
-
-    version = publish(tiny_bundle, tmp_path / "repo")
-    return tmp_path / "repo" / "ranker" / str(version)
-
-
-@pytest.fixture
-def bundle(published: Path) -> ServingBundle:
-    return load_serving_bundle(published, "1")
 
 
 class Counting:
