@@ -60,18 +60,9 @@ async def test_failure_reaches_exactly_its_batch_and_cancelled_callers_are_skipp
         await c.submit(1)
 
 
-async def test_sub_millisecond_waits_never_arm_a_timer(monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_sub_millisecond_waits_never_arm_a_timer(coalescer_timers: list[float]) -> None:
     # asyncio's selector rounds a timer up to 1 ms: a 200 us budget must be spent yielding, not sleeping.
-    import recsvc.coalesce
-
-    timers: list[float] = []
-    real_wait_for = asyncio.wait_for
-
-    async def spy(aw, seconds):  # type: ignore[no-untyped-def]
-        timers.append(seconds)
-        return await real_wait_for(aw, seconds)
-
-    monkeypatch.setattr(recsvc.coalesce.asyncio, "wait_for", spy)
+    timers = coalescer_timers
 
     async def handle(items: Sequence[int], _: Answer[int]) -> list[int]:
         return list(items)

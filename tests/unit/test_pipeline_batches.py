@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 import numpy.typing as npt
-import pytest
 from cachetools import LRUCache
 
 from recsvc.bundle import load_array
@@ -166,18 +165,9 @@ async def test_a_batch_makes_one_encoder_one_search_and_one_ranker_call(bundle: 
 
 
 async def test_at_concurrency_one_a_request_waits_for_nobody(
-    bundle: ServingBundle, monkeypatch: pytest.MonkeyPatch
+    bundle: ServingBundle, coalescer_timers: list[float]
 ) -> None:
-    import recsvc.coalesce
-
-    timers: list[float] = []
-    real_wait_for = asyncio.wait_for
-
-    async def spy(aw, seconds):  # type: ignore[no-untyped-def]
-        timers.append(seconds)
-        return await real_wait_for(aw, seconds)
-
-    monkeypatch.setattr(recsvc.coalesce.asyncio, "wait_for", spy)
+    timers = coalescer_timers
     pipeline, _ = make(bundle, FakeRanker(np.arange(len(bundle.catalog), dtype=np.float32)))
     for i in range(10):
         await pipeline.recommend(RecommendQuery(f"u{i}", 5))

@@ -345,16 +345,16 @@ def _stack(settings: Settings, *, start: bool, log_dir: Path) -> Iterator[tuple[
 
 
 def _triton_ready(settings: Settings) -> bool:
-    from tritonclient.grpc import InferenceServerClient
+    from recsvc.ranking import TritonModels
 
-    try:
-        client = InferenceServerClient(settings.triton_url)
+    async def ask() -> bool:
+        models = TritonModels.from_settings(settings, timeout_s=2.0)
         try:
-            return bool(client.is_server_ready(client_timeout=2.0))
+            return await models.is_server_ready()
         finally:
-            client.close()
-    except Exception:  # noqa: BLE001 - not reachable is the answer
-        return False
+            await models.close()
+
+    return asyncio.run(ask())
 
 
 @contextlib.contextmanager
@@ -397,7 +397,7 @@ def _git_commit() -> str | None:
 def _settings_summary(settings: Settings) -> dict[str, Any]:
     keep = ("workers", "num_candidates", "history_store", "l1_policy", "l1_max_entries", "max_batch",
             "index_kind", "index_device", "max_in_flight")  # fmt: skip
-    return {k: _jsonable(getattr(settings, k)) for k in keep if hasattr(settings, k)}
+    return {k: _jsonable(getattr(settings, k)) for k in keep}
 
 
 def _jsonable(v: Any) -> Any:

@@ -12,6 +12,7 @@ start and the end of a measured window and subtracted, so it covers exactly the 
 
 from __future__ import annotations
 
+import contextlib
 import urllib.error
 import urllib.request
 from collections import defaultdict
@@ -136,16 +137,11 @@ def listening_pids(port: int) -> list[int]:
     return sorted(pids)
 
 
-class _gone:
+def _gone() -> contextlib.AbstractContextManager[None]:
     """Ignore processes that exited or are not ours to read."""
+    import psutil
 
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: type[BaseException] | None, *_: object) -> bool:
-        import psutil
-
-        return kind is not None and issubclass(kind, (psutil.NoSuchProcess, psutil.AccessDenied))
+    return contextlib.suppress(psutil.NoSuchProcess, psutil.AccessDenied)
 
 
 class CpuMeter:
