@@ -29,6 +29,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "index_kind": ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw", "cagra"),
     "index_device": ("auto", "cpu", "gpu", "torch"),
     "index_gpu_mode": ("replicate", "shard"),
+    "event_loop": ("auto", "uvloop", "asyncio"),
 }
 
 
@@ -50,6 +51,10 @@ class Settings:
     request_timeout_s: float = 2.0           # budget when the client sends no deadline
     max_in_flight: int = 32                  # Recommend calls admitted at once; beyond: RESOURCE_EXHAUSTED + pushback
     max_in_flight_events: int = 32           # RecordEvents admitted at once (its own limit: reads never starve writes)
+    # The server's asyncio event loop: asyncio | uvloop (pip install uvloop) | auto (uvloop where installed).
+    # asyncio by default: grpc.aio polls its own completion queue, and uvloop served no more calls per
+    # second in the A/B of docs/PERFORMANCE.md.
+    event_loop: str = "asyncio"
 
     # --- API limits (documented in protos/recsvc/v1/recommender.proto) ---
     max_k: int = 100                         # largest k a Recommend call may ask for

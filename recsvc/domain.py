@@ -37,12 +37,16 @@ class History:
 
     ``version`` increases with every appended event (it is the store's sequence number of the newest
     event, 0 for a user with no events), so caches can key derived values such as the query vector on it.
+
+    ``types`` holds the EventType values as plain ints (they compare equal to the members): a tuple of
+    ints is dropped from CPython's garbage collector at its first collection, a tuple of enum members is
+    scanned by every full collection, and caches hold ~100k histories (docs/PERFORMANCE.md, GC pauses).
     """
 
     user_id: str
     item_ids: tuple[str, ...] = ()
     timestamps: tuple[float, ...] = ()
-    types: tuple[EventType, ...] = ()
+    types: tuple[int, ...] = ()
     version: int = 0
 
     def __len__(self) -> int:

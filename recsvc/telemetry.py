@@ -16,6 +16,7 @@ requests.
 from __future__ import annotations
 
 import contextlib
+import gc
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
@@ -31,6 +32,7 @@ __all__ = [
     "BATCH_BUCKETS",
     "BUILD_INFO",
     "DEGRADED",
+    "GC_PAUSE_SECONDS",
     "LATENCY_BUCKETS_S",
     "RANK_BATCH_ROWS",
     "SEARCH_BATCH_ROWS",
@@ -44,6 +46,7 @@ __all__ = [
     "set_build_info",
     "set_tracer",
     "stage",
+    "watch_gc",
 ]
 
 # RPC latency: a served Recommend takes ~0.2-20 ms here; the top buckets catch deadline-bound answers.
@@ -98,6 +101,15 @@ BUILD_INFO = Gauge(
     ["version", "model_version", "index_version"], multiprocess_mode="livemax",
 )  # fmt: skip
 
+# CPython's cyclic collector stops the thread that triggers it, which in a server is usually the event
+# loop, so a full collection over millions of cached objects is a pause every request in flight waits out.
+GC_PAUSE_SECONDS = Histogram(
+    "recsvc_gc_pause_seconds",
+    "Time each run of Python's cyclic garbage collector took, by generation (2: a full collection); the "
+    "thread that triggered it, usually the event loop, waits that long.",
+    ["generation"], buckets=(0.0001, 0.0005, 0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5),
+)  # fmt: skip
+
 _build_labels: tuple[str, str, str] | None = None
 
 
@@ -111,6 +123,26 @@ def set_build_info(model_version: str, index_version: str) -> None:
         BUILD_INFO.labels(*_build_labels).set(0)
     BUILD_INFO.labels(*labels).set(1)
     _build_labels = labels
+
+
+class _GcWatch:
+    """Times every collection (gc.callbacks run in the collecting thread, under the GIL, never nested)."""
+
+    def __init__(self) -> None:
+        self._children = [GC_PAUSE_SECONDS.labels(str(g)) for g in range(3)]
+        self._started = 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._started = time.perf_counter()
+        else:
+            self._children[info["generation"]].observe(time.perf_counter() - self._started)
+
+
+def watch_gc() -> None:
+    """Time the garbage collector's runs into ``recsvc_gc_pause_seconds`` (once per process)."""
+    if not any(isinstance(cb, _GcWatch) for cb in gc.callbacks):
+        gc.callbacks.append(_GcWatch())
 
 
 class _Span(Protocol):

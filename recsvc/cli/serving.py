@@ -20,9 +20,10 @@ __all__ = ["register"]
 def cmd_serve(args: argparse.Namespace) -> int:
     """Run the gRPC server (Triton must be reachable at triton_url for ranked answers)."""
     from recsvc.server import serve, write_port_file
+    from recsvc.server.event_loop import run
 
     settings = settings_of(args)
-    asyncio.run(serve(settings, on_ready=write_port_file(args.port_file) if args.port_file else None))
+    run(serve(settings, on_ready=write_port_file(args.port_file) if args.port_file else None), settings.event_loop)
     return 0
 
 
@@ -112,7 +113,9 @@ def cmd_up(args: argparse.Namespace) -> int:
         busiest = int(np.bincount(ds.users).argmax())
         demo_user = str(ds.user_ids[busiest])
         who = f"your most active user {demo_user!r} recently interacted with"
-    return asyncio.run(_up(settings, demo_user, who, exit_after_demo=args.exit_after_demo))
+    from recsvc.server.event_loop import run
+
+    return run(_up(settings, demo_user, who, exit_after_demo=args.exit_after_demo), settings.event_loop)
 
 
 async def _has_users(settings: Settings) -> bool:

@@ -104,7 +104,7 @@ def encode_history(h: History) -> bytes:
 def decode_history(raw: bytes | str) -> History:
     """Inverse of encode_history."""
     d = orjson.loads(raw)
-    return History(d["u"], tuple(d["i"]), tuple(d["t"]), tuple(EventType(e) for e in d["e"]), d["v"])
+    return History(d["u"], tuple(d["i"]), tuple(d["t"]), tuple(int(EventType(e)) for e in d["e"]), d["v"])
 
 
 class _Counters:

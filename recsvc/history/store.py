@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from typing import Protocol
 
-from recsvc.domain import Event, EventType, History
+from recsvc.domain import Event, History
 
 __all__ = ["HistoryStore", "InMemoryHistoryStore", "to_history"]
 
@@ -57,7 +57,7 @@ def to_history(user_id: str, rows: Sequence[tuple[int, str, int, float]]) -> His
     return History(
         user_id=user_id,
         item_ids=tuple(r[1] for r in ordered),
-        types=tuple(EventType(r[2]) for r in ordered),
+        types=tuple(int(r[2]) for r in ordered),     # EventType values (History's doc)
         timestamps=tuple(r[3] for r in ordered),
         version=max((r[0] for r in rows), default=0),
     )

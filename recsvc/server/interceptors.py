@@ -144,7 +144,7 @@ class RequestInterceptor(grpc.aio.ServerInterceptor):
             status = "OK"
             try:
                 context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
-                async with self.metrics.track(method, lambda: status):
+                with self.metrics.track(method, lambda: status):
                     try:
                         if not timing:
                             return await behavior(request, context)

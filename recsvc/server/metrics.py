@@ -13,12 +13,11 @@ unlike CPU, it rises as soon as requests queue.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 import weakref
 from collections import Counter as Tally
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from threading import Thread
 from typing import Any
@@ -89,24 +88,16 @@ class RpcMetrics:
         self._seconds: dict[tuple[str, str], Any] = {}
         self._in_flight: dict[str, Any] = {}
 
-    @contextlib.asynccontextmanager
-    async def track(self, method: str, code: Callable[[], str]) -> AsyncIterator[None]:
-        """Count one call of ``method``; ``code()`` tells its final status (read when it ends)."""
+    def track(self, method: str, code: Callable[[], str]) -> _Tracked:
+        """Count one call of ``method`` over a ``with`` block; ``code()`` tells its final status (read at the end).
+
+        A plain context manager, not an async generator one: this runs for every call, and the async
+        generator machinery took ~5% of the event loop's time here (py-spy, docs/PERFORMANCE.md).
+        """
         gauge = self._in_flight.get(method)
         if gauge is None:
             gauge = self._in_flight[method] = self._f.in_flight.labels(method)
-        gauge.inc()
-        start = time.perf_counter()
-        status = "UNKNOWN"
-        try:
-            yield
-            status = code()
-        except BaseException:
-            status = code()
-            raise
-        finally:
-            gauge.dec()
-            self.count(method, status, time.perf_counter() - start)
+        return _Tracked(self, method, code, gauge)
 
     def count(self, method: str, code: str, elapsed_s: float | None) -> None:
         """Count one finished call (``track`` does this; admission control for calls it refused).
@@ -138,6 +129,22 @@ class RpcMetrics:
     def timed(self, method: str) -> int:
         """Calls of ``method`` in the latency histogram (all codes)."""
         return int(sum(s.value for s in _samples(self._f.seconds, "_count") if s.labels["method"] == method))
+
+
+class _Tracked:
+    __slots__ = ("_code", "_gauge", "_method", "_metrics", "_start")
+
+    def __init__(self, metrics: RpcMetrics, method: str, code: Callable[[], str], gauge: Any) -> None:
+        self._metrics, self._method, self._code, self._gauge = metrics, method, code, gauge
+        self._start = 0.0
+
+    def __enter__(self) -> None:
+        self._gauge.inc()
+        self._start = time.perf_counter()
+
+    def __exit__(self, *exc: object) -> None:
+        self._gauge.dec()
+        self._metrics.count(self._method, self._code(), time.perf_counter() - self._start)
 
 
 def _samples(family: Counter | Gauge | Histogram, suffix: str) -> Iterator[Any]:

@@ -430,7 +430,7 @@ async def test_hpa_metric_is_one_recsvc_exports() -> None:
     from recsvc.server.metrics import RpcMetrics
 
     rpc = RpcMetrics(CollectorRegistry())
-    async with rpc.track("Recommend", lambda: "OK"):
+    with rpc.track("Recommend", lambda: "OK"):
         text = generate_latest(rpc.registry).decode()
     name = helm_python.Chart.load(CHART).values["autoscaling"]["inflight"]["metricName"]
     families = {f.name: f for f in text_string_to_metric_families(text)}

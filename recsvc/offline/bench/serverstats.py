@@ -107,7 +107,25 @@ def breakdown(recsvc: MetricsSnapshot, triton: MetricsSnapshot, client_mean_ms: 
     misses = recsvc.counter("recsvc_cache_misses", tier="l1")
     out["l1_hit_ratio"] = round(hits / (hits + misses), 3) if hits + misses else None
     out["degraded"] = {k: v for k, v in _by_label(recsvc, "recsvc_degraded_responses", "reason").items() if v}
+    out["gc"] = {gen: gc for gen in ("0", "1", "2") if (gc := _gc_runs(recsvc, gen))["runs"]}
     return out
+
+
+def _gc_runs(delta: MetricsSnapshot, generation: str) -> dict[str, Any]:
+    """The collector's runs of one generation in the window: how many, their total ms, the longest (bucket bound)."""
+    name = "recsvc_gc_pause_seconds"
+    runs = delta.total(f"{name}_count", generation=generation)
+    bounds = sorted(float(dict(labels)["le"]) for (n, labels), _ in delta.values.items()
+                    if n == f"{name}_bucket" and ("generation", generation) in labels)  # fmt: skip
+    # Buckets are cumulative: the longest run is at most the first bound that holds every run.
+    longest = next((b for b in bounds if delta.total(f"{name}_bucket", generation=generation, le=_le(b)) >= runs), None)
+    return {"runs": int(runs), "ms": round(delta.total(f"{name}_sum", generation=generation) * 1000, 3),
+            "longest_ms_at_most": None if longest is None or not runs else longest * 1000}  # fmt: skip
+
+
+def _le(bound: float) -> str:
+    # prometheus_client writes bucket bounds as floatToGoString does: 0.005, 1.0, +Inf.
+    return "+Inf" if bound == float("inf") else repr(bound)
 
 
 def _by_label(snap: MetricsSnapshot, name: str, label: str) -> dict[str, float]:

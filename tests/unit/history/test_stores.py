@@ -360,3 +360,20 @@ def test_redis_prefix_must_not_move_the_hash_tag(redis_server: RedisProcess) -> 
     for prefix in ["", "a{b", "x}"]:
         with pytest.raises(ValueError, match="prefix"):
             RedisHistoryStore(redis_client(redis_server.url), keep=KEEP, prefix=prefix)
+
+
+def test_a_loaded_history_is_one_object_to_the_garbage_collector() -> None:
+    # Caches hold ~100k of them: what a full collection scans per history is the History alone, not its
+    # tuples of ids, timestamps and types (docs/PERFORMANCE.md, GC pauses).
+    import gc
+
+    from recsvc.domain import EventType
+    from recsvc.history.l2 import decode_history, encode_history
+    from recsvc.history.store import to_history
+
+    h = to_history("u", [(1, "a", int(EventType.VIEW), 1.0), (2, "b", int(EventType.PURCHASE), 2.0)])
+    again = decode_history(encode_history(h))
+    gc.collect()
+    assert again == h
+    assert not any(gc.is_tracked(t) for t in (h.item_ids, h.timestamps, h.types, again.types))
+    assert h.types == (EventType.VIEW, EventType.PURCHASE)

@@ -31,12 +31,12 @@ def value(registry: CollectorRegistry, name: str, **labels: str) -> float:
 async def test_calls_are_counted_by_code_timed_and_tracked_in_flight() -> None:
     m = RpcMetrics(CollectorRegistry())
     code = "OK"
-    async with m.track("Recommend", lambda: code):
+    with m.track("Recommend", lambda: code):
         assert m.in_flight["Recommend"] == 1
         assert value(m.registry, "recsvc_requests_in_flight", method="Recommend") == 1
     code = "INVALID_ARGUMENT"
     with pytest.raises(RuntimeError):
-        async with m.track("Recommend", lambda: code):
+        with m.track("Recommend", lambda: code):
             raise RuntimeError("aborted")
     assert m.in_flight["Recommend"] == 0
     assert m.calls == {("Recommend", "OK"): 1, ("Recommend", "INVALID_ARGUMENT"): 1}
@@ -48,7 +48,7 @@ async def test_calls_are_counted_by_code_timed_and_tracked_in_flight() -> None:
 
 async def test_refused_calls_are_counted_by_code_but_stay_out_of_the_latency_histogram() -> None:
     m = RpcMetrics(CollectorRegistry())
-    async with m.track("Recommend", lambda: "OK"):
+    with m.track("Recommend", lambda: "OK"):
         await asyncio.sleep(0.003)
     for _ in range(9):
         m.count("Recommend", "RESOURCE_EXHAUSTED", None)
@@ -158,3 +158,18 @@ def test_multiprocess_registry_sums_workers_and_drops_a_dead_workers_gauges(tmp_
     assert value(multiprocess_registry(str(tmp_path)), "recsvc_requests_in_flight", method="Recommend") == 1
     # Counters keep what exited processes counted: a restart never makes a counter go backwards.
     assert value(multiprocess_registry(str(tmp_path)), "recsvc_requests_total", method="Recommend", code="OK") == 4
+
+
+def test_garbage_collections_are_timed_by_generation_once_per_process() -> None:
+    import gc
+
+    from prometheus_client import REGISTRY
+
+    from recsvc.telemetry import watch_gc
+
+    watch_gc()
+    watch_gc()          # a second call adds no second callback (each run would be counted twice)
+    before = value(REGISTRY, "recsvc_gc_pause_seconds_count", generation="2")
+    gc.collect()
+    assert value(REGISTRY, "recsvc_gc_pause_seconds_count", generation="2") == before + 1
+    assert value(REGISTRY, "recsvc_gc_pause_seconds_sum", generation="2") > 0

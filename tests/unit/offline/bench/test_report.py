@@ -29,6 +29,7 @@ class _Exposition:
         self.misses = Counter("recsvc_cache_misses", "", ["tier"], registry=r)
         self.degraded = Counter("recsvc_degraded_responses", "", ["reason"], registry=r)
         self.search = Histogram("recsvc_search_batch_size", "", registry=r)
+        self.gc = Histogram("recsvc_gc_pause_seconds", "", ["generation"], buckets=(0.001, 0.01, 0.1, 1.0), registry=r)
         labels = ["model", "version"]
         self.t_ok = Counter("nv_inference_request_success", "", labels, registry=r)
         self.t_queue = Counter("nv_inference_queue_duration_us", "", labels, registry=r)
@@ -78,6 +79,9 @@ def test_breakdown_covers_exactly_the_window(served: tuple[_Exposition, str]) ->
     m.t_queue.labels("ranker", "1").inc(4 * 500)                 # 0.5 ms each
     m.t_infer.labels("ranker", "1").inc(4 * 2000)                # 2 ms each
     m.t_exec.labels("ranker", "1").inc(2)
+    m.gc.labels("2").observe(0.05)
+    m.gc.labels("2").observe(0.002)
+    m.gc.labels("0").observe(0.0005)
     end = scrape(url)
     b = breakdown(end - start, end - start, client_mean_ms=12.0)
     assert b["calls"] == 4
@@ -91,6 +95,9 @@ def test_breakdown_covers_exactly_the_window(served: tuple[_Exposition, str]) ->
     assert b["search_batch_rows"] == 8.0
     assert b["l1_hit_ratio"] == 0.75
     assert b["degraded"] == {"ranker_timeout": 1.0}
+    # Full collections: two, 52 ms in all, the longest within the 0.1 s bucket; generation 1 never ran.
+    assert b["gc"] == {"0": {"runs": 1, "ms": 0.5, "longest_ms_at_most": 1.0},
+                       "2": {"runs": 2, "ms": 52.0, "longest_ms_at_most": 100.0}}  # fmt: skip
 
 
 def test_a_server_without_metrics_gives_an_empty_breakdown() -> None:
