@@ -196,6 +196,24 @@ class RedisHistoryStore:
         if limit < 1:
             return History(user_id=user_id)
         entries = await self._call(f"get {user_id!r}", self._client.lrange(self._keys(user_id)[0], -limit, -1))
+        return self._history(user_id, entries)
+
+    async def get_many(self, user_ids: Sequence[str], limit: int) -> list[History]:
+        """See HistoryStore: the users' LRANGEs in one pipeline (one round trip; per node on a cluster)."""
+        if limit < 1 or not user_ids:
+            return [History(user_id=u) for u in user_ids]
+
+        async def read() -> list[Any]:
+            async with self._client.pipeline(transaction=False) as pipe:
+                for user_id in user_ids:
+                    pipe.lrange(self._keys(user_id)[0], -limit, -1)
+                replies: list[Any] = await pipe.execute()
+                return replies
+
+        replies = await self._call(f"get of {len(user_ids)} users", read())
+        return [self._history(u, entries) for u, entries in zip(user_ids, replies, strict=True)]
+
+    def _history(self, user_id: str, entries: Sequence[bytes | str]) -> History:
         try:
             rows = []
             for entry in entries:

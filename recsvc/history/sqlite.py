@@ -46,6 +46,10 @@ _INDEXES = [
 ]
 
 
+# Users per statement of get_many: far below SQLite's bound on parameters (32766 since 3.32).
+_MAX_PARAMS = 500
+
+
 class SqliteHistoryStore:
     """HistoryStore on a local SQLite file, capped to the newest ``keep`` events per user."""
 
@@ -116,6 +120,29 @@ class SqliteHistoryStore:
             return cur.fetchall()
 
         return to_history(user_id, await self._run(query))
+
+    async def get_many(self, user_ids: Sequence[str], limit: int) -> list[History]:
+        """See HistoryStore: one statement on the store's thread for all of them."""
+        if limit < 1 or not user_ids:
+            return [History(user_id=u) for u in user_ids]
+        unique = list(dict.fromkeys(user_ids))
+
+        def query() -> dict[str, list[tuple[int, str, int, float]]]:
+            found: dict[str, list[tuple[int, str, int, float]]] = {}
+            for lo in range(0, len(unique), _MAX_PARAMS):
+                chunk = unique[lo : lo + _MAX_PARAMS]
+                cur = self._db.execute(
+                    "SELECT user_id, seq, item_id, type, ts FROM (SELECT user_id, seq, item_id, type, ts, "
+                    "ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY seq DESC) AS newest FROM events "
+                    f"WHERE user_id IN ({','.join('?' * len(chunk))})) WHERE newest <= ?",
+                    (*chunk, limit),
+                )
+                for user, seq, item, kind, ts in cur:
+                    found.setdefault(user, []).append((seq, item, kind, ts))
+            return found
+
+        rows = await self._run(query)
+        return [to_history(u, rows.get(u, [])) for u in user_ids]
 
     async def append(self, events: Sequence[Event]) -> int:
         """See HistoryStore: one transaction, committed (fsynced) before returning."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Protocol
@@ -27,6 +28,13 @@ class HistoryStore(Protocol):
 
         ``History.version`` is the store's sequence number of the user's newest event (0 if none). An
         unknown user, or ``limit < 1``, gives an empty History with version 0.
+        """
+        ...
+
+    async def get_many(self, user_ids: Sequence[str], limit: int) -> list[History]:
+        """``get`` for each user, in order, in one round trip to the store (the cache's batched misses).
+
+        A store error fails the whole call.
         """
         ...
 
@@ -84,6 +92,10 @@ class InMemoryHistoryStore:
         if limit < 1:
             return History(user_id=user_id)
         return to_history(user_id, [r[:4] for r in self._rows.get(user_id, [])[-limit:]])
+
+    async def get_many(self, user_ids: Sequence[str], limit: int) -> list[History]:
+        """See HistoryStore: ``get`` per user, so subclasses that change ``get`` change this too."""
+        return list(await asyncio.gather(*(self.get(u, limit) for u in user_ids)))
 
     async def append(self, events: Sequence[Event]) -> int:
         """See HistoryStore. Nothing here awaits, so the batch is atomic for free."""

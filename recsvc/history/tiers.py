@@ -1,8 +1,11 @@
 """The tiered history cache: L1 in-process -> L2 (this process, or shared on Redis) -> durable store.
 
     get(user)      L1 hit -> done. Miss -> one load per user at a time (single-flight): L2, then the
-                   store; fill L2 and L1 on the way back. Unknown users are remembered briefly in a
-                   negative cache so a flood of them costs one store query each per negative_ttl.
+                   store; fill L2 and L1 on the way back. The store reads of misses that arrive together
+                   go to the store as one ``get_many`` (one SQLite statement, one Redis pipeline): one
+                   batch at a time, and whatever misses meanwhile is the next. Unknown users are
+                   remembered briefly in a negative cache so a flood of them costs one store read each
+                   per negative_ttl.
     record(events) durable append first (the acknowledgement point) -> invalidate the users in L2 and
                    tell other replicas (Invalidator) -> reload them into L1 (and L2) here.
 
@@ -26,14 +29,20 @@ from typing import Any
 
 from cachetools import Cache, LRUCache, TTLCache
 
+from recsvc.coalesce import Answer, Coalescer
 from recsvc.domain import Event, History
+from recsvc.errors import StoreUnavailable
 from recsvc.history.coherence import Invalidator, LocalInvalidator, RedisInvalidator, StoreChangeFeed
 from recsvc.history.l2 import SharedTier
 from recsvc.history.store import HistoryStore
 
-__all__ = ["StoreStats", "TieredHistory", "history_size"]
+__all__ = ["STORE_BATCH", "StoreStats", "TieredHistory", "history_size"]
 
 log = logging.getLogger(__name__)
+
+
+# Most users per store read: a batch of requests' misses (the pipeline batches up to 64) and prefetches.
+STORE_BATCH = 128
 
 
 def history_size(h: History) -> int:
@@ -96,6 +105,11 @@ class TieredHistory:
         # max_entries, not maxsize: with a byte bound, cachetools' maxsize counts bytes.
         self._prefetched_max = max(1, int(getattr(l1, "max_entries", None) or l1.maxsize))
         self._l1_get = l1.get              # bound once: the L1 hit path is the hottest code in the service
+        # Store reads of concurrent misses, batched; two batches at once so one forms while one reads.
+        self._reads: Coalescer[str, History] = Coalescer(
+            self._read_batch, max_rows=STORE_BATCH, max_wait_us=0, max_in_flight=2, name="history store reads",
+            closed_error=StoreUnavailable,
+        )  # fmt: skip
         self.l1_hits = 0
         self.l1_misses = 0
         self.negative_hits = 0
@@ -158,10 +172,7 @@ class TieredHistory:
         history, stamp = await self.l2.get(user_id) if self.l2 is not None else (None, None)
         from_store = history is None
         if history is None:
-            started = self._timer()
-            history = await self.store.get(user_id, self._limit)
-            self.store_stats.loads += 1
-            self.store_stats.load_seconds += self._timer() - started
+            history = await self._reads.submit(user_id)
         # An invalidation that arrived while this load ran may mean its result predates a write: it
         # answers the callers already waiting but is cached nowhere.
         if self._generation_of(user_id) == generation:
@@ -169,6 +180,14 @@ class TieredHistory:
                 await self.l2.set(history, stamp)
             self._remember(history)
         return history
+
+    async def _read_batch(self, user_ids: Sequence[str], answer: Answer[History]) -> list[History]:
+        started = self._timer()
+        histories = await self.store.get_many(user_ids, self._limit)
+        # Each user's load took the batch's time: load_seconds / loads stays the mean time of a load.
+        self.store_stats.loads += len(user_ids)
+        self.store_stats.load_seconds += (self._timer() - started) * len(user_ids)
+        return histories
 
     def _finished(self, user_id: str, task: asyncio.Task[History]) -> None:
         if self._pending.get(user_id) is task:
@@ -209,15 +228,14 @@ class TieredHistory:
             # The stamps let this refill pass L2's check, unless yet another write invalidates first.
             stamps = await self.l2.invalidate(users) if self.l2 is not None else {}
             await self.invalidator.publish(users)
-            for user_id in users:
-                # A fresh read of the store, not a local append: the store decides order, dedupe and
-                # trimming. Cached only if no other invalidation arrived meanwhile.
-                generation = self._generation_of(user_id)
-                fresh = await self.store.get(user_id, self._limit)
-                if self._generation_of(user_id) == generation:
+            # A fresh read of the store, not a local append: the store decides order, dedupe and trimming.
+            # Cached only if no other invalidation arrived meanwhile.
+            generations = [self._generation_of(u) for u in users]
+            for fresh, generation in zip(await self.store.get_many(users, self._limit), generations, strict=True):
+                if self._generation_of(fresh.user_id) == generation:
                     self._remember(fresh)
                     if self.l2 is not None and fresh.version:
-                        await self.l2.set(fresh, stamps.get(user_id))
+                        await self.l2.set(fresh, stamps.get(fresh.user_id))
         except Exception as exc:  # noqa: BLE001 - see above: the append already succeeded
             log.warning("events stored, but refreshing caches for %d users failed: %s", len(users), exc)
         return new
@@ -279,6 +297,7 @@ class TieredHistory:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._reads.close()
         await self.invalidator.close()
         if self.l2 is not None:
             await self.l2.close()

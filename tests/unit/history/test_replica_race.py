@@ -36,6 +36,9 @@ class ReadThenPause:
         await self.release.wait()
         return history
 
+    async def get_many(self, user_ids: Sequence[str], limit: int) -> list[History]:
+        return [await self.get(u, limit) for u in user_ids]
+
     async def append(self, events: Sequence[Event]) -> int:
         return await self._store.append(events)
 
@@ -53,6 +56,9 @@ class ReadFailsAfterAppend:
         self._store = store
 
     async def get(self, user_id: str, limit: int) -> History:
+        raise RuntimeError("replica lag")
+
+    async def get_many(self, user_ids: Sequence[str], limit: int) -> list[History]:
         raise RuntimeError("replica lag")
 
     async def append(self, events: Sequence[Event]) -> int:

@@ -70,6 +70,20 @@ async def test_unknown_user_has_empty_history(store: HistoryStore) -> None:
     assert (h.user_id, h.item_ids, h.version) == ("nobody", (), 0)
 
 
+async def test_get_many_is_get_for_each_user_in_one_call(store: HistoryStore) -> None:
+    # Users on different cluster slots, one with more events than KEEP, one unknown, one asked twice.
+    events = [ev(f"user-{u}", f"i{j}", float(10 * u + j)) for u in range(6) for j in range(u + 1)]
+    await store.append(events)
+    await store.append([ev("late", "b", 20), ev("late", "a", 10)])
+    users = ["user-5", "nobody", "user-0", "late", "user-3", "user-5"]
+    for limit in (KEEP, 2, 0):
+        many = await store.get_many(users, limit)
+        assert many == [await store.get(u, limit) for u in users]
+    assert [h.item_ids for h in await store.get_many(users, KEEP)][:4] == [
+        ("i1", "i2", "i3", "i4", "i5"), (), ("i0",), ("a", "b")]  # fmt: skip
+    assert await store.get_many([], KEEP) == []
+
+
 async def test_append_then_get_in_time_order(store: HistoryStore) -> None:
     assert await store.append([ev("u", "a", 10), ev("u", "b", 30), ev("v", "x", 5)]) == 3
     # A late event (older timestamp, arrives last) sorts into the past but still bumps the version.

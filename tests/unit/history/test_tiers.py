@@ -7,6 +7,7 @@ import pytest
 from cachetools import LRUCache
 
 from recsvc.domain import Event, EventType, History
+from recsvc.errors import StoreUnavailable
 from recsvc.history import InMemoryHistoryStore, MemoryTier, TieredHistory
 from tests.support import FakeClock
 
@@ -66,6 +67,59 @@ async def test_concurrent_misses_load_once() -> None:
     store.release.set()
     results = await asyncio.gather(*waiters)
     assert store.gets == 1 and all(r is results[0] for r in results)
+
+
+class BatchRecordingStore(InMemoryHistoryStore):
+    """Records each get_many's users; holds a read until released when ``hold`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batches: list[list[str]] = []
+        self.hold: asyncio.Event | None = None
+        self.failing: set[str] = set()      # a read that includes one of these users fails
+
+    async def get_many(self, user_ids: Sequence[str], limit: int) -> list[History]:
+        self.batches.append(list(user_ids))
+        if self.hold is not None:
+            await self.hold.wait()
+        if self.failing & set(user_ids):
+            raise StoreUnavailable("store down")
+        return await super().get_many(user_ids, limit)
+
+
+async def test_misses_that_arrive_together_are_one_store_read() -> None:
+    store = BatchRecordingStore()
+    await store.append([ev(f"u{i}", f"item{i}") for i in range(40)])
+    t = tiers(store, maxsize=100)
+    got = await asyncio.gather(*(t.get(f"u{i}") for i in range(40)), t.get("u3"), t.get("ghost"))
+    assert [h.item_ids for h in got[:40]] == [(f"item{i}",) for i in range(40)] and got[40] is got[3]
+    assert got[41].item_ids == () and store.batches == [[*(f"u{i}" for i in range(40)), "ghost"]]
+    assert (t.store_stats.loads, t.l1_misses) == (41, 42)
+    # Cached now: no store read at all.
+    await asyncio.gather(*(t.get(f"u{i}") for i in range(40)))
+    assert len(store.batches) == 1
+
+
+async def test_misses_during_a_store_read_form_the_next_batches_and_a_failure_fails_its_batch_only() -> None:
+    store = BatchRecordingStore()
+    await store.append([ev(f"u{i}", "x") for i in range(6)])
+    store.hold = asyncio.Event()
+    t = tiers(store, maxsize=100)
+    first = [asyncio.create_task(t.get(u)) for u in ("u0", "u1")]
+    await asyncio.sleep(0.01)
+    second = [asyncio.create_task(t.get(u)) for u in ("u2", "u3")]
+    await asyncio.sleep(0.01)
+    third = [asyncio.create_task(t.get(u)) for u in ("u4", "u5")]
+    await asyncio.sleep(0.01)
+    # Two reads at once (one forms while one reads), the third waits for a slot.
+    assert store.batches == [["u0", "u1"], ["u2", "u3"]]
+    store.failing = {"u0", "u2"}
+    store.hold.set()
+    for task in first + second:
+        with pytest.raises(StoreUnavailable):
+            await task
+    assert [(await task).item_ids for task in third] == [("x",), ("x",)]
+    assert store.batches[2] == ["u4", "u5"]
 
 
 async def test_cancelled_caller_does_not_cancel_the_shared_load() -> None:
