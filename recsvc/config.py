@@ -110,8 +110,9 @@ class Settings:
     # default 100), which is also the most allowed: a larger value is refused when a version loads. The
     # ranker always scores C slots (fewer candidates are padded), so a lower value saves retrieval only.
     num_candidates: int = 0
-    # Requests per pipeline batch (one encoder, search and Triton call each). No timer: one batch runs at a
-    # time and whatever arrives meanwhile is the next one, up to this many.
+    # Requests per pipeline batch (one encoder, search and Triton call each), and users per batched store
+    # read of cache misses. No timer: one batch runs at a time and whatever arrives meanwhile is the next
+    # one, up to this many.
     max_batch: int = 64
 
     # --- retrieval index (built by `recsvc build-index`, or at load when a version has none) ---

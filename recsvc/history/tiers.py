@@ -36,13 +36,9 @@ from recsvc.history.coherence import Invalidator, LocalInvalidator, RedisInvalid
 from recsvc.history.l2 import SharedTier
 from recsvc.history.store import HistoryStore
 
-__all__ = ["STORE_BATCH", "StoreStats", "TieredHistory", "history_size"]
+__all__ = ["StoreStats", "TieredHistory", "history_size"]
 
 log = logging.getLogger(__name__)
-
-
-# Most users per store read: a batch of requests' misses (the pipeline batches up to 64) and prefetches.
-STORE_BATCH = 128
 
 
 def history_size(h: History) -> int:
@@ -74,6 +70,7 @@ class TieredHistory:
         invalidator: Invalidator | None = None,
         negative_ttl_s: float = 10.0,
         negative_entries: int = 100_000,
+        read_batch: int = 64,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -105,9 +102,10 @@ class TieredHistory:
         # max_entries, not maxsize: with a byte bound, cachetools' maxsize counts bytes.
         self._prefetched_max = max(1, int(getattr(l1, "max_entries", None) or l1.maxsize))
         self._l1_get = l1.get              # bound once: the L1 hit path is the hottest code in the service
-        # Store reads of concurrent misses, batched; two batches at once so one forms while one reads.
+        # Store reads of concurrent misses, at most ``read_batch`` users each (the server passes its
+        # max_batch); two at once, so one forms while one reads.
         self._reads: Coalescer[str, History] = Coalescer(
-            self._read_batch, max_rows=STORE_BATCH, max_wait_us=0, max_in_flight=2, name="history store reads",
+            self._read_batch, max_rows=read_batch, max_wait_us=0, max_in_flight=2, name="history store reads",
             closed_error=StoreUnavailable,
         )  # fmt: skip
         self.l1_hits = 0

@@ -110,7 +110,8 @@ async def open_history(settings: Settings, store: HistoryStore) -> TieredHistory
     elif backend == "redis":
         l2 = RedisTier.open(settings.redis_url, ttl_s=settings.l2_ttl_s, timeout_s=settings.redis_timeout_s,
                             cluster=settings.redis_cluster)  # fmt: skip
-    history = TieredHistory(store, l1=l1, limit=settings.history_keep, l2=l2, negative_ttl_s=settings.negative_ttl_s)
+    history = TieredHistory(store, l1=l1, limit=settings.history_keep, l2=l2, negative_ttl_s=settings.negative_ttl_s,
+                            read_batch=settings.max_batch)  # fmt: skip
     if settings.history_store == "redis" or backend == "redis":
         # Other replicas share this store: their L1 copies must hear about our writes, and we about theirs.
         invalidator = RedisInvalidator.open(
