@@ -13,8 +13,11 @@ Sections, each timed on its own and reported even when another fails:
 3. request path: a batch of B users through the GPU stages as the batch-first server runs them (query
    tower, exact search for 500, ranking of the 500, top 10), B = 1, 64, 256: Recommend/s of the GPU part
    and its p99 per batch: what one GPU can do per host before gRPC and Python.
-4. end to end: `recsvc bench` against a server on this host, when tritonserver (nvidia-pytriton),
-   grpcio, tritonclient and pyarrow are importable; otherwise the missing modules are recorded.
+4. end to end: `recsvc bench --start` on this host (Triton, recsvc workers and the load generator all
+   here) over a 1M-item stack with 500 ranked candidates, at 16, 64 and 256 calls in flight, when the
+   serving stack is importable (tritonserver from nvidia-pytriton, tritonclient, faiss, hdrhistogram,
+   psutil); otherwise the missing modules are recorded. ``--only end_to_end --e2e-items N`` runs it
+   alone and smaller (the CPU test does).
 
 Writes OUT/gpu.json and OUT/gpu.md. Weights are random: speed does not depend on them.
 """
@@ -24,8 +27,12 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
+import os
 import platform
+import shutil
+import subprocess
 import sys
+import tempfile
 import time
 import traceback
 from pathlib import Path
@@ -34,6 +41,7 @@ from typing import Any
 import numpy as np
 
 ITEMS, DIM, HISTORY, CANDIDATES, K = 1_000_000, 64, 50, 500, 10
+E2E_CONCURRENCY = (16, 64, 256)
 
 
 def _timed(fn: Any, sync: Any, *, seconds: float, min_calls: int = 20) -> dict[str, float]:
@@ -154,13 +162,54 @@ def request_path(seconds: float) -> list[dict[str, Any]]:
     return rows
 
 
-def end_to_end() -> dict[str, Any]:
-    needed = ["pytriton", "grpc", "tritonclient", "pyarrow", "onnxruntime", "hdrh", "psutil"]
+def end_to_end(out: Path, seconds: float, items: int, users: int) -> dict[str, Any]:
+    """`recsvc bench --start` against this host: Triton and recsvc started for the run, the load generator beside.
+
+    The stack is benchmarks/make_1m_stack.py's (a consistent random bundle, its index, a seeded store) with
+    ``items`` items and C = CANDIDATES ranked per request. On a CUDA host retrieval is recsvc's torch exact
+    search on the GPU (RECSVC_INDEX_DEVICE=torch); the ranker is the bundle's ONNX model in Triton's python
+    backend (the CPU template: the stack's ranker has no TorchScript twin for the gpu-torch one). Server
+    workers: half the cores (at most 8); client processes: a quarter.
+    """
+    needed = ["pytriton", "grpc", "tritonclient", "pyarrow", "onnxruntime", "hdrh", "psutil", "faiss"]
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
     if missing:
         return {"skipped": f"not importable on this host: {', '.join(missing)} (the serving stack needs them)"}
-    return {"skipped": "the modules are here; run `recsvc up --exit-after-demo` then "
-                       "`RECSVC_INDEX_DEVICE=torch recsvc bench --start --ceilings` on this host"}
+    import torch
+
+    # Not under OUT: the store and the index are large and only the report needs to come back.
+    stack = Path(tempfile.mkdtemp(prefix="recsvc-e2e-"))
+    try:
+        return _end_to_end(stack, out, seconds, items, users, os.cpu_count() or 2, torch.cuda.is_available())
+    finally:
+        shutil.rmtree(stack, ignore_errors=True)
+
+
+def _end_to_end(
+    stack: Path, out: Path, seconds: float, items: int, users: int, cores: int, cuda: bool
+) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "benchmarks/make_1m_stack.py", str(stack), "--items", str(items),
+                    "--candidates", str(CANDIDATES), "--users", str(users)], check=True)  # fmt: skip
+    built_s = time.perf_counter() - t0
+    workers, clients = max(1, min(8, cores // 2)), max(1, cores // 4)
+    env = {**os.environ, "RECSVC_MODEL_REPOSITORY": str(stack / "repo"), "RECSVC_DATA_DIR": str(stack / "var"),
+           "RECSVC_WORKERS": str(workers), "RECSVC_INDEX_DEVICE": "torch" if cuda else "auto",
+           "RECSVC_INDEX_NPROBE": "16", "RECSVC_MAX_BATCH": "256",
+           "RECSVC_MAX_IN_FLIGHT": "256"}  # fmt: skip
+    report = out / "e2e"      # bench.json
+    subprocess.run([sys.executable, "-m", "recsvc.cli", "bench", "--start", "--no-plots", "--out", str(report),
+                    "--duration", str(seconds), "--warmup", "2", "--processes", str(clients),
+                    "--concurrency", ",".join(str(c) for c in E2E_CONCURRENCY), "--label", "recsvc"],
+                   check=True, env=env)  # fmt: skip
+    bench = json.loads((report / "bench.json").read_text())
+    levels = bench["configurations"]["recsvc"]["levels"]
+    return {"items": items, "users": users, "candidates": CANDIDATES, "workers": workers, "client_processes": clients,
+            "retrieval": "torch exact on CUDA" if cuda else "faiss on the CPU", "stack_built_s": round(built_s, 1),
+            "levels": [{"concurrency": lv["value"], "recommend_per_s": lv["throughput_per_s"],
+                        "p50_ms": lv["latency_ms"]["p50"], "p99_ms": lv["latency_ms"]["p99"],
+                        "failed": lv["failed"], "degraded": lv["degraded"], "cpu_cores": lv["cpu_cores"],
+                        "stages_ms": (lv.get("breakdown") or {}).get("stages_ms")} for lv in levels]}  # fmt: skip
 
 
 def main() -> None:
@@ -168,6 +217,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per measurement (default 2)")
+    p.add_argument("--e2e-seconds", type=float, default=8.0, help="measured seconds per end-to-end level (default 8)")
+    p.add_argument("--e2e-items", type=int, default=ITEMS, help="items of the end-to-end stack (default 1M)")
+    p.add_argument("--e2e-users", type=int, default=100_000, help="users of the end-to-end stack (default 100k)")
+    p.add_argument("--only", choices=("retrieval", "ranking", "request_path", "end_to_end"), help="one section")
     args = p.parse_args()
     import torch
 
@@ -178,8 +231,12 @@ def main() -> None:
         "items": ITEMS, "dim": DIM, "history": HISTORY, "candidates": CANDIDATES, "k": K,
     }  # fmt: skip
     sections = (("retrieval", lambda: retrieval(args.seconds)), ("ranking", lambda: ranking(args.seconds)),
-                ("request_path", lambda: request_path(args.seconds)), ("end_to_end", end_to_end))
+                ("request_path", lambda: request_path(args.seconds)),
+                ("end_to_end", lambda: end_to_end(args.out, args.e2e_seconds, args.e2e_items, args.e2e_users)))
+    args.out.mkdir(parents=True, exist_ok=True)
     for name, section in sections:
+        if args.only not in (None, name):
+            continue
         t0 = time.perf_counter()
         try:
             report[name] = section()
@@ -211,9 +268,21 @@ def _markdown(r: dict[str, Any]) -> str:
         lines += [f"| query + search + rank + top-k | {x['batch']} | {x['recommend_per_s']:,.0f} | {x['p50_ms']} | "
                   f"{x['p99_ms']} |" for x in r["request_path"]]  # fmt: skip
         lines.append("")
+    e2e = r.get("end_to_end")
+    if isinstance(e2e, dict) and e2e.get("levels"):
+        lines += [f"End to end: `recsvc bench --start`, {e2e['items']:,} items, {e2e['candidates']} ranked, retrieval "
+                  f"{e2e['retrieval']}, {e2e['workers']} server workers, {e2e['client_processes']} client processes "
+                  "on the same host", "",
+                  "| in flight | Recommend/s | p50 ms | p99 ms | failed | degraded | cores: server, Triton, client |",
+                  "|---|---|---|---|---|---|---|"]  # fmt: skip
+        for lv in e2e["levels"]:
+            cpu = ", ".join(str(lv["cpu_cores"].get(k)) for k in ("server", "triton", "client"))
+            lines.append(f"| {lv['concurrency']:.0f} | {lv['recommend_per_s']:,.0f} | {lv['p50_ms']} | "
+                         f"{lv['p99_ms']} | {lv['failed']} | {lv['degraded']} | {cpu} |")  # fmt: skip
+        lines.append("")
     for name in ("retrieval", "ranking", "request_path", "end_to_end"):
         v = r.get(name)
-        if isinstance(v, dict):
+        if isinstance(v, dict) and (v.get("error") or v.get("skipped")):
             lines.append(f"- {name}: {v.get('error') or v.get('skipped')}")
     lines.append("")
     return "\n".join(lines)
