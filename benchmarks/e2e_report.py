@@ -58,20 +58,24 @@ def main() -> None:
         print(f"\n{name}: `{r['command']}` ({r['date']}, commit {r['machine'].get('git_commit')}, "
               f"{r['machine']['cpu']}, {r['machine']['cores']} cores)\n")
         print("| configuration | level | calls/s | p50 ms | p99 ms | p99.9 ms | failed | server / Triton / client CPU "
-              "cores | search / rank rows per batch |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              "cores | search / rank rows per batch | full GCs: runs, ms in all (longest <=) |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
         for conf, c in r["configurations"].items():
             for lv in c["levels"]:
                 lat, b, cpu = lv["latency_ms"], lv.get("breakdown") or {}, lv.get("cpu_cores") or {}
                 level = f"{lv['value']:g} in flight" if lv["mode"] == "closed" else f"{lv['value']:g}/s"
                 cores = " / ".join(_fmt(cpu.get(k), 2) for k in ("server", "triton", "client"))
                 rows = f"{_fmt(b.get('search_batch_rows'))} / {_fmt(b.get('rank_batch_rows'))}" if b else ""
+                full = (b.get("gc") or {}).get("2")
+                gc = "-" if b.get("server_ms") is None else "0"      # no metrics (echo): nothing to show
+                if full:
+                    gc = f"{full['runs']}, {full['ms']:.0f} ({full['longest_ms_at_most']:g} ms)"
                 print(f"| {conf} | {level} | {lv['throughput_per_s']:,.1f} | {_fmt(lat['p50'])} | {_fmt(lat['p99'])} "
-                      f"| {_fmt(lat['p99_9'])} | {lv['failed']} | {cores} | {rows} |")
+                      f"| {_fmt(lat['p99_9'])} | {lv['failed']} | {cores} | {rows} | {gc} |")
         for lv in (r.get("ceilings") or {}).get("triton", []):
             lat = lv["latency_ms"]
             print(f"| triton_raw | {lv['value']:g} in flight | {lv['throughput_per_s']:,.1f} | {_fmt(lat['p50'])} "
-                  f"| {_fmt(lat['p99'])} | {_fmt(lat['p99_9'])} | {lv['failed']} | | |")
+                  f"| {_fmt(lat['p99'])} | {_fmt(lat['p99_9'])} | {lv['failed']} | | | |")
         if "ceilings" in r:
             f = r["ceilings"]["faiss"]
             print(f"\nRaw FAISS on the served index ({f['items']:,} items, k {f['k']}, {f['device']}): one query per "
