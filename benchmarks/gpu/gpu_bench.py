@@ -219,7 +219,7 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=2.0, help="timed seconds per measurement (default 2)")
     p.add_argument("--e2e-seconds", type=float, default=8.0, help="measured seconds per end-to-end level (default 8)")
     p.add_argument("--e2e-items", type=int, default=ITEMS, help="items of the end-to-end stack (default 1M)")
-    p.add_argument("--e2e-users", type=int, default=100_000, help="users of the end-to-end stack (default 100k)")
+    p.add_argument("--e2e-users", type=int, default=50_000, help="users of the end-to-end stack (default 50k)")
     p.add_argument("--only", choices=("retrieval", "ranking", "request_path", "end_to_end"), help="one section")
     args = p.parse_args()
     import torch
