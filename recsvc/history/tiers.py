@@ -2,8 +2,8 @@
 
     get(user)      L1 hit -> done. Miss -> one load per user at a time (single-flight): L2, then the
                    store; fill L2 and L1 on the way back. The store reads of misses that arrive together
-                   go to the store as one ``get_many`` (one SQLite statement, one Redis pipeline): one
-                   batch at a time, and whatever misses meanwhile is the next. Unknown users are
+                   go to the store as one ``get_many`` (one SQLite statement, one Redis pipeline): two
+                   reads at a time at most, and whatever misses meanwhile forms the next. Unknown users are
                    remembered briefly in a negative cache so a flood of them costs one store read each
                    per negative_ttl.
     record(events) durable append first (the acknowledgement point) -> invalidate the users in L2 and

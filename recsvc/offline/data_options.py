@@ -14,7 +14,10 @@ from typing import Any
 
 from recsvc.errors import ConfigError
 
-__all__ = ["DATASETS", "add_data_args", "bundle_dataset", "data_given", "data_source", "load_dataset", "load_source"]
+__all__ = [
+    "DATASETS", "add_data_args", "add_split_args", "bundle_dataset", "data_given", "data_source", "describe_split",
+    "load_dataset", "load_source", "positive_int", "split_protocol",
+]  # fmt: skip
 
 DATASETS = ("movielens", "synthetic", "files")
 
@@ -119,3 +122,51 @@ def bundle_dataset(args: argparse.Namespace, bundle: Path) -> Any:
         raise ConfigError(f"{bundle} was trained on {model_items:,} items; this data ({ds.name}) has "
                           f"{ds.num_items:,}: evaluate a bundle on the data it was trained on")  # fmt: skip
     return ds
+
+
+def split_protocol(args: argparse.Namespace, recorded: dict[str, Any] | None = None) -> dict[str, Any]:
+    """time_split's arguments: the command line's, else the bundle's recorded ones, else the last 5 per user."""
+    if args.test_fraction is not None:
+        return {"test_fraction": args.test_fraction}
+    if args.test_per_user is not None:
+        return {"test_per_user": args.test_per_user}
+    return dict(recorded) if recorded else {"test_per_user": 5}
+
+
+def describe_split(protocol: dict[str, Any]) -> str:
+    """How the held-out set was chosen, for people."""
+    if "test_fraction" in protocol:
+        return f"latest {protocol['test_fraction']:.0%} of each user's interactions"
+    return f"last {protocol['test_per_user']} interactions per user"
+
+
+def _fraction(text: str) -> float:
+    bad = argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (e.g. 0.2), got {text!r}")
+    try:
+        value = float(text)
+    except ValueError:
+        raise bad from None
+    if not 0 < value < 1:
+        raise bad
+    return value
+
+
+def add_split_args(p: argparse.ArgumentParser, *, default_note: str) -> None:
+    """--test-per-user N | --test-fraction F: the two hold-out protocols (recsvc.offline.data.time_split)."""
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--test-per-user", type=positive_int, metavar="N",
+                       help=f"hold out each user's latest N interactions ({default_note})")  # fmt: skip
+    group.add_argument("--test-fraction", type=_fraction, metavar="F",
+                       help="hold out each user's latest fraction F of their interactions instead (e.g. 0.2)")
+
+
+def positive_int(text: str) -> int:
+    """Parse an argparse value: an integer >= 1 (a bad value is argparse's one-line usage error, exit status 2)."""
+    bad = argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    try:
+        value = int(text)
+    except ValueError:
+        raise bad from None
+    if value < 1:
+        raise bad
+    return value

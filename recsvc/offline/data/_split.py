@@ -25,22 +25,28 @@ class Split(NamedTuple):
     test: dict[int, npt.NDArray[np.int32]]
 
 
-def time_split(ds: Dataset, *, test_per_user: int = 5, min_train: int = 1) -> Split:
-    """Hold out each user's latest ``test_per_user`` interactions as their test set.
+def time_split(
+    ds: Dataset, *, test_per_user: int = 5, test_fraction: float | None = None, min_train: int = 1
+) -> Split:
+    """Hold out each user's latest ``test_per_user`` interactions (or latest ``test_fraction``) as their test set.
 
-    "Latest" is by timestamp, ties by original order, i.e. the last rows of the user's run in the
-    sorted Dataset. Users with fewer than ``test_per_user + min_train`` interactions keep everything in
-    train and get no test set. ``train`` keeps ``ds``'s user and item index spaces (the very same
+    Two protocols: latest-N-per-user (``test_per_user``, the default) and latest-fraction-per-user
+    (``test_fraction``, e.g. 0.2: each user's latest ceil(0.2 * n) of their n interactions; it replaces
+    ``test_per_user``). "Latest" is by timestamp, ties by original order, i.e. the last rows of the user's
+    run in the sorted Dataset. Users who would keep fewer than ``min_train`` interactions keep everything
+    in train and get no test set. ``train`` keeps ``ds``'s user and item index spaces (the very same
     id/title/category arrays), so a model trained on it scores the test items directly.
 
     The held-out interactions are removed from train, then the test items are de-duplicated (first
     occurrence kept) and items the user already has in train are dropped: the service never
     re-recommends an item the user has seen, so such items could never be hit and would only deflate
     recall. A user whose held-out items all were such repeats has no test set. So a test set has at most
-    ``test_per_user`` items, possibly fewer.
+    the held-out number of items, possibly fewer.
     """
     if test_per_user < 1:
         raise InvalidArgument("test_per_user", f"must be >= 1, got {test_per_user}")
+    if test_fraction is not None and not 0 < test_fraction < 1:
+        raise InvalidArgument("test_fraction", f"must be in (0, 1), got {test_fraction}")
     if min_train < 0:
         raise InvalidArgument("min_train", f"must be >= 0, got {min_train}")
 
@@ -48,8 +54,13 @@ def time_split(ds: Dataset, *, test_per_user: int = 5, min_train: int = 1) -> Sp
     ends = np.cumsum(counts)
     # Position of each row counted from the end of its user's run: 0 for the user's latest event.
     from_end = ends[ds.users] - 1 - np.arange(ds.num_interactions)
-    eligible = counts >= test_per_user + min_train
-    held_out = (from_end < test_per_user) & eligible[ds.users]
+    if test_fraction is None:
+        per_user = np.full(ds.num_users, test_per_user, dtype=np.int64)
+    else:
+        # A small epsilon keeps 0.2 * 10 at 2 (floating point makes it 2.0000000000000004).
+        per_user = np.ceil(counts * test_fraction - 1e-9).astype(np.int64)
+    eligible = (per_user >= 1) & (counts >= per_user + min_train)
+    held_out = (from_end < per_user[ds.users]) & eligible[ds.users]
     del from_end
     keep = ~held_out
 

@@ -1,12 +1,14 @@
-"""Offline evaluation on a time split: popularity vs retrieval vs retrieval + ranking.
+"""Offline evaluation on a time split: popularity, the classical baselines, retrieval, retrieval + ranking.
 
 It runs the bundle's exported ONNX files (not the torch modules), so the figures describe exactly what
 is served. Every method excludes the items the user interacted with in training, as the service does.
+The baselines (EASE^R, implicit ALS: recsvc.offline.models.baselines) are fitted on the same training
+part and scored on the same users.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,6 +19,7 @@ import onnxruntime as ort
 
 from recsvc.bundle import read_manifest
 from recsvc.offline.data import Dataset, ndcg_at_k, popularity_ranking, recall_at_k
+from recsvc.offline.models.baselines import Scorer
 from recsvc.offline.models.train import history_matrix
 
 __all__ = ["METHODS", "EvalReport", "evaluate_bundle"]
@@ -48,15 +51,15 @@ class EvalReport:
     def as_metrics(self) -> dict[str, float]:
         """Flat dict for the bundle manifest."""
         out = {"eval_users": float(self.users)}
-        for method in METHODS:
+        for method in self.recall:
             out[f"recall@{self.k}/{method}"] = round(self.recall[method], 5)
             out[f"ndcg@{self.k}/{method}"] = round(self.ndcg[method], 5)
         return out
 
     def table(self) -> str:
-        """A Markdown table for people (and docs/)."""
+        """A Markdown table for people (and docs/): popularity, the baselines, then recsvc's methods."""
         lines = [f"| method | recall@{self.k} | NDCG@{self.k} |", "|---|---|---|"]
-        for method in METHODS:
+        for method in self.recall:
             lines.append(f"| {method} | {self.recall[method]:.4f} | {self.ndcg[method]:.4f} |")
         return "\n".join(lines)
 
@@ -77,11 +80,13 @@ def evaluate_bundle(
     rng: np.random.Generator | None = None,
     threads: int = 2,
     ranker: Path | None = None,
+    baselines: Sequence[Scorer] = (),
 ) -> EvalReport:
     """Evaluate a bundle trained on ``train`` against each test user's held-out items.
 
     ``ranker`` replaces the bundle's ranker.onnx with another ONNX file of the same interface (a
-    compressed variant, say); retrieval still comes from the bundle.
+    compressed variant, say); retrieval still comes from the bundle. ``baselines`` (fitted on ``train``)
+    are scored beside recsvc's methods, on the same users, after popularity.
     """
     manifest = read_manifest(bundle)
     embeddings = np.load(bundle / "item_embeddings.npy")
@@ -96,8 +101,11 @@ def evaluate_bundle(
     ends = np.searchsorted(train.users, users, side="right")
     popular = popularity_ranking(train)
     n_items, n_cand = embeddings.shape[0], min(manifest.num_candidates, embeddings.shape[0])
-    sums = {m: [0.0, 0.0] for m in METHODS}
-    user_ndcg: dict[str, list[float]] = {m: [] for m in METHODS}
+    methods = [METHODS[0], *(b.name for b in baselines), *METHODS[1:]]
+    if len(set(methods)) != len(methods):
+        raise ValueError(f"method names must differ: {methods}")
+    sums = {m: [0.0, 0.0] for m in methods}
+    user_ndcg: dict[str, list[float]] = {m: [] for m in methods}
     auc_sums = {"retrieval": 0.0, "retrieval+ranking": 0.0}
     auc_users = 0
     chunk = max(1, min(256, 20_000_000 // n_items))   # bound the [chunk, n_items] score matrix
@@ -113,12 +121,13 @@ def evaluate_bundle(
         top_scores = np.take_along_axis(scores, top, 1)
         ranked = ranker_session.run(["SCORES"], {"HISTORY": history, "CANDIDATES": top.astype(np.int64)})[0]
         reranked = np.take_along_axis(top, np.argsort(-ranked, axis=1, kind="stable"), 1)
+        peers = {b.name: _top_k(b.scores(users[sl]), flat, starts[sl], ends[sl], k) for b in baselines}
         for row, user in enumerate(users[sl]):
             relevant = test[int(user)]
             seen = set(flat[starts[lo + row] : ends[lo + row]].tolist())
             pop = [i for i in popular[: k + len(seen)].tolist() if i not in seen][:k]
-            for method, recs in (("popularity", pop), ("retrieval", top[row, :k]),
-                                 ("retrieval+ranking", reranked[row, :k])):  # fmt: skip
+            for method, recs in (("popularity", pop), *((name, top_k[row]) for name, top_k in peers.items()),
+                                 ("retrieval", top[row, :k]), ("retrieval+ranking", reranked[row, :k])):  # fmt: skip
                 sums[method][0] += recall_at_k(recs, relevant, k)
                 user_ndcg[method].append(ndcg_at_k(recs, relevant, k))
                 sums[method][1] += user_ndcg[method][-1]
@@ -137,6 +146,18 @@ def evaluate_bundle(
         auc={m: v / max(auc_users, 1) for m, v in auc_sums.items()}, auc_users=auc_users,
         user_ndcg={m: np.asarray(v, dtype=np.float64) for m, v in user_ndcg.items()},
     )  # fmt: skip
+
+
+def _top_k(
+    scores: npt.NDArray[np.float32], flat: npt.NDArray[np.int64], starts: npt.NDArray[np.int64],
+    ends: npt.NDArray[np.int64], k: int,
+) -> npt.NDArray[np.int64]:  # fmt: skip
+    """Each row's k best items in order, the user's training items excluded."""
+    for row, (s, e) in enumerate(zip(starts, ends, strict=True)):
+        scores[row, flat[s:e]] = -np.inf
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1, kind="stable"), 1)
 
 
 def _pair_auc(scores: npt.NDArray[np.floating[Any]], positive: npt.NDArray[np.bool_],

@@ -254,6 +254,41 @@ def test_train_candidates_is_the_c_of_everything_built_from_the_bundle(
     assert canary_inputs(version_dir(tmp_path / "repo", "ranker", version) / "bundle")["CANDIDATES"].shape[1] == 200
 
 
+def test_train_and_evaluate_share_the_split_and_report_the_classical_baselines(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    bundle = tmp_path / "bundle"
+    data = ["--dataset", "synthetic", "--synthetic-users", "200", "--synthetic-items", "250"]
+    assert main(["train", *data, "--epochs", "1", "--ranker-epochs", "1", "--test-fraction", "0.2", "--baselines",
+                 "--als-factors", "8", "--out", str(bundle)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "held-out evaluation (latest 20% of each user's interactions" in out
+    rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "recall" not in line]
+    assert rows == ["popularity", "EASE^R", "implicit ALS", "retrieval", "retrieval+ranking"]
+    manifest = read_manifest(bundle)
+    assert manifest.extra["split"] == {"test_fraction": 0.2}
+    assert {"recall@10/EASE^R", "ndcg@10/implicit ALS", "recall@10/retrieval+ranking"} <= set(manifest.metrics)
+    # evaluate redoes the bundle's own split unasked, with the same figures for the same methods.
+    assert main(["evaluate", str(bundle), "--als-factors", "8"]) == 0
+    again = capsys.readouterr().out
+    assert "latest 20% of each user's interactions" in again
+    table = {line.split("|")[1].strip(): line for line in again.splitlines() if line.startswith("| ")}
+    for method in ("popularity", "EASE^R", "retrieval+ranking"):
+        recall = float(table[method].split("|")[2])
+        assert recall == pytest.approx(manifest.metrics[f"recall@10/{method}"], abs=1e-4), method
+    # Another protocol on request; the baselines can be left out; both protocols at once is a usage error.
+    assert main(["evaluate", str(bundle), "--test-per-user", "3", "--no-baselines"]) == 0
+    other = capsys.readouterr().out
+    assert "last 3 interactions per user" in other and "EASE^R" not in other
+    for bad, message in ((["--test-per-user", "3", "--test-fraction", "0.2"], "argument --test-fraction: not "
+                          "allowed with argument --test-per-user"),
+                         (["--test-fraction", "1.5"], "argument --test-fraction: expected a fraction between 0 and 1")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["evaluate", str(bundle), *bad])
+        assert exit_.value.code == 2
+        _one_error_line(capsys.readouterr().err, f"recsvc evaluate: {message}")
+
+
 def test_the_clis_default_candidates_is_the_training_apis() -> None:
     assert DEFAULT_CANDIDATES == TrainConfig().num_candidates == 100
 

@@ -61,11 +61,29 @@ def test_everyone_too_short() -> None:
     assert np.array_equal(train.items, ds.items)
 
 
+def test_latest_fraction_per_user() -> None:
+    # 7 events: ceil(0.3 * 7) = 3 held out; 3 events: 1; 5 events: 2; 4 events: 2 (all repeats of a seen item).
+    train, test = time_split(_tiny(), test_fraction=0.3)
+    assert [h.tolist() for h in user_histories(train)] == [[0, 1, 2, 3], [0, 1], [6, 7, 8], [2, 2]]
+    assert {u: t.tolist() for u, t in test.items()} == {0: [4, 5], 1: [2], 2: [9]}
+    # ceil(0.2 * n): 2 of 7, 1 of 5 and of 4; user 1 (3 events) would keep 2 < min_train 3, so keeps all.
+    rows = time_split(_tiny(), test_fraction=0.2, min_train=3)
+    assert [len(h) for h in user_histories(rows.train)] == [5, 3, 4, 3]
+    # 0.1 * 30 is 3.0000000000000004 in floating point: still 3 held out, not 4.
+    many = time_split(load_movielens(), test_fraction=0.1)
+    counts = np.bincount(load_movielens().users)
+    kept = np.bincount(many.train.users, minlength=len(counts))
+    assert (counts - kept)[counts == 30].tolist() == [3] * int((counts == 30).sum()) and (counts == 30).any()
+
+
 def test_bad_arguments() -> None:
     with pytest.raises(InvalidArgument, match="test_per_user: must be >= 1, got 0"):
         time_split(_tiny(), test_per_user=0)
     with pytest.raises(InvalidArgument, match="min_train: must be >= 0, got -1"):
         time_split(_tiny(), min_train=-1)
+    for bad in (0.0, 1.0, -0.2):
+        with pytest.raises(InvalidArgument, match="test_fraction: must be in"):
+            time_split(_tiny(), test_fraction=bad)
 
 
 def test_movielens_split() -> None:
