@@ -41,6 +41,10 @@ class History:
     ``types`` holds the EventType values as plain ints (they compare equal to the members): a tuple of
     ints is dropped from CPython's garbage collector at its first collection, a tuple of enum members is
     scanned by every full collection, and caches hold ~100k histories (docs/PERFORMANCE.md, GC pauses).
+
+    ``older_seen`` (sorted) holds the items of the user's events that the store no longer keeps (trimmed
+    past ``history_keep``): with ``item_ids`` it is every item the user ever interacted with, which is
+    what the "already seen" filter excludes, however long the history.
     """
 
     user_id: str
@@ -48,6 +52,7 @@ class History:
     timestamps: tuple[float, ...] = ()
     types: tuple[int, ...] = ()
     version: int = 0
+    older_seen: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.item_ids)

@@ -208,7 +208,7 @@ class _UserQuery:
     Python ints reached ~7 GB): dense ids are int32 arrays, 4 bytes an id instead of ~70.
     """
 
-    seen: npt.NDArray[np.int32]                     # every dense id of the history, sorted, unique: excluded
+    seen: npt.NDArray[np.int32]                     # every dense id the user ever had (older_seen too), sorted
     recent: npt.NDArray[np.int32]                   # the newest history_len dense ids, oldest first
     hist: npt.NDArray[np.int64]                     # HISTORY [1, L] for the models
     vector_nbytes: int                              # what ``vector`` holds once filled (counted up front)
@@ -650,10 +650,14 @@ class Pipeline:
             hist[0, -len(sequence) :] = bundle.catalog.to_model(np.asarray(sequence, dtype=np.int64))
         return hist
 
-    def _new_user_query(self, bundle: ServingBundle, ids: list[int]) -> _UserQuery:
+    def _new_user_query(self, bundle: ServingBundle, ids: list[int], older: Sequence[int] = ()) -> _UserQuery:
         recent = ids[-bundle.manifest.history_len :]
-        return _UserQuery(np.unique(np.asarray(ids, dtype=np.int32)), np.asarray(recent, dtype=np.int32),
-                          self._history_matrix(bundle, recent), vector_nbytes=4 * bundle.manifest.dim)  # fmt: skip
+        # Seen: the kept events' items and those of events the store trimmed (History.older_seen), so the
+        # filter is exact however long the history. (SKUs the catalog does not know are skipped: they can
+        # never be candidates.)
+        seen = np.unique(np.asarray([*ids, *older], dtype=np.int32))
+        return _UserQuery(seen, np.asarray(recent, dtype=np.int32), self._history_matrix(bundle, recent),
+                          vector_nbytes=4 * bundle.manifest.dim)  # fmt: skip
 
     def _empty_user(self, bundle: ServingBundle) -> _UserQuery:
         # Stands in for a history that could not be read: never cached (the real one may be long).
@@ -663,7 +667,8 @@ class Pipeline:
         key = (history.user_id, history.version, bundle.index_version)
         user = self.vectors.get(key)
         if user is None:
-            user = self._new_user_query(bundle, bundle.catalog.dense(history.item_ids))
+            catalog = bundle.catalog
+            user = self._new_user_query(bundle, catalog.dense(history.item_ids), catalog.dense(history.older_seen))
             with contextlib.suppress(ValueError):     # larger than the whole byte bound: served, not cached
                 self.vectors[key] = user
         return user

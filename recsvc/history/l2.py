@@ -98,13 +98,16 @@ def encode_history(h: History) -> bytes:
     The version comes first, so the Redis set script can read it with one pattern match instead of
     decoding the whole history.
     """
-    return orjson.dumps({"v": h.version, "u": h.user_id, "i": h.item_ids, "t": h.timestamps, "e": h.types})
+    return orjson.dumps({"v": h.version, "u": h.user_id, "i": h.item_ids, "t": h.timestamps, "e": h.types,
+                         "o": h.older_seen})  # fmt: skip
 
 
 def decode_history(raw: bytes | str) -> History:
     """Inverse of encode_history."""
     d = orjson.loads(raw)
-    return History(d["u"], tuple(d["i"]), tuple(d["t"]), tuple(int(EventType(e)) for e in d["e"]), d["v"])
+    # "o" is absent from entries written before older_seen existed (they expire with l2_ttl_s).
+    return History(d["u"], tuple(d["i"]), tuple(d["t"]), tuple(int(EventType(e)) for e in d["e"]), d["v"],
+                   tuple(d.get("o", ())))  # fmt: skip
 
 
 class _Counters:

@@ -82,16 +82,17 @@ def is_empty(value: object) -> bool:
 def approx_sizeof(value: object) -> int:
     """Bytes a value holds: a close estimate for a ``History``, ``sys.getsizeof`` for anything else.
 
-    For a History it counts the object, its user id, its three tuples, the item id strings and the float
-    timestamps (EventType members are shared singletons). It runs at C speed (``map(len, ...)``, no
+    For a History it counts the object, its user id, its four tuples, the item id strings (kept and older
+    seen ones) and the float timestamps (small ints are shared). It runs at C speed (``map(len, ...)``, no
     Python loop per event) because every store into L1 calls it.
     """
     if isinstance(value, History):
-        n = len(value.item_ids)
+        n, older = len(value.item_ids), len(value.older_seen)
         return (
             sys.getsizeof(value) + sys.getsizeof(value.user_id)
             + 3 * (_TUPLE + _SLOT * n)               # item_ids, timestamps, types
             + n * (_STR + _FLOAT) + sum(map(len, value.item_ids))
+            + ((_TUPLE + older * (_SLOT + _STR) + sum(map(len, value.older_seen))) if older else 0)  # () is shared
         )  # fmt: skip
     return sys.getsizeof(value)
 

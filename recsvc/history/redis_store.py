@@ -7,6 +7,8 @@ slot and one script may touch all of them (``{prefix}`` defaults to ``recsvc``):
                                      {"s": seq, "e": event_id, "i": item_id, "t": type, "ts": ts}
     {prefix}:{<user>}:ids      SET   the non-empty event ids among those kept events (the dedupe window)
     {prefix}:{<user>}:seq      STRING the user's sequence counter (INCRBY); History.version
+    {prefix}:{<user>}:older    SET   the items of events trimmed past ``keep``: History.older_seen, so
+                                     the "already seen" filter stays exact beyond the kept window
     {prefix}:active            ZSET  user -> number of kept events, for top_users (start-up warming)
 
 ``<user>`` is the user id with ``%``, ``{`` and ``}`` percent-encoded (and ``""`` written as ``%``), so the
@@ -57,7 +59,7 @@ log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-# KEYS: events list, ids set, seq counter, [active zset: standalone only].
+# KEYS: events list, ids set, seq counter, older-items set, [active zset: standalone only].
 # ARGV: keep, user id (the zset member), then one (event_id, payload) pair per event, in arrival order;
 # a payload is the orjson object without "s", which only the script knows, so it is spliced in here.
 _APPEND_LUA = """
@@ -92,18 +94,19 @@ for j = 1, #ids, 1000 do
 end
 local len = redis.call('LLEN', KEYS[1])
 if len > keep then
-  -- Trimmed events leave the dedupe window: their ids go with them.
+  -- Trimmed events leave the dedupe window: their ids go with them; their items stay known as seen.
   for _, entry in ipairs(redis.call('LRANGE', KEYS[1], 0, len - keep - 1)) do
-    local id = cjson.decode(entry)['e']
-    if id ~= '' then
-      redis.call('SREM', KEYS[2], id)
+    local event = cjson.decode(entry)
+    if event['e'] ~= '' then
+      redis.call('SREM', KEYS[2], event['e'])
     end
+    redis.call('SADD', KEYS[4], event['i'])
   end
   redis.call('LTRIM', KEYS[1], -keep, -1)
   len = keep
 end
-if KEYS[4] then
-  redis.call('ZADD', KEYS[4], len, ARGV[2])
+if KEYS[5] then
+  redis.call('ZADD', KEYS[5], len, ARGV[2])
 end
 return {#fresh, len}
 """
@@ -182,7 +185,7 @@ class RedisHistoryStore:
     # ------------------------------------------------------------------------------------------- keys
     def _keys(self, user_id: str) -> list[str]:
         base = f"{self._prefix}:{{{user_key_tag(user_id)}}}"
-        return [f"{base}:events", f"{base}:ids", f"{base}:seq"]
+        return [f"{base}:events", f"{base}:ids", f"{base}:seq", f"{base}:older"]
 
     async def _call(self, what: str, awaitable: Awaitable[T]) -> T:
         try:
@@ -192,28 +195,28 @@ class RedisHistoryStore:
 
     # --------------------------------------------------------------------------------------- protocol
     async def get(self, user_id: str, limit: int) -> History:
-        """See HistoryStore: one LRANGE of the newest ``limit`` entries."""
-        if limit < 1:
-            return History(user_id=user_id)
-        entries = await self._call(f"get {user_id!r}", self._client.lrange(self._keys(user_id)[0], -limit, -1))
-        return self._history(user_id, entries)
+        """See HistoryStore: an LRANGE of the newest ``limit`` entries and an SMEMBERS of the older items."""
+        return (await self.get_many([user_id], limit))[0]
 
     async def get_many(self, user_ids: Sequence[str], limit: int) -> list[History]:
-        """See HistoryStore: the users' LRANGEs in one pipeline (one round trip; per node on a cluster)."""
+        """See HistoryStore: the users' LRANGEs and SMEMBERS in one pipeline (one round trip; per node on a cluster)."""
         if limit < 1 or not user_ids:
             return [History(user_id=u) for u in user_ids]
 
         async def read() -> list[Any]:
             async with self._client.pipeline(transaction=False) as pipe:
                 for user_id in user_ids:
-                    pipe.lrange(self._keys(user_id)[0], -limit, -1)
+                    events, _, _, older = self._keys(user_id)
+                    pipe.lrange(events, -limit, -1)
+                    pipe.smembers(older)
                 replies: list[Any] = await pipe.execute()
                 return replies
 
-        replies = await self._call(f"get of {len(user_ids)} users", read())
-        return [self._history(u, entries) for u, entries in zip(user_ids, replies, strict=True)]
+        what = f"get {user_ids[0]!r}" if len(user_ids) == 1 else f"get of {len(user_ids)} users"
+        replies = await self._call(what, read())
+        return [self._history(u, replies[2 * j], replies[2 * j + 1]) for j, u in enumerate(user_ids)]
 
-    def _history(self, user_id: str, entries: Sequence[bytes | str]) -> History:
+    def _history(self, user_id: str, entries: Sequence[bytes | str], older: Iterable[bytes | str]) -> History:
         try:
             rows = []
             for entry in entries:
@@ -222,7 +225,7 @@ class RedisHistoryStore:
         except (ValueError, KeyError, TypeError) as exc:
             what = f"unreadable history of user {user_id!r}"
             raise StoreUnavailable(f"history store {self.name}: {what}: {exc}") from exc
-        return to_history(user_id, rows)
+        return to_history(user_id, rows, (i.decode() if isinstance(i, bytes) else str(i) for i in older))
 
     async def append(self, events: Sequence[Event]) -> int:
         """See HistoryStore: one atomic script per user, run concurrently; acknowledged when all returned."""
@@ -297,16 +300,25 @@ class RedisHistoryStore:
         is not atomic.
         """
         newest: dict[str, deque[Event]] = {}
+        dropped: dict[str, set[str]] = {}        # items of the rows not sent: seen all the same
         read = 0
         for user_id, item_id, kind, ts in rows:
             kept = newest.get(user_id)
             if kept is None:
                 kept = newest[user_id] = deque(maxlen=self._keep)
+            if len(kept) == self._keep:
+                dropped.setdefault(user_id, set()).add(kept[0].item_id)
             kept.append(Event(user_id=user_id, item_id=item_id, type=EventType(kind), timestamp=ts))
             read += 1
         jobs = [(user, chunk) for user, events in newest.items() for chunk in _chunks(list(events), batch)]
         for start in range(0, len(jobs), batch):   # bounds the coroutines alive at once for huge loads
             await self._run_scripts(jobs[start : start + batch])
+        users = list(dropped)
+        for start in range(0, len(users), batch):
+            async with self._client.pipeline(transaction=False) as pipe:
+                for user_id in users[start : start + batch]:
+                    pipe.sadd(self._keys(user_id)[3], *dropped[user_id])
+                await self._call("bulk_append (older items)", pipe.execute())
         return read
 
     async def count_users(self) -> int:

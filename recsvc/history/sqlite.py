@@ -39,6 +39,15 @@ CREATE TABLE IF NOT EXISTS events (
 """
 # Databases written before event ids existed lack the column; users keep their var/history.sqlite3.
 _ADD_EVENT_ID = "ALTER TABLE events ADD COLUMN event_id TEXT NOT NULL DEFAULT ''"
+# Items of events trimmed past ``keep``, per user: the exact "already seen" set beyond the kept window
+# (History.older_seen). A database from before this table has lost what it trimmed until then.
+_CREATE_OLDER = """
+CREATE TABLE IF NOT EXISTS older_seen (
+    user_id TEXT NOT NULL,
+    item_id TEXT NOT NULL,
+    PRIMARY KEY (user_id, item_id)
+) WITHOUT ROWID
+"""
 _INDEXES = [
     "CREATE INDEX IF NOT EXISTS events_by_user ON events (user_id, seq)",
     # Partial: events without an id are never duplicates, and keeping them out keeps the index small.
@@ -81,6 +90,7 @@ class SqliteHistoryStore:
         conn.execute("BEGIN IMMEDIATE")
         try:
             conn.execute(_CREATE_TABLE)
+            conn.execute(_CREATE_OLDER)
             if "event_id" not in {row[1] for row in conn.execute("PRAGMA table_info(events)")}:
                 conn.execute(_ADD_EVENT_ID)
             for statement in _INDEXES:
@@ -112,14 +122,14 @@ class SqliteHistoryStore:
             # LIMIT -1 means "no limit" to SQLite; the protocol says empty.
             return History(user_id=user_id)
 
-        def query() -> list[tuple[int, str, int, float]]:
-            cur = self._db.execute(
-                "SELECT seq, item_id, type, ts FROM events WHERE user_id = ? ORDER BY seq DESC LIMIT ?",
-                (user_id, limit),
-            )
-            return cur.fetchall()
+        def query() -> tuple[list[tuple[int, str, int, float]], list[tuple[str]]]:
+            db = self._db
+            rows = db.execute("SELECT seq, item_id, type, ts FROM events WHERE user_id = ? ORDER BY seq DESC LIMIT ?",
+                              (user_id, limit)).fetchall()  # fmt: skip
+            return rows, db.execute("SELECT item_id FROM older_seen WHERE user_id = ?", (user_id,)).fetchall()
 
-        return to_history(user_id, await self._run(query))
+        rows, older = await self._run(query)
+        return to_history(user_id, rows, (item for (item,) in older))
 
     async def get_many(self, user_ids: Sequence[str], limit: int) -> list[History]:
         """See HistoryStore: one statement on the store's thread for all of them."""
@@ -127,22 +137,27 @@ class SqliteHistoryStore:
             return [History(user_id=u) for u in user_ids]
         unique = list(dict.fromkeys(user_ids))
 
-        def query() -> dict[str, list[tuple[int, str, int, float]]]:
+        def query() -> tuple[dict[str, list[tuple[int, str, int, float]]], dict[str, list[str]]]:
             found: dict[str, list[tuple[int, str, int, float]]] = {}
+            older: dict[str, list[str]] = {}
             for lo in range(0, len(unique), _MAX_PARAMS):
                 chunk = unique[lo : lo + _MAX_PARAMS]
+                marks = ",".join("?" * len(chunk))
                 cur = self._db.execute(
                     "SELECT user_id, seq, item_id, type, ts FROM (SELECT user_id, seq, item_id, type, ts, "
                     "ROW_NUMBER() OVER (PARTITION BY user_id ORDER BY seq DESC) AS newest FROM events "
-                    f"WHERE user_id IN ({','.join('?' * len(chunk))})) WHERE newest <= ?",
+                    f"WHERE user_id IN ({marks})) WHERE newest <= ?",
                     (*chunk, limit),
                 )
                 for user, seq, item, kind, ts in cur:
                     found.setdefault(user, []).append((seq, item, kind, ts))
-            return found
+                trimmed = self._db.execute(f"SELECT user_id, item_id FROM older_seen WHERE user_id IN ({marks})", chunk)
+                for user, item in trimmed:
+                    older.setdefault(user, []).append(item)
+            return found, older
 
-        rows = await self._run(query)
-        return [to_history(u, rows.get(u, [])) for u in user_ids]
+        rows, older = await self._run(query)
+        return [to_history(u, rows.get(u, []), older.get(u, ())) for u in user_ids]
 
     async def append(self, events: Sequence[Event]) -> int:
         """See HistoryStore: one transaction, committed (fsynced) before returning."""
@@ -162,11 +177,19 @@ class SqliteHistoryStore:
             new = db.executemany(
                 "INSERT OR IGNORE INTO events (user_id, item_id, type, ts, event_id) VALUES (?, ?, ?, ?, ?)", rows
             ).rowcount
-            # Cap every touched user's log; the index on (user_id, seq) makes this a short range scan.
+            # Cap every touched user's log; the index on (user_id, seq) makes this a short range scan. The
+            # trimmed events' items stay known as seen.
+            touched = [(user, self._keep) for user in {r[0] for r in rows}]
+            db.executemany(
+                "INSERT OR IGNORE INTO older_seen (user_id, item_id) SELECT user_id, item_id FROM events "
+                "WHERE user_id = ?1 AND seq <= (SELECT seq FROM events WHERE user_id = ?1 ORDER BY seq DESC "
+                "LIMIT 1 OFFSET ?2)",
+                touched,
+            )
             db.executemany(
                 "DELETE FROM events WHERE user_id = ?1 AND seq <= "
                 "(SELECT seq FROM events WHERE user_id = ?1 ORDER BY seq DESC LIMIT 1 OFFSET ?2)",
-                [(user, self._keep) for user in {r[0] for r in rows}],
+                touched,
             )
             db.execute("COMMIT")
         except BaseException:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Protocol
 
 from recsvc.domain import Event, History
@@ -26,8 +26,9 @@ class HistoryStore(Protocol):
     async def get(self, user_id: str, limit: int) -> History:
         """The user's newest ``limit`` events (by arrival), ordered oldest first as in ``to_history``.
 
-        ``History.version`` is the store's sequence number of the user's newest event (0 if none). An
-        unknown user, or ``limit < 1``, gives an empty History with version 0.
+        ``History.version`` is the store's sequence number of the user's newest event (0 if none);
+        ``History.older_seen`` the items of the events it trimmed past ``keep``. An unknown user, or
+        ``limit < 1``, gives an empty History with version 0.
         """
         ...
 
@@ -55,8 +56,10 @@ class HistoryStore(Protocol):
         ...
 
 
-def to_history(user_id: str, rows: Sequence[tuple[int, str, int, float]]) -> History:
-    """Build a History from (seq, item_id, type, ts) rows in any order.
+def to_history(
+    user_id: str, rows: Sequence[tuple[int, str, int, float]], older_seen: Iterable[str] = ()
+) -> History:
+    """Build a History from (seq, item_id, type, ts) rows in any order and the items of trimmed events.
 
     Events are ordered by timestamp, ties by arrival (seq), because frontends may deliver late events;
     the version is the newest seq, so any append changes it even when the event sorts into the past.
@@ -68,6 +71,7 @@ def to_history(user_id: str, rows: Sequence[tuple[int, str, int, float]]) -> His
         types=tuple(int(r[2]) for r in ordered),     # EventType values (History's doc)
         timestamps=tuple(r[3] for r in ordered),
         version=max((r[0] for r in rows), default=0),
+        older_seen=tuple(sorted(set(older_seen))),
     )
 
 
@@ -84,6 +88,7 @@ class InMemoryHistoryStore:
         # Per user: kept (seq, item_id, type, ts, event_id) rows, oldest first, and the ids among them.
         self._rows: dict[str, list[tuple[int, str, int, float, str]]] = defaultdict(list)
         self._ids: dict[str, set[str]] = defaultdict(set)
+        self._older: dict[str, set[str]] = defaultdict(set)     # items of trimmed events
         self.gets = 0   # lets tests count loads (single-flight)
 
     async def get(self, user_id: str, limit: int) -> History:
@@ -91,7 +96,7 @@ class InMemoryHistoryStore:
         self.gets += 1
         if limit < 1:
             return History(user_id=user_id)
-        return to_history(user_id, [r[:4] for r in self._rows.get(user_id, [])[-limit:]])
+        return to_history(user_id, [r[:4] for r in self._rows.get(user_id, [])[-limit:]], self._older.get(user_id, ()))
 
     async def get_many(self, user_ids: Sequence[str], limit: int) -> list[History]:
         """See HistoryStore: ``get`` per user, so subclasses that change ``get`` change this too."""
@@ -114,6 +119,7 @@ class InMemoryHistoryStore:
                 # Trimmed events leave the dedupe window with them.
                 for dropped in rows[: -self._keep]:
                     ids.discard(dropped[4])
+                    self._older[event.user_id].add(dropped[1])
                 del rows[: -self._keep]
         return new
 

@@ -43,7 +43,7 @@ log = logging.getLogger(__name__)
 
 def history_size(h: History) -> int:
     """Approximate bytes an L1 entry holds: the tuples, the item id strings, the floats and enums."""
-    return 232 + 120 * len(h.item_ids)
+    return 232 + 120 * len(h.item_ids) + 70 * len(h.older_seen)
 
 
 @dataclass

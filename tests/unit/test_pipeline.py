@@ -91,6 +91,24 @@ async def test_seen_context_and_excluded_items_never_returned(bundle: ServingBun
     assert hist[-6:].tolist() == bundle.catalog.dense(seen + context)
 
 
+async def test_items_of_events_trimmed_past_history_keep_are_never_returned_either(bundle: ServingBundle) -> None:
+    store = InMemoryHistoryStore(keep=5)                    # the store keeps each user's newest 5 events
+    pipeline = Pipeline(Settings(max_k=10), TieredHistory(store, l1=LRUCache(maxsize=100), limit=5),
+                        FakeRanker(np.arange(len(bundle.catalog), dtype=np.float32)), bundle)  # fmt: skip
+    window = [bundle.catalog.sku(i) for i in range(5)]
+    # What a user whose history is just these 5 items is recommended...
+    await store.append([Event("probe", s, EventType.VIEW, float(t)) for t, s in enumerate(window)])
+    served = [i.item_id for i in (await pipeline.recommend(RecommendQuery("probe", 10))).items]
+    # ... is what "u" had interacted with before those same 5 (7 of them), now trimmed from its kept window.
+    older = served[:7]
+    await store.append([Event("u", s, EventType.VIEW, float(t)) for t, s in enumerate([*older, *window])])
+    history = await pipeline.history.get("u")
+    assert history.item_ids == tuple(window) and history.older_seen == tuple(sorted(older))
+    got = [i.item_id for i in (await pipeline.recommend(RecommendQuery("u", 10))).items]
+    # Seen only through the kept window, u would be served what probe was, the 7 older items first.
+    assert len(got) == 10 and not set(got) & {*older, *window}
+
+
 async def test_events_change_the_next_recommendation(bundle: ServingBundle) -> None:
     pipeline, _ = make(bundle, FakeRanker(np.zeros(len(bundle.catalog), dtype=np.float32)))
     before = await pipeline.recommend(RecommendQuery("u", 5))

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -336,13 +337,15 @@ def test_make_l1_rejects_unknown_policies_and_bad_bounds() -> None:
 
 def deep_size(h: History) -> int:
     total = sys.getsizeof(h) + sys.getsizeof(h.user_id)
-    for t in (h.item_ids, h.timestamps, h.types):
+    for t in (h.item_ids, h.timestamps, h.types, *((h.older_seen,) if h.older_seen else ())):   # () is shared
         total += sys.getsizeof(t)
-    return total + sum(map(sys.getsizeof, h.item_ids)) + sum(map(sys.getsizeof, h.timestamps))
+    return (total + sum(map(sys.getsizeof, h.item_ids)) + sum(map(sys.getsizeof, h.timestamps))
+            + sum(map(sys.getsizeof, h.older_seen)))  # fmt: skip
 
 
 @pytest.mark.parametrize("n", [0, 1, 50, 1000])
-def test_approx_sizeof_is_close_to_the_deep_size_of_a_history(n: int) -> None:
-    h = history("user-1", n)
+@pytest.mark.parametrize("older", [0, 300])
+def test_approx_sizeof_is_close_to_the_deep_size_of_a_history(n: int, older: int) -> None:
+    h = dataclasses.replace(history("user-1", n), older_seen=tuple(f"old-{i}" for i in range(older)))
     assert approx_sizeof(h) == pytest.approx(deep_size(h), rel=0.05)
     assert approx_sizeof("abc") == sys.getsizeof("abc")

@@ -106,7 +106,7 @@ def test_encoding_is_compact_exact_and_leads_with_the_version() -> None:
     h = hist("user-1")
     raw = encode_history(h)
     assert decode_history(raw) == h
-    assert raw == b'{"v":7,"u":"user-1","i":["i0","i1","i2"],"t":[0.0,1.0,2.0],"e":[1,2,3]}'
+    assert raw == b'{"v":7,"u":"user-1","i":["i0","i1","i2"],"t":[0.0,1.0,2.0],"e":[1,2,3],"o":[]}'
 
 
 async def test_unreachable_redis_is_a_counted_miss_and_fills_nothing() -> None:

@@ -84,6 +84,17 @@ async def test_get_many_is_get_for_each_user_in_one_call(store: HistoryStore) ->
     assert await store.get_many([], KEEP) == []
 
 
+async def test_items_of_trimmed_events_stay_known_as_seen(store: HistoryStore) -> None:
+    # 8 events, KEEP 5: the three oldest leave the window; their items (one of them seen again) stay seen.
+    items = ["a", "b", "c", "d", "e", "b", "f", "g"]
+    await store.append([ev("u", item, float(t)) for t, item in enumerate(items[:4])])
+    await store.append([ev("u", item, float(t + 4)) for t, item in enumerate(items[4:])])
+    h = await store.get("u", KEEP)
+    assert h.item_ids == ("d", "e", "b", "f", "g") and h.older_seen == ("a", "b", "c")
+    assert (await store.get_many(["u", "v"], KEEP))[0].older_seen == ("a", "b", "c")
+    assert (await store.get("v", KEEP)).older_seen == ()
+
+
 async def test_append_then_get_in_time_order(store: HistoryStore) -> None:
     assert await store.append([ev("u", "a", 10), ev("u", "b", 30), ev("v", "x", 5)]) == 3
     # A late event (older timestamp, arrives last) sorts into the past but still bumps the version.
@@ -233,7 +244,8 @@ async def test_bulk_append_still_works_where_present(store: HistoryStore) -> Non
         pytest.skip(f"{type(store).__name__} has no bulk_append")
     rows = [("u", f"i{n}", int(EventType.VIEW), float(n)) for n in range(7)] + [("v", "x", 3, 1.5)]
     assert await bulk(iter(rows)) == 8
-    assert (await store.get("u", 100)).item_ids == ("i2", "i3", "i4", "i5", "i6")
+    u = await store.get("u", 100)
+    assert (u.item_ids, u.older_seen) == (("i2", "i3", "i4", "i5", "i6"), ("i0", "i1"))
     v = await store.get("v", 100)
     assert (v.item_ids, v.types, v.timestamps) == (("x",), (EventType.PURCHASE,), (1.5,))
     assert await store.top_users(2) == ["u", "v"]
@@ -385,8 +397,9 @@ def test_a_loaded_history_is_one_object_to_the_garbage_collector() -> None:
     from recsvc.history.l2 import decode_history, encode_history
     from recsvc.history.store import to_history
 
-    h = to_history("u", [(1, "a", int(EventType.VIEW), 1.0), (2, "b", int(EventType.PURCHASE), 2.0)])
+    h = to_history("u", [(1, "a", int(EventType.VIEW), 1.0), (2, "b", int(EventType.PURCHASE), 2.0)], ["z", "y"])
     again = decode_history(encode_history(h))
+    assert h.older_seen == ("y", "z")
     gc.collect()
     assert again == h
     assert not any(gc.is_tracked(t) for t in (h.item_ids, h.timestamps, h.types, again.types))
