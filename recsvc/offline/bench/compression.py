@@ -1,4 +1,4 @@
-"""``recsvc compress BUNDLE``: the bundle's ranker as FP32, FP16, INT8 and a distilled student, compared.
+"""``recsvc compress BUNDLE``: the bundle's ranker as FP32, FP16, INT8, a distilled student and pruned, compared.
 
 Writes ranker.<variant>.onnx for every variant into ``--out`` (default ``BUNDLE.compressed``: beside the
 bundle, so `recsvc publish` does not copy the variants along), each with the bundle's ranker interface,
@@ -19,7 +19,8 @@ __all__ = ["DESCRIPTION", "QUICK_USERS", "register", "run_compress"]
 
 # `recsvc compress --help`: what a user needs, not the module's notes.
 DESCRIPTION = """\
-Compare the bundle's ranker as FP32, FP16, INT8 (dynamic and static) and a distilled student.
+Compare the bundle's ranker as FP32, FP16, INT8 (dynamic and static), a distilled student and pruned
+(structured: embedding dims and MLP units removed, then fine-tuned).
 
 Writes ranker.<variant>.onnx for every variant into --out (default BUNDLE.compressed), then prints a
 Markdown table of size, quality on the held-out time split (NDCG@10, recall@10, candidate AUC),
@@ -35,7 +36,7 @@ def register(subparsers: Any) -> None:
     """Add the ``compress`` command to ``recsvc``'s subparsers."""
     from recsvc.offline.data_options import add_data_args, add_split_args
 
-    p = subparsers.add_parser("compress", help="compare the ranker as FP32, FP16, INT8 and distilled: quality, "
+    p = subparsers.add_parser("compress", help="compare the ranker as FP32, FP16, INT8, distilled and pruned: quality, "
                               "latency, throughput, size", description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("bundle", type=Path, help="bundle directory whose ranker is compressed")
@@ -45,11 +46,16 @@ def register(subparsers: Any) -> None:
     p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many test users")
     # The names are recsvc.offline.models.compression.VARIANTS, spelled out: importing it here would load torch.
     p.add_argument("--variants", type=lambda text: [v for v in text.split(",") if v],
-                   default=["fp32", "fp16", "int8", "int8-static", "distilled"],
-                   help="comma-separated subset of fp32,fp16,int8,int8-static,distilled (fp32 is always measured)")
+                   default=["fp32", "fp16", "int8", "int8-static", "distilled", "pruned"],
+                   help="comma-separated subset of fp32,fp16,int8,int8-static,distilled,pruned (fp32 is always "
+                        "measured)")  # fmt: skip
     p.add_argument("--student-dim", type=int, default=16, help="embedding width of the distilled ranker (default 16)")
     p.add_argument("--student-hidden", type=int, default=32, help="first MLP layer width of the distilled ranker")
     p.add_argument("--distill-epochs", type=int, default=4, help="distillation epochs (default 4; --quick: 1)")
+    p.add_argument("--prune-fraction", type=float, default=0.5,
+                   help="share of the ranker's embedding dims and MLP hidden units pruned (default 0.5)")
+    p.add_argument("--prune-epochs", type=int, default=2,
+                   help="fine-tuning epochs after pruning (default 2; --quick: 1)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: 1 distillation epoch on 20k examples, {QUICK_USERS} test users, short timing")
     p.set_defaults(func=run_compress)
@@ -62,7 +68,7 @@ def run_compress(args: argparse.Namespace) -> int:
     from recsvc.offline.data_options import bundle_dataset, split_protocol
 
     # Imported here, not at the top: `recsvc --help` and every other command would otherwise pay for torch.
-    from recsvc.offline.models.compression import BenchConfig, DistillConfig, compress
+    from recsvc.offline.models.compression import BenchConfig, DistillConfig, PruneConfig, compress
 
     # The data the bundle was trained on (recorded in it), unless the options name other data.
     protocol = split_protocol(args, read_manifest(args.bundle).extra.get("split"))
@@ -71,13 +77,15 @@ def run_compress(args: argparse.Namespace) -> int:
     student = {"dim": args.student_dim, "hidden": args.student_hidden}
     if args.quick:
         distill = DistillConfig(**student, epochs=1, max_examples=20_000)
+        prune = PruneConfig(fraction=args.prune_fraction, epochs=1, max_examples=20_000)
         bench = BenchConfig(repetitions=3, requests=200, batches=8)
         users = min(args.eval_users, QUICK_USERS)
     else:
         distill = DistillConfig(**student, epochs=args.distill_epochs)
+        prune = PruneConfig(fraction=args.prune_fraction, epochs=args.prune_epochs)
         bench, users = BenchConfig(), args.eval_users
     report = compress(args.bundle, split.train, split.test, out, variants=args.variants, max_users=users,
-                      distill=distill, bench=bench)  # fmt: skip
+                      distill=distill, prune=prune, bench=bench)  # fmt: skip
     sys.stdout.write(
         f"{args.bundle}: {report.users} test users ({report.auc_users} with a held-out item among the "
         f"{report.num_candidates} candidates: AUC), speed on {report.samples} sample rows, ONNX Runtime CPU, "

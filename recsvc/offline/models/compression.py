@@ -11,6 +11,9 @@ SCORES float32 [B, C], padding -> PADDING_SCORE), so any of them can stand in fo
     int8-static  static QDQ quantization of MatMul/Gemm/Gather, activation ranges calibrated on samples.npz
     distilled    a smaller RankerNet (its own small retrieval tower included) trained to reproduce the
                  teacher's softmax over the retrieval candidates of every training example
+    pruned       structured pruning of the trained ranker: the least important embedding dimensions and
+                 MLP hidden units (smallest L2 norms) removed, the layers made smaller, then fine-tuned
+                 by distillation from the unpruned ranker (its retrieval tower is kept as it is)
 
 Quality is ``evaluate_bundle`` with the variant swapped in for ranker.onnx: recall@k and NDCG@k of the
 reranked retrieval candidates on the time split, and candidate AUC (see ``EvalReport``). Speed is ONNX
@@ -53,12 +56,15 @@ __all__ = [
     "BenchConfig",
     "CompressionReport",
     "DistillConfig",
+    "PruneConfig",
     "Timing",
     "VariantResult",
     "benchmark",
     "compress",
     "distill_ranker",
+    "load_ranker",
     "load_samples",
+    "prune_ranker",
     "rank_correlation",
     "write_fp16",
     "write_int8",
@@ -66,7 +72,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-VARIANTS = ("fp32", "fp16", "int8", "int8-static", "distilled")
+VARIANTS = ("fp32", "fp16", "int8", "int8-static", "distilled", "pruned")
 
 _Ints = npt.NDArray[np.int64]
 _Samples = Mapping[str, _Ints]
@@ -88,6 +94,20 @@ class DistillConfig:
     # two threads made distillation several times slower than one (they wait on each other whenever a
     # core is busy).
     threads: int = 1
+
+
+@dataclass(frozen=True, kw_only=True)
+class PruneConfig:
+    """How much of the ranker is pruned and how it is fine-tuned afterwards (by distillation from itself)."""
+
+    fraction: float = 0.5           # share of the ranker's embedding dimensions and MLP hidden units removed
+    epochs: int = 2                 # fine-tuning epochs
+    batch_size: int = 512
+    lr: float = 2e-3
+    temperature: float = 1.0
+    max_examples: int = 100_000
+    seed: int = 0
+    threads: int = 1                # see DistillConfig.threads
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -258,7 +278,7 @@ def _model_items(manifest: Manifest) -> int:
 
 
 def _teacher_targets(
-    bundle: Path, train: Dataset, manifest: Manifest, config: DistillConfig, rng: np.random.Generator,
+    bundle: Path, train: Dataset, manifest: Manifest, config: DistillConfig | PruneConfig, rng: np.random.Generator,
 ) -> tuple[_Ints, _Ints, npt.NDArray[np.int32], npt.NDArray[np.float32]]:  # fmt: skip
     """Training examples (history start/end), their retrieval candidates and the teacher's scores of them.
 
@@ -313,7 +333,23 @@ def distill_ranker(
     # RankerNet freezes its retrieval net because the teacher's is pretrained; the student's is not.
     for p in student.retrieval.parameters():
         p.requires_grad_(True)
-    optimizer = torch.optim.Adam(student.parameters(), lr=config.lr)
+    return _fit_to_teacher(student, flat, (starts, ends, candidates, targets), manifest, config, rng, on_epoch)
+
+
+_Teacher = tuple[_Ints, _Ints, npt.NDArray[np.int32], npt.NDArray[np.float32]]
+
+
+def _fit_to_teacher(
+    student: RankerNet, flat: _Ints, teacher: _Teacher, manifest: Manifest, config: DistillConfig | PruneConfig,
+    rng: np.random.Generator, on_epoch: Callable[[int, float], None] | None, what: str = "distillation",
+) -> RankerNet:  # fmt: skip
+    """Train ``student``'s trainable parameters to reproduce the teacher's softmax over each example's candidates.
+
+    The loss is the KL divergence from the teacher's softmax to the student's: ranking only depends on
+    score differences within a request, which the softmax keeps and a per-score MSE would over-constrain.
+    """
+    starts, ends, candidates, targets = teacher
+    optimizer = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=config.lr)
     temperature = config.temperature
     student.train()
     for epoch in range(config.epochs):
@@ -331,11 +367,84 @@ def distill_ranker(
             loss.backward()  # type: ignore[no-untyped-call]
             optimizer.step()
             total += float(loss.detach())
-        log.info("distillation epoch %d/%d KL %.4f", epoch + 1, config.epochs, total / len(batches))
+        log.info("%s epoch %d/%d KL %.4f", what, epoch + 1, config.epochs, total / len(batches))
         if on_epoch is not None:
             on_epoch(epoch + 1, total / len(batches))
     student.eval()
     return student
+
+
+def load_ranker(bundle: Path, manifest: Manifest) -> RankerNet:
+    """The bundle's trained ranker as a torch module, from its TorchScript twin (ranker.pt)."""
+    path = bundle / "ranker.pt"
+    if not path.is_file():
+        raise BundleError(f"{bundle} has no ranker.pt (bundles from `recsvc train` before the gpu-torch target "
+                          "lack it): pruning needs the trained weights; retrain the bundle")  # fmt: skip
+    train_config = manifest.extra.get("train_config") or {}
+    traced = torch.jit.load(str(path), map_location="cpu")  # type: ignore[no-untyped-call]
+    state = traced.state_dict()
+    hidden = int(state["mlp.0.weight"].shape[0])
+    retrieval = RetrievalNet(_model_items(manifest), int(train_config.get("dim", manifest.dim)), manifest.history_len)
+    ranker = RankerNet(retrieval, dim=int(state["item_embedding.weight"].shape[1]), hidden=hidden)
+    ranker.load_state_dict(state)
+    ranker.eval()
+    return ranker
+
+
+def _linear(module: torch.nn.Module) -> torch.nn.Linear:
+    assert isinstance(module, torch.nn.Linear), module
+    return module
+
+
+def prune_ranker(
+    bundle: Path, train: Dataset, config: PruneConfig = PruneConfig(),
+    *, on_epoch: Callable[[int, float], None] | None = None,
+) -> RankerNet:  # fmt: skip
+    """Structured pruning of the bundle's ranker, fine-tuned on ``train`` by distillation from the unpruned one.
+
+    Removed: the ``config.fraction`` of embedding dimensions whose item-embedding columns have the
+    smallest L2 norm (with their rows and columns of the attention matrix and their four columns of the
+    first MLP layer's input), and the same fraction of each hidden MLP layer's units with the smallest
+    incoming-weight norms. The attention weights are rescaled by sqrt(new dim / dim), which keeps the
+    attention logits as the 1/sqrt(dim) scaling saw them. The embedded retrieval tower is kept frozen.
+    """
+    if not 0 < config.fraction < 1:
+        raise ConfigError(f"prune fraction must be in (0, 1), got {config.fraction}")
+    torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    rng = np.random.default_rng(config.seed)
+    manifest = read_manifest(bundle)
+    teacher = load_ranker(bundle, manifest)
+    first, second, last = (_linear(teacher.mlp[i]) for i in (0, 2, 4))
+    dim, hidden = teacher.dim, first.out_features
+    keep_dim = max(1, round(dim * (1 - config.fraction)))
+    keep_hidden = max(2, 2 * round(hidden * (1 - config.fraction) / 2))     # even: the next layer is half of it
+
+    def strongest(norms: torch.Tensor, n: int) -> torch.Tensor:
+        return torch.sort(torch.topk(norms, n).indices).values
+
+    with torch.no_grad():
+        dims = strongest(teacher.item_embedding.weight.norm(dim=0), keep_dim)
+        cols = torch.cat([dims + block * dim for block in range(4)])
+        units = strongest(first.weight[:, cols].norm(dim=1), keep_hidden)
+        units2 = strongest(second.weight[:, units].norm(dim=1), keep_hidden // 2)
+        student = RankerNet(teacher.retrieval, dim=keep_dim, hidden=keep_hidden)
+        student.retrieval_scale.copy_(teacher.retrieval_scale)
+        student.item_bias.weight.copy_(teacher.item_bias.weight)
+        student.item_embedding.weight.copy_(teacher.item_embedding.weight[:, dims])
+        student.attention.weight.copy_(teacher.attention.weight[dims][:, dims] * math.sqrt(keep_dim / dim))
+        s_first, s_second, s_last = (_linear(student.mlp[i]) for i in (0, 2, 4))
+        s_first.weight.copy_(first.weight[units][:, cols])
+        s_first.bias.copy_(first.bias[units])
+        s_second.weight.copy_(second.weight[units2][:, units])
+        s_second.bias.copy_(second.bias[units2])
+        s_last.weight.copy_(last.weight[:, units2])
+        s_last.bias.copy_(last.bias)
+    log.info("pruned the ranker: embedding dims %d -> %d, hidden units %d -> %d, %d -> %d", dim, keep_dim,
+             hidden, keep_hidden, hidden // 2, keep_hidden // 2)  # fmt: skip
+    targets = _teacher_targets(bundle, train, manifest, config, rng)
+    return _fit_to_teacher(student, train.items.astype(np.int64), targets, manifest, config, rng, on_epoch,
+                           what="pruning fine-tune")  # fmt: skip
 
 
 # ----------------------------------------------------------------------------------------- speed
@@ -430,6 +539,7 @@ def compress(
     k: int = 10,
     max_users: int | None = None,
     distill: DistillConfig = DistillConfig(),
+    prune: PruneConfig = PruneConfig(),
     bench: BenchConfig = BenchConfig(),
     clock: Callable[[], float] = time.perf_counter,
 ) -> CompressionReport:
@@ -452,6 +562,8 @@ def compress(
         "int8-static": lambda dst: write_int8(src, dst, method="static", samples=samples),
         "distilled": lambda dst: export_ranker(distill_ranker(bundle, train, distill), manifest.history_len,
                                                manifest.num_candidates, dst),
+        "pruned": lambda dst: export_ranker(prune_ranker(bundle, train, prune), manifest.history_len,
+                                            manifest.num_candidates, dst),
     }  # fmt: skip
     paths = {name: out_dir / f"ranker.{name}.onnx" for name in VARIANTS if name == "fp32" or name in variants}
     for name, path in paths.items():

@@ -20,9 +20,12 @@ from recsvc.offline.models.compression import (
     BenchConfig,
     CompressionReport,
     DistillConfig,
+    PruneConfig,
     benchmark,
     compress,
+    load_ranker,
     load_samples,
+    prune_ranker,
     rank_correlation,
 )
 from recsvc.offline.models.evaluate import evaluate_bundle
@@ -30,13 +33,15 @@ from recsvc.offline.models.evaluate import evaluate_bundle
 # Small enough that building, evaluating and timing all five variants of the tiny bundle takes seconds.
 TINY_DISTILL = DistillConfig(dim=8, hidden=16, epochs=4, batch_size=128, lr=1e-2, threads=1)
 TINY_BENCH = BenchConfig(repetitions=2, requests=20, batches=2, warmup=2)
+TINY_PRUNE = PruneConfig(fraction=0.5, epochs=2, batch_size=128, lr=1e-2, threads=1)
 
 
 @pytest.fixture(scope="module")
 def report(tmp_path_factory: pytest.TempPathFactory, tiny_bundle: Path, tiny_dataset: Dataset) -> CompressionReport:
     split = time_split(tiny_dataset)
     out = tmp_path_factory.mktemp("compressed")
-    return compress(tiny_bundle, split.train, split.test, out, distill=TINY_DISTILL, bench=TINY_BENCH)
+    return compress(tiny_bundle, split.train, split.test, out, distill=TINY_DISTILL, prune=TINY_PRUNE,
+                    bench=TINY_BENCH)  # fmt: skip
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -98,6 +103,51 @@ def test_compressed_files_are_smaller(report: CompressionReport) -> None:
 def test_distilled_student_learns_the_teacher(report: CompressionReport, tiny_bundle: Path) -> None:
     # A randomly initialised student orders candidates by chance (rho ~ 0); distillation must do better.
     assert report.variant("distilled").rank_corr > 0.5
+
+
+def test_pruned_ranker_is_smaller_and_keeps_the_teachers_order(report: CompressionReport) -> None:
+    assert report.variant("pruned").size_bytes < report.variant("fp32").size_bytes
+    assert report.variant("pruned").rank_corr > 0.8
+
+
+def test_pruning_removes_exactly_what_contributes_nothing(
+    tmp_path: Path, tiny_bundle: Path, tiny_dataset: Dataset
+) -> None:
+    # Zero half of the embedding dims and of each hidden layer's units: pruning must pick exactly those and,
+    # before any fine-tuning, compute the same scores with half-size layers (the attention rescaling included).
+    import shutil
+
+    import torch
+
+    from recsvc.bundle import read_manifest
+    from recsvc.errors import BundleError, ConfigError
+    from recsvc.offline.models.export import export_ranker_torchscript
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(tiny_bundle, bundle)
+    manifest = read_manifest(bundle)
+    teacher = load_ranker(bundle, manifest)
+    dim, hidden = teacher.dim, teacher.mlp[0].out_features
+    with torch.no_grad():
+        gone = torch.arange(0, dim, 2)                           # every other dim
+        teacher.item_embedding.weight[:, gone] = 0.0
+        teacher.mlp[0].weight[: hidden // 2] = 0.0               # the first half of the units
+        teacher.mlp[0].bias[: hidden // 2] = 0.0
+        teacher.mlp[2].weight[hidden // 4 :] = 0.0
+        teacher.mlp[2].bias[hidden // 4 :] = 0.0
+    export_ranker_torchscript(teacher, manifest.history_len, manifest.num_candidates, bundle / "ranker.pt")
+    student = prune_ranker(bundle, time_split(tiny_dataset).train, PruneConfig(fraction=0.5, epochs=0))
+    assert (student.dim, student.mlp[0].out_features, student.mlp[2].out_features) == (dim // 2, hidden // 2,
+                                                                                        hidden // 4)  # fmt: skip
+    samples = load_samples(bundle)
+    history, candidates = torch.from_numpy(samples["HISTORY"]), torch.from_numpy(samples["CANDIDATES"])
+    with torch.no_grad():
+        assert torch.allclose(student(history, candidates), teacher(history, candidates), atol=1e-5)
+    with pytest.raises(ConfigError, match="prune fraction must be in"):
+        prune_ranker(bundle, time_split(tiny_dataset).train, PruneConfig(fraction=1.0))
+    (bundle / "ranker.pt").unlink()
+    with pytest.raises(BundleError, match=r"has no ranker\.pt"):
+        load_ranker(bundle, manifest)
 
 
 def test_report_has_every_variant_and_retrieval(report: CompressionReport) -> None:
@@ -173,7 +223,7 @@ def test_compress_command(
     parser = argparse.ArgumentParser(prog="recsvc")
     cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["compress", str(tiny_bundle), "--out", str(tmp_path), "--quick"])
-    assert args.func is cli.run_compress and args.dataset is None and args.test_per_user == 5
+    assert args.func is cli.run_compress and args.dataset is None and args.test_per_user is None
     assert args.variants == list(VARIANTS)
     # The full set is the fixture's job; here the command's plumbing (fp32 is added as the base).
     args = parser.parse_args(["compress", str(tiny_bundle), "--out", str(tmp_path), "--quick", "--variants", "int8"])
