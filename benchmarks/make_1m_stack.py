@@ -50,10 +50,13 @@ def main() -> None:
     p.add_argument("--candidates", type=int, default=256)
     p.add_argument("--users", type=int, default=100_000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-index", action="store_true",
+                   help="skip build-index (a server searching with RECSVC_INDEX_DEVICE=torch never reads it)")
     args = p.parse_args()
     bundle = args.dir / "bundle"
     write_tiny_bundle(bundle, num_items=args.items, dim=64, num_candidates=args.candidates, seed=args.seed)
-    subprocess.run([sys.executable, "-m", "recsvc.cli", "build-index", str(bundle)], check=True)
+    if not args.no_index:
+        subprocess.run([sys.executable, "-m", "recsvc.cli", "build-index", str(bundle)], check=True)
     version = publish(bundle, args.dir / "repo")
     events = asyncio.run(_seed(args.dir / "var" / "history.sqlite3", args.items, args.users, args.seed))
     print(f"published version {version} ({args.items:,} items, C={args.candidates}) in {args.dir / 'repo'}; "

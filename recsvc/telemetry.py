@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import gc
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from contextvars import ContextVar
 from types import TracebackType
@@ -42,6 +43,7 @@ __all__ = [
     "TRITON_SECONDS",
     "annotate_request",
     "collect_timings",
+    "flush_gc",
     "record_stages",
     "set_build_info",
     "set_tracer",
@@ -126,23 +128,47 @@ def set_build_info(model_version: str, index_version: str) -> None:
 
 
 class _GcWatch:
-    """Times every collection (gc.callbacks run in the collecting thread, under the GIL, never nested)."""
+    """Times every collection into a buffer that ``flush_gc`` moves into the histogram.
+
+    gc.callbacks run in whichever thread triggered the collection, at any allocation: also inside
+    prometheus_client while it holds its values' lock (in multiprocess mode one global, non-reentrant
+    lock, taken when a labelled child is created). Observing the histogram here would then deadlock that
+    thread, so the callback only appends to a bounded deque (no lock of ours or theirs).
+    """
 
     def __init__(self) -> None:
-        self._children = [GC_PAUSE_SECONDS.labels(str(g)) for g in range(3)]
+        self.pauses: deque[tuple[int, float]] = deque(maxlen=10_000)
         self._started = 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
         if phase == "start":
             self._started = time.perf_counter()
         else:
-            self._children[info["generation"]].observe(time.perf_counter() - self._started)
+            self.pauses.append((info["generation"], time.perf_counter() - self._started))
+
+
+_gc_watch: _GcWatch | None = None
+_GC_CHILDREN: list[Any] = []
 
 
 def watch_gc() -> None:
-    """Time the garbage collector's runs into ``recsvc_gc_pause_seconds`` (once per process)."""
-    if not any(isinstance(cb, _GcWatch) for cb in gc.callbacks):
-        gc.callbacks.append(_GcWatch())
+    """Time the garbage collector's runs for ``recsvc_gc_pause_seconds`` (once per process; see flush_gc)."""
+    global _gc_watch
+    if _gc_watch is None:
+        _gc_watch = _GcWatch()
+        gc.callbacks.append(_gc_watch)
+
+
+def flush_gc() -> None:
+    """Move the collections timed since the last call into ``recsvc_gc_pause_seconds`` (the stats loop calls it)."""
+    if _gc_watch is None:
+        return
+    if not _GC_CHILDREN:
+        _GC_CHILDREN.extend(GC_PAUSE_SECONDS.labels(str(g)) for g in range(3))
+    pauses = _gc_watch.pauses
+    while pauses:
+        generation, seconds = pauses.popleft()
+        _GC_CHILDREN[generation].observe(seconds)
 
 
 class _Span(Protocol):

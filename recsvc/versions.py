@@ -26,6 +26,7 @@ with, so one switch changes both. The switch:
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import time
 from collections.abc import Callable, Collection, Sequence
@@ -223,6 +224,13 @@ class VersionFollower:
             log.warning("version %s still has %d requests after %.1f s; closing it anyway",
                         bundle.model_version, bundle.in_flight, wait)  # fmt: skip
         await bundle.close()
+        # The server froze its start-up objects (app.py): a retired bundle among them, reference cycles
+        # included, would never be freed. Unfrozen now; a second later, when this task and its caller
+        # have dropped their references, one full collection frees it and the rest is frozen again
+        # (tens of ms, once per retired version).
+        if gc.get_freeze_count():
+            gc.unfreeze()
+            asyncio.get_running_loop().call_later(1.0, _refreeze)
 
     async def close(self) -> None:
         """Stop polling, close a bundle still waiting for Triton and every replaced one (after their requests)."""
@@ -232,3 +240,8 @@ class VersionFollower:
             await pending.close()
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
+
+
+def _refreeze() -> None:
+    gc.collect()
+    gc.freeze()

@@ -42,6 +42,14 @@ import numpy as np
 
 ITEMS, DIM, HISTORY, CANDIDATES, K = 1_000_000, 64, 50, 500, 10
 E2E_CONCURRENCY = (16, 64, 256)
+E2E_STACK_S, E2E_BENCH_S = 180, 240        # within run's 470 s, after the ~60 s of the other sections
+
+
+def _step(command: list[str], limit_s: float, env: dict[str, str] | None = None) -> None:
+    try:
+        subprocess.run(command, check=True, env=env, timeout=limit_s)
+    except subprocess.TimeoutExpired as exc:
+        raise RuntimeError(f"{' '.join(command[1:4])} ... did not finish within {limit_s:.0f} s") from exc
 
 
 def _timed(fn: Any, sync: Any, *, seconds: float, min_calls: int = 20) -> dict[str, float]:
@@ -189,8 +197,9 @@ def _end_to_end(
     stack: Path, out: Path, seconds: float, items: int, users: int, cores: int, cuda: bool
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "benchmarks/make_1m_stack.py", str(stack), "--items", str(items),
-                    "--candidates", str(CANDIDATES), "--users", str(users)], check=True)  # fmt: skip
+    # Each step has its own time limit, so a hang is this section's error, not the wrapper's kill of everything.
+    _step([sys.executable, "benchmarks/make_1m_stack.py", str(stack), "--items", str(items), "--candidates",
+           str(CANDIDATES), "--users", str(users), *(["--no-index"] if cuda else [])], E2E_STACK_S)  # fmt: skip
     built_s = time.perf_counter() - t0
     workers, clients = max(1, min(8, cores // 2)), max(1, cores // 4)
     env = {**os.environ, "RECSVC_MODEL_REPOSITORY": str(stack / "repo"), "RECSVC_DATA_DIR": str(stack / "var"),
@@ -198,10 +207,10 @@ def _end_to_end(
            "RECSVC_INDEX_NPROBE": "16", "RECSVC_MAX_BATCH": "256",
            "RECSVC_MAX_IN_FLIGHT": "256"}  # fmt: skip
     report = out / "e2e"      # bench.json
-    subprocess.run([sys.executable, "-m", "recsvc.cli", "bench", "--start", "--no-plots", "--out", str(report),
-                    "--duration", str(seconds), "--warmup", "2", "--processes", str(clients),
-                    "--concurrency", ",".join(str(c) for c in E2E_CONCURRENCY), "--label", "recsvc"],
-                   check=True, env=env)  # fmt: skip
+    _step([sys.executable, "-m", "recsvc.cli", "bench", "--start", "--no-plots", "--out", str(report),
+           "--duration", str(seconds), "--warmup", "2", "--processes", str(clients),
+           "--concurrency", ",".join(str(c) for c in E2E_CONCURRENCY), "--label", "recsvc"],
+          E2E_BENCH_S, env)  # fmt: skip
     bench = json.loads((report / "bench.json").read_text())
     levels = bench["configurations"]["recsvc"]["levels"]
     return {"items": items, "users": users, "candidates": CANDIDATES, "workers": workers, "client_processes": clients,

@@ -71,6 +71,7 @@ class TieredHistory:
         negative_ttl_s: float = 10.0,
         negative_entries: int = 100_000,
         read_batch: int = 64,
+        read_concurrency: int = 2,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self.store = store
@@ -103,10 +104,11 @@ class TieredHistory:
         self._prefetched_max = max(1, int(getattr(l1, "max_entries", None) or l1.maxsize))
         self._l1_get = l1.get              # bound once: the L1 hit path is the hottest code in the service
         # Store reads of concurrent misses, at most ``read_batch`` users each (the server passes its
-        # max_batch); two at once, so one forms while one reads.
-        self._reads: Coalescer[str, History] = Coalescer(
-            self._read_batch, max_rows=read_batch, max_wait_us=0, max_in_flight=2, name="history store reads",
-            closed_error=StoreUnavailable,
+        # max_batch), ``read_concurrency`` at once (SQLite reads on one thread: 2, one forming while one
+        # reads; Redis serves many: more). A batch answers each user alone: an exception for one user.
+        self._reads: Coalescer[str, History | Exception] = Coalescer(
+            self._read_batch, max_rows=read_batch, max_wait_us=0, max_in_flight=read_concurrency,
+            name="history store reads", closed_error=StoreUnavailable,
         )  # fmt: skip
         self.l1_hits = 0
         self.l1_misses = 0
@@ -170,7 +172,10 @@ class TieredHistory:
         history, stamp = await self.l2.get(user_id) if self.l2 is not None else (None, None)
         from_store = history is None
         if history is None:
-            history = await self._reads.submit(user_id)
+            read = await self._reads.submit(user_id)
+            if isinstance(read, Exception):
+                raise read
+            history = read
         # An invalidation that arrived while this load ran may mean its result predates a write: it
         # answers the callers already waiting but is cached nowhere.
         if self._generation_of(user_id) == generation:
@@ -179,13 +184,24 @@ class TieredHistory:
             self._remember(history)
         return history
 
-    async def _read_batch(self, user_ids: Sequence[str], answer: Answer[History]) -> list[History]:
+    async def _read_batch(
+        self, user_ids: Sequence[str], answer: Answer[History | Exception]
+    ) -> list[History | Exception]:
         started = self._timer()
-        histories = await self.store.get_many(user_ids, self._limit)
+        results: list[History | Exception]
+        try:
+            results = list(await self.store.get_many(user_ids, self._limit))
+        except Exception:
+            if len(user_ids) == 1:
+                raise
+            # Re-read one by one: one user's unreadable entry, or one Redis Cluster node failing over, must
+            # fail only the users it concerns.
+            got = await asyncio.gather(*(self.store.get(u, self._limit) for u in user_ids), return_exceptions=True)
+            results = [r if isinstance(r, History | Exception) else StoreUnavailable(str(r)) for r in got]
         # Each user's load took the batch's time: load_seconds / loads stays the mean time of a load.
         self.store_stats.loads += len(user_ids)
         self.store_stats.load_seconds += (self._timer() - started) * len(user_ids)
-        return histories
+        return results
 
     def _finished(self, user_id: str, task: asyncio.Task[History]) -> None:
         if self._pending.get(user_id) is task:

@@ -111,7 +111,9 @@ async def open_history(settings: Settings, store: HistoryStore) -> TieredHistory
         l2 = RedisTier.open(settings.redis_url, ttl_s=settings.l2_ttl_s, timeout_s=settings.redis_timeout_s,
                             cluster=settings.redis_cluster)  # fmt: skip
     history = TieredHistory(store, l1=l1, limit=settings.history_keep, l2=l2, negative_ttl_s=settings.negative_ttl_s,
-                            read_batch=settings.max_batch)  # fmt: skip
+                            read_batch=settings.max_batch,
+                            # SQLite reads on its one thread; Redis serves concurrent pipelines.
+                            read_concurrency=2 if settings.history_store == "sqlite" else 16)  # fmt: skip
     if settings.history_store == "redis" or backend == "redis":
         # Other replicas share this store: their L1 copies must hear about our writes, and we about theirs.
         invalidator = RedisInvalidator.open(
@@ -219,6 +221,8 @@ async def serve(
         service = await build_service(settings)
         # What loading made (modules, the bundle, its catalog: ~200k objects at 1M items) lives as long as
         # the process; in the permanent generation no later full collection scans it (27 ms each here).
+        # Collected first, so no garbage is frozen with it; versions.py refreezes after retiring a bundle.
+        gc.collect()
         gc.freeze()
         watch_gc()
         try:

@@ -27,7 +27,7 @@ from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histo
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from recsvc.errors import ConfigError
-from recsvc.telemetry import LATENCY_BUCKETS_S
+from recsvc.telemetry import LATENCY_BUCKETS_S, flush_gc
 
 __all__ = [
     "LATENCY_BUCKETS_S",
@@ -170,7 +170,8 @@ class StatsExporter:
         self._counters, self._gauges = _stats_families(registry)
 
     def sync(self) -> None:
-        """Bring every counter and gauge up to the current stats."""
+        """Bring every counter and gauge up to the current stats (and the garbage collector's pauses)."""
+        flush_gc()
         for section, values in self._stats().items():
             for key, value in values.items():
                 if not isinstance(value, int | float) or isinstance(value, bool):

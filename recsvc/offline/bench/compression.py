@@ -46,9 +46,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many test users")
     # The names are recsvc.offline.models.compression.VARIANTS, spelled out: importing it here would load torch.
     p.add_argument("--variants", type=lambda text: [v for v in text.split(",") if v],
-                   default=["fp32", "fp16", "int8", "int8-static", "distilled", "pruned"],
                    help="comma-separated subset of fp32,fp16,int8,int8-static,distilled,pruned (fp32 is always "
-                        "measured)")  # fmt: skip
+                        "measured; default all, without pruned for a bundle that has no ranker.pt)")  # fmt: skip
     p.add_argument("--student-dim", type=int, default=16, help="embedding width of the distilled ranker (default 16)")
     p.add_argument("--student-hidden", type=int, default=32, help="first MLP layer width of the distilled ranker")
     p.add_argument("--distill-epochs", type=int, default=4, help="distillation epochs (default 4; --quick: 1)")
@@ -84,7 +83,13 @@ def run_compress(args: argparse.Namespace) -> int:
         distill = DistillConfig(**student, epochs=args.distill_epochs)
         prune = PruneConfig(fraction=args.prune_fraction, epochs=args.prune_epochs)
         bench, users = BenchConfig(), args.eval_users
-    report = compress(args.bundle, split.train, split.test, out, variants=args.variants, max_users=users,
+    variants = args.variants
+    if variants is None:
+        variants = ["fp32", "fp16", "int8", "int8-static", "distilled", "pruned"]
+        if not (args.bundle / "ranker.pt").is_file():
+            variants.remove("pruned")
+            sys.stderr.write(f"{args.bundle} has no ranker.pt (an older bundle): the pruned variant is left out\n")
+    report = compress(args.bundle, split.train, split.test, out, variants=variants, max_users=users,
                       distill=distill, prune=prune, bench=bench)  # fmt: skip
     sys.stdout.write(
         f"{args.bundle}: {report.users} test users ({report.auc_users} with a held-out item among the "

@@ -553,6 +553,11 @@ def compress(
         raise ConfigError(f"unknown variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
     manifest = read_manifest(bundle)
     samples = load_samples(bundle)
+    if "pruned" in variants and not (bundle / "ranker.pt").is_file():
+        # Before anything is built: pruning starts from the trained weights, which only ranker.pt holds.
+        raise BundleError(f"{bundle} has no ranker.pt (bundles from `recsvc train` before the gpu-torch target "
+                          "lack it): the pruned variant needs the trained weights; leave it out of the variants "
+                          "or retrain the bundle")  # fmt: skip
     out_dir.mkdir(parents=True, exist_ok=True)
     src = bundle / "ranker.onnx"
     builders: dict[str, Callable[[Path], object]] = {

@@ -86,6 +86,11 @@ class BatchRecordingStore(InMemoryHistoryStore):
             raise StoreUnavailable("store down")
         return await super().get_many(user_ids, limit)
 
+    async def get(self, user_id: str, limit: int) -> History:
+        if user_id in self.failing:
+            raise StoreUnavailable(f"{user_id}: unreadable")
+        return await super().get(user_id, limit)
+
 
 async def test_misses_that_arrive_together_are_one_store_read() -> None:
     store = BatchRecordingStore()
@@ -100,7 +105,7 @@ async def test_misses_that_arrive_together_are_one_store_read() -> None:
     assert len(store.batches) == 1
 
 
-async def test_misses_during_a_store_read_form_the_next_batches_and_a_failure_fails_its_batch_only() -> None:
+async def test_misses_during_a_store_read_form_the_next_batches_and_a_failure_fails_only_its_users() -> None:
     store = BatchRecordingStore()
     await store.append([ev(f"u{i}", "x") for i in range(6)])
     store.hold = asyncio.Event()
@@ -115,9 +120,13 @@ async def test_misses_during_a_store_read_form_the_next_batches_and_a_failure_fa
     assert store.batches == [["u0", "u1"], ["u2", "u3"]]
     store.failing = {"u0", "u2"}
     store.hold.set()
-    for task in first + second:
-        with pytest.raises(StoreUnavailable):
-            await task
+    # The batch read fails; each user is read again alone, and only the unreadable ones fail.
+    for task, user in zip(first + second, ("u0", "u1", "u2", "u3"), strict=True):
+        if user in store.failing:
+            with pytest.raises(StoreUnavailable, match=f"{user}: unreadable"):
+                await task
+        else:
+            assert (await task).item_ids == ("x",)
     assert [(await task).item_ids for task in third] == [("x",), ("x",)]
     assert store.batches[2] == ["u4", "u5"]
 

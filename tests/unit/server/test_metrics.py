@@ -165,11 +165,37 @@ def test_garbage_collections_are_timed_by_generation_once_per_process() -> None:
 
     from prometheus_client import REGISTRY
 
-    from recsvc.telemetry import watch_gc
+    from recsvc.telemetry import flush_gc, watch_gc
 
     watch_gc()
     watch_gc()          # a second call adds no second callback (each run would be counted twice)
+    flush_gc()
     before = value(REGISTRY, "recsvc_gc_pause_seconds_count", generation="2")
     gc.collect()
+    # Timed in the callback, observed only by flush_gc (the stats loop): never inside the collector.
+    assert value(REGISTRY, "recsvc_gc_pause_seconds_count", generation="2") == before
+    flush_gc()
     assert value(REGISTRY, "recsvc_gc_pause_seconds_count", generation="2") == before + 1
     assert value(REGISTRY, "recsvc_gc_pause_seconds_sum", generation="2") > 0
+
+
+def test_a_collection_inside_prometheus_clients_lock_does_not_deadlock(tmp_path: Path) -> None:
+    # In multiprocess mode (workers) prometheus_client holds one non-reentrant lock while it creates a
+    # labelled child, and that allocates: a collection can start right there. Collections on nearly every
+    # allocation, many children created: this hung for good when the callback observed the histogram.
+    script = (
+        "import gc\n"
+        "from prometheus_client import Counter\n"
+        "from recsvc.telemetry import flush_gc, watch_gc\n"
+        "watch_gc()\n"
+        "c = Counter('x', 'x', ['n'])\n"
+        "gc.set_threshold(1, 1, 1)\n"
+        "for i in range(3000):\n"
+        "    c.labels(str(i)).inc()\n"
+        "gc.set_threshold(700, 10, 10)\n"
+        "flush_gc()\n"
+        "print('done')\n"
+    )
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "done", done.stderr[-2000:]

@@ -148,6 +148,11 @@ def test_pruning_removes_exactly_what_contributes_nothing(
     (bundle / "ranker.pt").unlink()
     with pytest.raises(BundleError, match=r"has no ranker\.pt"):
         load_ranker(bundle, manifest)
+    # compress refuses it before building anything.
+    split = time_split(tiny_dataset)
+    with pytest.raises(BundleError, match=r"has no ranker\.pt"):
+        compress(bundle, split.train, split.test, tmp_path / "out", variants=["int8", "pruned"])
+    assert not (tmp_path / "out").exists()
 
 
 def test_report_has_every_variant_and_retrieval(report: CompressionReport) -> None:
@@ -224,7 +229,7 @@ def test_compress_command(
     cli.register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["compress", str(tiny_bundle), "--out", str(tmp_path), "--quick"])
     assert args.func is cli.run_compress and args.dataset is None and args.test_per_user is None
-    assert args.variants == list(VARIANTS)
+    assert args.variants is None            # all of them (pruned only where the bundle has ranker.pt)
     # The full set is the fixture's job; here the command's plumbing (fp32 is added as the base).
     args = parser.parse_args(["compress", str(tiny_bundle), "--out", str(tmp_path), "--quick", "--variants", "int8"])
     # The tiny bundle was trained on the tiny synthetic shop, which no --dataset flag reproduces exactly.
