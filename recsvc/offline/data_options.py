@@ -9,10 +9,13 @@ load the same data again without being told.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from recsvc.errors import ConfigError
+
+T = TypeVar("T")
 
 __all__ = [
     "DATASETS", "add_data_args", "add_split_args", "bundle_dataset", "data_given", "data_source", "describe_split",
@@ -141,14 +144,7 @@ def describe_split(protocol: dict[str, Any]) -> str:
 
 
 def _fraction(text: str) -> float:
-    bad = argparse.ArgumentTypeError(f"expected a fraction between 0 and 1 (e.g. 0.2), got {text!r}")
-    try:
-        value = float(text)
-    except ValueError:
-        raise bad from None
-    if not 0 < value < 1:
-        raise bad
-    return value
+    return _parsed(text, float, lambda v: 0 < v < 1, "a fraction between 0 and 1 (e.g. 0.2)")
 
 
 def add_split_args(p: argparse.ArgumentParser, *, default_note: str) -> None:
@@ -162,11 +158,15 @@ def add_split_args(p: argparse.ArgumentParser, *, default_note: str) -> None:
 
 def positive_int(text: str) -> int:
     """Parse an argparse value: an integer >= 1 (a bad value is argparse's one-line usage error, exit status 2)."""
-    bad = argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return _parsed(text, int, lambda v: v >= 1, "a positive integer")
+
+
+def _parsed(text: str, convert: Callable[[str], T], valid: Callable[[T], bool], expected: str) -> T:
+    bad = argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     try:
-        value = int(text)
+        value = convert(text)
     except ValueError:
         raise bad from None
-    if value < 1:
+    if not valid(value):
         raise bad
     return value
