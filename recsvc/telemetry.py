@@ -138,6 +138,7 @@ class _GcWatch:
 
     def __init__(self) -> None:
         self.pauses: deque[tuple[int, float]] = deque(maxlen=10_000)
+        self.children = [GC_PAUSE_SECONDS.labels(str(g)) for g in range(3)]   # made here, never in a callback
         self._started = 0.0
 
     def __call__(self, phase: str, info: dict[str, int]) -> None:
@@ -148,7 +149,6 @@ class _GcWatch:
 
 
 _gc_watch: _GcWatch | None = None
-_GC_CHILDREN: list[Any] = []
 
 
 def watch_gc() -> None:
@@ -163,12 +163,10 @@ def flush_gc() -> None:
     """Move the collections timed since the last call into ``recsvc_gc_pause_seconds`` (the stats loop calls it)."""
     if _gc_watch is None:
         return
-    if not _GC_CHILDREN:
-        _GC_CHILDREN.extend(GC_PAUSE_SECONDS.labels(str(g)) for g in range(3))
     pauses = _gc_watch.pauses
     while pauses:
         generation, seconds = pauses.popleft()
-        _GC_CHILDREN[generation].observe(seconds)
+        _gc_watch.children[generation].observe(seconds)
 
 
 class _Span(Protocol):
@@ -218,6 +216,13 @@ def collect_timings() -> Iterator[dict[str, float]]:
         _timings.reset(token)
 
 
+def _stage_child(name: str) -> Any:
+    child = _STAGE_CHILDREN.get(name)
+    if child is None:
+        child = _STAGE_CHILDREN[name] = STAGE_SECONDS.labels(name)     # labels() costs ~1 us: once per stage
+    return child
+
+
 class stage:  # lower case: used like a function, ``with stage("rank"):``
     """Time one pipeline stage: histogram, the caller's server-timing, and a span when tracing is on.
 
@@ -229,10 +234,7 @@ class stage:  # lower case: used like a function, ``with stage("rank"):``
 
     def __init__(self, name: str) -> None:
         self._name = name
-        child = _STAGE_CHILDREN.get(name)
-        if child is None:
-            child = _STAGE_CHILDREN[name] = STAGE_SECONDS.labels(name)     # labels() costs ~1 us: once per stage
-        self._child = child
+        self._child = _stage_child(name)
         self._span: contextlib.AbstractContextManager[_Span] | None = None
         self._start = 0.0
 
@@ -262,11 +264,8 @@ def record_stages(stages: Iterable[tuple[str, float, float]]) -> None:
     # perf_counter is what stages are timed with; spans want the wall clock in nanoseconds.
     to_ns = time.time_ns() - time.perf_counter_ns() if _tracer is not None else 0
     for name, start, end in stages:
-        child = _STAGE_CHILDREN.get(name)
-        if child is None:
-            child = _STAGE_CHILDREN[name] = STAGE_SECONDS.labels(name)
         elapsed = end - start
-        child.observe(elapsed)
+        _stage_child(name).observe(elapsed)
         if timings is not None:
             timings[name] = timings.get(name, 0.0) + elapsed * 1000.0
         if _tracer is not None:

@@ -117,23 +117,13 @@ class SqliteHistoryStore:
         return self._conn
 
     async def get(self, user_id: str, limit: int) -> History:
-        """See HistoryStore."""
-        if limit < 1:
-            # LIMIT -1 means "no limit" to SQLite; the protocol says empty.
-            return History(user_id=user_id)
-
-        def query() -> tuple[list[tuple[int, str, int, float]], list[tuple[str]]]:
-            db = self._db
-            rows = db.execute("SELECT seq, item_id, type, ts FROM events WHERE user_id = ? ORDER BY seq DESC LIMIT ?",
-                              (user_id, limit)).fetchall()  # fmt: skip
-            return rows, db.execute("SELECT item_id FROM older_seen WHERE user_id = ?", (user_id,)).fetchall()
-
-        rows, older = await self._run(query)
-        return to_history(user_id, rows, (item for (item,) in older))
+        """See HistoryStore: ``get_many`` of one user."""
+        return (await self.get_many([user_id], limit))[0]
 
     async def get_many(self, user_ids: Sequence[str], limit: int) -> list[History]:
-        """See HistoryStore: one statement on the store's thread for all of them."""
+        """See HistoryStore: one statement for the events and one for the older items, on the store's thread."""
         if limit < 1 or not user_ids:
+            # LIMIT -1 would mean "no limit" to SQLite; the protocol says empty.
             return [History(user_id=u) for u in user_ids]
         unique = list(dict.fromkeys(user_ids))
 

@@ -114,10 +114,7 @@ def evaluate_bundle(
         history = history_matrix(flat, starts[sl], ends[sl], manifest.history_len)
         queries = encoder.run(["QUERY"], {"HISTORY": history})[0]
         scores = queries @ embeddings.T
-        for row, (s, e) in enumerate(zip(starts[sl], ends[sl], strict=True)):
-            scores[row, flat[s:e]] = -np.inf
-        top = np.argpartition(-scores, n_cand - 1, axis=1)[:, :n_cand]
-        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(scores, top, 1), axis=1), 1)
+        top = _top_k(scores, flat, starts[sl], ends[sl], n_cand)     # training items set to -inf in scores
         top_scores = np.take_along_axis(scores, top, 1)
         ranked = ranker_session.run(["SCORES"], {"HISTORY": history, "CANDIDATES": top.astype(np.int64)})[0]
         reranked = np.take_along_axis(top, np.argsort(-ranked, axis=1, kind="stable"), 1)
@@ -152,7 +149,7 @@ def _top_k(
     scores: npt.NDArray[np.float32], flat: npt.NDArray[np.int64], starts: npt.NDArray[np.int64],
     ends: npt.NDArray[np.int64], k: int,
 ) -> npt.NDArray[np.int64]:  # fmt: skip
-    """Each row's k best items in order, the user's training items excluded."""
+    """Each row's k best items in order, the user's training items excluded (set to -inf in ``scores``)."""
     for row, (s, e) in enumerate(zip(starts, ends, strict=True)):
         scores[row, flat[s:e]] = -np.inf
     k = min(k, scores.shape[1])
