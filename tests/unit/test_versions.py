@@ -102,6 +102,28 @@ async def test_switch_waits_for_in_flight_requests_on_the_old_version(repo: Path
     await pipeline.bundle.close()
 
 
+async def test_a_retired_bundle_is_freed_although_the_start_up_objects_were_frozen(
+    repo: Path, tiny_bundle: Path
+) -> None:
+    import gc
+    import weakref
+
+    pipeline, _, _, follower = _setup(repo)
+    old = weakref.ref(pipeline.bundle)
+    gc.collect()
+    gc.freeze()                         # as the server does once its service is built
+    try:
+        publish(tiny_bundle, repo)
+        assert await follower.check()
+        await follower.close()          # the old bundle retired: everything unfrozen, a refreeze scheduled
+        assert gc.get_freeze_count() == 0
+        await asyncio.sleep(1.2)
+        assert old() is None and gc.get_freeze_count() > 0      # collected, and the rest frozen again
+    finally:
+        gc.unfreeze()
+        await pipeline.bundle.close()
+
+
 async def _unblocked(pipeline: Pipeline, ranker: GatedRanker):  # type: ignore[no-untyped-def]
     task = asyncio.create_task(pipeline.recommend(RecommendQuery("v", 5)))
     await asyncio.sleep(0.05)
