@@ -13,6 +13,7 @@ the kept history, as the protocol says.
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import sqlite3
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +80,18 @@ class SqliteHistoryStore:
 
     def _connect(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        # Processes opening one new database at once (workers, servers sharing a port) take turns: the
+        # switch to WAL needs an exclusive lock and SQLite answers "database is locked" at once, without
+        # waiting for busy_timeout, to a connection that asks for it while another holds one (seen in CI).
+        try:
+            lock = self.path.with_name(self.path.name + ".open-lock").open("a")
+        except OSError as exc:
+            raise StoreUnavailable(f"history store {self.path}: {exc}") from exc
+        with lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._connect_locked()
+
+    def _connect_locked(self) -> None:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
