@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,7 +12,10 @@ from recsvc.offline.models.train import TrainConfig, Trained, train, write_bundl
 from tests.redis_fixture import redis_cluster, redis_server  # noqa: F401  (session fixtures: real redis-server)
 
 TINY_CONFIG = TrainConfig(dim=16, history_len=10, num_candidates=20, retrieval_epochs=10, ranker_epochs=3,
-                          batch_size=128, lr=1e-2, ranker_dim=8, ranker_negatives=7, seed=0)  # fmt: skip
+                          batch_size=128, lr=1e-2, ranker_dim=8, ranker_negatives=7, seed=0,
+                          blend=False)  # fmt: skip
+# The same with the item-to-item source and the blend stage (a bundle served through every stage).
+TINY_BLEND_CONFIG = replace(TINY_CONFIG, blend=True, i2i_candidates=12, blend_epochs=20)
 
 
 @pytest.fixture(scope="session")
@@ -30,4 +34,13 @@ def tiny_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Dataset,
     """A real bundle (ONNX files, embeddings, catalog, manifest) from the tiny models."""
     out = tmp_path_factory.mktemp("tiny-bundle")
     write_bundle(tiny_trained, time_split(tiny_dataset).train, out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_blend_bundle(tmp_path_factory: pytest.TempPathFactory, tiny_dataset: Dataset) -> Path:
+    """A real bundle with the item-to-item source and the blend stage."""
+    out = tmp_path_factory.mktemp("tiny-blend-bundle")
+    split = time_split(tiny_dataset)
+    write_bundle(train(split.train, TINY_BLEND_CONFIG, progress=False), split.train, out)
     return out

@@ -15,6 +15,7 @@ from recsvc.offline.data_options import (
     bundle_dataset,
     data_source,
     describe_split,
+    fraction,
     load_source,
     positive_int,
     split_protocol,
@@ -47,7 +48,8 @@ def train_bundle(args: argparse.Namespace, out: Path, ds: Any = None, source: di
         raise ConfigError(f"--candidates {candidates}: more than the {ds.num_items:,} items of {ds.name}; "
                           f"choose at most {ds.num_items}")  # fmt: skip
     config = TrainConfig(retrieval_epochs=args.epochs, ranker_epochs=args.ranker_epochs, seed=args.seed,
-                         num_candidates=candidates)  # fmt: skip
+                         num_candidates=candidates, blend=not args.no_blend, i2i_method=args.i2i,
+                         i2i_neighbours=args.i2i_neighbours, validation_fraction=args.validation_fraction)  # fmt: skip
     if args.no_holdout:
         trained = train(ds, config)
         write_bundle(trained, ds, out)
@@ -112,6 +114,17 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     add_split_args(p, default_note="default 5")
     p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many users")
     p.add_argument("--no-holdout", action="store_true", help="train on everything (no evaluation)")
+    p.add_argument("--no-blend", action="store_true",
+                   help="train the two-tower retrieval and the ranker only: no item-to-item source and no blend "
+                        "stage (about a third of the training time; lower quality)")  # fmt: skip
+    p.add_argument("--i2i", choices=["auto", "ease", "cooccurrence"], default="auto",
+                   help="how the item-to-item neighbour lists are learned: EASE^R weights (catalogs up to 20,000 "
+                        "items) or cosine co-occurrence; auto: EASE^R up to 10,000 items (default auto)")  # fmt: skip
+    p.add_argument("--i2i-neighbours", type=positive_int, default=100, metavar="N",
+                   help="neighbours kept per item in the item-to-item lists (default 100)")
+    p.add_argument("--validation-fraction", type=fraction, default=0.2, metavar="F",
+                   help="latest fraction of each user's training interactions the blend stage learns on "
+                        "(default 0.2)")  # fmt: skip
     p.add_argument("--baselines", action="store_true",
                    help="also fit EASE^R and implicit ALS on the same split and report them beside the bundle "
                         "(about a minute more on MovieLens; `recsvc evaluate` always does)")  # fmt: skip

@@ -19,7 +19,7 @@ T = TypeVar("T")
 
 __all__ = [
     "DATASETS", "add_data_args", "add_split_args", "bundle_dataset", "data_given", "data_source", "describe_split",
-    "load_dataset", "load_source", "positive_int", "split_protocol",
+    "fraction", "load_dataset", "load_source", "positive_int", "split_protocol",
 ]  # fmt: skip
 
 DATASETS = ("movielens", "synthetic", "files")
@@ -143,7 +143,8 @@ def describe_split(protocol: dict[str, Any]) -> str:
     return f"last {protocol['test_per_user']} interactions per user"
 
 
-def _fraction(text: str) -> float:
+def fraction(text: str) -> float:
+    """Argparse type: a float strictly between 0 and 1."""
     return _parsed(text, float, lambda v: 0 < v < 1, "a fraction between 0 and 1 (e.g. 0.2)")
 
 
@@ -152,7 +153,7 @@ def add_split_args(p: argparse.ArgumentParser, *, default_note: str) -> None:
     group = p.add_mutually_exclusive_group()
     group.add_argument("--test-per-user", type=positive_int, metavar="N",
                        help=f"hold out each user's latest N interactions ({default_note})")  # fmt: skip
-    group.add_argument("--test-fraction", type=_fraction, metavar="F",
+    group.add_argument("--test-fraction", type=fraction, metavar="F",
                        help="hold out each user's latest fraction F of their interactions instead (e.g. 0.2)")
 
 

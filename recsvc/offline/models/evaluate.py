@@ -20,11 +20,17 @@ import onnxruntime as ort
 from recsvc.bundle import read_manifest
 from recsvc.offline.data import Dataset, ndcg_at_k, popularity_ranking, recall_at_k
 from recsvc.offline.models.baselines import Scorer
+from recsvc.offline.models.blend import source_candidates
 from recsvc.offline.models.train import history_matrix
+from recsvc.ranking import blend as blend_files
+from recsvc.ranking.blend import load_item_stats
+from recsvc.retrieval import item2item as item2item_files
+from recsvc.retrieval.item2item import ItemToItem
 
 __all__ = ["METHODS", "EvalReport", "evaluate_bundle"]
 
 METHODS = ("popularity", "retrieval", "retrieval+ranking")
+ITEM2ITEM = "item-to-item"
 
 
 @dataclass(frozen=True)
@@ -87,6 +93,9 @@ def evaluate_bundle(
     ``ranker`` replaces the bundle's ranker.onnx with another ONNX file of the same interface (a
     compressed variant, say); retrieval still comes from the bundle. ``baselines`` (fitted on ``train``)
     are scored beside recsvc's methods, on the same users, after popularity.
+
+    A bundle with the item-to-item source and the blend stage is evaluated as served: "retrieval+ranking"
+    is the merged candidates, ranked, then blended; "item-to-item" is that source's own top k.
     """
     manifest = read_manifest(bundle)
     embeddings = np.load(bundle / "item_embeddings.npy")
@@ -101,7 +110,13 @@ def evaluate_bundle(
     ends = np.searchsorted(train.users, users, side="right")
     popular = popularity_ranking(train)
     n_items, n_cand = embeddings.shape[0], min(manifest.num_candidates, embeddings.shape[0])
-    methods = [METHODS[0], *(b.name for b in baselines), *METHODS[1:]]
+    blended = (bundle / blend_files.FILE).exists()
+    if blended:
+        i2i = ItemToItem.load(bundle / item2item_files.FILE)
+        stats = load_item_stats(bundle / blend_files.ITEM_STATS_FILE, n_items)
+        blend_session = _session(bundle / blend_files.FILE, threads)
+        first = int(manifest.extra.get("sources", {}).get("item2item", {}).get("first", n_cand // 2))
+    methods = [METHODS[0], *(b.name for b in baselines), METHODS[1], *([ITEM2ITEM] if blended else []), METHODS[2]]
     if len(set(methods)) != len(methods):
         raise ValueError(f"method names must differ: {methods}")
     sums = {m: [0.0, 0.0] for m in methods}
@@ -115,8 +130,22 @@ def evaluate_bundle(
         queries = encoder.run(["QUERY"], {"HISTORY": history})[0]
         scores = queries @ embeddings.T
         top = _top_k(scores, flat, starts[sl], ends[sl], n_cand)     # training items set to -inf in scores
-        top_scores = np.take_along_axis(scores, top, 1)
-        ranked = ranker_session.run(["SCORES"], {"HISTORY": history, "CANDIDATES": top.astype(np.int64)})[0]
+        retrieved = top                                              # the ANN source alone
+        own: dict[str, npt.NDArray[np.int64]] = {}
+        if blended:
+            # The served path: merged sources, the ranker, then the blend (training items excluded by both).
+            histories = [flat[s:e] for s, e in zip(starts[sl], ends[sl], strict=True)]
+            sources = source_candidates(histories, queries, embeddings, i2i, manifest.num_candidates, first)
+            cand = sources.candidates
+            ranker_scores = ranker_session.run(["SCORES"], {"HISTORY": history, "CANDIDATES": cand})[0]
+            ranked = blend_session.run(["SCORES"], {"FEATURES": sources.features(ranker_scores, stats)})[0]
+            ranked = np.where(cand >= 0, ranked, -np.inf)
+            top_scores = np.where(cand >= 0, np.einsum("bd,bcd->bc", queries, embeddings[cand.clip(0)]), -np.inf)
+            own[ITEM2ITEM] = sources.i2i[:, :k]
+            top = cand
+        else:
+            top_scores = np.take_along_axis(scores, top, 1)
+            ranked = ranker_session.run(["SCORES"], {"HISTORY": history, "CANDIDATES": top.astype(np.int64)})[0]
         reranked = np.take_along_axis(top, np.argsort(-ranked, axis=1, kind="stable"), 1)
         peers = {b.name: _top_k(b.scores(users[sl]), flat, starts[sl], ends[sl], k) for b in baselines}
         for row, user in enumerate(users[sl]):
@@ -124,7 +153,9 @@ def evaluate_bundle(
             seen = set(flat[starts[lo + row] : ends[lo + row]].tolist())
             pop = [i for i in popular[: k + len(seen)].tolist() if i not in seen][:k]
             for method, recs in (("popularity", pop), *((name, top_k[row]) for name, top_k in peers.items()),
-                                 ("retrieval", top[row, :k]), ("retrieval+ranking", reranked[row, :k])):  # fmt: skip
+                                 ("retrieval", retrieved[row, :k]), *((m, o[row]) for m, o in own.items()),
+                                 ("retrieval+ranking", reranked[row, :k])):  # fmt: skip
+                recs = recs[recs >= 0] if isinstance(recs, np.ndarray) else recs
                 sums[method][0] += recall_at_k(recs, relevant, k)
                 user_ndcg[method].append(ndcg_at_k(recs, relevant, k))
                 sums[method][1] += user_ndcg[method][-1]

@@ -10,7 +10,7 @@ import torch
 from recsvc.offline.models.ranker import RankerNet
 from recsvc.offline.models.retrieval import RetrievalNet
 
-__all__ = ["OPSET", "export_query_encoder", "export_ranker", "export_ranker_torchscript"]
+__all__ = ["OPSET", "export_onnx", "export_query_encoder", "export_ranker", "export_ranker_torchscript"]
 
 # 17 is supported by every ONNX Runtime and TensorRT release we target (TRT 8.6+).
 OPSET = 17
@@ -20,7 +20,7 @@ def export_query_encoder(model: RetrievalNet, path: Path) -> None:
     """Write HISTORY int64 [B, L] -> QUERY float32 [B, dim]."""
     example = torch.full((2, model.history_len), -1, dtype=torch.int64)
     example[0, -1] = 0
-    _export(model, (example,), path, ["HISTORY"], ["QUERY"], {"HISTORY": {0: "batch"}, "QUERY": {0: "batch"}})
+    export_onnx(model, (example,), path, ["HISTORY"], ["QUERY"], {"HISTORY": {0: "batch"}, "QUERY": {0: "batch"}})
 
 
 def export_ranker(model: RankerNet, history_len: int, num_candidates: int, path: Path) -> None:
@@ -30,7 +30,7 @@ def export_ranker(model: RankerNet, history_len: int, num_candidates: int, path:
     candidates = torch.zeros((2, num_candidates), dtype=torch.int64)
     axes = {"HISTORY": {0: "batch"}, "CANDIDATES": {0: "batch", 1: "candidates"},
             "SCORES": {0: "batch", 1: "candidates"}}  # fmt: skip
-    _export(model, (history, candidates), path, ["HISTORY", "CANDIDATES"], ["SCORES"], axes)
+    export_onnx(model, (history, candidates), path, ["HISTORY", "CANDIDATES"], ["SCORES"], axes)
 
 
 def export_ranker_torchscript(model: RankerNet, history_len: int, num_candidates: int, path: Path) -> None:
@@ -64,7 +64,7 @@ def export_ranker_torchscript(model: RankerNet, history_len: int, num_candidates
         torch.jit.save(traced, str(path))
 
 
-def _export(
+def export_onnx(
     model: torch.nn.Module,
     args: tuple[torch.Tensor, ...],
     path: Path,
@@ -72,6 +72,7 @@ def _export(
     outputs: list[str],
     axes: dict[str, dict[int, str]],
 ) -> None:
+    """Export ``model`` with these tensor names and dynamic axes (the bundle's ONNX files all go through here)."""
     model.eval()
     with warnings.catch_warnings():
         # The TorchScript exporter warns that it is legacy; it needs no extra packages (the dynamo

@@ -5,6 +5,12 @@ items (possibly none: that teaches the cold-start query) predict the item. The r
 softmax over the whole catalog (sampled softmax beyond ``full_softmax_max_items``). The ranker learns to
 pick the true next item out of the candidates retrieval would have served, on the examples where
 retrieval did serve it, because that is exactly the choice it makes in production.
+
+With ``blend`` (the default) a second candidate source and the blend stage are trained too: the latest
+``validation_fraction`` of each user's interactions is carved off, the networks and the item-to-item lists
+are fitted on the rest, and the blend (recsvc.offline.models.blend) learns on the carved-off part which
+merged candidates users go on to take. Then the networks and the lists are fitted again on everything
+(the same seed and settings) and served with that blend: nothing is tuned on the caller's test set.
 """
 
 from __future__ import annotations
@@ -25,10 +31,15 @@ from tqdm import tqdm
 
 from recsvc.bundle import Manifest, write_manifest
 from recsvc.errors import ConfigError
-from recsvc.offline.data import Dataset
+from recsvc.offline.data import Dataset, time_split
+from recsvc.offline.models.blend import BlendNet, export_blend, fit_blend, item_stats, labels_for, source_candidates
 from recsvc.offline.models.export import export_query_encoder, export_ranker, export_ranker_torchscript
+from recsvc.offline.models.item2item import build_item2item
 from recsvc.offline.models.ranker import RankerNet
 from recsvc.offline.models.retrieval import RetrievalNet
+from recsvc.ranking import blend as blend_files
+from recsvc.retrieval import item2item as item2item_files
+from recsvc.retrieval.item2item import ItemToItem
 
 __all__ = [
     "TrainConfig",
@@ -66,12 +77,25 @@ class TrainConfig:
     max_examples_per_epoch: int = 200_000     # bounds epoch time on large data; MovieLens (95k) fits whole
     seed: int = 0
     threads: int = 2
+    # The item-to-item source and the blend stage (module docstring). i2i_candidates of the C slots go
+    # to the item-to-item list first; the ANN list fills the rest.
+    blend: bool = True
+    validation_fraction: float = 0.2
+    i2i_method: str = "auto"
+    i2i_neighbours: int = 100
+    i2i_candidates: int = 60
+    blend_epochs: int = 60
 
     def __post_init__(self) -> None:
         c = self.num_candidates
         # A Python int: it goes into the manifest's JSON as is (a float or numpy integer would not).
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise ConfigError(f"num_candidates must be a positive integer, got {self.num_candidates!r}")
+        if not 0 < self.validation_fraction < 1:
+            raise ConfigError(f"validation_fraction must be between 0 and 1, got {self.validation_fraction!r}")
+        if self.i2i_neighbours < 1 or self.i2i_candidates < 0:
+            raise ConfigError(f"i2i_neighbours must be >= 1 and i2i_candidates >= 0, got {self.i2i_neighbours}, "
+                              f"{self.i2i_candidates}")  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -83,6 +107,10 @@ class Trained:
     config: TrainConfig
     popularity: npt.NDArray[np.float32]   # float32 [num_items] training interaction counts
     seconds: float
+    item2item: ItemToItem | None = None
+    item2item_method: str = ""
+    blend: BlendNet | None = None
+    item_stats: npt.NDArray[np.float32] | None = None   # [3, num_items], see recsvc.ranking.blend
 
 
 def history_matrix(
@@ -114,6 +142,24 @@ def train(
         raise ConfigError(f"num_candidates ({config.num_candidates}) cannot exceed the catalog's {ds.num_items} items")
     t0 = time.perf_counter()
     torch.set_num_threads(config.threads)
+    blend: BlendNet | None = None
+    if config.blend:
+        fit, validation = time_split(ds, test_fraction=config.validation_fraction)
+        if validation:
+            blend = _train_blend(fit, validation, config, progress, on_epoch)
+        else:
+            log.warning("no user has a validation part: the bundle is served without the blend stage")
+    retrieval, ranker = _train_networks(ds, config, progress, on_epoch)
+    popularity = np.bincount(ds.items.astype(np.int64), minlength=ds.num_items).astype(np.float32)
+    if blend is None:
+        return Trained(retrieval, ranker, config, popularity, time.perf_counter() - t0)
+    i2i, method = build_item2item(ds, method=config.i2i_method, neighbours=config.i2i_neighbours)
+    return Trained(retrieval, ranker, config, popularity, time.perf_counter() - t0, i2i, method, blend, item_stats(ds))
+
+
+def _train_networks(
+    ds: Dataset, config: TrainConfig, progress: bool, on_epoch: Callable[[str, int, float], None] | None
+) -> tuple[RetrievalNet, RankerNet]:
     gen = torch.Generator().manual_seed(config.seed)
     rng = np.random.default_rng(config.seed)
     torch.manual_seed(config.seed)  # layer initialisers draw from torch's default generator
@@ -122,7 +168,6 @@ def train(
     user_starts = np.searchsorted(ds.users, np.arange(ds.num_users), side="left")
     example_start = user_starts[ds.users]                 # where each interaction's user begins
     positions = np.arange(len(flat))
-    popularity = np.bincount(flat, minlength=ds.num_items).astype(np.float32)
 
     retrieval = RetrievalNet(ds.num_items, config.dim, config.history_len)
     _fit(
@@ -138,7 +183,36 @@ def train(
     )  # fmt: skip
     ranker.eval()
     retrieval.eval()      # _fit(ranker) set train mode on the embedded (frozen) retrieval net too
-    return Trained(retrieval, ranker, config, popularity, time.perf_counter() - t0)
+    return retrieval, ranker
+
+
+def _train_blend(
+    fit: Dataset, validation: dict[int, npt.NDArray[np.int32]], config: TrainConfig, progress: bool,
+    on_epoch: Callable[[str, int, float], None] | None,
+) -> BlendNet:  # fmt: skip
+    """Fit the sources on ``fit``, then the blend on which merged candidates the users took next."""
+    retrieval, ranker = _train_networks(fit, config, progress, on_epoch)
+    i2i, _ = build_item2item(fit, method=config.i2i_method, neighbours=config.i2i_neighbours)
+    stats = item_stats(fit)
+    users = np.array(sorted(validation), dtype=np.int64)
+    flat = fit.items.astype(np.int64)
+    starts = np.searchsorted(fit.users, users, side="left")
+    ends = np.searchsorted(fit.users, users, side="right")
+    embeddings = retrieval.item_vectors().detach().numpy()
+    feats, labels = [], []
+    for lo in range(0, len(users), 256):
+        sl = slice(lo, lo + 256)
+        hist = history_matrix(flat, starts[sl], ends[sl], config.history_len)
+        with torch.no_grad():
+            queries = retrieval(torch.from_numpy(hist)).numpy()
+        histories = [flat[s:e] for s, e in zip(starts[sl], ends[sl], strict=True)]
+        sources = source_candidates(histories, queries, embeddings, i2i, config.num_candidates, config.i2i_candidates)
+        with torch.no_grad():
+            scores = ranker(torch.from_numpy(hist), torch.from_numpy(sources.candidates)).numpy()
+        feats.append(sources.features(scores, stats))
+        labels.append(labels_for(sources.candidates, users[sl], validation))
+    return fit_blend(np.concatenate(feats), np.concatenate(labels), epochs=config.blend_epochs, seed=config.seed,
+                     on_epoch=on_epoch)  # fmt: skip
 
 
 def _fit(
@@ -292,6 +366,14 @@ def write_bundle(
     export_ranker(trained.ranker, cfg.history_len, cfg.num_candidates, out_dir / "ranker.onnx")
     # The same ranker as TorchScript, for the gpu-torch target (torch CUDA FP16 in Triton's python backend).
     export_ranker_torchscript(trained.ranker, cfg.history_len, cfg.num_candidates, out_dir / "ranker.pt")
+    extra: dict[str, Any] = {}
+    if trained.blend is not None and trained.item2item is not None and trained.item_stats is not None:
+        trained.item2item.save(out_dir / item2item_files.FILE)
+        np.save(out_dir / blend_files.ITEM_STATS_FILE, trained.item_stats)
+        export_blend(trained.blend, out_dir / blend_files.FILE)
+        extra["sources"] = {"item2item": {"method": trained.item2item_method, "neighbours": cfg.i2i_neighbours,
+                                          "first": cfg.i2i_candidates, "recent": trained.item2item.recent,
+                                          "bytes": trained.item2item.nbytes}}  # fmt: skip
     return write_manifest(
         out_dir,
         dataset=ds.name,
@@ -302,5 +384,5 @@ def write_bundle(
         num_candidates=cfg.num_candidates,
         metrics=metrics or {},
         extra={"train_config": asdict(cfg), "train_seconds": round(trained.seconds, 1),
-               "num_users": ds.num_users, "num_interactions": len(ds.items)},
+               "num_users": ds.num_users, "num_interactions": len(ds.items), **extra},
     )  # fmt: skip

@@ -264,7 +264,7 @@ def test_train_and_evaluate_share_the_split_and_report_the_classical_baselines(
     out = capsys.readouterr().out
     assert "held-out evaluation (latest 20% of each user's interactions" in out
     rows = [line.split("|")[1].strip() for line in out.splitlines() if line.startswith("| ") and "recall" not in line]
-    assert rows == ["popularity", "EASE^R", "implicit ALS", "retrieval", "retrieval+ranking"]
+    assert rows == ["popularity", "EASE^R", "implicit ALS", "retrieval", "item-to-item", "retrieval+ranking"]
     manifest = read_manifest(bundle)
     assert manifest.extra["split"] == {"test_fraction": 0.2}
     assert {"recall@10/EASE^R", "ndcg@10/implicit ALS", "recall@10/retrieval+ranking"} <= set(manifest.metrics)
