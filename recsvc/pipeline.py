@@ -43,8 +43,12 @@ from recsvc.history.policies import LRU
 from recsvc.logs import Throttle
 from recsvc.prefetch import Prefetcher
 from recsvc.ranking import Ranker
+from recsvc.ranking import blend as blend_files
+from recsvc.ranking.blend import Blender, Sources, features, load_item_stats, merge_sources
 from recsvc.repository.publishing import verify_version
 from recsvc.retrieval import Retriever, open_retriever
+from recsvc.retrieval import item2item as item2item_files
+from recsvc.retrieval.item2item import ItemToItem
 from recsvc.retrieval.query_encoder import QueryEncoder
 from recsvc.telemetry import DEGRADED, record_stages, set_build_info, stage
 
@@ -60,6 +64,16 @@ _ORT_ERRORS: tuple[type[Exception], ...] = (
 
 
 @dataclass(frozen=True)
+class BlendStage:
+    """A bundle's second candidate source and blend model (recsvc.ranking.blend), when it has them."""
+
+    item2item: ItemToItem
+    blender: Blender
+    item_stats: npt.NDArray[np.float32]     # [3, trained items]
+    i2i_first: int                          # slots the item-to-item list takes first
+
+
+@dataclass(frozen=True)
 class ServingBundle:
     """Everything one published version serves with; immutable, swapped as a whole."""
 
@@ -70,6 +84,7 @@ class ServingBundle:
     encoder: QueryEncoder
     retriever: Retriever
     popularity: npt.NDArray[np.float32]
+    blend: BlendStage | None = None
     _in_flight: _InFlight = field(default_factory=lambda: _InFlight(), repr=False, compare=False)
 
     @contextlib.contextmanager
@@ -149,6 +164,7 @@ def load_serving_bundle(version_dir: Path, model_version: str, settings: Setting
     if probe.shape != (1, manifest.dim) or not np.isfinite(probe).all():
         raise BundleError(f"{bundle / 'query_encoder.onnx'}: an empty history encodes to {probe.shape} "
                           f"{'finite' if np.isfinite(probe).all() else 'with NaN'}, expected (1, {manifest.dim})")
+    blend = _load_blend(bundle, manifest)
     # Last: the retriever owns a thread and an index, so nothing that can fail comes after it.
     with _reading(bundle / "index"):
         retriever = open_retriever(bundle, embeddings, s, retired=catalog.retired())
@@ -160,7 +176,30 @@ def load_serving_bundle(version_dir: Path, model_version: str, settings: Setting
         encoder=encoder,
         retriever=retriever,
         popularity=popularity,
+        blend=blend,
     )
+
+
+def _load_blend(bundle: Path, manifest: Manifest) -> BlendStage | None:
+    """The item-to-item source and blend of a bundle that has them (all three files, or none)."""
+    files = (item2item_files.FILE, blend_files.FILE, blend_files.ITEM_STATS_FILE)
+    present = [(bundle / f).exists() for f in files]
+    if not any(present):
+        return None
+    if not all(present):
+        missing = [f for f, p in zip(files, present, strict=True) if not p]
+        raise BundleError(f"{bundle}: has a blend stage but lacks {', '.join(missing)}")
+    i2i = ItemToItem.load(bundle / item2item_files.FILE)
+    trained = i2i.num_items
+    if trained > manifest.num_items:
+        raise BundleError(
+            f"{bundle / item2item_files.FILE}: {trained} items, more than the catalog's {manifest.num_items}"
+        )
+    stats = load_item_stats(bundle / blend_files.ITEM_STATS_FILE, trained)
+    first = manifest.extra.get("sources", {}).get("item2item", {}).get("first", manifest.num_candidates // 2)
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise BundleError(f"{bundle}: manifest extra sources.item2item.first is {first!r}, not a count")
+    return BlendStage(i2i, Blender(bundle / blend_files.FILE), stats, first)
 
 
 @contextlib.contextmanager
@@ -385,6 +424,14 @@ class Pipeline:
             ids = np.where(np.take_along_axis(valid, order, axis=1), np.take_along_axis(ids, order, axis=1), -1)
             scores = np.take_along_axis(np.where(valid, scores, 0.0), order, axis=1).astype(np.float32)
             valid = ids >= 0
+        sources: Sources | None = None
+        if bundle.blend is not None:
+            # 3b. the item-to-item source, merged with the ANN list; until the blend scores them, the
+            # candidates' scores are their merged order (what a row the ranker cannot score is served in).
+            sources = await asyncio.to_thread(self._item_to_item, bundle, bundle.blend, batch, ids, n)
+            ids = sources.candidates
+            valid = ids >= 0
+            scores = np.broadcast_to(np.arange(n, 0, -1, dtype=np.float32), ids.shape)
         retrieved = clock()
         for r in batch:
             r.stages += [("query", started, encoded), ("retrieve", encoded, retrieved)]
@@ -392,7 +439,12 @@ class Pipeline:
         # 4. rank (candidates padded to the model's fixed C); rows the ranker does not score keep the
         # retrieval order. Padding sorts last.
         final = np.where(valid, scores, np.float32(-np.inf))
-        ranked = await self._rank(bundle, batch, hists, ids, final, answer)
+        scored = np.zeros(len(batch), dtype=bool)
+        ranked = await self._rank(bundle, batch, hists, ids, final, answer, scored)
+        if sources is not None and bundle.blend is not None:
+            scored &= np.array([not r.answered for r in batch])
+            if scored.any():
+                ranked = await self._blend(bundle.blend, bundle, sources, final, scored)
 
         # 5. respond: one top-k over the [B, n] score matrix.
         responding = clock()
@@ -455,8 +507,9 @@ class Pipeline:
     async def _rank(
         self, bundle: ServingBundle, batch: Sequence[_Request], hists: list[npt.NDArray[np.int64]],
         ids: npt.NDArray[np.int64], final: npt.NDArray[np.float32], answer: Answer[Recommendation | None],
+        scored: npt.NDArray[np.bool_],
     ) -> float:  # fmt: skip
-        """Put the ranker's scores into ``final`` (rows it scored); return when the stage ended.
+        """Put the ranker's scores into ``final`` (rows it scored, marked in ``scored``); return when the stage ended.
 
         One call for the batch. Each request waits within its own share of its deadline
         (``rank_budget_share``, at most ``triton_timeout_s``): one whose share runs out is answered alone
@@ -517,6 +570,40 @@ class Pipeline:
                            f"{count} scores NaN or infinite")  # fmt: skip
                 continue
             final[i, :count] = row[:count]
+            scored[i] = True
+        return time.perf_counter()
+
+    def _item_to_item(
+        self, bundle: ServingBundle, stage2: BlendStage, batch: Sequence[_Request], ann: npt.NDArray[np.int64], n: int
+    ) -> Sources:
+        """The item-to-item candidates of the batch merged with its ANN lists (in a worker thread)."""
+        catalog = bundle.catalog
+        seen, recent, excluded = [], [], []
+        for r in batch:
+            context = np.asarray(r.context, dtype=np.int64)
+            # What is on screen counts as the newest history, as it does for the query vector.
+            mine = np.union1d(r.user.seen, context) if len(context) else r.user.seen
+            seen.append(catalog.to_model(mine.astype(np.int64)))
+            recent.append(catalog.to_model(np.concatenate([r.user.recent.astype(np.int64), context])))
+            excluded.append(self._excluded(bundle, r))
+        return merge_sources(stage2.item2item, ann, seen, recent, excluded, bundle.retriever.allowed, n,
+                             stage2.i2i_first)  # fmt: skip
+
+    async def _blend(
+        self, stage2: BlendStage, bundle: ServingBundle, sources: Sources, final: npt.NDArray[np.float32],
+        scored: npt.NDArray[np.bool_],
+    ) -> float:  # fmt: skip
+        """Replace the ranker's scores in ``final`` by the blend's for the ``scored`` rows; return when done."""
+        rows = np.flatnonzero(scored)
+        candidates = sources.candidates[rows]
+        feats = features(
+            candidates, sources.ann[rows], sources.i2i[rows], sources.i2i_scores[rows], sources.i2i_recent[rows],
+            final[rows], stage2.item_stats, sources.history_counts[rows], bundle.catalog.to_model(candidates),
+        )  # fmt: skip
+        blended = await stage2.blender.score(feats)
+        ok = np.isfinite(blended).all(axis=1)
+        valid = sources.candidates[rows] >= 0
+        final[rows[ok]] = np.where(valid[ok], blended[ok], np.float32(-np.inf))
         return time.perf_counter()
 
     def _answer_alone(

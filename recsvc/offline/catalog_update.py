@@ -36,7 +36,8 @@ __all__ = ["CatalogUpdate", "cold_start_embeddings", "read_items", "update_catal
 
 log = logging.getLogger(__name__)
 
-_COPIED = ("query_encoder.onnx", "ranker.onnx", "queries.npy")
+# The blend stage covers the trained items only (added items borrow their proxy's model id): copied as is.
+_COPIED = ("query_encoder.onnx", "ranker.onnx", "queries.npy", "item2item.npz", "blend.onnx", "item_stats.npy")
 
 
 @dataclass(frozen=True)

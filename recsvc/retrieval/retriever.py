@@ -64,6 +64,11 @@ class Retriever(Protocol):
         """Replace the run-time deny list (dense ids); takes effect for searches that start afterwards."""
         ...
 
+    @property
+    def allowed(self) -> npt.NDArray[np.bool_] | None:
+        """The item-wide mask searches apply (retired and denied items False), None when all are allowed."""
+        ...
+
     def stats(self) -> dict[str, Any]:
         """Counters for metrics."""
         ...
@@ -126,6 +131,12 @@ class IndexRetriever:
         allowed[ids] = False
         # Swapped as one reference: a search uses either the old filter or the new one, never a mix.
         self._filter = Filter(allowed) if not allowed.all() else None
+
+    @property
+    def allowed(self) -> npt.NDArray[np.bool_] | None:
+        """See Retriever (what the item-to-item source filters with too)."""
+        flt = self._filter
+        return None if flt is None else flt.allowed
 
     def _search_batch(self, queries: npt.NDArray[np.float32], k: int) -> tuple[Any, Any]:
         # On the search thread; reads the newest filter (at least as new as the caller's snapshot).

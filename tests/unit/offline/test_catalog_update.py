@@ -17,6 +17,7 @@ from recsvc.offline.catalog_update import update_catalog
 from recsvc.pipeline import Pipeline, load_serving_bundle
 from recsvc.ranking import FakeRanker
 from recsvc.repository import publish
+from recsvc.retrieval.item2item import ItemToItem
 
 
 def _new_items(category: str, n: int = 3) -> pd.DataFrame:
@@ -101,4 +102,32 @@ async def test_cold_items_are_served_retired_ones_never(tiny_bundle: Path, tmp_p
     assert parent.sku(int(members[0])) not in got                       # retired
     assert ranker.calls[0].history[0, -1] == proxy                      # NEW-0 reached the model as its proxy
     assert int(ranker.calls[0].candidates.max()) < 120                  # only model ids reach the ranker
+    await bundle.close()
+
+
+async def test_an_updated_blend_bundle_keeps_its_blend_stage_and_never_serves_retired_items(
+    tiny_blend_bundle: Path, tmp_path: Path
+) -> None:
+    parent = Catalog.read(tiny_blend_bundle / "items.parquet")
+    category = str(parent.categories[0])
+    members = np.flatnonzero(parent.categories == category)
+    retired = parent.sku(int(members[0]))
+    update_catalog(tiny_blend_bundle, tmp_path / "b2", add=_new_items(category), retire=[retired])
+    version = publish(tmp_path / "b2", tmp_path / "repo")
+    bundle = load_serving_bundle(tmp_path / "repo" / "ranker" / str(version), str(version))
+    assert bundle.blend is not None and bundle.blend.item2item.num_items == 120
+    ranker = FakeRanker(np.zeros(120, dtype=np.float32))
+    store = InMemoryHistoryStore()
+    settings = Settings(num_candidates=bundle.manifest.num_candidates, max_k=10)
+    pipeline = Pipeline(settings, TieredHistory(store, l1=LRUCache(maxsize=10), limit=500), ranker, bundle)
+    # The retired item's category neighbours and a new item in the history: the lists propose the retired one.
+    history = [parent.sku(int(i)) for i in members[1:6]] + ["NEW-0"]
+    await store.append([Event("u", s, EventType.VIEW, float(t)) for t, s in enumerate(history)])
+    mine = members[1:6].astype(np.int64)
+    full, _ = bundle.blend.item2item.scores([mine], [mine])
+    assert int(members[0]) in ItemToItem.top(full, [np.sort(mine)], None, 20)[0]      # unfiltered, it is proposed
+    rec = await pipeline.recommend(RecommendQuery("u", 10))
+    assert len(rec.items) == 10 and not rec.degraded
+    assert retired not in {i.item_id for i in rec.items} and "NEW-0" not in {i.item_id for i in rec.items}
+    assert int(members[0]) not in ranker.calls[0].candidates[0].tolist()
     await bundle.close()
