@@ -21,7 +21,8 @@ def test_up_trains_publishes_serves_and_prints_titled_recommendations(tmp_path: 
     env = stack_env(tmp_path, free_port())
     env["RECSVC_PORT"] = str(free_port())
     run = subprocess.run(
-        [sys.executable, "-m", "recsvc.cli", "up", "--exit-after-demo", "--epochs", "1", "--ranker-epochs", "1"],
+        [sys.executable, "-m", "recsvc.cli", "up", "--exit-after-demo", "--epochs", "1", "--ranker-epochs", "1",
+         "--i2i", "cooccurrence"],  # EASE^R's two dense inverses would take most of the time limit
         env=env, capture_output=True, text=True, timeout=280,
     )  # fmt: skip
     out = run.stdout
