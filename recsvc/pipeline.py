@@ -412,7 +412,8 @@ class Pipeline:
         # Unset (0): the bundle's C. Never more: load_serving_bundle refuses that, min() covers a pipeline
         # built by hand.
         n = min(bundle.manifest.num_candidates, self.settings.num_candidates or bundle.manifest.num_candidates)
-        ids, scores = await bundle.retriever.search(queries, n, [self._excluded(bundle, r) for r in batch])
+        excluded = [self._excluded(bundle, r) for r in batch]
+        ids, scores = await bundle.retriever.search(queries, n, excluded)
         valid = ids >= 0
         bad = valid & ~np.isfinite(scores)
         if bad.any():
@@ -428,7 +429,7 @@ class Pipeline:
         if bundle.blend is not None:
             # 3b. the item-to-item source, merged with the ANN list; until the blend scores them, the
             # candidates' scores are their merged order (what a row the ranker cannot score is served in).
-            sources = await asyncio.to_thread(self._item_to_item, bundle, bundle.blend, batch, ids, n)
+            sources = await asyncio.to_thread(self._item_to_item, bundle, bundle.blend, batch, excluded, ids, n)
             ids = sources.candidates
             valid = ids >= 0
             scores = np.broadcast_to(np.arange(n, 0, -1, dtype=np.float32), ids.shape)
@@ -573,21 +574,22 @@ class Pipeline:
             scored[i] = True
         return time.perf_counter()
 
+    @staticmethod
     def _item_to_item(
-        self, bundle: ServingBundle, stage2: BlendStage, batch: Sequence[_Request], ann: npt.NDArray[np.int64], n: int
-    ) -> Sources:
+        bundle: ServingBundle, stage2: BlendStage, batch: Sequence[_Request], excluded: list[npt.NDArray[Any]],
+        ann: npt.NDArray[np.int64], n: int,
+    ) -> Sources:  # fmt: skip
         """The item-to-item candidates of the batch merged with its ANN lists (in a worker thread)."""
         catalog = bundle.catalog
-        seen, recent, excluded = [], [], []
+        seen, recent = [], []
         for r in batch:
             context = np.asarray(r.context, dtype=np.int64)
             # What is on screen counts as the newest history, as it does for the query vector.
             mine = np.union1d(r.user.seen, context) if len(context) else r.user.seen
             seen.append(catalog.to_model(mine.astype(np.int64)))
             recent.append(catalog.to_model(np.concatenate([r.user.recent.astype(np.int64), context])))
-            excluded.append(self._excluded(bundle, r))
         return merge_sources(stage2.item2item, ann, seen, recent, excluded, bundle.retriever.allowed, n,
-                             stage2.i2i_first)  # fmt: skip
+                             stage2.i2i_first, catalog.to_model)  # fmt: skip
 
     async def _blend(
         self, stage2: BlendStage, bundle: ServingBundle, sources: Sources, final: npt.NDArray[np.float32],

@@ -177,7 +177,9 @@ def end_to_end(out: Path, seconds: float, items: int, users: int) -> dict[str, A
     ``items`` items and C = CANDIDATES ranked per request. On a CUDA host retrieval is recsvc's torch exact
     search on the GPU (RECSVC_INDEX_DEVICE=torch); the ranker is the bundle's ONNX model in Triton's python
     backend (the CPU template: the stack's ranker has no TorchScript twin for the gpu-torch one). Server
-    workers: half the cores (at most 8); client processes: a quarter.
+    workers: half the cores (at most 8); client processes: a quarter. Where scipy is importable the stack
+    has the item-to-item source and the blend stage too (``make_1m_stack.py --item2item``), as trained
+    bundles do.
     """
     needed = ["pytriton", "grpc", "tritonclient", "pyarrow", "onnxruntime", "hdrh", "psutil", "faiss"]
     missing = [m for m in needed if importlib.util.find_spec(m) is None]
@@ -197,9 +199,11 @@ def _end_to_end(
     stack: Path, out: Path, seconds: float, items: int, users: int, cores: int, cuda: bool
 ) -> dict[str, Any]:
     t0 = time.perf_counter()
+    blend = importlib.util.find_spec("scipy") is not None
     # Each step has its own time limit, so a hang is this section's error, not the wrapper's kill of everything.
     _step([sys.executable, "benchmarks/make_1m_stack.py", str(stack), "--items", str(items), "--candidates",
-           str(CANDIDATES), "--users", str(users), *(["--no-index"] if cuda else [])], E2E_STACK_S)  # fmt: skip
+           str(CANDIDATES), "--users", str(users), *(["--no-index"] if cuda else []),
+           *(["--item2item"] if blend else [])], E2E_STACK_S)  # fmt: skip
     built_s = time.perf_counter() - t0
     workers, clients = max(1, min(8, cores // 2)), max(1, cores // 4)
     env = {**os.environ, "RECSVC_MODEL_REPOSITORY": str(stack / "repo"), "RECSVC_DATA_DIR": str(stack / "var"),
@@ -215,6 +219,7 @@ def _end_to_end(
     levels = bench["configurations"]["recsvc"]["levels"]
     return {"items": items, "users": users, "candidates": CANDIDATES, "workers": workers, "client_processes": clients,
             "retrieval": "torch exact on CUDA" if cuda else "faiss on the CPU", "stack_built_s": round(built_s, 1),
+            "item2item_and_blend": blend,
             "levels": [{"concurrency": lv["value"], "recommend_per_s": lv["throughput_per_s"],
                         "p50_ms": lv["latency_ms"]["p50"], "p99_ms": lv["latency_ms"]["p99"],
                         "failed": lv["failed"], "degraded": lv["degraded"], "cpu_cores": lv["cpu_cores"],

@@ -19,7 +19,7 @@ thousand multiply-adds per candidate, less than a network hop.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -146,17 +146,21 @@ class Sources:
 def merge_sources(
     i2i: ItemToItem, ann: _Ids, seen: Sequence[npt.NDArray[Any]], recent: Sequence[npt.NDArray[Any]],
     excluded: Sequence[npt.NDArray[Any]], allowed: npt.NDArray[np.bool_] | None, n: int, i2i_first: int,
+    to_model: Callable[[_Ids], _Ids] | None = None,
 ) -> Sources:  # fmt: skip
     """The item-to-item source for these users, merged with their ANN list ``ann`` [B, n].
 
     ``seen``/``recent``: each user's items (model ids) and their newest ones in time order; ``excluded``:
     each user's sorted ids never to propose; ``allowed``: the item-wide mask (retired, denied), or None.
+    ``to_model`` maps candidates to model ids: an item added after training (only the ANN list proposes
+    it) is scored as its proxy, as the ranker scores it.
     """
     full, recent_scores = i2i.scores(seen, recent)
     i2i_top = ItemToItem.top(full, excluded, allowed, n)
     candidates = merge(ann, i2i_top, n, min(i2i_first, n))
+    model_ids = candidates if to_model is None else to_model(candidates)
     return Sources(
-        candidates, ann, i2i_top, ItemToItem.gather(full, candidates), ItemToItem.gather(recent_scores, candidates),
+        candidates, ann, i2i_top, ItemToItem.gather(full, model_ids), ItemToItem.gather(recent_scores, model_ids),
         np.array([len(s) for s in seen], dtype=np.int64),
     )  # fmt: skip
 

@@ -14,7 +14,10 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from recsvc.bundle import read_manifest
 from recsvc.offline.data import generate_synthetic, time_split
+from recsvc.offline.models.blend import source_candidates
 from recsvc.offline.models.train import TrainConfig, train, write_bundle
+from recsvc.ranking.blend import Blender, load_item_stats
+from recsvc.retrieval.item2item import ItemToItem
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
 
@@ -87,18 +90,26 @@ def test_context_and_exclusions_are_honoured(stack: Stack, stub: pb_grpc.Recomme
 
 
 def offline_top_k(stack: Stack, history_skus: list[str], k: int) -> list[str]:
-    """The bundle's own ONNX models run in-process on a history: the oracle for what the server must say."""
+    """The bundle's own files run in-process on a history: the oracle for what the server must say.
+
+    The served path of a blend bundle: ANN and item-to-item candidates merged, ranked, then blended.
+    """
     bundle = stack.bundle
+    manifest = read_manifest(bundle)
     ids = stack.catalog.dense(history_skus)
-    hist = np.full((1, 50), -1, dtype=np.int64)
+    hist = np.full((1, manifest.history_len), -1, dtype=np.int64)
     hist[0, -len(ids) :] = ids
     query = ort.InferenceSession(str(bundle / "query_encoder.onnx")).run(None, {"HISTORY": hist})[0]
-    scores = (query @ np.load(bundle / "item_embeddings.npy").T)[0]
-    scores[ids] = -np.inf
-    candidates = np.argsort(-scores, kind="stable")[:100].astype(np.int64)
+    i2i = ItemToItem.load(bundle / "item2item.npz")
+    first = manifest.extra["sources"]["item2item"]["first"]
+    sources = source_candidates([np.array(ids, dtype=np.int64)], query, np.load(bundle / "item_embeddings.npy"),
+                                i2i, manifest.num_candidates, first)  # fmt: skip
     ranked = ort.InferenceSession(str(bundle / "ranker.onnx")).run(
-        None, {"HISTORY": hist, "CANDIDATES": candidates[None]})[0][0]
-    return [stack.catalog.sku(int(candidates[i])) for i in np.argsort(-ranked, kind="stable")[:k]]
+        None, {"HISTORY": hist, "CANDIDATES": sources.candidates})[0]
+    stats = load_item_stats(bundle / "item_stats.npy", i2i.num_items)
+    blended = Blender(bundle / "blend.onnx").score_sync(sources.features(ranked, stats))[0]
+    order = np.argsort(-np.where(sources.candidates[0] >= 0, blended, -np.inf), kind="stable")[:k]
+    return [stack.catalog.sku(int(i)) for i in sources.candidates[0][order]]
 
 
 def test_events_change_later_recommendations(stack: Stack, stub: pb_grpc.RecommenderStub) -> None:

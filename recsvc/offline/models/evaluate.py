@@ -113,7 +113,7 @@ def evaluate_bundle(
     blended = (bundle / blend_files.FILE).exists()
     if blended:
         i2i = ItemToItem.load(bundle / item2item_files.FILE)
-        stats = load_item_stats(bundle / blend_files.ITEM_STATS_FILE, n_items)
+        stats = load_item_stats(bundle / blend_files.ITEM_STATS_FILE, i2i.num_items)
         blend_session = _session(bundle / blend_files.FILE, threads)
         first = int(manifest.extra.get("sources", {}).get("item2item", {}).get("first", n_cand // 2))
     methods = [METHODS[0], *(b.name for b in baselines), METHODS[1], *([ITEM2ITEM] if blended else []), METHODS[2]]
