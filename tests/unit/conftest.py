@@ -10,17 +10,27 @@ import pytest
 from recsvc.pipeline import ServingBundle, load_serving_bundle
 
 
-@pytest.fixture
-def published(tmp_path: Path, tiny_bundle: Path) -> Path:
+def publish_version(bundle_dir: Path, repo: Path) -> Path:
+    """Publish ``bundle_dir`` into ``repo``; the new version's directory."""
     from recsvc.repository import publish
 
-    version = publish(tiny_bundle, tmp_path / "repo")
-    return tmp_path / "repo" / "ranker" / str(version)
+    return repo / "ranker" / str(publish(bundle_dir, repo))
+
+
+@pytest.fixture
+def published(tmp_path: Path, tiny_bundle: Path) -> Path:
+    return publish_version(tiny_bundle, tmp_path / "repo")
 
 
 @pytest.fixture
 def bundle(published: Path) -> ServingBundle:
     return load_serving_bundle(published, "1")
+
+
+@pytest.fixture
+def blend_bundle(tmp_path: Path, tiny_blend_bundle: Path) -> ServingBundle:
+    """The tiny bundle with the item-to-item source and the blend stage, published and loaded."""
+    return load_serving_bundle(publish_version(tiny_blend_bundle, tmp_path / "repo"), "1")
 
 
 @pytest.fixture

@@ -25,19 +25,6 @@ from recsvc.retrieval.item2item import ItemToItem
 ITEMS = [3, 17, 42, 5, 77, 8, 23]
 
 
-@pytest.fixture
-def published_blend(tmp_path: Path, tiny_blend_bundle: Path) -> Path:
-    from recsvc.repository import publish
-
-    version = publish(tiny_blend_bundle, tmp_path / "repo")
-    return tmp_path / "repo" / "ranker" / str(version)
-
-
-@pytest.fixture
-def blend_bundle(published_blend: Path) -> ServingBundle:
-    return load_serving_bundle(published_blend, "1")
-
-
 def make(bundle: ServingBundle, ranker: Any) -> tuple[Pipeline, InMemoryHistoryStore]:
     store = InMemoryHistoryStore()
     s = Settings(num_candidates=bundle.manifest.num_candidates, max_k=10)
