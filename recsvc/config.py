@@ -110,6 +110,10 @@ class Settings:
     # default 100), which is also the most allowed: a larger value is refused when a version loads. The
     # ranker always scores C slots (fewer candidates are padded), so a lower value saves retrieval only.
     num_candidates: int = 0
+    # Serve a bundle's item-to-item source and blend stage when it has them (`recsvc train`'s default). Off:
+    # the two-tower candidates in the ranker's order, the previous pipeline, at about 2.5x the throughput
+    # and lower quality (docs/PERFORMANCE.md, docs/EVALUATION.md); no retraining either way.
+    blend: bool = True
     # Requests per pipeline batch (one encoder, search and Triton call each), and users per batched store
     # read of cache misses. No timer: one batch runs at a time and whatever arrives meanwhile is the next
     # one, up to this many.

@@ -164,7 +164,7 @@ def load_serving_bundle(version_dir: Path, model_version: str, settings: Setting
     if probe.shape != (1, manifest.dim) or not np.isfinite(probe).all():
         raise BundleError(f"{bundle / 'query_encoder.onnx'}: an empty history encodes to {probe.shape} "
                           f"{'finite' if np.isfinite(probe).all() else 'with NaN'}, expected (1, {manifest.dim})")
-    blend = _load_blend(bundle, manifest)
+    blend = _load_blend(bundle, manifest) if s.blend else None
     # Last: the retriever owns a thread and an index, so nothing that can fail comes after it.
     with _reading(bundle / "index"):
         retriever = open_retriever(bundle, embeddings, s, retired=catalog.retired())

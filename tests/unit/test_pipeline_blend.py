@@ -21,6 +21,7 @@ from recsvc.ranking import FakeRanker
 from recsvc.ranking.blend import Blender, load_item_stats
 from recsvc.ranking.onnx_ranker import OnnxRanker
 from recsvc.retrieval.item2item import ItemToItem
+from tests.unit.conftest import publish_version
 
 ITEMS = [3, 17, 42, 5, 77, 8, 23]
 
@@ -119,3 +120,19 @@ def test_a_damaged_blend_stage_is_refused_naming_the_file(
     version = publish(bundle, tmp_path / "repo")
     with pytest.raises(BundleError, match=match):
         load_serving_bundle(tmp_path / "repo" / "ranker" / str(version), "1")
+
+
+async def test_blend_off_serves_the_ann_candidates_in_the_rankers_order(
+    tiny_blend_bundle: Path, tmp_path: Path
+) -> None:
+    settings = Settings(blend=False, max_k=10)
+    bundle = load_serving_bundle(publish_version(tiny_blend_bundle, tmp_path / "repo"), "1", settings)
+    assert bundle.blend is None
+    ranker = FakeRanker(np.arange(len(bundle.catalog), dtype=np.float32))
+    pipeline = Pipeline(settings, TieredHistory(InMemoryHistoryStore(), l1=LRUCache(maxsize=10), limit=500), ranker,
+                        bundle)  # fmt: skip
+    await seed(pipeline, bundle, "u", ITEMS)
+    rec = await pipeline.recommend(RecommendQuery("u", 10))
+    dense = bundle.catalog.dense(i.item_id for i in rec.items)
+    assert dense == sorted(dense, reverse=True) and [i.score for i in rec.items] == [float(d) for d in dense]
+    await bundle.close()
