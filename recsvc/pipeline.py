@@ -598,11 +598,17 @@ class Pipeline:
         """Replace the ranker's scores in ``final`` by the blend's for the ``scored`` rows; return when done."""
         rows = np.flatnonzero(scored)
         candidates = sources.candidates[rows]
-        feats = features(
-            candidates, sources.ann[rows], sources.i2i[rows], sources.i2i_scores[rows], sources.i2i_recent[rows],
-            final[rows], stage2.item_stats, sources.history_counts[rows], bundle.catalog.to_model(candidates),
-        )  # fmt: skip
-        blended = await stage2.blender.score(feats)
+        ranker = final[rows]
+
+        def blend() -> npt.NDArray[np.float32]:
+            # In a worker thread: the features are numpy work over [rows, C], as is the model.
+            feats = features(
+                candidates, sources.ann[rows], sources.i2i[rows], sources.i2i_scores[rows], sources.i2i_recent[rows],
+                ranker, stage2.item_stats, sources.history_counts[rows], bundle.catalog.to_model(candidates),
+            )  # fmt: skip
+            return stage2.blender.score_sync(feats)
+
+        blended = await asyncio.to_thread(blend)
         ok = np.isfinite(blended).all(axis=1)
         valid = sources.candidates[rows] >= 0
         final[rows[ok]] = np.where(valid[ok], blended[ok], np.float32(-np.inf))

@@ -18,7 +18,6 @@ thousand multiply-adds per candidate, less than a network hop.
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -185,9 +184,6 @@ class Blender:
         out = self._session.run(["SCORES"], {"FEATURES": np.ascontiguousarray(feats, dtype=np.float32)})[0]
         return np.asarray(out, dtype=np.float32)
 
-    async def score(self, feats: _F32) -> _F32:
-        """Score in a worker thread."""
-        return await asyncio.to_thread(self.score_sync, feats)
 
 
 def load_item_stats(path: Path, num_items: int) -> _F32:
