@@ -111,7 +111,7 @@ class Settings:
     # ranker always scores C slots (fewer candidates are padded), so a lower value saves retrieval only.
     num_candidates: int = 0
     # Serve a bundle's item-to-item source and blend stage when it has them (`recsvc train`'s default). Off:
-    # the two-tower candidates in the ranker's order, the previous pipeline, at about 2.5x the throughput
+    # the two-tower candidates in the ranker's order, the previous pipeline, at about 2.3x the throughput
     # and lower quality (docs/PERFORMANCE.md, docs/EVALUATION.md); no retraining either way.
     blend: bool = True
     # Requests per pipeline batch (one encoder, search and Triton call each), and users per batched store
