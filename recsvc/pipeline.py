@@ -228,6 +228,7 @@ DEGRADED_REASONS: dict[str, str] = {
     "ranker_timeout": "ranker timed out: served retrieval order",
     "nonfinite_scores": "ranker returned non-finite scores: served retrieval order",
     "nonfinite_retrieval": "retrieval returned non-finite scores: those items left out",
+    "blend_failed": "blend stage failed: served the ranker's order",
 }
 
 # One log line per kind of fallback per interval (with the count held back): a Triton or Redis outage
@@ -445,7 +446,7 @@ class Pipeline:
         if sources is not None and bundle.blend is not None:
             scored &= np.array([not r.answered for r in batch])
             if scored.any():
-                ranked = await self._blend(bundle.blend, bundle, sources, final, scored)
+                ranked = await self._blend(bundle.blend, bundle, batch, sources, final, scored)
 
         # 5. respond: one top-k over the [B, n] score matrix.
         responding = clock()
@@ -592,10 +593,14 @@ class Pipeline:
                              stage2.i2i_first, catalog.to_model)  # fmt: skip
 
     async def _blend(
-        self, stage2: BlendStage, bundle: ServingBundle, sources: Sources, final: npt.NDArray[np.float32],
-        scored: npt.NDArray[np.bool_],
+        self, stage2: BlendStage, bundle: ServingBundle, batch: Sequence[_Request], sources: Sources,
+        final: npt.NDArray[np.float32], scored: npt.NDArray[np.bool_],
     ) -> float:  # fmt: skip
-        """Replace the ranker's scores in ``final`` by the blend's for the ``scored`` rows; return when done."""
+        """Replace the ranker's scores in ``final`` by the blend's for the ``scored`` rows; return when done.
+
+        A blend model that fails, or answers NaN or infinity for a row, leaves that row in the ranker's
+        order (flagged degraded): the ranker's scores are a complete answer on their own.
+        """
         rows = np.flatnonzero(scored)
         candidates = sources.candidates[rows]
         ranker = final[rows]
@@ -608,8 +613,15 @@ class Pipeline:
             )  # fmt: skip
             return stage2.blender.score_sync(feats)
 
-        blended = await asyncio.to_thread(blend)
+        try:
+            blended = await asyncio.to_thread(blend)
+        except _ORT_ERRORS as exc:
+            for i in rows.tolist():
+                self._note(batch[i], "blend_failed", f"model version {bundle.model_version}: {_first_line(exc)}")
+            return time.perf_counter()
         ok = np.isfinite(blended).all(axis=1)
+        for i in rows[~ok].tolist():
+            self._note(batch[i], "blend_failed", f"model version {bundle.model_version}: non-finite blend scores")
         valid = sources.candidates[rows] >= 0
         final[rows[ok]] = np.where(valid[ok], blended[ok], np.float32(-np.inf))
         return time.perf_counter()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 from pathlib import Path
 from typing import Any
@@ -136,3 +137,32 @@ async def test_blend_off_serves_the_ann_candidates_in_the_rankers_order(
     dense = bundle.catalog.dense(i.item_id for i in rec.items)
     assert dense == sorted(dense, reverse=True) and [i.score for i in rec.items] == [float(d) for d in dense]
     await bundle.close()
+
+
+class BrokenBlender:
+    """A blend model that raises what ONNX Runtime raises at run time, or answers NaN."""
+
+    def __init__(self, nan: bool) -> None:
+        self.nan = nan
+
+    def score_sync(self, feats: Any) -> Any:
+        if self.nan:
+            return np.full(feats.shape[:2], np.nan, dtype=np.float32)
+        from onnxruntime.capi.onnxruntime_pybind11_state import RuntimeException
+
+        raise RuntimeException("Non-zero status code returned while running Gemm node")
+
+
+@pytest.mark.parametrize("nan", [False, True])
+async def test_a_failing_blend_serves_the_rankers_order_degraded(blend_bundle: ServingBundle, nan: bool) -> None:
+    assert blend_bundle.blend is not None
+    stage = dataclasses.replace(blend_bundle.blend, blender=BrokenBlender(nan))
+    broken = dataclasses.replace(blend_bundle, blend=stage)
+    ranker = FakeRanker(np.arange(len(blend_bundle.catalog), dtype=np.float32))
+    pipeline, _ = make(broken, ranker)
+    await seed(pipeline, broken, "u", ITEMS)
+    rec = await pipeline.recommend(RecommendQuery("u", 10))
+    assert rec.degraded and rec.degraded_reason == "blend stage failed: served the ranker's order"
+    dense = broken.catalog.dense(i.item_id for i in rec.items)
+    assert len(dense) == 10 and dense == sorted(dense, reverse=True)        # the fake ranker's order
+    assert pipeline.degraded["blend_failed"] == 1
