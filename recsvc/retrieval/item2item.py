@@ -87,8 +87,8 @@ class ItemToItem:
         np.cumsum([len(k) for k in kept], out=indptr[1:])
         indices = np.concatenate(kept).astype(np.int64) if kept else np.zeros(0, dtype=np.int64)
         users = sp.csr_matrix((np.ones(len(indices), dtype=np.float32), indices, indptr), shape=(len(rows), n))
+        # Each row's ids come out unsorted; nothing here needs them sorted (sorting cost more than the product).
         product: sp.csr_matrix = (users @ self.weights).tocsr()
-        product.sort_indices()          # gather() and top() rely on each row's ids being sorted
         return product[:b], product[b:]
 
     @staticmethod
@@ -138,15 +138,22 @@ class ItemToItem:
 
     @staticmethod
     def gather(scores: sp.csr_matrix, candidates: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
-        """The scores of ``candidates`` [B, C] (dense -1 padded ids) from the sparse rows; 0 where absent."""
+        """The scores of ``candidates`` [B, C] (-1 padded ids, unique per row) from the sparse rows; 0 where absent.
+
+        The candidates' (row, id) keys are few (B x C): they are sorted, and every stored score looks its
+        key up among them, so the sparse rows need no sorting.
+        """
         b, n = scores.shape
         out = np.zeros(candidates.shape, dtype=np.float32)
-        if scores.nnz == 0:
+        valid = ((candidates >= 0) & (candidates < n)).ravel()
+        if scores.nnz == 0 or not valid.any():
             return out
-        # Rows ascending and ids sorted within each row: the (row, id) keys are sorted as they lie.
+        wanted = (np.arange(b, dtype=np.int64)[:, None] * n + candidates).ravel()[valid]
+        slots = np.flatnonzero(valid)
+        order = np.argsort(wanted)
+        wanted, slots = wanted[order], slots[order]
         keys = np.repeat(np.arange(b, dtype=np.int64), np.diff(scores.indptr)) * n + scores.indices
-        wanted = np.arange(b, dtype=np.int64)[:, None] * n + candidates
-        at = np.minimum(np.searchsorted(keys, wanted), len(keys) - 1)
-        hit = (candidates >= 0) & (candidates < n) & (keys[at] == wanted)
-        out[hit] = scores.data[at[hit]]
+        at = np.minimum(np.searchsorted(wanted, keys), len(wanted) - 1)
+        hit = wanted[at] == keys
+        out.reshape(-1)[slots[at[hit]]] = scores.data[hit]     # a view: out is contiguous
         return out

@@ -89,3 +89,20 @@ def test_cooccurrence_lists_are_cosine_neighbours_in_any_block_size(tiny_dataset
         got = np.sort(small.weights.data[lo:hi])[::-1]
         np.testing.assert_allclose(got, np.sort(cosine[item][cosine[item] > 0])[::-1][:4], rtol=1e-5)
         assert item not in small.weights.indices[lo:hi]
+
+
+def test_gather_reads_unsorted_rows_like_a_dense_lookup() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        dense = (rng.random((4, 50)) * (rng.random((4, 50)) < 0.3)).astype(np.float32)
+        m = sp.csr_matrix(dense)
+        for row in range(4):                    # scramble each row's order, as a sparse product leaves it
+            lo, hi = m.indptr[row], m.indptr[row + 1]
+            perm = lo + rng.permutation(hi - lo)
+            m.indices[lo:hi], m.data[lo:hi] = m.indices[perm].copy(), m.data[perm].copy()
+        m.has_sorted_indices = False
+        candidates = np.stack([rng.choice(np.arange(-1, 60), 12, replace=False) for _ in range(4)])
+        got = ItemToItem.gather(m, candidates)
+        inside = (candidates >= 0) & (candidates < 50)
+        expected = np.where(inside, dense[np.arange(4)[:, None], candidates.clip(0, 49)], 0)
+        np.testing.assert_array_equal(got, expected)
