@@ -15,7 +15,7 @@ TINY_CONFIG = TrainConfig(dim=16, history_len=10, num_candidates=20, retrieval_e
                           batch_size=128, lr=1e-2, ranker_dim=8, ranker_negatives=7, seed=0,
                           blend=False)  # fmt: skip
 # The same with the item-to-item source and the blend stage (a bundle served through every stage).
-TINY_BLEND_CONFIG = replace(TINY_CONFIG, blend=True, i2i_candidates=12, blend_epochs=20)
+TINY_BLEND_CONFIG = replace(TINY_CONFIG, blend=True, i2i_candidates=12, blend_epochs=20, validation_per_user=3)
 
 
 @pytest.fixture(scope="session")

@@ -49,7 +49,7 @@ def train_bundle(args: argparse.Namespace, out: Path, ds: Any = None, source: di
                           f"choose at most {ds.num_items}")  # fmt: skip
     config = TrainConfig(retrieval_epochs=args.epochs, ranker_epochs=args.ranker_epochs, seed=args.seed,
                          num_candidates=candidates, blend=not args.no_blend, i2i_method=args.i2i,
-                         i2i_neighbours=args.i2i_neighbours, validation_fraction=args.validation_fraction)  # fmt: skip
+                         i2i_neighbours=args.i2i_neighbours, **validation_carve(args))  # fmt: skip
     if args.no_holdout:
         trained = train(ds, config)
         write_bundle(trained, ds, out)
@@ -69,6 +69,21 @@ def train_bundle(args: argparse.Namespace, out: Path, ds: Any = None, source: di
         print(report.table())
     print(f"\ntrained in {trained.seconds:.0f} s; bundle written to {out}")
     return out
+
+
+def validation_carve(args: argparse.Namespace) -> dict[str, Any]:
+    """What the blend stage learns on: ``--validation-fraction``, else the hold-out protocol's own shape.
+
+    Tuned for what is measured: with the last 5 per user held out, the blend learns from each user's last 5
+    training interactions (MovieLens: recall@10 0.1046 against 0.0954 when it learned from the latest
+    20%; docs/EVALUATION.md); with the latest 20% held out, from the latest 20% of the rest.
+    """
+    if args.validation_fraction is not None:
+        return {"validation_fraction": args.validation_fraction}
+    protocol = split_protocol(args)
+    if "test_fraction" in protocol:
+        return {"validation_fraction": protocol["test_fraction"]}
+    return {"validation_per_user": protocol["test_per_user"]}
 
 
 def fit_baselines(args: argparse.Namespace, train: Any) -> list[Any]:
@@ -122,9 +137,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                         "items) or cosine co-occurrence; auto: EASE^R up to 10,000 items (default auto)")  # fmt: skip
     p.add_argument("--i2i-neighbours", type=positive_int, default=100, metavar="N",
                    help="neighbours kept per item in the item-to-item lists (default 100)")
-    p.add_argument("--validation-fraction", type=fraction, default=0.2, metavar="F",
+    p.add_argument("--validation-fraction", type=fraction, metavar="F",
                    help="latest fraction of each user's training interactions the blend stage learns on "
-                        "(default 0.2)")  # fmt: skip
+                        "(default: the hold-out's shape: the last N per user, or the latest fraction)")  # fmt: skip
     p.add_argument("--baselines", action="store_true",
                    help="also fit EASE^R and implicit ALS on the same split and report them beside the bundle "
                         "(about a minute more on MovieLens; `recsvc evaluate` always does)")  # fmt: skip

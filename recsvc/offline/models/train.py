@@ -81,6 +81,7 @@ class TrainConfig:
     # to the item-to-item list first; the ANN list fills the rest.
     blend: bool = True
     validation_fraction: float = 0.2
+    validation_per_user: int = 0         # > 0: carve each user's latest N instead of validation_fraction
     i2i_method: str = "auto"
     i2i_neighbours: int = 100
     i2i_candidates: int = 60
@@ -93,6 +94,8 @@ class TrainConfig:
             raise ConfigError(f"num_candidates must be a positive integer, got {self.num_candidates!r}")
         if not 0 < self.validation_fraction < 1:
             raise ConfigError(f"validation_fraction must be between 0 and 1, got {self.validation_fraction!r}")
+        if self.validation_per_user < 0:
+            raise ConfigError(f"validation_per_user must be >= 0, got {self.validation_per_user!r}")
         if self.i2i_neighbours < 1 or self.i2i_candidates < 0:
             raise ConfigError(f"i2i_neighbours must be >= 1 and i2i_candidates >= 0, got {self.i2i_neighbours}, "
                               f"{self.i2i_candidates}")  # fmt: skip
@@ -144,7 +147,9 @@ def train(
     torch.set_num_threads(config.threads)
     blend: BlendNet | None = None
     if config.blend:
-        fit, validation = time_split(ds, test_fraction=config.validation_fraction)
+        carve = ({"test_per_user": config.validation_per_user} if config.validation_per_user > 0
+                 else {"test_fraction": config.validation_fraction})  # fmt: skip
+        fit, validation = time_split(ds, **carve)
         if validation:
             blend = _train_blend(fit, validation, config, progress, on_epoch)
         else:

@@ -363,3 +363,17 @@ def test_seed_shows_progress_on_a_terminal(tmp_path: Path, tiny_dataset: Dataset
     monkeypatch.setattr(sys, "stderr", terminal)
     assert main(["seed", "--interactions", str(interactions), "--data-dir", str(tmp_path / "var")]) == 0
     assert re.search(r"seeding: .*/7.82k .*events/s", terminal.getvalue()), terminal.getvalue()
+
+
+def test_the_blend_learns_on_the_hold_out_protocols_shape_unless_told() -> None:
+    import argparse
+
+    from recsvc.cli.training import validation_carve
+
+    def ns(**kw: object) -> argparse.Namespace:
+        return argparse.Namespace(**{"validation_fraction": None, "test_fraction": None, "test_per_user": None, **kw})
+
+    assert validation_carve(ns()) == {"validation_per_user": 5}
+    assert validation_carve(ns(test_per_user=3)) == {"validation_per_user": 3}
+    assert validation_carve(ns(test_fraction=0.2)) == {"validation_fraction": 0.2}
+    assert validation_carve(ns(test_fraction=0.2, validation_fraction=0.1)) == {"validation_fraction": 0.1}
