@@ -63,7 +63,9 @@ BUNDLE_FILES = (
     "popularity.npy",
 )
 # Checksummed like the rest whenever present.
-OPTIONAL_FILES = ("queries.npy", "samples.npz", "ranker.pt", "index/index.faiss", "index/index.json")
+# item2item.npz, blend.onnx, item_stats.npy: the item-to-item source and the blend stage (recsvc.ranking.blend).
+OPTIONAL_FILES = ("queries.npy", "samples.npz", "ranker.pt", "index/index.faiss", "index/index.json", "item2item.npz",
+                  "blend.onnx", "item_stats.npy")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -6,8 +6,9 @@ softmax over the whole catalog (sampled softmax beyond ``full_softmax_max_items`
 pick the true next item out of the candidates retrieval would have served, on the examples where
 retrieval did serve it, because that is exactly the choice it makes in production.
 
-With ``blend`` (the default) a second candidate source and the blend stage are trained too: the latest
-``validation_fraction`` of each user's interactions is carved off, the networks and the item-to-item lists
+With ``blend`` (the default) a second candidate source and the blend stage are trained too: each user's
+latest interactions (``validation_per_user`` of them, else the latest ``validation_fraction``) are carved
+off, the networks and the item-to-item lists
 are fitted on the rest, and the blend (recsvc.offline.models.blend) learns on the carved-off part which
 merged candidates users go on to take. Then the networks and the lists are fitted again on everything
 (the same seed and settings) and served with that blend: nothing is tuned on the caller's test set.
@@ -86,6 +87,7 @@ class TrainConfig:
     i2i_neighbours: int = 100
     i2i_candidates: int = 60
     blend_epochs: int = 60
+    blend_max_users: int = 20_000        # validation users the blend learns from (a random sample beyond)
 
     def __post_init__(self) -> None:
         c = self.num_candidates
@@ -94,6 +96,8 @@ class TrainConfig:
             raise ConfigError(f"num_candidates must be a positive integer, got {self.num_candidates!r}")
         if not 0 < self.validation_fraction < 1:
             raise ConfigError(f"validation_fraction must be between 0 and 1, got {self.validation_fraction!r}")
+        if self.blend_max_users < 1:
+            raise ConfigError(f"blend_max_users must be >= 1, got {self.blend_max_users!r}")
         if self.validation_per_user < 0:
             raise ConfigError(f"validation_per_user must be >= 0, got {self.validation_per_user!r}")
         if self.i2i_neighbours < 1 or self.i2i_candidates < 0:
@@ -200,13 +204,16 @@ def _train_blend(
     i2i, _ = build_item2item(fit, method=config.i2i_method, neighbours=config.i2i_neighbours)
     stats = item_stats(fit)
     users = np.array(sorted(validation), dtype=np.int64)
+    if len(users) > config.blend_max_users:
+        users = np.sort(np.random.default_rng(config.seed).choice(users, config.blend_max_users, replace=False))
     flat = fit.items.astype(np.int64)
     starts = np.searchsorted(fit.users, users, side="left")
     ends = np.searchsorted(fit.users, users, side="right")
     embeddings = retrieval.item_vectors().detach().numpy()
     feats, labels = [], []
-    for lo in range(0, len(users), 256):
-        sl = slice(lo, lo + 256)
+    chunk = max(1, min(256, 20_000_000 // fit.num_items))      # bounds the exact [chunk, items] scores
+    for lo in range(0, len(users), chunk):
+        sl = slice(lo, lo + chunk)
         hist = history_matrix(flat, starts[sl], ends[sl], config.history_len)
         with torch.no_grad():
             queries = retrieval(torch.from_numpy(hist)).numpy()

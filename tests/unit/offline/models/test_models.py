@@ -111,3 +111,19 @@ def test_num_candidates_may_be_the_whole_catalog_but_no_more(tiny_dataset: Datas
     assert manifest.num_candidates == 120
     with np.load(tmp_path / "samples.npz") as samples:
         assert samples["CANDIDATES"].shape[1] == 120
+
+
+def test_the_blend_learns_from_a_sample_of_validation_users_and_the_bundle_records_its_stage(
+    tiny_dataset: Dataset, tmp_path: Path
+) -> None:
+    from tests.conftest import TINY_BLEND_CONFIG
+
+    trained = train(tiny_dataset, replace(TINY_BLEND_CONFIG, blend_max_users=40, blend_epochs=5), progress=False)
+    assert trained.blend is not None and trained.item2item is not None and trained.item2item_method == "ease"
+    manifest = write_bundle(trained, tiny_dataset, tmp_path)
+    assert {"item2item.npz", "blend.onnx", "item_stats.npy"} <= set(manifest.files)
+    assert manifest.extra["sources"]["item2item"]["first"] == TINY_BLEND_CONFIG.i2i_candidates
+    for bad in ({"blend_max_users": 0}, {"validation_per_user": -1}, {"validation_fraction": 1.0},
+                {"i2i_neighbours": 0}):  # fmt: skip
+        with pytest.raises(ConfigError):
+            replace(TINY_BLEND_CONFIG, **bad)
