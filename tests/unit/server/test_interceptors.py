@@ -103,6 +103,18 @@ async def test_generated_ids_are_unique(version_dir: Path) -> None:
         assert len(seen) == 5 and all(re.fullmatch(r"[0-9a-f]{12}-[0-9a-f]+", rid) for rid in seen)
 
 
+async def counted(metrics: Any, key: tuple[str, str], n: int) -> None:
+    """Wait (at most 15 s) until ``n`` calls are counted under ``key``, then check it is exactly ``n``.
+
+    A call is counted when its handler unwinds, which can be just after the client has read the status.
+    """
+    for _ in range(300):
+        if metrics.calls[key] >= n:
+            break
+        await asyncio.sleep(0.05)
+    assert metrics.calls[key] == n, dict(metrics.calls)
+
+
 async def test_unexpected_exception_is_internal_with_request_id_logged_once(
     version_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -120,7 +132,7 @@ async def test_unexpected_exception_is_internal_with_request_id_logged_once(
                     # The client learns nothing of the internals, only what to quote when it reports it.
                     assert info.value.details() == f"internal error (request id {rid})"
                     assert trailing(info.value)[REQUEST_ID_KEY] == rid
-        assert srv.metrics.calls[("Recommend", "INTERNAL")] == 2
+        await counted(srv.metrics, ("Recommend", "INTERNAL"), 2)
         assert srv.metrics.calls[("Recommend", "OK")] == 0
 
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -145,6 +157,7 @@ async def test_unexpected_exception_in_record_events_is_internal(version_dir: Pa
             with pytest.raises(grpc.aio.AioRpcError) as info:
                 await stub.RecordEvents(pb.RecordEventsRequest(events=events))
             assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+        await counted(srv.metrics, ("RecordEvents", "UNAVAILABLE"), 1)
         assert srv.metrics.calls[("RecordEvents", "INTERNAL")] == 1
         assert srv.metrics.calls[("RecordEvents", "UNAVAILABLE")] == 1
 
