@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from recsvc.bundle import read_manifest
-from recsvc.ranking.blend import Blender, features, load_item_stats, merge
+from recsvc.ranking.blend import Blender, features, i2i_first, load_item_stats, merge
 from recsvc.retrieval.item2item import ItemToItem
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     loaded = time.perf_counter() - started
     stats = load_item_stats(args.bundle / "item_stats.npy", i2i.num_items)
     blender = Blender(args.bundle / "blend.onnx")
-    n, first = manifest.num_candidates, manifest.extra["sources"]["item2item"]["first"]
+    n, first = manifest.num_candidates, i2i_first(manifest)
     rng = np.random.default_rng(0)
     weights = 1.0 / (np.arange(i2i.num_items) + 10.0)
     weights /= weights.sum()

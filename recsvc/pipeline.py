@@ -44,7 +44,7 @@ from recsvc.logs import Throttle
 from recsvc.prefetch import Prefetcher
 from recsvc.ranking import Ranker
 from recsvc.ranking import blend as blend_files
-from recsvc.ranking.blend import Blender, Sources, features, load_item_stats, merge_sources
+from recsvc.ranking.blend import Blender, Sources, features, i2i_first, load_item_stats, merge_sources
 from recsvc.repository.publishing import verify_version
 from recsvc.retrieval import Retriever, open_retriever
 from recsvc.retrieval import item2item as item2item_files
@@ -196,10 +196,7 @@ def _load_blend(bundle: Path, manifest: Manifest) -> BlendStage | None:
             f"{bundle / item2item_files.FILE}: {trained} items, more than the catalog's {manifest.num_items}"
         )
     stats = load_item_stats(bundle / blend_files.ITEM_STATS_FILE, trained)
-    first = manifest.extra.get("sources", {}).get("item2item", {}).get("first", manifest.num_candidates // 2)
-    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
-        raise BundleError(f"{bundle}: manifest extra sources.item2item.first is {first!r}, not a count")
-    return BlendStage(i2i, Blender(bundle / blend_files.FILE), stats, first)
+    return BlendStage(i2i, Blender(bundle / blend_files.FILE), stats, i2i_first(manifest))
 
 
 @contextlib.contextmanager
@@ -443,10 +440,10 @@ class Pipeline:
         final = np.where(valid, scores, np.float32(-np.inf))
         scored = np.zeros(len(batch), dtype=bool)
         ranked = await self._rank(bundle, batch, hists, ids, final, answer, scored)
-        if sources is not None and bundle.blend is not None:
+        if sources is not None:
             scored &= np.array([not r.answered for r in batch])
             if scored.any():
-                ranked = await self._blend(bundle.blend, bundle, batch, sources, final, scored)
+                ranked = await self._blend(bundle, batch, sources, final, scored)
 
         # 5. respond: one top-k over the [B, n] score matrix.
         responding = clock()
@@ -593,14 +590,16 @@ class Pipeline:
                              stage2.i2i_first, catalog.to_model)  # fmt: skip
 
     async def _blend(
-        self, stage2: BlendStage, bundle: ServingBundle, batch: Sequence[_Request], sources: Sources,
-        final: npt.NDArray[np.float32], scored: npt.NDArray[np.bool_],
+        self, bundle: ServingBundle, batch: Sequence[_Request], sources: Sources, final: npt.NDArray[np.float32],
+        scored: npt.NDArray[np.bool_],
     ) -> float:  # fmt: skip
         """Replace the ranker's scores in ``final`` by the blend's for the ``scored`` rows; return when done.
 
         A blend model that fails, or answers NaN or infinity for a row, leaves that row in the ranker's
         order (flagged degraded): the ranker's scores are a complete answer on their own.
         """
+        stage2 = bundle.blend
+        assert stage2 is not None           # only bundles with a blend stage produce Sources
         rows = np.flatnonzero(scored)
         candidates = sources.candidates[rows]
         ranker = final[rows]

@@ -27,12 +27,13 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
+from recsvc.bundle import Manifest, load_array
 from recsvc.errors import BundleError
 from recsvc.retrieval.item2item import ItemToItem
 
 __all__ = [
-    "FEATURES", "FILE", "ITEM_STATS", "ITEM_STATS_FILE", "Blender", "Sources", "features", "load_item_stats", "merge",
-    "merge_sources",
+    "FEATURES", "FILE", "ITEM_STATS", "ITEM_STATS_FILE", "Blender", "Sources", "features", "i2i_first",
+    "load_item_stats", "merge", "merge_sources",
 ]  # fmt: skip
 
 FILE = "blend.onnx"
@@ -186,10 +187,16 @@ class Blender:
 
 
 
+def i2i_first(manifest: Manifest) -> int:
+    """Slots the item-to-item list takes first, as the bundle was trained (half of C if unrecorded)."""
+    first = manifest.extra.get("sources", {}).get("item2item", {}).get("first", manifest.num_candidates // 2)
+    if isinstance(first, bool) or not isinstance(first, int) or first < 0:
+        raise BundleError(f"manifest extra sources.item2item.first is {first!r}, not a count")
+    return first
+
+
 def load_item_stats(path: Path, num_items: int) -> _F32:
     """item_stats.npy [3, num_items] float32, finite; BundleError naming the file otherwise."""
-    from recsvc.bundle import load_array
-
     stats = load_array(path)
     if stats.shape != (len(ITEM_STATS), num_items) or not np.isfinite(stats).all():
         raise BundleError(f"{path}: shape {stats.shape}, expected ({len(ITEM_STATS)}, {num_items}) finite values")

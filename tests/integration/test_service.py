@@ -16,7 +16,7 @@ from recsvc.bundle import read_manifest
 from recsvc.offline.data import generate_synthetic, time_split
 from recsvc.offline.models.blend import source_candidates
 from recsvc.offline.models.train import TrainConfig, train, write_bundle
-from recsvc.ranking.blend import Blender, load_item_stats
+from recsvc.ranking.blend import Blender, i2i_first, load_item_stats
 from recsvc.retrieval.item2item import ItemToItem
 from recsvc.v1 import recommender_pb2 as pb
 from recsvc.v1 import recommender_pb2_grpc as pb_grpc
@@ -101,7 +101,7 @@ def offline_top_k(stack: Stack, history_skus: list[str], k: int) -> list[str]:
     hist[0, -len(ids) :] = ids
     query = ort.InferenceSession(str(bundle / "query_encoder.onnx")).run(None, {"HISTORY": hist})[0]
     i2i = ItemToItem.load(bundle / "item2item.npz")
-    first = manifest.extra["sources"]["item2item"]["first"]
+    first = i2i_first(manifest)
     sources = source_candidates([np.array(ids, dtype=np.int64)], query, np.load(bundle / "item_embeddings.npy"),
                                 i2i, manifest.num_candidates, first)  # fmt: skip
     ranked = ort.InferenceSession(str(bundle / "ranker.onnx")).run(

@@ -19,7 +19,7 @@ from recsvc.history import InMemoryHistoryStore, TieredHistory
 from recsvc.offline.models.blend import source_candidates
 from recsvc.pipeline import Pipeline, ServingBundle, load_serving_bundle
 from recsvc.ranking import FakeRanker
-from recsvc.ranking.blend import Blender, load_item_stats
+from recsvc.ranking.blend import Blender, i2i_first, load_item_stats
 from recsvc.ranking.onnx_ranker import OnnxRanker
 from recsvc.retrieval.item2item import ItemToItem
 from tests.unit.conftest import publish_version
@@ -53,7 +53,7 @@ async def test_served_top_k_is_the_offline_pipelines(blend_bundle: ServingBundle
     embeddings = np.load(tiny_blend_bundle / "item_embeddings.npy")
     i2i = ItemToItem.load(tiny_blend_bundle / "item2item.npz")
     sources = source_candidates([np.array(ITEMS)], query, embeddings, i2i, m.num_candidates,
-                                m.extra["sources"]["item2item"]["first"])  # fmt: skip
+                                i2i_first(m))  # fmt: skip
     scores = await ranker.score(hist, sources.candidates, version="1")
     stats = load_item_stats(tiny_blend_bundle / "item_stats.npy", m.num_items)
     blended = Blender(tiny_blend_bundle / "blend.onnx").score_sync(sources.features(scores, stats))[0]

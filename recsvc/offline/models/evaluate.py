@@ -23,7 +23,7 @@ from recsvc.offline.models.baselines import Scorer
 from recsvc.offline.models.blend import source_candidates
 from recsvc.offline.models.train import history_matrix
 from recsvc.ranking import blend as blend_files
-from recsvc.ranking.blend import load_item_stats
+from recsvc.ranking.blend import i2i_first, load_item_stats
 from recsvc.retrieval import item2item as item2item_files
 from recsvc.retrieval.item2item import ItemToItem
 
@@ -115,7 +115,7 @@ def evaluate_bundle(
         i2i = ItemToItem.load(bundle / item2item_files.FILE)
         stats = load_item_stats(bundle / blend_files.ITEM_STATS_FILE, i2i.num_items)
         blend_session = _session(bundle / blend_files.FILE, threads)
-        first = int(manifest.extra.get("sources", {}).get("item2item", {}).get("first", n_cand // 2))
+        first = i2i_first(manifest)
     methods = [METHODS[0], *(b.name for b in baselines), METHODS[1], *([ITEM2ITEM] if blended else []), METHODS[2]]
     if len(set(methods)) != len(methods):
         raise ValueError(f"method names must differ: {methods}")
