@@ -35,7 +35,7 @@ def main() -> None:
     parser.add_argument("--policy", default="tinylfu")
     args = parser.parse_args()
 
-    from recsvc.history.policies import make_l1
+    from recsvc.history.l1 import make_l1
 
     users = [f"U-{u:07d}" for u in range(args.users)]
     histories = {u: _history(u) for u in users}

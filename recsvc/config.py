@@ -24,7 +24,7 @@ REFERENCE = "docs/CONFIGURATION.md"
 # The settings that take one of a few words (checked at load, listed in the reference).
 CHOICES: dict[str, tuple[str, ...]] = {
     "history_store": ("sqlite", "redis"),
-    "l1_policy": ("lru", "tinylfu"),
+    "l1_policy": ("lru", "tinylfu", "learned"),
     "l2_backend": ("auto", "none", "memory", "redis"),
     "index_kind": ("auto", "flat", "ivf_flat", "ivf_pq", "hnsw", "cagra"),
     "index_device": ("auto", "cpu", "gpu", "torch"),
@@ -86,7 +86,7 @@ class Settings:
     sqlite_poll_s: float = 0.1
 
     # --- history: caches ---
-    l1_policy: str = "tinylfu"               # lru | tinylfu (admission-filtered LRU)
+    l1_policy: str = "tinylfu"               # lru | tinylfu (admission-filtered LRU) | learned (TinyLFU + model)
     l1_max_entries: int = 100_000            # users held in the in-process tier
     l1_max_bytes: int = 512 * 1024 * 1024    # ... and at most this many bytes of histories
     l1_ttl_s: float = 300.0                  # bounds staleness if an invalidation is ever lost
@@ -103,6 +103,8 @@ class Settings:
     # --- prefetch ---
     prefetch_queue: int = 10_000             # pending warm-ups; beyond this they are dropped and counted
     prefetch_workers: int = 4                # tasks loading prefetched histories at once
+    prefetch_learned: bool = False           # also prefetch the users a model of the request log expects next
+    prefetch_interval_s: float = 1.0         # ... predicting each interval the users due in the next one
     warm_users: int = 1000                   # most active users warmed at start-up (0: none)
 
     # --- retrieval / ranking ---
@@ -306,7 +308,8 @@ def _validate(s: Settings) -> None:
     if not 0 < s.sqlite_poll_s <= 60:
         raise ConfigError(f"setting 'sqlite_poll_s' must be in (0, 60] seconds, got {s.sqlite_poll_s}")
     for name in ["grace_s", "request_timeout_s", "triton_timeout_s", "redis_timeout_s", "l1_ttl_s",
-                 "negative_ttl_s", "l2_ttl_s", "deny_poll_s", "rollout_ready_timeout_s"]:  # fmt: skip
+                 "negative_ttl_s", "l2_ttl_s", "deny_poll_s", "rollout_ready_timeout_s",
+                 "prefetch_interval_s"]:  # fmt: skip
         if not getattr(s, name) > 0:
             raise ConfigError(f"setting {name!r} must be > 0 seconds, got {getattr(s, name)}")
     for name in ["port", "metrics_port"]:

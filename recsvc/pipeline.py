@@ -715,7 +715,9 @@ class Pipeline:
         new = await self.history.record(events)
         if self.prefetcher is not None:
             # The user is active right now: have the new query vector ready before their next request.
-            self.prefetcher.offer(dict.fromkeys(e.user_id for e in events))
+            users = dict.fromkeys(e.user_id for e in events)
+            self.prefetcher.offer(users)
+            self.prefetcher.observe_events(users)
         return new
 
     def stats(self) -> dict[str, dict[str, Any]]:

@@ -1,20 +1,27 @@
 """Prefetch: warm a user's history and query vector before their next request asks for them.
 
-Fed by the Prefetch RPC (session start, login), by RecordEvents (the user is active right now) and at
-start-up (the most active users). Foreground requests never wait on it: offers go into a bounded queue
-with put_nowait, and what does not fit is dropped and counted. The worker tasks are owned here and
-cancelled by close().
+Fed by the Prefetch RPC (session start, login), by RecordEvents (the user is active right now), at
+start-up (the most active users) and, with a ``RequestPredictor`` (``prefetch_learned``), by a model of
+the request log: every ``interval_s`` it offers the users not in L1 that it predicts will send a request
+within the next interval (``recsvc.history.learned``). Foreground requests never wait on it: offers go
+into a bounded queue with put_nowait, and what does not fit is dropped and counted. The worker tasks
+and the prediction task are owned here and cancelled by close().
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from recsvc.logs import Throttle
 from recsvc.tasks import cancel_and_wait
+
+if TYPE_CHECKING:
+    from recsvc.history.learned import RequestPredictor
 
 __all__ = ["PrefetchStats", "Prefetcher"]
 
@@ -29,25 +36,73 @@ class PrefetchStats:
     dropped: int = 0       # refused: queue full
     done: int = 0          # warmed
     failed: int = 0        # warming raised (logged; the foreground path will load on demand)
+    predicted: int = 0     # offered because the request predictor expects the user within an interval
 
 
 class Prefetcher:
     """A bounded queue of user ids and ``workers`` tasks that call ``warm(user_id)``."""
 
-    def __init__(self, warm: Callable[[str], Awaitable[object]], *, queue_size: int, workers: int) -> None:
+    def __init__(self, warm: Callable[[str], Awaitable[object]], *, queue_size: int, workers: int,
+                 predictor: RequestPredictor[str] | None = None, resident: Callable[[str], bool] | None = None,
+                 interval_s: float = 1.0) -> None:  # fmt: skip
         self._warm = warm
         self._queue: asyncio.Queue[str] = asyncio.Queue(maxsize=queue_size)
         self._workers = workers
         self._tasks: set[asyncio.Task[None]] = set()
         self.stats = PrefetchStats()
         self._log_throttle = Throttle(10.0)
+        self.predictor = predictor
+        self._resident = resident if resident is not None else (lambda user: False)
+        self._interval_s = interval_s
+        # The request log: the history tier appends each foreground lookup's user (deque.append, a C
+        # call: the hit path pays that and nothing else); the prediction task reads it each interval.
+        self.requests: deque[str] | None = deque(maxlen=1_000_000) if predictor is not None else None
+        self._events: deque[str] = deque(maxlen=100_000)
 
     def start(self) -> None:
-        """Start the workers (call from the running loop)."""
+        """Start the workers and, with a predictor, the prediction task (call from the running loop)."""
         for n in range(self._workers):
-            task = asyncio.create_task(self._work(), name=f"prefetch-{n}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+            self._own(asyncio.create_task(self._work(), name=f"prefetch-{n}"))
+        if self.predictor is not None:
+            self._own(asyncio.create_task(self._predict(), name="prefetch-predict"))
+
+    def _own(self, task: asyncio.Task[None]) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def observe_events(self, user_ids: Iterable[str]) -> None:
+        """Users who just sent events (RecordEvents): a feature of the request predictor."""
+        if self.predictor is not None:
+            self._events.extend(user_ids)
+
+    async def _predict(self) -> None:
+        """Every interval: feed the model what happened, retrain when due, offer the users it expects."""
+        predictor, requests = self.predictor, self.requests
+        assert predictor is not None and requests is not None
+        while True:
+            await asyncio.sleep(self._interval_s)
+            try:
+                seen = len(requests)
+                for _ in range(seen):
+                    predictor.observe(requests.popleft())
+                while self._events:
+                    predictor.observe_event(self._events.popleft())
+                # The model predicts "within the next interval": an interval's worth of requests.
+                predictor.horizon = max(1, seen)
+                predictor.maybe_retrain()
+                if predictor.model is None:
+                    continue
+                users, rows = predictor.candidates(self._resident)
+                # LightGBM releases the GIL while it predicts: off the event loop.
+                chosen = await asyncio.to_thread(predictor.choose, users, rows)
+                queued, _ = self.offer(chosen)
+                self.stats.predicted += queued
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - a failed prediction skips an interval, never the loop
+                held = self._log_throttle.allow(type(exc))
+                if held is not None:
+                    log.warning("request prediction failed: %s (%d similar failures not logged)", exc, held)
 
     def offer(self, user_ids: Iterable[str]) -> tuple[int, int]:
         """Queue users without ever waiting; return (queued, dropped)."""
@@ -84,6 +139,8 @@ class Prefetcher:
                 self._queue.task_done()
 
     async def close(self) -> None:
-        """Cancel the workers; queued warm-ups are abandoned."""
+        """Cancel the workers and the prediction task; queued warm-ups are abandoned."""
         await cancel_and_wait(*self._tasks)
         self._tasks.clear()       # done-callbacks run a loop iteration later; be explicit
+        if self.predictor is not None:
+            self.predictor.close()

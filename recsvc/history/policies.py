@@ -1,8 +1,8 @@
 """L1 cache policies: ``LRU`` and ``TinyLFU``, bounded by entries *and* bytes, with a TTL per entry.
 
 Both are ``cachetools.Cache`` subclasses (so each is a ``MutableMapping``) in the cachetools style:
-time comes from an injected ``timer`` and sizes from an injected ``getsizeof``. ``make_l1`` builds one
-by name from settings.
+time comes from an injected ``timer`` and sizes from an injected ``getsizeof``.
+``recsvc.history.l1.make_l1`` builds one by name from settings.
 
 What every policy shares (``L1Cache``):
 
@@ -46,9 +46,8 @@ from typing import Any, Final, TypeAlias, TypeVar, overload
 from cachetools import Cache
 
 from recsvc.domain import History
-from recsvc.errors import ConfigError
 
-__all__ = ["LRU", "POLICIES", "FrequencySketch", "L1Cache", "TinyLFU", "approx_sizeof", "is_empty", "make_l1"]
+__all__ = ["LRU", "POLICIES", "FrequencySketch", "L1Cache", "TinyLFU", "approx_sizeof", "is_empty"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
@@ -694,24 +693,3 @@ class TinyLFU(L1Cache[K, V]):
 
 
 POLICIES: dict[str, type[L1Cache[Any, Any]]] = {"lru": LRU, "tinylfu": TinyLFU}
-
-
-def make_l1(
-    policy: str,
-    *,
-    max_entries: int,
-    max_bytes: float | None,
-    ttl: float,
-    negative_ttl: float | None = None,
-    timer: Callable[[], float] = time.monotonic,
-    getsizeof: Callable[[Any], float] = approx_sizeof,
-) -> L1Cache[Any, Any]:
-    """The L1 cache named by ``policy`` (``"lru"`` or ``"tinylfu"``); a bad name or bound: ConfigError."""
-    cls = POLICIES.get(policy)
-    if cls is None:
-        raise ConfigError(f"unknown L1 policy {policy!r}; known: {', '.join(sorted(POLICIES))}")
-    try:
-        return cls(max_entries, max_bytes=max_bytes, ttl=ttl, negative_ttl=negative_ttl, timer=timer,
-                   getsizeof=getsizeof)  # fmt: skip
-    except ValueError as exc:
-        raise ConfigError(f"L1 cache ({policy}): {exc}") from exc

@@ -103,6 +103,8 @@ class TieredHistory:
         # max_entries, not maxsize: with a byte bound, cachetools' maxsize counts bytes.
         self._prefetched_max = max(1, int(getattr(l1, "max_entries", None) or l1.maxsize))
         self._l1_get = l1.get              # bound once: the L1 hit path is the hottest code in the service
+        # The learned policy's event features (history/learned.py); other policies have no such hook.
+        self._l1_event: Callable[[str], None] | None = getattr(l1, "observe_event", None)
         # Store reads of concurrent misses, at most ``read_batch`` users each (the server passes its
         # max_batch), ``read_concurrency`` at once (SQLite reads on one thread: 2, one forming while one
         # reads; Redis serves many: more). A batch answers each user alone: an exception for one user.
@@ -110,6 +112,8 @@ class TieredHistory:
             self._read_batch, max_rows=read_batch, max_wait_us=0, max_in_flight=read_concurrency,
             name="history store reads", closed_error=StoreUnavailable,
         )  # fmt: skip
+        # The request log of the learned prefetcher (recsvc/prefetch.py sets it): every foreground lookup.
+        self.request_log: Callable[[str], None] | None = None
         self.l1_hits = 0
         self.l1_misses = 0
         self.negative_hits = 0
@@ -119,6 +123,8 @@ class TieredHistory:
     # ------------------------------------------------------------------ reads
     async def get(self, user_id: str) -> History:
         """The user's newest ``limit`` events, oldest first."""
+        if self.request_log is not None:
+            self.request_log(user_id)
         cached = self.cached(user_id)
         if cached is not None:
             return cached
@@ -236,6 +242,9 @@ class TieredHistory:
         self.store_stats.events_duplicate += len(events) - new
         users = list(dict.fromkeys(e.user_id for e in events))
         self.invalidate_local(users)
+        if self._l1_event is not None:
+            for user in users:
+                self._l1_event(user)
         # From here on the events are durable: a failure below must not report the write as failed
         # (a retry without event ids would store it twice). Caches then fall back on their TTLs.
         try:
@@ -289,6 +298,10 @@ class TieredHistory:
             "bytes": self.l1.currsize,
         }  # fmt: skip
         out: dict[str, dict[str, Any]] = {"l1": l1_stats, "store": asdict(self.store_stats)}
+        l1: Any = self.l1
+        if hasattr(l1, "learned_evictions"):                 # the learned policy (history/learned.py)
+            out["l1_learned"] = {"retrains": l1.retrains, "adoptions": l1.adoptions,
+                                 "evictions": l1.learned_evictions, "active": int(l1.learning)}  # fmt: skip
         if self.l2 is not None:
             out["l2"] = {name: getattr(self.l2, name, None)
                          for name in ("hits", "misses", "errors", "refused", "rejections")}  # fmt: skip
@@ -315,3 +328,6 @@ class TieredHistory:
         await self.invalidator.close()
         if self.l2 is not None:
             await self.l2.close()
+        close_l1 = getattr(self.l1, "close", None)       # the learned policy's retraining thread
+        if close_l1 is not None:
+            close_l1()

@@ -11,6 +11,7 @@ import signal
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -30,6 +31,9 @@ from recsvc.history import (
     TieredHistory,
 )
 from recsvc.history.tiers import history_size
+
+if TYPE_CHECKING:
+    from recsvc.history.learned import RequestPredictor
 from recsvc.pipeline import Pipeline, load_serving_bundle
 from recsvc.prefetch import Prefetcher
 from recsvc.ranking import TritonChannel, TritonModels, TritonRanker
@@ -84,6 +88,18 @@ class Service:
         await self.store.close()
 
 
+def _request_predictor(settings: Settings) -> RequestPredictor[str] | None:
+    """The learned prefetcher's model when ``prefetch_learned`` asks for it (it retrains on its own thread)."""
+    if not settings.prefetch_learned:
+        return None
+    from concurrent.futures import ThreadPoolExecutor
+
+    from recsvc.history.learned import RequestPredictor
+
+    return RequestPredictor(settings.l1_max_entries, horizon=1_000, min_interval_s=10.0, owns_executor=True,
+                            executor=ThreadPoolExecutor(1, thread_name_prefix="prefetch-retrain"))  # fmt: skip
+
+
 async def open_store(settings: Settings) -> HistoryStore:
     """The durable history store the settings name."""
     if settings.history_store == "redis":
@@ -98,7 +114,7 @@ async def open_store(settings: Settings) -> HistoryStore:
 
 async def open_history(settings: Settings, store: HistoryStore) -> TieredHistory:
     """L1 (policy from settings) -> L2 (none | memory | redis) -> store, with cross-replica invalidation."""
-    from recsvc.history.policies import make_l1
+    from recsvc.history.l1 import make_l1
 
     l1 = make_l1(settings.l1_policy, max_entries=settings.l1_max_entries, max_bytes=settings.l1_max_bytes,
                  ttl=settings.l1_ttl_s, getsizeof=history_size)  # fmt: skip
@@ -176,7 +192,11 @@ async def build_service(settings: Settings) -> Service:
                         model, version, exc)  # fmt: skip
         pipeline = Pipeline(settings, history, ranker, bundle)
         opened.push_async_callback(pipeline.close)
-        prefetcher = Prefetcher(pipeline.warm, queue_size=settings.prefetch_queue, workers=settings.prefetch_workers)
+        prefetcher = Prefetcher(pipeline.warm, queue_size=settings.prefetch_queue, workers=settings.prefetch_workers,
+                                predictor=_request_predictor(settings), resident=history.l1.__contains__,
+                                interval_s=settings.prefetch_interval_s)  # fmt: skip
+        if prefetcher.requests is not None:
+            history.request_log = prefetcher.requests.append
         pipeline.prefetcher = prefetcher
         prefetcher.start()
         opened.push_async_callback(prefetcher.close)

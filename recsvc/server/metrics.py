@@ -225,7 +225,13 @@ def _stats_families(registry: CollectorRegistry) -> tuple[_Children, _Children]:
                          "duplicate (an event id already stored, not stored twice).", ["result"], registry=r)
         prefetch = Counter("recsvc_prefetch_users", "Users through the prefetch queue: issued (queued), dropped "
                            "(queue full), done (history and vector warmed), failed (warming raised), used (a "
-                           "request found a prefetched history).", ["result"], registry=r)
+                           "request found a prefetched history), predicted (queued because the request "
+                           "predictor expected them).", ["result"], registry=r)
+        learned = Counter("recsvc_l1_learned", "The learned L1 policy (l1_policy=learned): retrainings "
+                          "started, adoptions (models that beat TinyLFU on the shadow sample), evictions the "
+                          "model chose.", ["event"], registry=r)
+        learning = Gauge("recsvc_l1_learned_active", "1 while the learned L1 policy's model chooses evictions, "
+                         "0 while it runs as TinyLFU.", multiprocess_mode="max", registry=r)
         invalidations = Counter("recsvc_invalidations", "Cross-replica cache invalidations: published (our "
                                 "writes announced), received, errors, lost (subscriptions that died), resets "
                                 "(L1 cleared because messages may have been missed).", ["event"], registry=r)
@@ -250,7 +256,9 @@ def _stats_families(registry: CollectorRegistry) -> tuple[_Children, _Children]:
             ("vectors", "evictions"): evictions.labels("vectors"),
             ("store", "loads"): store, ("store", "load_seconds"): store_s, ("store", "appends"): appends,
             ("store", "events_new"): events.labels("new"), ("store", "events_duplicate"): events.labels("duplicate"),
-            **{("prefetch", k): prefetch.labels(k) for k in ("issued", "dropped", "done", "failed", "used")},
+            **{("prefetch", k): prefetch.labels(k)
+               for k in ("issued", "dropped", "done", "failed", "used", "predicted")},
+            **{("l1_learned", k): learned.labels(k) for k in ("retrains", "adoptions", "evictions")},
             **{("invalidations", k): invalidations.labels(k)
                for k in ("published", "received", "errors", "lost", "resets")},
             ("retrieval", "requests"): searches, ("retrieval", "retries"): retries,
@@ -259,6 +267,7 @@ def _stats_families(registry: CollectorRegistry) -> tuple[_Children, _Children]:
         gauges: dict[tuple[str, str], Any] = {
             **{(tier, "entries"): entries.labels(tier) for tier in ("l1", "l2", "vectors")},
             **{(tier, "bytes"): nbytes.labels(tier) for tier in ("l1", "l2", "vectors")},
+            ("l1_learned", "active"): learning,
         }
         _stats_cache[registry] = counters, gauges
     return _stats_cache[registry]

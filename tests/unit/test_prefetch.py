@@ -71,3 +71,46 @@ async def test_a_store_outage_logs_one_line_per_interval_not_one_per_user(caplog
         await prefetcher.close()
     assert prefetcher.stats.failed == 50
     assert len([r for r in caplog.records if "prefetch of" in r.getMessage()]) == 1
+
+
+async def test_the_request_predictor_offers_the_users_it_expects_and_stops_at_close() -> None:
+    from recsvc.history.learned import RequestPredictor
+
+    # 20 regulars who come back every 40 requests, among one-off visitors: after a retraining, the
+    # regulars not in "L1" are offered before they ask again; the one-offs are not.
+    resident: set[str] = set()
+    warmed: list[str] = []
+
+    async def warm(user: str) -> None:
+        warmed.append(user)
+
+    predictor: RequestPredictor[str] = RequestPredictor(50, horizon=40, window=4_000, retrain_every=2_000)
+    p = Prefetcher(warm, queue_size=1_000, workers=1, predictor=predictor, resident=resident.__contains__,
+                   interval_s=0.01)  # fmt: skip
+    assert p.requests is not None
+    p.start()
+    visitor = 0
+    for _ in range(150):
+        for r in range(20):
+            p.requests.append(f"regular-{r}")
+            p.requests.append(f"visitor-{visitor}")
+            visitor += 1
+        p.observe_events(["regular-0"])
+        await asyncio.sleep(0.02)                 # an interval passes: the task reads the log
+    await p.drain()
+    assert predictor.retrains >= 2 and predictor.model is not None
+    assert p.stats.predicted > 0
+    offered = {u for u in warmed if u.startswith("regular-")}
+    assert len(offered) >= 15 and not [u for u in warmed if u.startswith("visitor-")]
+    await p.close()
+    assert not p._tasks
+    # Users already in L1 are never offered.
+    resident.update(f"regular-{r}" for r in range(20))
+    users, _ = predictor.candidates(resident.__contains__)
+    assert not [u for u in users if u.startswith("regular-")]
+
+
+def test_without_a_predictor_there_is_no_request_log() -> None:
+    async def warm(user: str) -> None: ...
+
+    assert Prefetcher(warm, queue_size=1, workers=1).requests is None

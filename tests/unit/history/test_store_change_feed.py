@@ -9,7 +9,7 @@ import pytest
 from recsvc.domain import Event, EventType
 from recsvc.errors import StoreUnavailable
 from recsvc.history import SqliteHistoryStore, StoreChangeFeed, TieredHistory
-from recsvc.history.policies import make_l1
+from recsvc.history.l1 import make_l1
 
 
 def _event(user: str, item: str, ts: float) -> Event:

@@ -264,7 +264,7 @@ async def test_stats_report_every_tier() -> None:
 
 
 async def test_prefetch_tracking_is_bounded_by_entries_not_bytes() -> None:
-    from recsvc.history.policies import make_l1
+    from recsvc.history.l1 import make_l1
 
     store = InMemoryHistoryStore()
     await store.append([ev(f"u{n}", "a") for n in range(5)])
