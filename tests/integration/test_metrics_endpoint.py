@@ -168,3 +168,34 @@ def test_two_workers_are_summed_by_the_supervisor(tmp_path: Path, repo: Path, re
         assert all("pid" not in s.labels for f in families.values() for s in f.samples)
     finally:
         assert proc.stop() == 0, proc.tail()
+
+
+def test_the_learned_cache_and_prefetcher_serve_report_and_stop_cleanly(tmp_path: Path, repo: Path) -> None:
+    # l1_policy=learned with a tiny L1 (evictions from the first requests on) and the learned prefetcher
+    # predicting every 0.1 s: answers as usual, their state in /metrics, and SIGTERM stops their
+    # threads and tasks (exit status 0, no traceback).
+    proc, metrics = serve(tmp_path, repo, 0, RECSVC_L1_POLICY="learned", RECSVC_L1_MAX_ENTRIES="4",
+                          RECSVC_PREFETCH_LEARNED="true", RECSVC_PREFETCH_INTERVAL_S="0.1")  # fmt: skip
+    try:
+        target = f"127.0.0.1:{(tmp_path / 'server.port').read_text()}"
+        with grpc.insecure_channel(target) as ch:      # histories, so the users are L1 entries
+            events = [pb.Event(user_id=f"user-{i}", item_id="3", type=pb.EVENT_TYPE_VIEW) for i in range(10)]
+            pb_grpc.RecommenderStub(ch).RecordEvents(pb.RecordEventsRequest(events=events), timeout=10)
+        for i in range(30):
+            recommend(target, f"user-{i % 10}")
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline:
+            families = scrape(metrics)
+            if value(families, "recsvc_cache_evictions", "recsvc_cache_evictions_total", tier="l1") > 0:
+                break
+            time.sleep(0.2)
+        else:
+            pytest.fail("recsvc_cache_evictions_total{tier=l1} did not move")
+        assert families["recsvc_l1_learned_active"].type == "gauge"
+        assert value(families, "recsvc_l1_learned_active", "recsvc_l1_learned_active") == 0   # too few lookups to learn
+        assert families["recsvc_l1_learned"].type == "counter"
+        assert value(families, "recsvc_prefetch_users", "recsvc_prefetch_users_total", result="predicted") == 0
+        check_names_and_types(families)
+    finally:
+        assert proc.stop() == 0, proc.tail()
+    assert "Traceback" not in proc.tail(100_000)

@@ -356,3 +356,25 @@ async def test_reset_keeps_a_refresh_read_in_flight_out_of_l1() -> None:
     assert await recording == 1
     assert "u" not in t.l1
     await t.close()
+
+
+async def test_the_request_log_sees_foreground_lookups_and_the_learned_l1_sees_events() -> None:
+    from recsvc.history import learned as learned_module
+    from recsvc.history.learned import Learned
+
+    store = InMemoryHistoryStore()
+    l1: Learned[str, History] = Learned(10, retrain_every=0)
+    t = TieredHistory(store, l1=l1, limit=10)
+    log: list[str] = []
+    t.request_log = log.append
+    await t.record([ev("a", "x"), ev("b", "y")])
+    await t.get("a")
+    await t.get("a")
+    await t.prefetch("b")                      # a warm-up is not a request
+    await t.get("c")
+    assert log == ["a", "a", "c"]
+    await t.get("d")                           # a miss: the buffered hits on "a" are observed
+    await t.record([ev("a", "z", 2.0)])
+    assert l1.log.state["a"][learned_module._EVENTS] == 1.0    # RecordEvents reached the event features
+    assert t.stats()["l1_learned"] == {"retrains": 0, "adoptions": 0, "evictions": 0, "active": 0}
+    await t.close()

@@ -16,6 +16,7 @@ from recsvc.offline.bench.cache_sim import (
     format_table,
     learned_replay,
     load_trace,
+    prefetch_replay,
     next_uses,
     opt_hits,
     register,
@@ -221,6 +222,28 @@ def test_cli_replays_datasets_in_time_order(tmp_path: Path, capsys: pytest.Captu
                    "--policies", "opt,lru", "--png", str(tmp_path / "syn.png"))
     assert code == 0
     assert "synthetic shop sessions over 500 users in time order, seed 0: 4,000 accesses" in capsys.readouterr().out
+
+
+def test_cli_prefetch_reports_the_misses_it_avoids(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    code = run_cli("cache-sim", "--workload", "sessions", "--users", "2000", "--accesses", "30000", "--sizes", "0.01",
+                   "--policies", "lru", "--prefetch", "--png", str(tmp_path / "pf.png"))
+    assert code == 0
+    out = capsys.readouterr().out
+    assert "learned prefetcher (with LRU):" in out and "| LRU misses turned into hits |" in out
+    assert "| prefetches per avoided miss |" in out
+
+
+def test_prefetch_replay_counts_against_plain_lru() -> None:
+    # Regulars every 40 requests among one-off visitors, in a cache too small to keep the regulars.
+    keys: list[int] = []
+    visitor = 1_000
+    for _ in range(600):
+        for r in range(20):
+            keys += [r, visitor]
+            visitor += 1
+    run = prefetch_replay(np.asarray(keys, dtype=np.int64), 10, interval=10)
+    assert run.lru_hits == replay("lru", np.asarray(keys, dtype=np.int64), 10)
+    assert run.prefetches > 0 and run.avoided > 0 and run.hits == run.lru_hits + run.avoided
 
 
 def test_cli_replays_a_trace_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
