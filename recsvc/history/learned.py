@@ -37,7 +37,6 @@ import heapq
 import math
 import random
 import time
-import zlib
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass
@@ -143,7 +142,7 @@ def _window_ids(keys: Sequence[Hashable]) -> npt.NDArray[np.int64]:
 
 
 def training_set(ids: npt.NDArray[np.int64], state: Array, capacity: int, rng: np.random.Generator, *,
-                 max_samples: int = 40_000) -> tuple[Array, Array]:  # fmt: skip
+                 max_samples: int = 40_000, scale: int | None = None) -> tuple[Array, Array]:  # fmt: skip
     """Samples and OPT-derived labels from a logged window.
 
     ``ids[i]`` is the key of access i, ``state[i]`` its state just after it. A sample is a key at a
@@ -154,7 +153,9 @@ def training_set(ids: npt.NDArray[np.int64], state: Array, capacity: int, rng: n
     distance within which OPT (run over the window with this capacity) keeps 99% of what it keeps:
     beyond it every eviction is equally right, so the model spends nothing on ordering those. Samples
     come from the window's first two thirds (each has a third ahead to find its next access), after
-    OPT's cache first fills (until then it keeps everything, which says nothing).
+    OPT's cache first fills (until then it keeps everything, which says nothing). ``scale`` is the
+    features' (the cache's entries; default ``capacity``): a log of a key sample runs OPT with the
+    sample's share of the capacity.
     """
     n = len(ids)
     hit = opt_flags(ids, capacity)
@@ -176,7 +177,7 @@ def training_set(ids: npt.NDArray[np.int64], state: Array, capacity: int, rng: n
     now = last + rng.random(len(take)) * np.maximum(end - last, 1.0)
     distance = np.where(has_next, end - now, np.inf)
     label = -np.log1p(np.minimum(np.maximum(distance, 0.0), 2.0 * max(boundary, 1.0)))
-    return features(state[take], now, capacity), label
+    return features(state[take], now, scale or capacity), label
 
 
 def fit_model(x: Array, y: Array, *, seed: int = 0, objective: str = "regression", rounds: int = 40) -> Any:
@@ -202,22 +203,25 @@ class Fit:
     seconds: float
 
 
-def _shadow(keys: Sequence[Hashable], model: Any, capacity: int, shadow_entries: int, measured_from: int,
-            window_share: float) -> tuple[float, float]:  # fmt: skip
+def _shadow(keys: Sequence[Hashable], model: Any, capacity: int, log_rate: float, shadow_entries: int,
+            measured_from: int, window_share: float) -> tuple[float, float]:  # fmt: skip
     """Hit ratios of a Learned (``model``) and a TinyLFU replaying ``keys`` on a hash sample of them.
 
-    The sample holds at most ``shadow_entries`` cache entries; hits count from position
-    ``measured_from`` on: the earlier accesses only warm both caches up.
+    ``keys`` are a ``log_rate`` sample of a cache of ``capacity`` entries' lookups. The shadow holds at
+    most ``shadow_entries`` entries (a further sample when that is fewer than the log's share); hits
+    count from position ``measured_from`` on: the earlier accesses only warm both caches up.
     """
-    rate = min(1.0, shadow_entries / capacity)
+    logged = capacity * log_rate
+    rate = min(1.0, shadow_entries / logged)
     cut = int(rate * 4096)
-    picked = [(i, k) for i, k in enumerate(keys) if rate == 1.0 or zlib.crc32(repr(k).encode()) & 4095 < cut]
+    picked = [(i, k) for i, k in enumerate(keys) if rate == 1.0 or hash((k, 1)) & 4095 < cut]
     measured = sum(1 for i, _ in picked if i >= measured_from)
     if not measured:
         return 0.0, 0.0
-    size = max(1, round(capacity * rate))
-    learned: Learned[Hashable, bool] = Learned(size, model=model, tick_scale=1.0 / rate, retrain_every=0,
-                                                window=64)  # fmt: skip
+    size = max(1, round(logged * rate))
+    # Time and the features' scale stay those of the full cache: the model was trained in them.
+    learned: Learned[Hashable, bool] = Learned(size, model=model, tick_scale=1.0 / (log_rate * rate), scale=capacity,
+                                                retrain_every=0, window=64)  # fmt: skip
     # The live TinyLFU's window share, which its hill climber took many samples to find: a shadow that
     # started from 1% would lose to the model for want of time to climb, not on its merits.
     heuristic: TinyLFU[Hashable, bool] = TinyLFU(size, window=window_share)
@@ -234,8 +238,8 @@ def _shadow(keys: Sequence[Hashable], model: Any, capacity: int, shadow_entries:
     return scores[0], scores[1]
 
 
-def _retrain(keys: Sequence[Hashable], state: Array, capacity: int, shadow_entries: int, margin: float,
-             seed: int, window_share: float = 0.01) -> Fit:  # fmt: skip
+def _retrain(keys: Sequence[Hashable], state: Array, capacity: int, log_rate: float, shadow_entries: int,
+             margin: float, seed: int, window_share: float = 0.01) -> Fit:  # fmt: skip
     """Fit on the window's first three quarters; judge on its last quarter, which the fit never saw.
 
     The shadow caches replay the whole window, so they are warm when the judged part starts.
@@ -243,11 +247,13 @@ def _retrain(keys: Sequence[Hashable], state: Array, capacity: int, shadow_entri
     t0 = time.perf_counter()
     n = len(keys)
     cut = (3 * n) // 4
-    x, y = training_set(_window_ids(keys[:cut]), state[:cut], capacity, np.random.default_rng(seed))
+    opt_capacity = max(1, round(capacity * log_rate))
+    x, y = training_set(_window_ids(keys[:cut]), state[:cut], opt_capacity, np.random.default_rng(seed),
+                        scale=capacity)  # fmt: skip
     model = fit_model(x, y, seed=seed)
     if model is None:
         return Fit(None, False, 0.0, 0.0, len(y), time.perf_counter() - t0)
-    learned, heuristic = _shadow(keys, model, capacity, shadow_entries, cut, window_share)
+    learned, heuristic = _shadow(keys, model, capacity, log_rate, shadow_entries, cut, window_share)
     return Fit(model, learned >= heuristic + margin, learned, heuristic, len(y), time.perf_counter() - t0)
 
 
@@ -256,12 +262,17 @@ class KeyLog(Generic[K]):
     """Per-key feature state and a ring of logged accesses (key, state after it).
 
     What the learned policy and the request predictor learn from. ``scale`` (entries) sets the decayed
-    counts' half-lives.
+    counts' half-lives. With ``rate`` < 1 only that share of keys (by hash) is logged, each with all its
+    accesses, so a window of a big cache's traffic spans several turnovers in bounded memory (SHARDS'
+    spatial sampling: OPT over the sample, with the sample's share of the capacity, behaves like OPT
+    over everything); every key's state is kept regardless.
     """
 
-    def __init__(self, scale: int, window: int, state_max: int) -> None:
+    def __init__(self, scale: int, window: int, state_max: int, rate: float = 1.0) -> None:
         self.scale = scale
         self.window = window
+        self.rate = rate
+        self._cut = int(rate * 4096)
         self._inv = [math.log(2) / (h * scale) for h in HALF_LIVES]
         # Most recently touched last; bounded: a forgotten key reads as never seen.
         self.state: dict[K, list[float]] = {}
@@ -287,6 +298,8 @@ class KeyLog(Generic[K]):
         self.state[key] = state
         if len(self.state) > self._state_max:
             del self.state[next(iter(self.state))]
+        if self._cut < 4096 and hash((key, 1)) & 4095 >= self._cut:
+            return
         at = self._at
         self._keys[at] = key
         self._rows[at] = state
@@ -337,6 +350,8 @@ class Learned(TinyLFU[K, V]):
         owns_executor: bool = False,
         retrain_every: int | None = None,
         window: int | None = None,
+        log_entries: int = 20_000,
+        scale: int | None = None,
         min_interval_s: float = 0.0,
         sample: int = 64,
         victims_per_sample: int = 1,
@@ -348,8 +363,11 @@ class Learned(TinyLFU[K, V]):
         **tinylfu: Any,
     ) -> None:
         super().__init__(max_entries, **tinylfu)
-        # The log must span several cache turnovers for OPT's choices in it to mean anything.
-        self._log_size = window if window is not None else min(400_000, max(20_000, 32 * max_entries))
+        # The log must span several cache turnovers for OPT's choices in it to mean anything: beyond
+        # `log_entries` entries it logs a key sample worth that many (KeyLog), 32 turnovers of it.
+        self._scale = scale if scale is not None else max_entries
+        log_rate = min(1.0, log_entries / self._scale)
+        self._log_size = window if window is not None else min(640_000, max(20_000, round(32 * self._scale * log_rate)))
         self._retrain_every = self._log_size if retrain_every is None else retrain_every
         self._min_interval_s = min_interval_s
         self._sample = sample
@@ -363,7 +381,7 @@ class Learned(TinyLFU[K, V]):
         self._on_evict = on_evict
         self.model = model
         self.learning = model is not None            # the model chooses victims
-        self.log: KeyLog[K] = KeyLog(max_entries, self._log_size, 4 * max_entries)
+        self.log: KeyLog[K] = KeyLog(self._scale, self._log_size, 4 * max_entries, log_rate)
         self._state = self.log.state
         # Logical time: lookups, counted from TinyLFU's climber counters (nothing added to the hit path).
         self._lookups_base = 0
@@ -515,7 +533,7 @@ class Learned(TinyLFU[K, V]):
         estimate, metas = self.sketch.estimate, self._meta
         rows[:, _SKETCH] = [estimate(metas[k][_INDEXES]) for k in candidates]
         now = self._lookups() * self._tick_scale
-        scores = self.model.predict(features(rows, now, self._max_entries), num_threads=1)
+        scores = self.model.predict(features(rows, now, self._scale), num_threads=1)
         order = np.argsort(scores)[: self._victims_per_sample]
         # Queue the runners-up worst last, so pop() takes them in order; a touched key is re-scored.
         self._victims = [(candidates[i], rows[i, _LAST]) for i in order[:0:-1]]
@@ -534,7 +552,8 @@ class Learned(TinyLFU[K, V]):
         self._last_fit_lookups, self._last_fit_time = lookups, now
         keys, state = self.log.snapshot()
         share = self._window_target / self._max_entries
-        job = (keys, state, self._max_entries, self._shadow_entries, self._margin, self._seed + self.retrains, share)
+        job = (keys, state, self._scale, self.log.rate, self._shadow_entries, self._margin,
+               self._seed + self.retrains, share)  # fmt: skip
         self.retrains += 1
         if self._executor is None:
             done: Future[Fit] = Future()

@@ -232,3 +232,23 @@ def test_make_l1_builds_the_learned_policy_with_its_own_thread() -> None:
         make_l1("learned", max_entries=0, max_bytes=None, ttl=60.0)
     with pytest.raises(ConfigError, match="known: learned, lru, tinylfu"):
         make_l1("belady", max_entries=10, max_bytes=None, ttl=60.0)
+
+
+def test_a_big_cache_logs_a_key_sample_with_every_access_of_each_sampled_key() -> None:
+    log: learned_module.KeyLog[int] = learned_module.KeyLog(1_000, 10_000, 10_000, rate=0.25)
+    for tick, key in enumerate([k for _ in range(5) for k in range(400)]):
+        log.observe(key, float(tick))
+    keys, rows = log.snapshot()
+    sampled = set(keys)
+    assert 60 < len(sampled) < 140 and len(log.state) == 400        # a quarter logged, all tracked
+    assert all(keys.count(k) == 5 for k in sampled)                 # each logged key with all its accesses
+    assert rows.shape == (len(keys), learned_module._STATE)
+
+
+def test_a_cache_bigger_than_its_log_learns_from_the_sample() -> None:
+    # 100 entries logged as a quarter sample (25 entries' worth): OPT runs over the sample with 25.
+    cache: Learned[int, bool] = Learned(100, log_entries=25, window=8_000, retrain_every=8_000)
+    assert cache.log.rate == 0.25
+    replay(cache, SESSIONS.tolist())
+    assert cache.retrains >= 3 and cache.last_fit is not None and cache.last_fit.samples > 1_000
+    assert cache.adoptions >= 1
