@@ -1,6 +1,6 @@
 """What the learned L1 policy costs the service, against ``tinylfu`` in the same run.
 
-    python benchmarks/l1_learned_cost.py [--users 1000000] [--entries 100000] [--train 600000]
+    python benchmarks/l1_learned_cost.py [--users 1000000] [--entries 100000] [--train 3000000]
                                          [--lookups 500000] [--misses 100000] [--reps 5]
 
 1. Trains a ``learned`` L1 the way the service does (``make_l1("learned")``, its retraining thread) on
@@ -64,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=1_000_000)
     parser.add_argument("--entries", type=int, default=100_000, help="L1 entries (the service's default)")
-    parser.add_argument("--train", type=int, default=600_000, help="session-trace lookups to learn from")
+    parser.add_argument("--train", type=int, default=3_000_000, help="session-trace lookups to learn from")
     parser.add_argument("--lookups", type=int, default=500_000)
     parser.add_argument("--misses", type=int, default=100_000)
     parser.add_argument("--reps", type=int, default=5)

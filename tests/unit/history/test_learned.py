@@ -12,7 +12,7 @@ import pytest
 from recsvc.errors import ConfigError
 from recsvc.history import learned as learned_module
 from recsvc.history.l1 import make_l1
-from recsvc.history.learned import FEATURES, Fit, Learned, features, opt_flags, training_set
+from recsvc.history.learned import FEATURES, Fit, Learned, RequestPredictor, features, opt_flags, training_set
 from recsvc.history.policies import LRU, TinyLFU
 from recsvc.offline.bench.cache_sim import opt_hits, session_trace, zipf_trace
 from tests.support import FakeClock
@@ -252,3 +252,61 @@ def test_a_cache_bigger_than_its_log_learns_from_the_sample() -> None:
     replay(cache, SESSIONS.tolist())
     assert cache.retrains >= 3 and cache.last_fit is not None and cache.last_fit.samples > 1_000
     assert cache.adoptions >= 1
+
+
+# ------------------------------------------------------------------------------ request predictor
+def regulars_and_visitors(rounds: int) -> list[int]:
+    """20 regulars back every 40 requests, between one-off visitors."""
+    keys: list[int] = []
+    visitor = 1_000
+    for _ in range(rounds):
+        for r in range(20):
+            keys += [r, visitor]
+            visitor += 1
+    return keys
+
+
+def test_the_request_predictor_retrains_in_the_background_on_the_injected_clock() -> None:
+    clock = FakeClock()
+    executor = ManualExecutor()
+    predictor: RequestPredictor[int] = RequestPredictor(50, horizon=40, window=4_000, retrain_every=2_000,
+                                                        executor=executor, owns_executor=True,
+                                                        min_interval_s=30.0, timer=clock)  # fmt: skip
+    for key in regulars_and_visitors(60):            # 2,400 requests
+        predictor.observe(key)
+    predictor.maybe_retrain()
+    assert predictor.retrains == 1 and len(executor.jobs) == 1 and predictor.model is None
+    # No model yet: nothing is predicted, every user stays a candidate.
+    users, rows = predictor.candidates(lambda key: False)
+    assert predictor.choose(users, rows) == [] and len(users) == rows.shape[0] > 0
+    executor.run_all()
+    predictor.maybe_retrain()                         # takes the finished model; the clock forbids another
+    assert predictor.model is not None and predictor.retrains == 1 and not executor.jobs
+    for key in regulars_and_visitors(60):
+        predictor.observe(key)
+    predictor.maybe_retrain()
+    assert predictor.retrains == 1                    # 2,400 more requests, but only 0 s later
+    clock.tick(31.0)
+    predictor.maybe_retrain()
+    assert predictor.retrains == 2 and len(executor.jobs) == 1
+    # The regulars not resident are predicted, the one-off visitors are not.
+    chosen = predictor.choose(*predictor.candidates(lambda key: key < 10))
+    assert chosen and all(10 <= key < 20 for key in chosen)
+    predictor.close()
+    assert executor.shut and executor.jobs[0][0].cancelled()
+
+
+def test_a_failed_request_model_retraining_keeps_the_last_model() -> None:
+    predictor: RequestPredictor[int] = RequestPredictor(50, horizon=40, window=4_000, retrain_every=2_000)
+    for key in regulars_and_visitors(60):
+        predictor.observe(key)
+    predictor.maybe_retrain()
+    model = predictor.model
+    assert model is not None
+    failed: Future[Any] = Future()
+    failed.set_exception(MemoryError("no room to fit"))
+    predictor._pending = failed
+    predictor.maybe_retrain()
+    assert predictor.model is model and predictor._pending is None
+    with pytest.raises(ValueError, match="horizon"):
+        RequestPredictor(10, horizon=0)
