@@ -7,12 +7,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Final
 
 from recsvc.errors import ConfigError
 from recsvc.history.learned import Learned
 from recsvc.history.policies import POLICIES, L1Cache, approx_sizeof
+from recsvc.tasks import ProcessWorker
 
 __all__ = ["NAMES", "make_l1"]
 
@@ -31,16 +31,15 @@ def make_l1(
 ) -> L1Cache[Any, Any]:
     """The L1 cache named by ``policy`` (one of ``NAMES``); a bad name or bound: ConfigError.
 
-    ``learned`` retrains in a background thread it owns (at most once every 10 s of ``timer``): call its
-    ``close()`` at shutdown.
+    ``learned`` retrains in a process it owns (``ProcessWorker``, at most once every 10 s of ``timer``):
+    call its ``close()`` at shutdown.
     """
     if policy not in NAMES:
         raise ConfigError(f"unknown L1 policy {policy!r}; known: {', '.join(sorted(NAMES))}")
     kwargs: dict[str, Any] = {}
     if policy == "learned":
         cls: type[L1Cache[Any, Any]] = Learned
-        kwargs = {"executor": ThreadPoolExecutor(1, thread_name_prefix="l1-retrain"), "owns_executor": True,
-                  "min_interval_s": 10.0}  # fmt: skip
+        kwargs = {"executor": ProcessWorker(), "owns_executor": True, "min_interval_s": 10.0}
     else:
         cls = POLICIES[policy]
     try:

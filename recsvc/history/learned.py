@@ -24,7 +24,7 @@
 * **Retraining** runs every ``retrain_every`` lookups (and at most once per ``min_interval_s`` of the
   injected clock) on a copy of the window (for a cache over 20,000 entries, a log of a hash sample of
   keys worth 20,000: SHARDS-style spatial sampling keeps the window many turnovers long in bounded
-  memory), in the given executor (a background thread in the service,
+  memory), in the given executor (a spawned process in the service, recsvc.tasks.ProcessWorker;
   inline in the simulator), never on the request path. The result is applied at the next store.
 * **Fallback**: each new model is checked on a shadow sample before it is used. The window's last
   quarter (which the model never saw), spatially sampled by key hash to at most ``shadow_entries``
@@ -61,6 +61,7 @@ FEATURES: Final = ("age", "since2", "since3", "since4", "since5", "gap1", "gap2"
 # session trace (0.651 against 0.656 at 1%, 0.8889 both at 5%).
 HALF_LIVES: Final = (0.25, 1.0, 4.0, 16.0)
 # The per-key state row: [last access, gap1..gap4, decayed counts x4, count, last event, decayed events].
+_HALF_LIVES = np.asarray(HALF_LIVES)
 _LAST, _GAPS, _DECAYED = 0, 1, 5
 _COUNT = _DECAYED + len(HALF_LIVES)
 _EVENT, _EVENTS, _SKETCH = _COUNT + 1, _COUNT + 2, _COUNT + 3
@@ -126,7 +127,7 @@ def opt_flags(trace: npt.NDArray[np.int64], capacity: int) -> npt.NDArray[np.boo
 # -------------------------------------------------------------------------------------- features
 def features(state: Array, now: Array | float, capacity: int) -> Array:
     """The model's inputs (``FEATURES``) for keys in ``state`` rows, as seen at logical time ``now``."""
-    inv = np.array([1.0 / (h * capacity) for h in HALF_LIVES])
+    inv = 1.0 / (_HALF_LIVES * capacity)
     age = now - state[:, _LAST]
     decayed = state[:, _DECAYED:_COUNT] * np.exp2(-np.minimum(age, 1e9)[:, None] * inv)
     event_age = now - state[:, _EVENT]                       # NaN when the user sent no events
@@ -223,8 +224,10 @@ def _shadow(keys: Sequence[Hashable], model: Any, capacity: int, log_rate: float
         return 0.0, 0.0
     size = max(1, round(logged * rate))
     # Time and the features' scale stay those of the full cache: the model was trained in them.
+    # Four victims per prediction: a quarter of the model's calls for a slightly worse learned side,
+    # so the check stays conservative.
     learned: Learned[Hashable, bool] = Learned(size, model=model, tick_scale=1.0 / (log_rate * rate), scale=capacity,
-                                                retrain_every=0, window=64)  # fmt: skip
+                                                retrain_every=0, window=64, victims_per_sample=4)  # fmt: skip
     # The live TinyLFU's window share, which its hill climber took many samples to find: a shadow that
     # started from 1% would lose to the model for want of time to climb, not on its merits.
     heuristic: TinyLFU[Hashable, bool] = TinyLFU(size, window=window_share)
@@ -526,19 +529,14 @@ class Learned(TinyLFU[K, V]):
                 return key
         if len(self._slots) > 2 * len(data) + 64:
             self._compact_slots()
-        slots, rng = self._slots, self._rng
-        candidates: list[K] = []
-        for _ in range(min(len(slots), 3 * self._sample)):
-            key = slots[rng.randrange(len(slots))]
-            if key in data and key != keep:
-                candidates.append(key)
-                if len(candidates) == self._sample:
-                    break
+        slots = self._slots
+        # Twice the sample, drawn in one call: slots may be stale (up to half of them, see _store).
+        drawn = self._rng.choices(slots, k=min(len(slots), 2 * self._sample))
+        candidates = [k for k in dict.fromkeys(drawn) if k in data and k != keep][: self._sample]
         if not candidates:                           # everything sampled was stale: take any resident
             return next(k for k in data if k != keep)
+        # The sketch estimate in each row is the one at the key's last access, as in training.
         rows = self.log.rows(candidates)
-        estimate, metas = self.sketch.estimate, self._meta
-        rows[:, _SKETCH] = [estimate(metas[k][_INDEXES]) for k in candidates]
         now = self._lookups() * self._tick_scale
         scores = self.model.predict(features(rows, now, self._scale), num_threads=1)
         order = np.argsort(scores)[: self._victims_per_sample]

@@ -89,15 +89,14 @@ class Service:
 
 
 def _request_predictor(settings: Settings) -> RequestPredictor[str] | None:
-    """The learned prefetcher's model when ``prefetch_learned`` asks for it (it retrains on its own thread)."""
+    """The learned prefetcher's model when ``prefetch_learned`` asks for it (it retrains in its own process)."""
     if not settings.prefetch_learned:
         return None
-    from concurrent.futures import ThreadPoolExecutor
-
     from recsvc.history.learned import RequestPredictor
+    from recsvc.tasks import ProcessWorker
 
     return RequestPredictor(settings.l1_max_entries, horizon=1_000, min_interval_s=10.0, owns_executor=True,
-                            executor=ThreadPoolExecutor(1, thread_name_prefix="prefetch-retrain"))  # fmt: skip
+                            executor=ProcessWorker())
 
 
 async def open_store(settings: Settings) -> HistoryStore:
