@@ -104,7 +104,7 @@ class Settings:
     prefetch_queue: int = 10_000             # pending warm-ups; beyond this they are dropped and counted
     prefetch_workers: int = 4                # tasks loading prefetched histories at once
     prefetch_learned: bool = False           # also prefetch the users a model of the request log expects next
-    prefetch_interval_s: float = 1.0         # ... predicting each interval the users due in the next one
+    prefetch_interval_s: float = 1.0         # ... predicting each interval the users due in the next two
     warm_users: int = 1000                   # most active users warmed at start-up (0: none)
 
     # --- retrieval / ranking ---

@@ -3,7 +3,7 @@
 Fed by the Prefetch RPC (session start, login), by RecordEvents (the user is active right now), at
 start-up (the most active users) and, with a ``RequestPredictor`` (``prefetch_learned``), by a model of
 the request log: every ``interval_s`` it offers the users not in L1 that it predicts will send a request
-within the next interval (``recsvc.history.learned``). Foreground requests never wait on it: offers go
+within the next two intervals (``recsvc.history.learned``). Foreground requests never wait on it: offers go
 into a bounded queue with put_nowait, and what does not fit is dropped and counted. The worker tasks
 and the prediction task are owned here and cancelled by close().
 """
@@ -87,8 +87,9 @@ class Prefetcher:
                     predictor.observe(requests.popleft())
                 while self._events:
                     predictor.observe_event(self._events.popleft())
-                # The model predicts "within the next interval": an interval's worth of requests.
-                predictor.horizon = max(1, seen)
+                # The model predicts "within the next two intervals" (what it offers now is loaded
+                # during the next one): two intervals' worth of requests.
+                predictor.horizon = max(1, 2 * seen)
                 predictor.maybe_retrain()
                 if predictor.model is None:
                     continue

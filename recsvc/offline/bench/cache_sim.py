@@ -376,12 +376,13 @@ class PrefetchRun:
         return self.hits - self.lru_hits
 
 
-def prefetch_replay(trace: Trace, capacity: int, *, interval: int = 200, threshold: float = 0.3) -> PrefetchRun:
+def prefetch_replay(trace: Trace, capacity: int, *, interval: int = 200, threshold: float = 0.5) -> PrefetchRun:
     """Replay ``trace`` through LRU twice: plain, and with the learned prefetcher.
 
     The predictor sees every request; every ``interval`` requests it retrains when due (inline) and the
-    users it expects within the next two intervals (probability >= ``threshold``), not resident now,
-    are stored in the cache as a prefetch would load them.
+    users it expects within the next two intervals (probability >= ``threshold``; the service's
+    default, 0.5, spends at most 2 prefetches per request served when the model is calibrated), not
+    resident now, are stored in the cache as a prefetch would load them.
     """
     from recsvc.history.learned import RequestPredictor
     from recsvc.history.policies import LRU
@@ -618,6 +619,10 @@ def register(subparsers: Any) -> None:
     p.add_argument("--prefetch", action="store_true",
                    help="also replay LRU with the learned prefetcher at each size: the share of LRU's misses it "
                         "turns into hits and the prefetches it spends per avoided miss")  # fmt: skip
+    p.add_argument("--prefetch-interval", type=int, default=200,
+                   help="requests between two predictions of the prefetcher (default 200)")
+    p.add_argument("--prefetch-threshold", type=float, default=0.5,
+                   help="probability from which a user is prefetched (default 0.5, as in the service)")
     p.add_argument("--policies", type=_names, default=list(POLICIES),
                    help=f"comma-separated subset of: {', '.join(POLICIES)}")  # fmt: skip
     p.set_defaults(func=run_cache_sim)
@@ -625,6 +630,9 @@ def register(subparsers: Any) -> None:
 
 def run_cache_sim(args: argparse.Namespace) -> int:
     """The ``cache-sim`` handler: simulate, print the table, write the PNG; the exit code."""
+    if args.prefetch_interval < 1 or not 0 < args.prefetch_threshold <= 1:
+        raise ConfigError(f"--prefetch-interval must be >= 1 and --prefetch-threshold in (0, 1]; got "
+                          f"{args.prefetch_interval} and {args.prefetch_threshold}")  # fmt: skip
     if args.trace is not None:
         trace, name, keys = load_trace(args.trace), str(args.trace), None
     elif args.workload == "movielens":
@@ -645,7 +653,8 @@ def run_cache_sim(args: argparse.Namespace) -> int:
     result = simulate(trace, args.sizes, args.policies, name=name, keys=keys, progress=progress)
     sys.stdout.write(format_table(result) + "\n")
     if args.prefetch:
-        runs = [prefetch_replay(trace, c) for c in result.capacities]
+        runs = [prefetch_replay(trace, c, interval=args.prefetch_interval, threshold=args.prefetch_threshold)
+                for c in result.capacities]  # fmt: skip
         sys.stdout.write(format_prefetch(result, runs) + "\n")
     plot(result, args.png)
     sys.stdout.write(f"plot: {args.png}\n")

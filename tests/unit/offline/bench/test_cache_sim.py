@@ -259,3 +259,9 @@ def test_module_keeps_heavy_imports_lazy() -> None:
     source = Path(cache_sim.__file__).read_text(encoding="utf-8")
     top = source.split("\ndef ", 1)[0]
     assert "matplotlib" not in top.replace("(matplotlib", "") and "import theine" not in source
+
+
+def test_cli_refuses_a_bad_prefetch_threshold_before_simulating(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="prefetch-threshold"):
+        run_cli("cache-sim", "--users", "100", "--accesses", "100", "--prefetch", "--prefetch-threshold", "1.5",
+                "--png", str(tmp_path / "x.png"))
