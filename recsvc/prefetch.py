@@ -93,9 +93,9 @@ class Prefetcher:
                 predictor.maybe_retrain()
                 if predictor.model is None:
                     continue
-                users, rows = predictor.candidates(self._resident)
-                # LightGBM releases the GIL while it predicts: off the event loop.
-                chosen = await asyncio.to_thread(predictor.choose, users, rows)
+                users = predictor.candidates(self._resident)
+                # The features and LightGBM's prediction (it releases the GIL) run off the event loop.
+                chosen = await asyncio.to_thread(predictor.choose, users)
                 queued, _ = self.offer(chosen)
                 self.stats.predicted += queued
             except asyncio.CancelledError:

@@ -653,8 +653,8 @@ class RequestPredictor(Generic[K]):
     it keeps the same per-key state as the learned policy and, every ``retrain_every`` requests (at
     most once per ``min_interval_s`` of ``timer``), fits a LightGBM classifier on its window in
     ``executor`` (None: inline). ``candidates(resident)`` lists the most recently seen keys that are not
-    resident, with their feature rows; ``choose`` keeps those whose predicted probability is at least
-    ``threshold`` (0.5: at most 2 prefetches per request they serve, when the model is calibrated).
+    resident; ``choose`` keeps those whose predicted probability is at least ``threshold`` (0.5: at
+    most 2 prefetches per request they serve, when the model is calibrated).
     """
 
     def __init__(
@@ -668,7 +668,7 @@ class RequestPredictor(Generic[K]):
         owns_executor: bool = False,
         min_interval_s: float = 0.0,
         threshold: float = 0.5,
-        max_candidates: int = 20_000,
+        max_candidates: int = 2_000,
         seed: int = 0,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -725,21 +725,29 @@ class RequestPredictor(Generic[K]):
         else:
             self._pending = self._executor.submit(_fit_requests, *job)
 
-    def candidates(self, resident: Callable[[K], bool]) -> tuple[list[K], Array]:
-        """The most recently seen keys not resident (at most ``max_candidates``) and their feature rows."""
+    def candidates(self, resident: Callable[[K], bool]) -> list[K]:
+        """The most recently seen keys not resident, at most ``max_candidates``.
+
+        Cheap: call it on the thread that owns the cache; ``choose`` may then run on another.
+        """
         keys: list[K] = []
         for key in reversed(self.log.state):
             if not resident(key):
                 keys.append(key)
                 if len(keys) == self._max_candidates:
                     break
-        return keys, features(self.log.rows(keys), float(self.tick), self.log.scale)
+        return keys
 
-    def choose(self, keys: Sequence[K], rows: Array) -> list[K]:
-        """The keys predicted to be requested within the horizon, most likely first (none without a model)."""
-        if self.model is None or not keys:
+    def choose(self, keys: Sequence[K]) -> list[K]:
+        """The keys predicted to be requested within the horizon, most likely first (none without a model).
+
+        Reads the keys' state rows while the owner may be updating them: a row caught mid-update skews
+        one prediction, nothing more (dict reads are atomic under the GIL).
+        """
+        model = self.model
+        if model is None or not keys:
             return []
-        p = self.model.predict(rows, num_threads=1)
+        p = model.predict(features(self.log.rows(keys), float(self.tick), self.log.scale), num_threads=1)
         picked = np.flatnonzero(p >= self.threshold)
         return [keys[i] for i in picked[np.argsort(-p[picked])].tolist()]
 

@@ -106,7 +106,7 @@ async def test_the_request_predictor_offers_the_users_it_expects_and_stops_at_cl
     assert not p._tasks
     # Users already in L1 are never offered.
     resident.update(f"regular-{r}" for r in range(20))
-    users, _ = predictor.candidates(resident.__contains__)
+    users = predictor.candidates(resident.__contains__)
     assert not [u for u in users if u.startswith("regular-")]
 
 

@@ -401,7 +401,7 @@ def prefetch_replay(trace: Trace, capacity: int, *, interval: int = 200, thresho
             hits += 1
         if i % interval == interval - 1:
             predictor.maybe_retrain()
-            for user in predictor.choose(*predictor.candidates(cache.__contains__)):
+            for user in predictor.choose(predictor.candidates(cache.__contains__)):
                 cache[user] = True
                 prefetches += 1
     return PrefetchRun(lru_hits, hits, prefetches)
@@ -652,10 +652,10 @@ def run_cache_sim(args: argparse.Namespace) -> int:
 
     result = simulate(trace, args.sizes, args.policies, name=name, keys=keys, progress=progress)
     sys.stdout.write(format_table(result) + "\n")
+    plot(result, args.png)
     if args.prefetch:
         runs = [prefetch_replay(trace, c, interval=args.prefetch_interval, threshold=args.prefetch_threshold)
                 for c in result.capacities]  # fmt: skip
         sys.stdout.write(format_prefetch(result, runs) + "\n")
-    plot(result, args.png)
     sys.stdout.write(f"plot: {args.png}\n")
     return 0

@@ -277,8 +277,8 @@ def test_the_request_predictor_retrains_in_the_background_on_the_injected_clock(
     predictor.maybe_retrain()
     assert predictor.retrains == 1 and len(executor.jobs) == 1 and predictor.model is None
     # No model yet: nothing is predicted, every user stays a candidate.
-    users, rows = predictor.candidates(lambda key: False)
-    assert predictor.choose(users, rows) == [] and len(users) == rows.shape[0] > 0
+    users = predictor.candidates(lambda key: False)
+    assert predictor.choose(users) == [] and len(users) > 0
     executor.run_all()
     predictor.maybe_retrain()                         # takes the finished model; the clock forbids another
     assert predictor.model is not None and predictor.retrains == 1 and not executor.jobs
@@ -290,7 +290,7 @@ def test_the_request_predictor_retrains_in_the_background_on_the_injected_clock(
     predictor.maybe_retrain()
     assert predictor.retrains == 2 and len(executor.jobs) == 1
     # The regulars not resident are predicted, the one-off visitors are not.
-    chosen = predictor.choose(*predictor.candidates(lambda key: key < 10))
+    chosen = predictor.choose(predictor.candidates(lambda key: key < 10))
     assert chosen and all(10 <= key < 20 for key in chosen)
     predictor.close()
     assert executor.shut and executor.jobs[0][0].cancelled()
