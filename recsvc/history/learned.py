@@ -337,8 +337,25 @@ class KeyLog(Generic[K]):
         return keys, self._rows[order]              # fancy indexing copies
 
 
+class _Retrainer:
+    """What the learned policy and the request predictor share: one retraining in flight, an executor."""
+
+    _pending: Future[Any] | None
+    _executor: Executor | None
+    _owns_executor: bool
+
+    def close(self) -> None:
+        """Drop a retraining in flight and stop an owned executor (a ``ProcessWorker`` is terminated)."""
+        if self._pending is not None:
+            self._pending.cancel()
+            self._pending = None
+        if self._owns_executor and self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+
 # ----------------------------------------------------------------------------------------- cache
-class Learned(TinyLFU[K, V]):
+class Learned(TinyLFU[K, V], _Retrainer):
     """TinyLFU whose evictions a learned model takes over once it beats TinyLFU on a shadow sample.
 
     ``executor`` runs retrainings (None: inline, as the simulator wants); ``model`` starts with a
@@ -495,23 +512,9 @@ class Learned(TinyLFU[K, V]):
         self._maybe_retrain()
 
     def _set_learned(self, key: K, value: V) -> None:
-        now = self._timer()
-        self.expire(now)
-        self._replay_reads()
-        if self._adaptive and self._sample_hits + self._sample_misses >= self.sketch.sample_size:
-            self._climb()                            # keeps TinyLFU's window sized for a fallback
-        old = self._meta.get(key)
-        if old is not None:
-            idx = old[_INDEXES]
-            self._drop(key)
-        elif self._missed[0] == key:
-            idx = self._missed[1]
-        else:
-            idx = self.sketch.indexes(key)
-        size = self._store(key, value, now, idx)
-        # New keys enter TinyLFU's window, so a fallback finds every key in one of its segments.
-        self._window[key] = None
-        self._window_bytes += size
+        # New keys enter TinyLFU's window (its climber still runs), so a fallback finds every key in one
+        # of its segments, sized as TinyLFU would have them.
+        self._enter_window(key, value)
         while len(self._data) > self._max_entries or self._bytes > self._max_bytes:
             victim = self._victim(key)
             self._evict(victim)
@@ -520,7 +523,7 @@ class Learned(TinyLFU[K, V]):
                 self._on_evict(victim)
 
     def _victim(self, keep: K) -> K:
-        """The resident key least likely to be kept by OPT (not ``keep``, the key being stored)."""
+        """The sampled resident key predicted to come back last (not ``keep``, the key being stored)."""
         data, state = self._data, self._state
         while self._victims:
             key, scored_at = self._victims.pop()
@@ -597,18 +600,6 @@ class Learned(TinyLFU[K, V]):
             self._retrain_every, self._executor, self._min_interval_s = every, executor, interval
         return self.last_fit
 
-    def close(self) -> None:
-        """Drop a retraining in flight and stop an owned executor.
-
-        A fit already running finishes in its thread, which holds only copies; its result is discarded.
-        """
-        if self._pending is not None:
-            self._pending.cancel()
-            self._pending = None
-        if self._owns_executor and self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
-
     def clear(self) -> None:
         """Remove every entry (the model, the per-key state and the log stay)."""
         super().clear()
@@ -646,7 +637,7 @@ def _fit_requests(keys: Sequence[Hashable], state: Array, horizon: float, capaci
     return fit_model(x, y, seed=seed, objective="binary")
 
 
-class RequestPredictor(Generic[K]):
+class RequestPredictor(_Retrainer, Generic[K]):
     """The learned prefetcher's model: which keys will be requested within the next ``horizon`` lookups.
 
     Fed every request (``observe``: the request log) and every RecordEvents user (``observe_event``),
@@ -751,11 +742,3 @@ class RequestPredictor(Generic[K]):
         picked = np.flatnonzero(p >= self.threshold)
         return [keys[i] for i in picked[np.argsort(-p[picked])].tolist()]
 
-    def close(self) -> None:
-        """Drop a retraining in flight; stop an owned executor."""
-        if self._pending is not None:
-            self._pending.cancel()
-            self._pending = None
-        if self._owns_executor and self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None

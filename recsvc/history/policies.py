@@ -588,6 +588,20 @@ class TinyLFU(L1Cache[K, V]):
 
     # ---- stores ----------------------------------------------------------------------------------
     def __setitem__(self, key: K, value: V) -> None:
+        self._enter_window(key, value)
+        window = self._window
+        while len(window) > self._window_entries or (len(window) > 1 and self._window_bytes > self._window_bytes_max):
+            candidate, _ = window.popitem(last=False)
+            meta = self._meta[candidate]
+            self._window_bytes -= meta[_SIZE]
+            self._admit(candidate, meta)
+        # The window can hold more than its share (one oversized value), and main may have grown into
+        # space the window had not used yet: make room in main without a contest, probation first.
+        while len(self._data) > self._max_entries or self._bytes > self._max_bytes:
+            self._evict(next(iter(self._probation or self._protected or window)))
+
+    def _enter_window(self, key: K, value: V) -> None:
+        """Store ``key`` as the window's newest entry (bounds are the caller's to enforce)."""
         now = self._timer()
         self.expire(now)
         self._replay_reads()
@@ -602,18 +616,8 @@ class TinyLFU(L1Cache[K, V]):
         else:
             idx = self.sketch.indexes(key)
         size = self._store(key, value, now, idx)
-        window = self._window
-        window[key] = None
+        self._window[key] = None
         self._window_bytes += size
-        while len(window) > self._window_entries or (len(window) > 1 and self._window_bytes > self._window_bytes_max):
-            candidate, _ = window.popitem(last=False)
-            meta = self._meta[candidate]
-            self._window_bytes -= meta[_SIZE]
-            self._admit(candidate, meta)
-        # The window can hold more than its share (one oversized value), and main may have grown into
-        # space the window had not used yet: make room in main without a contest, probation first.
-        while len(self._data) > self._max_entries or self._bytes > self._max_bytes:
-            self._evict(next(iter(self._probation or self._protected or window)))
 
     def _admit(self, key: K, meta: _Meta) -> None:
         """Place the window's candidate in probation if main has room or it wins the contest."""
