@@ -139,10 +139,10 @@ def features(state: Array, now: Array | float, capacity: int) -> Array:
                             state[:, _SKETCH]])  # fmt: skip
 
 
-def _window_ids(keys: Sequence[Hashable]) -> npt.NDArray[np.int64]:
-    """Dense integer ids for a window's keys (numpy's grouping needs numbers; keys may be strings)."""
-    index: dict[Hashable, int] = {}
-    return np.fromiter((index.setdefault(k, len(index)) for k in keys), dtype=np.int64, count=len(keys))
+def _window_ids(keys: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
+    """Dense ids for a window's logged key hashes (what OPT and the sampling group by)."""
+    ids: npt.NDArray[np.int64] = np.unique(keys, return_inverse=True)[1].astype(np.int64)
+    return ids
 
 
 def training_set(ids: npt.NDArray[np.int64], state: Array, capacity: int, rng: np.random.Generator, *,
@@ -207,7 +207,7 @@ class Fit:
     seconds: float
 
 
-def _shadow(keys: Sequence[Hashable], model: Any, capacity: int, log_rate: float, shadow_entries: int,
+def _shadow(keys: npt.NDArray[np.int64], model: Any, capacity: int, log_rate: float, shadow_entries: int,
             measured_from: int, window_share: float) -> tuple[float, float]:  # fmt: skip
     """Hit ratios of a Learned (``model``) and a TinyLFU replaying ``keys`` on a hash sample of them.
 
@@ -218,7 +218,7 @@ def _shadow(keys: Sequence[Hashable], model: Any, capacity: int, log_rate: float
     logged = capacity * log_rate
     rate = min(1.0, shadow_entries / logged)
     cut = int(rate * 4096)
-    picked = [(i, k) for i, k in enumerate(keys) if rate == 1.0 or hash((k, 1)) & 4095 < cut]
+    picked = [(i, k) for i, k in enumerate(keys.tolist()) if rate == 1.0 or hash((k, 1)) & 4095 < cut]
     measured = sum(1 for i, _ in picked if i >= measured_from)
     if not measured:
         return 0.0, 0.0
@@ -226,11 +226,11 @@ def _shadow(keys: Sequence[Hashable], model: Any, capacity: int, log_rate: float
     # Time and the features' scale stay those of the full cache: the model was trained in them.
     # Four victims per prediction: a quarter of the model's calls for a slightly worse learned side,
     # so the check stays conservative.
-    learned: Learned[Hashable, bool] = Learned(size, model=model, tick_scale=1.0 / (log_rate * rate), scale=capacity,
+    learned: Learned[int, bool] = Learned(size, model=model, tick_scale=1.0 / (log_rate * rate), scale=capacity,
                                                 retrain_every=0, window=64, victims_per_sample=4)  # fmt: skip
     # The live TinyLFU's window share, which its hill climber took many samples to find: a shadow that
     # started from 1% would lose to the model for want of time to climb, not on its merits.
-    heuristic: TinyLFU[Hashable, bool] = TinyLFU(size, window=window_share)
+    heuristic: TinyLFU[int, bool] = TinyLFU(size, window=window_share)
     scores = []
     for cache in (learned, heuristic):
         get = cache.get
@@ -244,7 +244,7 @@ def _shadow(keys: Sequence[Hashable], model: Any, capacity: int, log_rate: float
     return scores[0], scores[1]
 
 
-def _retrain(keys: Sequence[Hashable], state: Array, capacity: int, log_rate: float, shadow_entries: int,
+def _retrain(keys: npt.NDArray[np.int64], state: Array, capacity: int, log_rate: float, shadow_entries: int,
              margin: float, seed: int, window_share: float = 0.01) -> Fit:  # fmt: skip
     """Fit on the window's first three quarters; judge on its last quarter, which the fit never saw.
 
@@ -283,7 +283,10 @@ class KeyLog(Generic[K]):
         # Most recently touched last; bounded: a forgotten key reads as never seen.
         self.state: dict[K, list[float]] = {}
         self._state_max = state_max
-        self._keys: list[K | None] = [None] * window
+        # Keys are logged as their hash: the window then copies and pickles as plain arrays (a list of
+        # 640,000 strings took 54 ms to copy on the request path and 131 ms to pickle). A collision
+        # merges two keys' accesses in one window, at 64 bits a non-event.
+        self._keys = np.zeros(window, dtype=np.int64)
         self._rows = np.zeros((window, _STATE), dtype=np.float64)
         self._at = 0
         self.logged = 0
@@ -307,7 +310,7 @@ class KeyLog(Generic[K]):
         if self._cut < 4096 and hash((key, 1)) & 4095 >= self._cut:
             return
         at = self._at
-        self._keys[at] = key
+        self._keys[at] = hash(key)
         self._rows[at] = state
         self._at = (at + 1) % self.window
         self.logged += 1
@@ -328,13 +331,12 @@ class KeyLog(Generic[K]):
         state = self.state
         return np.array([state.get(k, unknown) for k in keys], dtype=np.float64).reshape(len(keys), _STATE)
 
-    def snapshot(self) -> tuple[list[K], Array]:
-        """The logged window, oldest first, as copies a background thread may own."""
+    def snapshot(self) -> tuple[npt.NDArray[np.int64], Array]:
+        """The logged window, oldest first: key hashes and state rows, copies another process may own."""
         n = min(self.logged, self.window)
         start = (self._at - n) % self.window
         order = np.r_[start:self.window, 0:start] if n == self.window else np.arange(start, start + n)
-        keys = [self._keys[i] for i in order.tolist()]
-        return keys, self._rows[order]              # fancy indexing copies
+        return self._keys[order], self._rows[order]  # fancy indexing copies
 
 
 class _Retrainer:
@@ -632,7 +634,7 @@ def request_training_set(ids: npt.NDArray[np.int64], state: Array, horizon: floa
     return features(state[take], now, capacity), label
 
 
-def _fit_requests(keys: Sequence[Hashable], state: Array, horizon: float, capacity: int, seed: int) -> Any:
+def _fit_requests(keys: npt.NDArray[np.int64], state: Array, horizon: float, capacity: int, seed: int) -> Any:
     x, y = request_training_set(_window_ids(keys), state, horizon, capacity, np.random.default_rng(seed))
     return fit_model(x, y, seed=seed, objective="binary")
 
