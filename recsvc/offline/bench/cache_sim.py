@@ -31,8 +31,8 @@ from typing import Any
 import numpy as np
 import numpy.typing as npt
 
+from recsvc.belady import next_uses, opt_flags
 from recsvc.errors import ConfigError
-from recsvc.history.learned import next_uses, opt_flags
 
 # `recsvc cache-sim --help`: what a user needs, not the module's notes.
 DESCRIPTION = """\
@@ -179,7 +179,7 @@ def load_trace(path: Path) -> Trace:
 def opt_hits(trace: Trace, capacity: int) -> int:
     """Hits of Belady's MIN with ``capacity`` entries.
 
-    ``recsvc.history.learned.opt_flags`` counts them: the learned policy derives its labels with it.
+    ``recsvc.belady.opt_flags`` counts them: the learned policy derives its labels with it.
     """
     return int(opt_flags(trace, capacity).sum())
 

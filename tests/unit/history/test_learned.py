@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
+from recsvc.belady import opt_flags
 from recsvc.errors import ConfigError
 from recsvc.history import learned as learned_module
 from recsvc.history.l1 import make_l1
-from recsvc.history.learned import FEATURES, Fit, Learned, RequestPredictor, features, opt_flags, training_set
+from recsvc.history.learned import FEATURES, Fit, Learned, RequestPredictor, features, training_set
 from recsvc.history.policies import LRU, TinyLFU
 from recsvc.offline.bench.cache_sim import opt_hits, session_trace, zipf_trace
 from tests.support import FakeClock
