@@ -60,7 +60,8 @@ FEATURES: Final = ("age", "since2", "since3", "since4", "since5", "gap1", "gap2"
 # In cache capacities (entries) of lookups. A fifth at 64 capacities changed nothing measurable on the
 # session trace (0.651 against 0.656 at 1%, 0.8889 both at 5%).
 HALF_LIVES: Final = (0.25, 1.0, 4.0, 16.0)
-# The per-key state row: [last access, gap1..gap4, decayed counts x4, count, last event, decayed events].
+# The per-key state row: [last access, gap1..gap4, decayed counts x4, count, last event, decayed events,
+# TinyLFU's sketch estimate at the last access].
 _HALF_LIVES = np.asarray(HALF_LIVES)
 _LAST, _GAPS, _DECAYED = 0, 1, 5
 _COUNT = _DECAYED + len(HALF_LIVES)
@@ -174,7 +175,7 @@ def _shadow(keys: npt.NDArray[np.int64], model: Any, capacity: int, log_rate: fl
     # Four victims per prediction: a quarter of the model's calls for a slightly worse learned side,
     # so the check stays conservative.
     learned: Learned[int, bool] = Learned(size, model=model, tick_scale=1.0 / (log_rate * rate), scale=capacity,
-                                                retrain_every=0, window=64, victims_per_sample=4)  # fmt: skip
+                                          retrain_every=0, window=64, victims_per_sample=4)  # fmt: skip
     # The live TinyLFU's window share, which its hill climber took many samples to find: a shadow that
     # started from 1% would lose to the model for want of time to climb, not on its merits.
     heuristic: TinyLFU[int, bool] = TinyLFU(size, window=window_share)
@@ -286,12 +287,37 @@ class KeyLog(Generic[K]):
         return self._keys[order], self._rows[order]  # fancy indexing copies
 
 
+# A retraining takes seconds; one still pending after this long lost its process (multiprocessing.Pool
+# drops the job of a worker that died, e.g. OOM-killed, without failing its future) and is given up.
+JOB_TIMEOUT_S: Final = 600.0
+
+
 class _Retrainer:
     """What the learned policy and the request predictor share: one retraining in flight, an executor."""
 
     _pending: Future[Any] | None
     _executor: Executor | None
     _owns_executor: bool
+    _timer: Callable[[], float]
+    _last_fit_time: float                # when the job in flight (or the last one) was started
+
+    def _collect(self) -> Any:
+        """The result of the retraining in flight if it has finished well since the last call, else None.
+
+        A failed one is dropped (the current model stays; the next window tries again), and so is one
+        pending past ``JOB_TIMEOUT_S``, so a lost job never stops retraining for good.
+        """
+        pending = self._pending
+        if pending is None:
+            return None
+        if not pending.done():
+            if self._timer() - self._last_fit_time > JOB_TIMEOUT_S:
+                self._pending = None
+            return None
+        self._pending = None
+        if pending.cancelled() or pending.exception() is not None:
+            return None
+        return pending.result()
 
     def close(self) -> None:
         """Drop a retraining in flight and stop an owned executor (a ``ProcessWorker`` is terminated)."""
@@ -522,13 +548,11 @@ class Learned(TinyLFU[K, V], _Retrainer):
 
     def _apply_fit(self) -> None:
         """Take a finished retraining's result (on the cache's own thread, between operations)."""
-        pending = self._pending
-        if pending is None or not pending.done():
+        if self._pending is None:
             return
-        self._pending = None
-        if pending.cancelled() or pending.exception() is not None:
-            return                                   # keep the current mode; the next window tries again
-        fit = pending.result()
+        fit: Fit | None = self._collect()
+        if fit is None:
+            return                                   # running, or failed: the current mode stays
         self.last_fit = fit
         self.train_seconds += fit.seconds
         if fit.adopted:
@@ -554,7 +578,6 @@ class Learned(TinyLFU[K, V], _Retrainer):
         super().clear()
         self._victims = []
         self._compact_slots()
-
 
 
 # ------------------------------------------------------------------------------ learned prefetch
@@ -643,13 +666,11 @@ class RequestPredictor(_Retrainer, Generic[K]):
 
     def maybe_retrain(self) -> None:
         """Start a retraining when one is due; take a finished one's model."""
-        pending = self._pending
-        if pending is not None:
-            if not pending.done():
-                return
-            self._pending = None
-            if not pending.cancelled() and pending.exception() is None and pending.result() is not None:
-                self.model = pending.result()
+        model = self._collect()
+        if model is not None:
+            self.model = model
+        if self._pending is not None:
+            return
         if self._retrain_every <= 0 or self.tick - self._last_fit_tick < self._retrain_every:
             return
         if self.log.logged < self.log.window // 2 or self._timer() - self._last_fit_time < self._min_interval_s:

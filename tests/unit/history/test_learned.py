@@ -312,3 +312,30 @@ def test_a_failed_request_model_retraining_keeps_the_last_model() -> None:
     assert predictor.model is model and predictor._pending is None
     with pytest.raises(ValueError, match="horizon"):
         RequestPredictor(10, horizon=0)
+
+
+def test_a_retraining_lost_with_its_process_is_given_up_after_the_timeout() -> None:
+    # multiprocessing.Pool never completes the future of a job whose worker died: without a timeout the
+    # cache would wait for it, and never retrain again.
+    clock = FakeClock()
+    executor = ManualExecutor()                       # its jobs never run: as if the process had died
+    cache: Learned[int, bool] = Learned(100, window=8_000, executor=executor, timer=clock)
+    keys = SESSIONS.tolist()
+    replay(cache, keys[:9_000])
+    assert cache.retrains == 1 and len(executor.jobs) == 1
+    clock.tick(learned_module.JOB_TIMEOUT_S - 1)
+    replay(cache, keys[9_000:20_000])
+    assert cache.retrains == 1                        # still waiting
+    clock.tick(2.0)
+    replay(cache, keys[20_000:30_000])
+    assert cache.retrains == 2 and len(executor.jobs) == 2
+    predictor: RequestPredictor[int] = RequestPredictor(50, horizon=40, window=4_000, retrain_every=2_000,
+                                                        executor=executor, timer=clock)  # fmt: skip
+    for key in regulars_and_visitors(60):
+        predictor.observe(key)
+    predictor.maybe_retrain()
+    clock.tick(learned_module.JOB_TIMEOUT_S + 1)
+    for key in regulars_and_visitors(60):
+        predictor.observe(key)
+    predictor.maybe_retrain()
+    assert predictor.retrains == 2
