@@ -36,7 +36,7 @@ class PrefetchStats:
     dropped: int = 0       # refused: queue full
     done: int = 0          # warmed
     failed: int = 0        # warming raised (logged; the foreground path will load on demand)
-    predicted: int = 0     # offered because the request predictor expects the user within an interval
+    predicted: int = 0     # offered because the request predictor expects the user within two intervals
 
 
 class Prefetcher:

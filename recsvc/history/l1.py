@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
+from recsvc.config import CHOICES
 from recsvc.errors import ConfigError
 from recsvc.history.learned import Learned
 from recsvc.history.policies import POLICIES, L1Cache, approx_sizeof
@@ -16,7 +17,7 @@ from recsvc.tasks import ProcessWorker
 
 __all__ = ["NAMES", "make_l1"]
 
-NAMES: Final = ("lru", "tinylfu", "learned")
+NAMES: Final = CHOICES["l1_policy"]               # what the l1_policy setting accepts
 
 
 def make_l1(

@@ -328,6 +328,6 @@ class TieredHistory:
         await self.invalidator.close()
         if self.l2 is not None:
             await self.l2.close()
-        close_l1 = getattr(self.l1, "close", None)       # the learned policy's retraining thread
+        close_l1 = getattr(self.l1, "close", None)       # the learned policy's retraining process
         if close_l1 is not None:
             close_l1()

@@ -186,7 +186,6 @@ class Blender:
         return np.asarray(out, dtype=np.float32)
 
 
-
 def i2i_first(manifest: Manifest) -> int:
     """Slots the item-to-item list takes first, as the bundle was trained (half of C if unrecorded)."""
     first = manifest.extra.get("sources", {}).get("item2item", {}).get("first", manifest.num_candidates // 2)

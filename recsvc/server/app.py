@@ -31,9 +31,6 @@ from recsvc.history import (
     TieredHistory,
 )
 from recsvc.history.tiers import history_size
-
-if TYPE_CHECKING:
-    from recsvc.history.learned import RequestPredictor
 from recsvc.pipeline import Pipeline, load_serving_bundle
 from recsvc.prefetch import Prefetcher
 from recsvc.ranking import TritonChannel, TritonModels, TritonRanker
@@ -52,6 +49,9 @@ from recsvc.server.tracing import setup as setup_tracing
 from recsvc.tasks import cancel_and_wait
 from recsvc.telemetry import watch_gc
 from recsvc.versions import VersionFollower
+
+if TYPE_CHECKING:
+    from recsvc.history.learned import RequestPredictor
 
 __all__ = ["SERVICE_NAME", "Service", "build_service", "serve", "write_port_file"]
 
