@@ -48,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recsvc.belady import next_uses, opt_flags
-from recsvc.history.policies import _INDEXES, TinyLFU
+from recsvc.history.policies import _INDEXES, LRU, TinyLFU
 
 __all__ = ["FEATURES", "Fit", "Learned", "features", "fit_model", "next_uses", "opt_flags", "training_set"]
 
@@ -148,16 +148,18 @@ class Fit:
     """One retraining: the model, its shadow comparison with TinyLFU, and what it cost."""
 
     model: Any
-    adopted: bool                 # learned hit ratio >= heuristic + margin on the shadow sample
-    shadow_learned: float
-    shadow_heuristic: float
+    adopted: bool                 # learned hit ratio >= the better heuristic's + margin on the shadow sample
+    shadow_learned: float         # 0.0 without a model (a window whose labels were all equal)
+    shadow_heuristic: float       # TinyLFU's
     samples: int
     seconds: float
+    shadow_lru: float = 0.0
+    mode: str = "tinylfu"         # what the cache runs as after this check: model, tinylfu or lru
 
 
 def _shadow(keys: npt.NDArray[np.int64], model: Any, capacity: int, log_rate: float, shadow_entries: int,
-            measured_from: int, window_share: float) -> tuple[float, float]:  # fmt: skip
-    """Hit ratios of a Learned (``model``) and a TinyLFU replaying ``keys`` on a hash sample of them.
+            measured_from: int, window_share: float) -> tuple[float, float, float]:  # fmt: skip
+    """Hit ratios of a Learned (``model``; 0.0 if None), a TinyLFU and an LRU replaying a hash sample of ``keys``.
 
     ``keys`` are a ``log_rate`` sample of a cache of ``capacity`` entries' lookups. The shadow holds at
     most ``shadow_entries`` entries (a further sample when that is fewer than the log's share); hits
@@ -169,7 +171,7 @@ def _shadow(keys: npt.NDArray[np.int64], model: Any, capacity: int, log_rate: fl
     picked = [(i, k) for i, k in enumerate(keys.tolist()) if rate == 1.0 or hash((k, 1)) & 4095 < cut]
     measured = sum(1 for i, _ in picked if i >= measured_from)
     if not measured:
-        return 0.0, 0.0
+        return 0.0, 0.0, 0.0
     size = max(1, round(logged * rate))
     # Time and the features' scale stay those of the full cache: the model was trained in them.
     # Four victims per prediction: a quarter of the model's calls for a slightly worse learned side,
@@ -179,8 +181,13 @@ def _shadow(keys: npt.NDArray[np.int64], model: Any, capacity: int, log_rate: fl
     # The live TinyLFU's window share, which its hill climber took many samples to find: a shadow that
     # started from 1% would lose to the model for want of time to climb, not on its merits.
     heuristic: TinyLFU[int, bool] = TinyLFU(size, window=window_share)
+    lru: LRU[int, bool] = LRU(size)
     scores = []
-    for cache in (learned, heuristic):
+    caches: tuple[TinyLFU[int, bool] | LRU[int, bool], ...] = (learned, heuristic, lru)
+    for cache in caches:
+        if cache is learned and model is None:
+            scores.append(0.0)
+            continue
         get = cache.get
         hits = 0
         for i, key in picked:
@@ -189,14 +196,15 @@ def _shadow(keys: npt.NDArray[np.int64], model: Any, capacity: int, log_rate: fl
             elif i >= measured_from:
                 hits += 1
         scores.append(hits / measured)
-    return scores[0], scores[1]
+    return scores[0], scores[1], scores[2]
 
 
 def _retrain(keys: npt.NDArray[np.int64], state: Array, capacity: int, log_rate: float, shadow_entries: int,
              margin: float, seed: int, window_share: float = 0.01) -> Fit:  # fmt: skip
     """Fit on the window's first three quarters; judge on its last quarter, which the fit never saw.
 
-    The shadow caches replay the whole window, so they are warm when the judged part starts.
+    The shadow caches replay the whole window, so they are warm when the judged part starts. The model is
+    adopted if it beats the better of TinyLFU and LRU there by ``margin``.
     """
     t0 = time.perf_counter()
     n = len(keys)
@@ -205,10 +213,11 @@ def _retrain(keys: npt.NDArray[np.int64], state: Array, capacity: int, log_rate:
     x, y = training_set(_window_ids(keys[:cut]), state[:cut], opt_capacity, np.random.default_rng(seed),
                         scale=capacity)  # fmt: skip
     model = fit_model(x, y, seed=seed)
-    if model is None:
-        return Fit(None, False, 0.0, 0.0, len(y), time.perf_counter() - t0)
-    learned, heuristic = _shadow(keys, model, capacity, log_rate, shadow_entries, cut, window_share)
-    return Fit(model, learned >= heuristic + margin, learned, heuristic, len(y), time.perf_counter() - t0)
+    learned, heuristic, lru = _shadow(keys, model, capacity, log_rate, shadow_entries, cut, window_share)
+    fallback = "lru" if lru >= heuristic + margin else "tinylfu"      # TinyLFU unless LRU is clearly better
+    adopted = model is not None and learned >= max(lru, heuristic) + margin
+    mode = "model" if adopted else fallback
+    return Fit(model, adopted, learned, heuristic, len(y), time.perf_counter() - t0, lru, mode)
 
 
 # ------------------------------------------------------------------------------------- key state
@@ -339,8 +348,8 @@ class Learned(TinyLFU[K, V], _Retrainer):
     logged entries); beyond ``log_entries`` entries the log holds a key sample worth that many.
     ``scale`` (default ``max_entries``) and ``tick_scale`` let a shadow on a key sample keep the full
     cache's feature units. ``on_evict(key)`` is called for every eviction the model chooses (cache-sim
-    scores them against OPT). Counters: ``retrains``, ``adoptions``, ``learned_evictions``,
-    ``train_seconds``; ``last_fit``.
+    scores them against OPT). Counters: ``retrains``, ``adoptions``, ``lru_fallbacks``,
+    ``learned_evictions``, ``train_seconds``; ``last_fit``; ``mode`` (``model``, ``tinylfu``, ``lru``).
     """
 
     def __init__(
@@ -382,7 +391,11 @@ class Learned(TinyLFU[K, V], _Retrainer):
         self._owns_executor = owns_executor
         self._on_evict = on_evict
         self.model = model
-        self.learning = model is not None            # the model chooses victims
+        # What chooses victims: "model", or a heuristic, TinyLFU or LRU (TinyLFU with its window pinned
+        # at every entry, when the shadow sample says LRU does better: recency-driven traffic).
+        self.mode = "model" if model is not None else "tinylfu"
+        self._climbs = self._adaptive
+        self._free_share = self._window_target / max_entries     # the window's share before pinning
         self.log: KeyLog[K] = KeyLog(self._scale, self._log_size, 4 * max_entries, log_rate)
         self._state = self.log.state
         # Logical time: lookups, counted from TinyLFU's climber counters (nothing added to the hit path).
@@ -399,6 +412,7 @@ class Learned(TinyLFU[K, V], _Retrainer):
         self._victims: list[tuple[K, float]] = []    # (key, last access when scored), worst first
         self.retrains = 0
         self.adoptions = 0
+        self.lru_fallbacks = 0                       # checks after which it ran as LRU
         self.learned_evictions = 0
         self.last_fit: Fit | None = None
         self.train_seconds = 0.0
@@ -534,7 +548,8 @@ class Learned(TinyLFU[K, V], _Retrainer):
             return
         self._last_fit_lookups, self._last_fit_time = lookups, now
         keys, state = self.log.snapshot()
-        share = self._window_target / self._max_entries
+        # TinyLFU's shadow starts from the live window share, the climber's (not LRU mode's pin).
+        share = self._free_share if self.mode == "lru" else self._window_target / self._max_entries
         job = (keys, state, self._scale, self.log.rate, self._shadow_entries, self._margin,
                self._seed + self.retrains, share)  # fmt: skip
         self.retrains += 1
@@ -558,8 +573,33 @@ class Learned(TinyLFU[K, V], _Retrainer):
         if fit.adopted:
             self.model = fit.model
             self.adoptions += 1
-        self.learning = fit.adopted
+        self.lru_fallbacks += fit.mode == "lru"
+        self._set_mode(fit.mode)
         self._victims = []
+
+    @property
+    def learning(self) -> bool:
+        """Whether the model chooses evictions (else the cache is TinyLFU or LRU)."""
+        return self.mode == "model"
+
+    def _set_mode(self, mode: str) -> None:
+        """Run as ``mode``: ``model``, ``tinylfu`` or ``lru``.
+
+        LRU is TinyLFU with the window pinned at every entry and the climber off: new keys enter the
+        window, its overflow finds no main segment to contest and is evicted, so main drains and the order
+        is LRU's. Leaving LRU restores the window's share and the climber; entries move lazily, as stores
+        overflow the window.
+        """
+        if mode == self.mode:
+            return
+        if mode == "lru":
+            self._free_share = self._window_target / self._max_entries
+            self._adaptive = False
+            self._resize_window(self._max_entries)
+        elif self.mode == "lru":
+            self._adaptive = self._climbs
+            self._resize_window(self._free_share * self._max_entries)
+        self.mode = mode
 
     def retrain_now(self) -> Fit | None:
         """Retrain on the current window at once, inline (tests; a warm start); the Fit, or None."""

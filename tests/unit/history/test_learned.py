@@ -1,4 +1,4 @@
-"""The learned L1 policy: OPT labels, learning, the fallback to TinyLFU, background retraining."""
+"""The learned L1 policy: OPT labels, learning, the fallback to TinyLFU or LRU, background retraining."""
 
 from __future__ import annotations
 
@@ -155,6 +155,37 @@ def test_falling_back_hands_every_entry_to_tinylfu_intact() -> None:
     assert all(cache.get(k) is not None for k in resident & set(cache))
     replay(cache, keys)                               # TinyLFU again: bounded, every key readable
     assert len(cache) == 50 and cache.learned_evictions > 0
+
+
+def test_in_lru_mode_it_decides_exactly_like_lru() -> None:
+    keys = session_trace(100_000, 20_000, 0.0, np.random.default_rng(4), spread=80).tolist()
+    cache: Learned[int, bool] = Learned(100, retrain_every=0)
+    done: Future[Fit] = Future()                      # a check where LRU beat TinyLFU, applied at the first store
+    done.set_result(Fit(None, False, 0.0, 0.5, 1_000, 0.1, 0.6, "lru"))
+    cache._pending = done
+    reference: LRU[int, bool] = LRU(100)
+    assert replay(cache, keys) == replay(reference, keys)
+    assert cache.mode == "lru" and set(cache) == set(reference) and len(cache) == 100
+
+
+def test_it_runs_as_the_better_heuristic_when_no_model_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(learned_module, "fit_model", lambda x, y, **kw: AgeModel(worst=True))
+    # Bursts from users never seen before: frequency says nothing, recency everything (LRU 44,560 hits to
+    # TinyLFU's 37,856 of these 60,000 at 100 entries).
+    bursts = session_trace(100_000, 60_000, 0.0, np.random.default_rng(3), spread=80).tolist()
+    cache: Learned[int, bool] = Learned(100, window=8_000)
+    hits = replay(cache, bursts, count_from=30_000)
+    fit = cache.last_fit
+    assert fit is not None and fit.mode == cache.mode == "lru" and fit.shadow_lru > fit.shadow_heuristic
+    assert cache.adoptions == 0 and not cache.learning
+    assert hits >= 0.99 * replay(LRU(100), bursts, count_from=30_000)
+    # Then a stable popular set: TinyLFU's ground. The next checks hand the cache back to it, climber and all.
+    popular = (1_000_000 + zipf_trace(2_000, 40_000, 1.0, np.random.default_rng(5))).tolist()
+    hits = replay(cache, popular, count_from=20_000)
+    assert cache.mode == "tinylfu" and cache._adaptive
+    tinylfu = replay(TinyLFU(100), popular, count_from=20_000)
+    assert tinylfu > 1.05 * replay(LRU(100), popular, count_from=20_000)
+    assert hits >= 0.97 * tinylfu, (hits, tinylfu)
 
 
 def test_bounds_and_ttl_hold_in_learned_mode() -> None:
