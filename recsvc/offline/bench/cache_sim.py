@@ -10,6 +10,9 @@ recorded one. Every key weighs 1 (entry bounds only), so policies are compared o
 Recorded traces with real timestamps come built in too: MovieLens' ratings and the synthetic shop's
 sessions, each replayed in time order.
 
+References on generated traces: ``informed`` (told the generator's popularities and open sessions, not
+the future) and ``phase-lfu`` (a perfect LFU told when popularity shifts); see ``informed``.
+
 Policies: ``opt`` (Belady's offline optimum, an upper bound for every other policy), recsvc's ``lru``,
 ``tinylfu`` (``recsvc.history.policies``) and ``learned`` (``recsvc.history.learned``), S3-FIFO,
 cachetools' ``LRUCache`` and ``LFUCache`` as references, and the peer libraries theine (W-TinyLFU),
@@ -42,17 +45,23 @@ The trace is synthetic (Zipf over --users keys with exponent --alpha: independen
 shifting popularity) or recorded (--trace: a text file with one key per line, or a .npy of integer
 keys), or a dataset replayed in time order (--workload movielens | synthetic). Sizes are fractions of
 the key space. Policies: opt, recsvc's lru, tinylfu and learned, S3-FIFO, cachetools' LRU and LFU, and
-the peer libraries theine, cachebox and moka-py where installed. The table gives each policy's CPU cost
+the peer libraries theine, cachebox and moka-py where installed. On a generated trace, two references:
+informed (told the generator's popularities and open sessions, not the future) and phase-lfu (a
+perfect LFU told when popularity shifts). The table gives each policy's CPU cost
 per access and, for learned, how many of its evictions OPT would make too."""
 
 __all__ = [
     "DEFAULT_SIZES",
     "DESCRIPTION",
+    "GENERATORS",
     "POLICIES",
+    "REFERENCES",
     "WORKLOADS",
+    "Generated",
     "SimResult",
     "format_prefetch",
     "format_table",
+    "informed_prefetch_replay",
     "learned_replay",
     "load_trace",
     "movielens_trace",
@@ -63,10 +72,13 @@ __all__ = [
     "register",
     "replay",
     "run_cache_sim",
+    "session_generated",
     "session_trace",
+    "shifting_generated",
     "shifting_trace",
     "simulate",
     "synthetic_trace",
+    "zipf_generated",
     "zipf_trace",
 ]
 
@@ -77,7 +89,27 @@ _ABSENT = object()
 
 
 # ------------------------------------------------------------------------------------------ traces
-def zipf_trace(users: int, accesses: int, alpha: float, rng: np.random.Generator) -> Trace:
+@dataclass
+class Generated:
+    """A generated trace and what generated it: the ground truth the ``informed`` reference may use.
+
+    ``popularity[p, k]`` is the chance that a draw of phase ``p`` picks key ``k`` (a draw is an access, or
+    for sessions a session start). Phase ``p`` covers accesses ``bounds[p]:bounds[p + 1]``. Session
+    traces also say, per access, its session and the time it lands at (in session starts), and per
+    session its user.
+    """
+
+    trace: Trace
+    popularity: npt.NDArray[np.float64]
+    bounds: list[int]
+    session: npt.NDArray[np.int64] | None = None
+    time: npt.NDArray[np.float64] | None = None
+    session_user: Trace | None = None
+    length: int = 1
+    spread: int = 0
+
+
+def zipf_generated(users: int, accesses: int, alpha: float, rng: np.random.Generator) -> Generated:
     """``accesses`` keys in ``[0, users)``; the key of popularity rank r is drawn with weight r^-alpha.
 
     Bounded Zipf by inverse CDF (``numpy``'s own ``zipf`` is unbounded and needs alpha > 1). Ranks are
@@ -85,16 +117,18 @@ def zipf_trace(users: int, accesses: int, alpha: float, rng: np.random.Generator
     """
     if users < 1 or accesses < 1 or alpha < 0:
         raise ConfigError(f"zipf trace needs users >= 1, accesses >= 1, alpha >= 0; got {users}, {accesses}, {alpha}")
-    cdf = np.cumsum(np.arange(1, users + 1, dtype=np.float64) ** -alpha)
+    weights = np.arange(1, users + 1, dtype=np.float64) ** -alpha
+    cdf = np.cumsum(weights)
     cdf /= cdf[-1]
     ranks = np.minimum(np.searchsorted(cdf, rng.random(accesses), side="right"), users - 1)
     ids: Trace = rng.permutation(users).astype(np.int64)
-    out: Trace = ids[ranks]
-    return out
+    popularity = np.empty(users)
+    popularity[ids] = weights / weights.sum()
+    return Generated(ids[ranks], popularity[None, :], [0, accesses])
 
 
-def session_trace(users: int, accesses: int, alpha: float, rng: np.random.Generator, *, length: int = 5,
-                  spread: int = 2000) -> Trace:  # fmt: skip
+def session_generated(users: int, accesses: int, alpha: float, rng: np.random.Generator, *, length: int = 5,
+                      spread: int = 2000) -> Generated:  # fmt: skip
     """Bursty traffic: sessions start Zipf-distributed, each makes ``length`` requests close together.
 
     Session ``i`` starts at position ``i`` of the session sequence; its other requests land uniformly
@@ -103,19 +137,40 @@ def session_trace(users: int, accesses: int, alpha: float, rng: np.random.Genera
     pure frequency policy misses.
     """
     sessions = -(-accesses // length)
-    starts = zipf_trace(users, sessions, alpha, rng)
+    starts = zipf_generated(users, sessions, alpha, rng)
     offsets = rng.uniform(0, spread, (sessions, length))
     offsets[:, 0] = 0
     times = (np.arange(sessions, dtype=np.float64)[:, None] + offsets).reshape(-1)
-    out: Trace = np.repeat(starts, length)[np.argsort(times, kind="stable")][:accesses]
-    return out
+    order = np.argsort(times, kind="stable")[:accesses]
+    session = order // length
+    return Generated(starts.trace[session], starts.popularity, [0, len(order)], session, times[order], starts.trace,
+                     length, spread)
+
+
+def shifting_generated(users: int, accesses: int, alpha: float, rng: np.random.Generator, *,
+                       phases: int = 8) -> Generated:  # fmt: skip
+    """Popularity that changes wholesale: ``phases`` Zipf traces, each over a fresh ranking of the users."""
+    sizes = [accesses // phases + (1 if i < accesses % phases else 0) for i in range(phases)]
+    parts = [zipf_generated(users, n, alpha, rng) for n in sizes if n]
+    bounds = np.concatenate([[0], np.cumsum([len(g.trace) for g in parts])]).tolist()
+    return Generated(np.concatenate([g.trace for g in parts]), np.concatenate([g.popularity for g in parts]), bounds)
+
+
+def zipf_trace(users: int, accesses: int, alpha: float, rng: np.random.Generator) -> Trace:
+    """Independent Zipf draws (``zipf_generated``'s trace)."""
+    return zipf_generated(users, accesses, alpha, rng).trace
+
+
+def session_trace(users: int, accesses: int, alpha: float, rng: np.random.Generator, *, length: int = 5,
+                  spread: int = 2000) -> Trace:  # fmt: skip
+    """Bursty user sessions (``session_generated``'s trace)."""
+    return session_generated(users, accesses, alpha, rng, length=length, spread=spread).trace
 
 
 def shifting_trace(users: int, accesses: int, alpha: float, rng: np.random.Generator, *,
                    phases: int = 8) -> Trace:  # fmt: skip
-    """Popularity that changes wholesale: ``phases`` Zipf traces, each over a fresh ranking of the users."""
-    sizes = [accesses // phases + (1 if i < accesses % phases else 0) for i in range(phases)]
-    return np.concatenate([zipf_trace(users, n, alpha, rng) for n in sizes if n])
+    """Popularity shifting in phases (``shifting_generated``'s trace)."""
+    return shifting_generated(users, accesses, alpha, rng, phases=phases).trace
 
 
 def movielens_trace() -> Trace:
@@ -146,6 +201,9 @@ def synthetic_trace(users: int, accesses: int, seed: int) -> Trace:
 
 WORKLOADS: dict[str, Callable[[int, int, float, np.random.Generator], Trace]] = {
     "zipf": zipf_trace, "sessions": session_trace, "shifting": shifting_trace,
+}
+GENERATORS: dict[str, Callable[[int, int, float, np.random.Generator], Generated]] = {
+    "zipf": zipf_generated, "sessions": session_generated, "shifting": shifting_generated,
 }
 # Traces from datasets with real timestamps: --workload picks them too (--alpha does not apply).
 RECORDED = ("movielens", "synthetic")
@@ -328,8 +386,9 @@ class LearnedRun:
     evictions: int                 # chosen by the model (none while it runs as TinyLFU)
     good: int                      # of those, keys OPT would not have kept until their next access
     retrains: int
-    adoptions: int                 # retrainings whose model beat TinyLFU on the shadow sample
+    adoptions: int                 # retrainings whose model beat TinyLFU and LRU on the shadow sample
     train_seconds: float
+    lru_fallbacks: int = 0         # retrainings after which it ran as LRU
 
 
 def learned_replay(trace: Trace, capacity: int) -> LearnedRun:
@@ -359,7 +418,7 @@ def learned_replay(trace: Trace, capacity: int) -> LearnedRun:
         kept = opt_flags(trace, capacity)
         good = int(np.sum((nxt >= n) | ~kept[np.minimum(nxt, n - 1)]))
     train = cache.train_seconds
-    return LearnedRun(hits, len(victims), good, cache.retrains, cache.adoptions, train)
+    return LearnedRun(hits, len(victims), good, cache.retrains, cache.adoptions, train, cache.lru_fallbacks)
 
 
 @dataclass
@@ -407,6 +466,17 @@ def prefetch_replay(trace: Trace, capacity: int, *, interval: int = 200, thresho
     return PrefetchRun(lru_hits, hits, prefetches)
 
 
+def informed_prefetch_replay(generated: Generated, capacity: int, *, interval: int = 200,
+                             threshold: float = 0.5) -> PrefetchRun:  # fmt: skip
+    """``prefetch_replay`` with the informed prefetcher (``recsvc.offline.bench.informed``) instead."""
+    from recsvc.history.policies import LRU
+    from recsvc.offline.bench.informed import informed_prefetch
+
+    lru_hits = _replay_mapping(LRU(capacity), generated.trace.tolist())
+    hits, prefetches = informed_prefetch(generated, capacity, interval=interval, threshold=threshold)
+    return PrefetchRun(lru_hits, hits, prefetches)
+
+
 # name -> (what it is, replay(keys, capacity) -> hits); "opt" and "learned" are handled on their own.
 POLICIES: dict[str, tuple[str, Callable[[list[int], int], int] | None]] = {
     "opt": ("Belady's optimum (offline)", None),
@@ -420,14 +490,28 @@ POLICIES: dict[str, tuple[str, Callable[[list[int], int], int] | None]] = {
     "moka": ("moka-py (TinyLFU)", _moka),
     "s3fifo": ("S3-FIFO (SOSP'23)", _s3fifo),
     "learned": ("recsvc learned (LightGBM, OPT labels)", None),
+    "informed": ("informed (knows the generator, not the future)", None),
+    "phase-lfu": ("perfect LFU, reset when popularity shifts", None),
 }
+# References, not policies a cache could run: left out of "best heuristic". The last two need a
+# generated trace (informed: its popularities and sessions; phase-lfu: when its phases change).
+REFERENCES = ("opt", "informed", "phase-lfu")
 
 
-def replay(policy: str, trace: Trace, capacity: int) -> int:
-    """Hits of ``policy`` replaying ``trace`` with room for ``capacity`` keys."""
+def replay(policy: str, trace: Trace, capacity: int, generated: Generated | None = None) -> int:
+    """Hits of ``policy`` replaying ``trace`` with room for ``capacity`` keys.
+
+    ``informed`` and ``phase-lfu`` need ``generated``, what generated the trace (``GENERATORS``).
+    """
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
     run = POLICIES[policy][1]
+    if policy in ("informed", "phase-lfu"):
+        if generated is None:
+            raise ConfigError(f"the {policy} reference needs a generated trace (--workload zipf, sessions or shifting)")
+        from recsvc.offline.bench.informed import informed_hits, phase_lfu_hits
+
+        return (informed_hits if policy == "informed" else phase_lfu_hits)(generated, capacity)
     if policy == "learned":
         return learned_replay(trace, capacity).hits
     if run is None:
@@ -453,10 +537,12 @@ class SimResult:
 
 
 def simulate(trace: Trace, sizes: Sequence[float], policies: Sequence[str], *, name: str = "trace",
-             keys: int | None = None, progress: Callable[[str], None] | None = None) -> SimResult:  # fmt: skip
+             keys: int | None = None, progress: Callable[[str], None] | None = None,
+             generated: Generated | None = None) -> SimResult:  # fmt: skip
     """Replay ``trace`` through each policy at each size, a fraction of ``keys`` (default: distinct keys).
 
-    A peer library that fails to import is recorded in ``skipped`` instead of failing the run.
+    A peer library that fails to import is recorded in ``skipped`` instead of failing the run, and so is
+    ``informed`` or ``phase-lfu`` without ``generated`` (a recorded trace has no generator to be told).
     """
     unknown = [p for p in policies if p not in POLICIES]
     if unknown:
@@ -468,13 +554,16 @@ def simulate(trace: Trace, sizes: Sequence[float], policies: Sequence[str], *, n
     capacities = [max(1, round(s * keys)) for s in sizes]
     result = SimResult(name, len(trace), distinct, keys, list(sizes), capacities)
     for policy in policies:
+        if policy in ("informed", "phase-lfu") and generated is None:
+            result.skipped[policy] = "needs a generated trace (--workload zipf, sessions or shifting)"
+            continue
         t0 = time.perf_counter()
         try:
             if policy == "learned":
                 result.learned = [learned_replay(trace, c) for c in capacities]
                 hits = [run.hits for run in result.learned]
             else:
-                hits = [replay(policy, trace, c) for c in capacities]
+                hits = [replay(policy, trace, c, generated) for c in capacities]
         except ImportError as exc:
             result.skipped[policy] = f"not importable ({exc})"
             continue
@@ -516,18 +605,22 @@ def format_table(result: SimResult) -> str:
     return "\n".join(lines)
 
 
-def format_prefetch(result: SimResult, runs: Sequence[PrefetchRun]) -> str:
-    """The learned prefetcher against plain LRU at each size, as a Markdown table."""
+def format_prefetch(result: SimResult, runs: Sequence[PrefetchRun], informed: Sequence[PrefetchRun] = ()) -> str:
+    """The learned prefetcher (and the informed one, when given) against plain LRU at each size, as Markdown."""
     head = " | ".join(f"{s:g} ({c:,})" for s, c in zip(result.sizes, result.capacities, strict=True))
-    misses = [result.accesses - r.lru_hits for r in runs]
-    rows = [
-        ("LRU hit ratio", [f"{r.lru_hits / result.accesses:.4f}" for r in runs]),
-        ("LRU + learned prefetch", [f"{r.hits / result.accesses:.4f}" for r in runs]),
-        ("LRU misses turned into hits",
-         [f"{r.avoided / m:.3f}" if m else "-" for r, m in zip(runs, misses, strict=True)]),
-        ("prefetches per avoided miss", [f"{r.prefetches / r.avoided:.2f}" if r.avoided > 0 else "-" for r in runs]),
-    ]
-    return "\n".join(["", "learned prefetcher (with LRU):", "", f"| | {head} |", "|---|" + "---:|" * len(runs),
+    rows = [("LRU hit ratio", [f"{r.lru_hits / result.accesses:.4f}" for r in runs])]
+    for kind, kind_runs in (("learned", runs), ("informed", informed)):
+        if not kind_runs:
+            continue
+        misses = [result.accesses - r.lru_hits for r in kind_runs]
+        rows += [
+            (f"LRU + {kind} prefetch", [f"{r.hits / result.accesses:.4f}" for r in kind_runs]),
+            (f"{kind}: LRU misses turned into hits",
+             [f"{r.avoided / m:.3f}" if m else "-" for r, m in zip(kind_runs, misses, strict=True)]),
+            (f"{kind}: prefetches per avoided miss",
+             [f"{r.prefetches / r.avoided:.2f}" if r.avoided > 0 else "-" for r in kind_runs]),
+        ]
+    return "\n".join(["", "prefetchers (with LRU):", "", f"| | {head} |", "|---|" + "---:|" * len(runs),
                       *(f"| {k} | {' | '.join(v)} |" for k, v in rows)])  # fmt: skip
 
 
@@ -540,18 +633,21 @@ def _learned_lines(result: SimResult, head: str) -> list[str]:
         ("good decisions (evictions OPT would make too)",
          [f"{r.good / r.evictions:.3f}" if r.evictions else "-" for r in runs]),
         ("evictions chosen by the model", [f"{r.evictions:,}" for r in runs]),
-        ("retrainings (adopted)", [f"{r.retrains} ({r.adoptions})" for r in runs]),
+        ("retrainings (model adopted / LRU fallback)",
+         [f"{r.retrains} ({r.adoptions} / {r.lru_fallbacks})" for r in runs]),
         ("training seconds", [f"{r.train_seconds:.1f}" for r in runs]),
     ]
-    opt = result.ratios.get("opt")
-    heuristics = [p for p in result.ratios if p not in ("opt", "learned")]
-    if opt is not None and heuristics:
+    heuristics = [p for p in result.ratios if p not in (*REFERENCES, "learned")]
+    if heuristics:
         best = [max(result.ratios[p][i] for p in heuristics) for i in range(n)]
         learned = result.ratios["learned"]
         rows.append(("best heuristic", [f"{b:.4f}" for b in best]))
-        rows.append(("share of the heuristic-to-OPT gap closed",
-                     [f"{(lr - b) / (o - b):+.2f}" if o > b else "-"
-                      for lr, b, o in zip(learned, best, opt, strict=True)]))  # fmt: skip
+        for ref in ("opt", "informed"):
+            top = result.ratios.get(ref)
+            if top is not None:
+                rows.append((f"share of the heuristic-to-{ref} gap closed",
+                             [f"{(lr - b) / (o - b):+.2f}" if o > b else "-"
+                              for lr, b, o in zip(learned, best, top, strict=True)]))  # fmt: skip
     return ["", "learned policy:", "", f"| | {head} |", cols, *(f"| {k} | {' | '.join(v)} |" for k, v in rows)]
 
 
@@ -567,6 +663,8 @@ def plot(result: SimResult, path: Path) -> None:
     for i, (policy, ratios) in enumerate(result.ratios.items()):
         if policy == "opt":
             style: dict[str, Any] = {"linestyle": "--", "color": "black", "linewidth": 1.5}
+        elif policy in ("informed", "phase-lfu"):
+            style = {"linestyle": ":", "color": "black" if policy == "informed" else "grey", "linewidth": 1.5}
         elif policy in ("lru", "tinylfu"):
             style = {"linestyle": "-", "linewidth": 2.5}
         elif policy.startswith("cachetools"):
@@ -635,13 +733,16 @@ def run_cache_sim(args: argparse.Namespace) -> int:
                           f"{args.prefetch_interval} and {args.prefetch_threshold}")  # fmt: skip
     if args.trace is not None:
         trace, name, keys = load_trace(args.trace), str(args.trace), None
+        generated = None
     elif args.workload == "movielens":
         trace, name, keys = movielens_trace(), "MovieLens ratings in time order", None
+        generated = None
     elif args.workload == "synthetic":
-        trace = synthetic_trace(args.users, args.accesses, args.seed)
+        trace, generated = synthetic_trace(args.users, args.accesses, args.seed), None
         name, keys = f"synthetic shop sessions over {args.users:,} users in time order, seed {args.seed}", None
     else:
-        trace = WORKLOADS[args.workload](args.users, args.accesses, args.alpha, np.random.default_rng(args.seed))
+        generated = GENERATORS[args.workload](args.users, args.accesses, args.alpha, np.random.default_rng(args.seed))
+        trace = generated.trace
         kind = "Zipf" if args.workload == "zipf" else f"{args.workload}, Zipf"
         name, keys = f"{kind} alpha={args.alpha:g} over {args.users:,} users, seed {args.seed}", args.users
     if len(trace) == 0:
@@ -650,12 +751,16 @@ def run_cache_sim(args: argparse.Namespace) -> int:
     def progress(line: str) -> None:
         sys.stderr.write(line + "\n")
 
-    result = simulate(trace, args.sizes, args.policies, name=name, keys=keys, progress=progress)
+    result = simulate(trace, args.sizes, args.policies, name=name, keys=keys, progress=progress, generated=generated)
     sys.stdout.write(format_table(result) + "\n")
     plot(result, args.png)
     if args.prefetch:
         runs = [prefetch_replay(trace, c, interval=args.prefetch_interval, threshold=args.prefetch_threshold)
                 for c in result.capacities]  # fmt: skip
-        sys.stdout.write(format_prefetch(result, runs) + "\n")
+        informed = [] if generated is None else [
+            informed_prefetch_replay(generated, c, interval=args.prefetch_interval, threshold=args.prefetch_threshold)
+            for c in result.capacities
+        ]
+        sys.stdout.write(format_prefetch(result, runs, informed) + "\n")
     sys.stdout.write(f"plot: {args.png}\n")
     return 0
