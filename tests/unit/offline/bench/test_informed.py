@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
@@ -12,12 +11,12 @@ from recsvc.offline.bench.cache_sim import (
     WORKLOADS,
     Generated,
     opt_hits,
-    register,
     replay,
     session_generated,
     zipf_generated,
 )
 from recsvc.offline.bench.informed import informed_hits, informed_prefetch, phase_lfu_hits
+from tests.unit.offline.bench.test_cache_sim import run_cli
 
 
 def keys(*k: int) -> np.ndarray:
@@ -95,13 +94,6 @@ def test_informed_prefetch_turns_session_misses_into_hits() -> None:
 def test_informed_needs_the_generator() -> None:
     with pytest.raises(ConfigError, match="generated trace"):
         replay("informed", keys(1, 2, 1), 1)
-
-
-def run_cli(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="recsvc")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(list(argv))
-    return int(args.func(args))
 
 
 def test_cli_reports_the_informed_reference_and_skips_it_for_recorded_traces(
