@@ -86,7 +86,7 @@ class Settings:
     sqlite_poll_s: float = 0.1
 
     # --- history: caches ---
-    l1_policy: str = "tinylfu"               # lru | tinylfu (admission-filtered LRU) | learned (model, or TinyLFU/LRU)
+    l1_policy: str = "tinylfu"               # lru | tinylfu (admission-filtered LRU) | learned (TinyLFU + model)
     l1_max_entries: int = 100_000            # users held in the in-process tier
     l1_max_bytes: int = 512 * 1024 * 1024    # ... and at most this many bytes of histories
     l1_ttl_s: float = 300.0                  # bounds staleness if an invalidation is ever lost

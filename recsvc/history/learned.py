@@ -28,13 +28,10 @@
   inline in the simulator), never on the request path. The result is applied at the next store.
 * **Fallback**: each new model is checked on a shadow sample before it is used. The window's last
   quarter (which the model never saw), spatially sampled by key hash to at most ``shadow_entries``
-  cache entries, is replayed through a ``TinyLFU``, an ``LRU`` and a ``Learned`` using the new model.
-  The model drives evictions only if its hit ratio there is at least ``margin`` above TinyLFU's and
-  LRU's is not ``margin`` above its own. Otherwise, and while no model exists, the
-  cache is exactly ``TinyLFU``, or exactly ``LRU`` (TinyLFU with its window pinned at every entry)
-  when LRU beat TinyLFU by the margin. Switching is free: learned-mode keys sit in TinyLFU's window,
-  which the next heuristic store drains through the admission contest. A cold check compares the two
-  heuristics alone after 4 turnovers, so recency-driven traffic does not wait a whole window for LRU.
+  cache entries, is replayed through a ``TinyLFU`` and through a ``Learned`` using the new model; the
+  model drives evictions only if its hit ratio there is at least ``margin`` above TinyLFU's, otherwise
+  (and while no model exists) the cache is exactly ``TinyLFU``. Switching back is free: learned-mode
+  keys sit in TinyLFU's window, which the next heuristic store drains through the admission contest.
 """
 
 from __future__ import annotations
@@ -51,7 +48,7 @@ import numpy as np
 import numpy.typing as npt
 
 from recsvc.belady import next_uses, opt_flags
-from recsvc.history.policies import _INDEXES, LRU, TinyLFU
+from recsvc.history.policies import _INDEXES, TinyLFU
 
 __all__ = ["FEATURES", "Fit", "Learned", "features", "fit_model", "next_uses", "opt_flags", "training_set"]
 
@@ -151,18 +148,16 @@ class Fit:
     """One retraining: the model, its shadow comparison with TinyLFU, and what it cost."""
 
     model: Any
-    adopted: bool                 # learned hit ratio >= the better heuristic's + margin on the shadow sample
-    shadow_learned: float         # 0.0 without a model (a window whose labels were all equal)
-    shadow_heuristic: float       # TinyLFU's
+    adopted: bool                 # learned hit ratio >= heuristic + margin on the shadow sample
+    shadow_learned: float
+    shadow_heuristic: float
     samples: int
     seconds: float
-    shadow_lru: float = 0.0
-    mode: str = "tinylfu"         # what the cache runs as after this check: model, tinylfu or lru
 
 
 def _shadow(keys: npt.NDArray[np.int64], model: Any, capacity: int, log_rate: float, shadow_entries: int,
-            measured_from: int, window_share: float) -> tuple[float, float, float]:  # fmt: skip
-    """Hit ratios of a Learned (``model``; 0.0 if None), a TinyLFU and an LRU replaying a hash sample of ``keys``.
+            measured_from: int, window_share: float) -> tuple[float, float]:  # fmt: skip
+    """Hit ratios of a Learned (``model``) and a TinyLFU replaying ``keys`` on a hash sample of them.
 
     ``keys`` are a ``log_rate`` sample of a cache of ``capacity`` entries' lookups. The shadow holds at
     most ``shadow_entries`` entries (a further sample when that is fewer than the log's share); hits
@@ -174,7 +169,7 @@ def _shadow(keys: npt.NDArray[np.int64], model: Any, capacity: int, log_rate: fl
     picked = [(i, k) for i, k in enumerate(keys.tolist()) if rate == 1.0 or hash((k, 1)) & 4095 < cut]
     measured = sum(1 for i, _ in picked if i >= measured_from)
     if not measured:
-        return 0.0, 0.0, 0.0
+        return 0.0, 0.0
     size = max(1, round(logged * rate))
     # Time and the features' scale stay those of the full cache: the model was trained in them.
     # Four victims per prediction: a quarter of the model's calls for a slightly worse learned side,
@@ -184,13 +179,8 @@ def _shadow(keys: npt.NDArray[np.int64], model: Any, capacity: int, log_rate: fl
     # The live TinyLFU's window share, which its hill climber took many samples to find: a shadow that
     # started from 1% would lose to the model for want of time to climb, not on its merits.
     heuristic: TinyLFU[int, bool] = TinyLFU(size, window=window_share)
-    lru: LRU[int, bool] = LRU(size)
     scores = []
-    caches: tuple[TinyLFU[int, bool] | LRU[int, bool], ...] = (learned, heuristic, lru)
-    for cache in caches:
-        if cache is learned and model is None:
-            scores.append(0.0)
-            continue
+    for cache in (learned, heuristic):
         get = cache.get
         hits = 0
         for i, key in picked:
@@ -199,34 +189,26 @@ def _shadow(keys: npt.NDArray[np.int64], model: Any, capacity: int, log_rate: fl
             elif i >= measured_from:
                 hits += 1
         scores.append(hits / measured)
-    return scores[0], scores[1], scores[2]
+    return scores[0], scores[1]
 
 
 def _retrain(keys: npt.NDArray[np.int64], state: Array, capacity: int, log_rate: float, shadow_entries: int,
-             margin: float, seed: int, window_share: float = 0.01, fit: bool = True) -> Fit:  # fmt: skip
+             margin: float, seed: int, window_share: float = 0.01) -> Fit:  # fmt: skip
     """Fit on the window's first three quarters; judge on its last quarter, which the fit never saw.
 
-    The shadow caches replay the whole window, so they are warm when the judged part starts. The model is
-    adopted if it beats the better of TinyLFU and LRU there by ``margin``. Without ``fit`` only the two
-    heuristics are compared (the cold check).
+    The shadow caches replay the whole window, so they are warm when the judged part starts.
     """
     t0 = time.perf_counter()
     n = len(keys)
     cut = (3 * n) // 4
-    model, samples = None, 0
-    if fit:
-        opt_capacity = max(1, round(capacity * log_rate))
-        x, y = training_set(_window_ids(keys[:cut]), state[:cut], opt_capacity, np.random.default_rng(seed),
-                            scale=capacity)  # fmt: skip
-        model, samples = fit_model(x, y, seed=seed), len(y)
-    learned, heuristic, lru = _shadow(keys, model, capacity, log_rate, shadow_entries, cut, window_share)
-    # TinyLFU unless the model or LRU beats it by the margin; LRU displaces the model only by beating it
-    # by the margin too (the model's shadow takes 4 victims per prediction: a handicap the live one has not).
-    model_wins = model is not None and learned >= heuristic + margin
-    lru_wins = lru >= heuristic + margin
-    adopted = model_wins and not (lru_wins and lru >= learned + margin)
-    mode = "model" if adopted else "lru" if lru_wins else "tinylfu"
-    return Fit(model, adopted, learned, heuristic, samples, time.perf_counter() - t0, lru, mode)
+    opt_capacity = max(1, round(capacity * log_rate))
+    x, y = training_set(_window_ids(keys[:cut]), state[:cut], opt_capacity, np.random.default_rng(seed),
+                        scale=capacity)  # fmt: skip
+    model = fit_model(x, y, seed=seed)
+    if model is None:
+        return Fit(None, False, 0.0, 0.0, len(y), time.perf_counter() - t0)
+    learned, heuristic = _shadow(keys, model, capacity, log_rate, shadow_entries, cut, window_share)
+    return Fit(model, learned >= heuristic + margin, learned, heuristic, len(y), time.perf_counter() - t0)
 
 
 # ------------------------------------------------------------------------------------- key state
@@ -357,8 +339,8 @@ class Learned(TinyLFU[K, V], _Retrainer):
     logged entries); beyond ``log_entries`` entries the log holds a key sample worth that many.
     ``scale`` (default ``max_entries``) and ``tick_scale`` let a shadow on a key sample keep the full
     cache's feature units. ``on_evict(key)`` is called for every eviction the model chooses (cache-sim
-    scores them against OPT). Counters: ``retrains``, ``adoptions``, ``lru_fallbacks``,
-    ``learned_evictions``, ``train_seconds``; ``last_fit``; ``mode`` (``model``, ``tinylfu``, ``lru``).
+    scores them against OPT). Counters: ``retrains``, ``adoptions``, ``learned_evictions``,
+    ``train_seconds``; ``last_fit``.
     """
 
     def __init__(
@@ -400,11 +382,7 @@ class Learned(TinyLFU[K, V], _Retrainer):
         self._owns_executor = owns_executor
         self._on_evict = on_evict
         self.model = model
-        # What chooses victims: "model", or a heuristic, TinyLFU or LRU (TinyLFU with its window pinned
-        # at every entry, when the shadow sample says LRU does better: recency-driven traffic).
-        self.mode = "model" if model is not None else "tinylfu"
-        self._climbs = self._adaptive
-        self._free_share = self._window_target / max_entries     # the window's share before pinning
+        self.learning = model is not None            # the model chooses victims
         self.log: KeyLog[K] = KeyLog(self._scale, self._log_size, 4 * max_entries, log_rate)
         self._state = self.log.state
         # Logical time: lookups, counted from TinyLFU's climber counters (nothing added to the hit path).
@@ -413,7 +391,6 @@ class Learned(TinyLFU[K, V], _Retrainer):
         self._reads_observed = 0                     # buffered hits whose state is already updated
         self._last_fit_lookups = 0
         self._last_fit_time = -math.inf
-        self._cold_checked = model is not None
         self._pending: Future[Fit] | None = None
         # Random sampling of residents: a list of keys and each key's position (stale ones skipped).
         self._slots: list[K] = []
@@ -422,7 +399,6 @@ class Learned(TinyLFU[K, V], _Retrainer):
         self._victims: list[tuple[K, float]] = []    # (key, last access when scored), worst first
         self.retrains = 0
         self.adoptions = 0
-        self.lru_fallbacks = 0                       # checks after which it ran as LRU
         self.learned_evictions = 0
         self.last_fit: Fit | None = None
         self.train_seconds = 0.0
@@ -551,27 +527,17 @@ class Learned(TinyLFU[K, V], _Retrainer):
         if self._retrain_every <= 0 or self._pending is not None:
             return
         lookups = self._lookups()
-        # The cold check: after 4 turnovers (an eighth of the window), before any model, LRU and TinyLFU
-        # replay what was logged and the cache runs as the better. TinyLFU starts with a 1% window its
-        # climber takes many samples to grow; on recency-driven traffic it lost 15-20 points to LRU over
-        # the first window (session trace at 5%, the synthetic shop).
-        cold = not self._cold_checked and self.retrains == 0 and self.log.logged >= self._log_size // 8
-        due = lookups - self._last_fit_lookups >= self._retrain_every and self.log.logged >= self._log_size // 2
-        if not (cold or due):
+        if lookups - self._last_fit_lookups < self._retrain_every or self.log.logged < self._log_size // 2:
             return
         now = self._timer()
         if now - self._last_fit_time < self._min_interval_s:
             return
-        self._last_fit_time = now
-        if due:
-            self._last_fit_lookups = lookups
-        self._cold_checked = True
+        self._last_fit_lookups, self._last_fit_time = lookups, now
         keys, state = self.log.snapshot()
-        # TinyLFU's shadow starts from the live window share, the climber's (not LRU mode's pin).
-        share = self._free_share if self.mode == "lru" else self._window_target / self._max_entries
+        share = self._window_target / self._max_entries
         job = (keys, state, self._scale, self.log.rate, self._shadow_entries, self._margin,
-               self._seed + self.retrains, share, due)  # fmt: skip
-        self.retrains += due
+               self._seed + self.retrains, share)  # fmt: skip
+        self.retrains += 1
         if self._executor is None:
             done: Future[Fit] = Future()
             done.set_result(_retrain(*job))
@@ -592,33 +558,8 @@ class Learned(TinyLFU[K, V], _Retrainer):
         if fit.adopted:
             self.model = fit.model
             self.adoptions += 1
-        self.lru_fallbacks += fit.mode == "lru"
-        self._set_mode(fit.mode)
+        self.learning = fit.adopted
         self._victims = []
-
-    @property
-    def learning(self) -> bool:
-        """Whether the model chooses evictions (else the cache is TinyLFU or LRU)."""
-        return self.mode == "model"
-
-    def _set_mode(self, mode: str) -> None:
-        """Run as ``mode``: ``model``, ``tinylfu`` or ``lru``.
-
-        LRU is TinyLFU with the window pinned at every entry and the climber off: new keys enter the
-        window, its overflow finds no main segment to contest and is evicted, so main drains and the order
-        is LRU's. Leaving LRU restores the window's share and the climber; entries move lazily, as stores
-        overflow the window.
-        """
-        if mode == self.mode:
-            return
-        if mode == "lru":
-            self._free_share = self._window_target / self._max_entries
-            self._adaptive = False
-            self._resize_window(self._max_entries)
-        elif self.mode == "lru":
-            self._adaptive = self._climbs
-            self._resize_window(self._free_share * self._max_entries)
-        self.mode = mode
 
     def retrain_now(self) -> Fit | None:
         """Retrain on the current window at once, inline (tests; a warm start); the Fit, or None."""

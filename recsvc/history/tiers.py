@@ -301,8 +301,7 @@ class TieredHistory:
         l1: Any = self.l1
         if hasattr(l1, "learned_evictions"):                 # the learned policy (history/learned.py)
             out["l1_learned"] = {"retrains": l1.retrains, "adoptions": l1.adoptions,
-                                 "evictions": l1.learned_evictions, "active": int(l1.learning),
-                                 "lru": int(l1.mode == "lru")}  # fmt: skip
+                                 "evictions": l1.learned_evictions, "active": int(l1.learning)}  # fmt: skip
         if self.l2 is not None:
             out["l2"] = {name: getattr(self.l2, name, None)
                          for name in ("hits", "misses", "errors", "refused", "rejections")}  # fmt: skip

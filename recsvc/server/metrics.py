@@ -228,13 +228,10 @@ def _stats_families(registry: CollectorRegistry) -> tuple[_Children, _Children]:
                            "request found a prefetched history), predicted (queued because the request "
                            "predictor expected them).", ["result"], registry=r)
         learned = Counter("recsvc_l1_learned", "The learned L1 policy (l1_policy=learned): retrainings "
-                          "started, adoptions (models that beat TinyLFU and LRU on the shadow sample), evictions the "
+                          "started, adoptions (models that beat TinyLFU on the shadow sample), evictions the "
                           "model chose.", ["event"], registry=r)
         learning = Gauge("recsvc_l1_learned_active", "1 while the learned L1 policy's model chooses evictions, "
-                         "0 while it runs as a heuristic (TinyLFU, or LRU: recsvc_l1_learned_lru).",
-                         multiprocess_mode="max", registry=r)
-        as_lru = Gauge("recsvc_l1_learned_lru", "1 while the learned L1 policy runs as LRU (LRU beat TinyLFU and "
-                       "the model on the last shadow sample), 0 otherwise.", multiprocess_mode="max", registry=r)
+                         "0 while it runs as TinyLFU.", multiprocess_mode="max", registry=r)
         invalidations = Counter("recsvc_invalidations", "Cross-replica cache invalidations: published (our "
                                 "writes announced), received, errors, lost (subscriptions that died), resets "
                                 "(L1 cleared because messages may have been missed).", ["event"], registry=r)
@@ -271,7 +268,6 @@ def _stats_families(registry: CollectorRegistry) -> tuple[_Children, _Children]:
             **{(tier, "entries"): entries.labels(tier) for tier in ("l1", "l2", "vectors")},
             **{(tier, "bytes"): nbytes.labels(tier) for tier in ("l1", "l2", "vectors")},
             ("l1_learned", "active"): learning,
-            ("l1_learned", "lru"): as_lru,
         }
         _stats_cache[registry] = counters, gauges
     return _stats_cache[registry]

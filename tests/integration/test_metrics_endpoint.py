@@ -193,7 +193,6 @@ def test_the_learned_cache_and_prefetcher_serve_report_and_stop_cleanly(tmp_path
             pytest.fail("recsvc_cache_evictions_total{tier=l1} did not move")
         assert families["recsvc_l1_learned_active"].type == "gauge"
         assert value(families, "recsvc_l1_learned_active", "recsvc_l1_learned_active") == 0   # too few lookups to learn
-        assert value(families, "recsvc_l1_learned_lru", "recsvc_l1_learned_lru") == 0
         assert families["recsvc_l1_learned"].type == "counter"
         assert value(families, "recsvc_prefetch_users", "recsvc_prefetch_users_total", result="predicted") == 0
         check_names_and_types(families)

@@ -376,5 +376,5 @@ async def test_the_request_log_sees_foreground_lookups_and_the_learned_l1_sees_e
     await t.get("d")                           # a miss: the buffered hits on "a" are observed
     await t.record([ev("a", "z", 2.0)])
     assert l1.log.state["a"][learned_module._EVENTS] == 1.0    # RecordEvents reached the event features
-    assert t.stats()["l1_learned"] == {"retrains": 0, "adoptions": 0, "evictions": 0, "active": 0, "lru": 0}
+    assert t.stats()["l1_learned"] == {"retrains": 0, "adoptions": 0, "evictions": 0, "active": 0}
     await t.close()
