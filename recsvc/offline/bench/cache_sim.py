@@ -36,6 +36,7 @@ import numpy.typing as npt
 
 from recsvc.belady import next_uses, opt_flags
 from recsvc.errors import ConfigError
+from recsvc.offline.bench.informed import Generated, informed_hits, informed_prefetch, phase_lfu_hits
 
 # `recsvc cache-sim --help`: what a user needs, not the module's notes.
 DESCRIPTION = """\
@@ -89,26 +90,6 @@ _ABSENT = object()
 
 
 # ------------------------------------------------------------------------------------------ traces
-@dataclass
-class Generated:
-    """A generated trace and what generated it: the ground truth the ``informed`` reference may use.
-
-    ``popularity[p, k]`` is the chance that a draw of phase ``p`` picks key ``k`` (a draw is an access, or
-    for sessions a session start). Phase ``p`` covers accesses ``bounds[p]:bounds[p + 1]``. Session
-    traces also say, per access, its session and the time it lands at (in session starts), and per
-    session its user.
-    """
-
-    trace: Trace
-    popularity: npt.NDArray[np.float64]
-    bounds: list[int]
-    session: npt.NDArray[np.int64] | None = None
-    time: npt.NDArray[np.float64] | None = None
-    session_user: Trace | None = None
-    length: int = 1
-    spread: int = 0
-
-
 def zipf_generated(users: int, accesses: int, alpha: float, rng: np.random.Generator) -> Generated:
     """``accesses`` keys in ``[0, users)``; the key of popularity rank r is drawn with weight r^-alpha.
 
@@ -386,9 +367,8 @@ class LearnedRun:
     evictions: int                 # chosen by the model (none while it runs as TinyLFU)
     good: int                      # of those, keys OPT would not have kept until their next access
     retrains: int
-    adoptions: int                 # retrainings whose model beat TinyLFU and LRU on the shadow sample
+    adoptions: int                 # retrainings whose model beat TinyLFU on the shadow sample
     train_seconds: float
-    lru_fallbacks: int = 0         # retrainings after which it ran as LRU
 
 
 def learned_replay(trace: Trace, capacity: int) -> LearnedRun:
@@ -418,7 +398,7 @@ def learned_replay(trace: Trace, capacity: int) -> LearnedRun:
         kept = opt_flags(trace, capacity)
         good = int(np.sum((nxt >= n) | ~kept[np.minimum(nxt, n - 1)]))
     train = cache.train_seconds
-    return LearnedRun(hits, len(victims), good, cache.retrains, cache.adoptions, train, cache.lru_fallbacks)
+    return LearnedRun(hits, len(victims), good, cache.retrains, cache.adoptions, train)
 
 
 @dataclass
@@ -470,7 +450,6 @@ def informed_prefetch_replay(generated: Generated, capacity: int, *, interval: i
                              threshold: float = 0.5) -> PrefetchRun:  # fmt: skip
     """``prefetch_replay`` with the informed prefetcher (``recsvc.offline.bench.informed``) instead."""
     from recsvc.history.policies import LRU
-    from recsvc.offline.bench.informed import informed_prefetch
 
     lru_hits = _replay_mapping(LRU(capacity), generated.trace.tolist())
     hits, prefetches = informed_prefetch(generated, capacity, interval=interval, threshold=threshold)
@@ -509,8 +488,6 @@ def replay(policy: str, trace: Trace, capacity: int, generated: Generated | None
     if policy in ("informed", "phase-lfu"):
         if generated is None:
             raise ConfigError(f"the {policy} reference needs a generated trace (--workload zipf, sessions or shifting)")
-        from recsvc.offline.bench.informed import informed_hits, phase_lfu_hits
-
         return (informed_hits if policy == "informed" else phase_lfu_hits)(generated, capacity)
     if policy == "learned":
         return learned_replay(trace, capacity).hits
@@ -633,8 +610,7 @@ def _learned_lines(result: SimResult, head: str) -> list[str]:
         ("good decisions (evictions OPT would make too)",
          [f"{r.good / r.evictions:.3f}" if r.evictions else "-" for r in runs]),
         ("evictions chosen by the model", [f"{r.evictions:,}" for r in runs]),
-        ("retrainings (model adopted / LRU fallback)",
-         [f"{r.retrains} ({r.adoptions} / {r.lru_fallbacks})" for r in runs]),
+        ("retrainings (adopted)", [f"{r.retrains} ({r.adoptions})" for r in runs]),
         ("training seconds", [f"{r.train_seconds:.1f}" for r in runs]),
     ]
     heuristics = [p for p in result.ratios if p not in (*REFERENCES, "learned")]

@@ -25,17 +25,34 @@ from __future__ import annotations
 
 import heapq
 import math
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 
-if TYPE_CHECKING:
-    from recsvc.offline.bench.cache_sim import Generated
-
-__all__ = ["informed_hits", "informed_prefetch", "phase_lfu_hits"]
+__all__ = ["Generated", "informed_hits", "informed_prefetch", "phase_lfu_hits"]
 
 Keys = npt.NDArray[np.int64]
+
+
+@dataclass
+class Generated:
+    """A generated trace and what generated it: the ground truth the ``informed`` reference may use.
+
+    ``popularity[p, k]`` is the chance that a draw of phase ``p`` picks key ``k`` (a draw is an access, or
+    for sessions a session start). Phase ``p`` covers accesses ``bounds[p]:bounds[p + 1]``. Session
+    traces also say, per access, its session and the time it lands at (in session starts), and per
+    session its user.
+    """
+
+    trace: Keys
+    popularity: npt.NDArray[np.float64]
+    bounds: list[int]
+    session: npt.NDArray[np.int64] | None = None
+    time: npt.NDArray[np.float64] | None = None
+    session_user: Keys | None = None
+    length: int = 1
+    spread: int = 0
 
 
 def informed_hits(g: Generated, capacity: int, *, sample: int = 64, seed: int = 0) -> int:
