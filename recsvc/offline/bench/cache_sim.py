@@ -456,7 +456,7 @@ def informed_prefetch_replay(generated: Generated, capacity: int, *, interval: i
     return PrefetchRun(lru_hits, hits, prefetches)
 
 
-# name -> (what it is, replay(keys, capacity) -> hits); "opt" and "learned" are handled on their own.
+# name -> (what it is, replay(keys, capacity) -> hits); those without a replay are handled on their own.
 POLICIES: dict[str, tuple[str, Callable[[list[int], int], int] | None]] = {
     "opt": ("Belady's optimum (offline)", None),
     "lru": ("recsvc LRU", _recsvc("lru")),
@@ -472,9 +472,10 @@ POLICIES: dict[str, tuple[str, Callable[[list[int], int], int] | None]] = {
     "informed": ("informed (knows the generator, not the future)", None),
     "phase-lfu": ("perfect LFU, reset when popularity shifts", None),
 }
-# References, not policies a cache could run: left out of "best heuristic". The last two need a
-# generated trace (informed: its popularities and sessions; phase-lfu: when its phases change).
-REFERENCES = ("opt", "informed", "phase-lfu")
+# References, not policies a cache could run: left out of "best heuristic". Those told the generator
+# need a generated trace (informed: its popularities and sessions; phase-lfu: when its phases change).
+TOLD = ("informed", "phase-lfu")
+REFERENCES = ("opt", *TOLD)
 
 
 def replay(policy: str, trace: Trace, capacity: int, generated: Generated | None = None) -> int:
@@ -485,7 +486,7 @@ def replay(policy: str, trace: Trace, capacity: int, generated: Generated | None
     if policy not in POLICIES:
         raise ConfigError(f"unknown policy {policy!r}; known: {', '.join(POLICIES)}")
     run = POLICIES[policy][1]
-    if policy in ("informed", "phase-lfu"):
+    if policy in TOLD:
         if generated is None:
             raise ConfigError(f"the {policy} reference needs a generated trace (--workload zipf, sessions or shifting)")
         return (informed_hits if policy == "informed" else phase_lfu_hits)(generated, capacity)
@@ -531,7 +532,7 @@ def simulate(trace: Trace, sizes: Sequence[float], policies: Sequence[str], *, n
     capacities = [max(1, round(s * keys)) for s in sizes]
     result = SimResult(name, len(trace), distinct, keys, list(sizes), capacities)
     for policy in policies:
-        if policy in ("informed", "phase-lfu") and generated is None:
+        if policy in TOLD and generated is None:
             result.skipped[policy] = "needs a generated trace (--workload zipf, sessions or shifting)"
             continue
         t0 = time.perf_counter()
@@ -639,7 +640,7 @@ def plot(result: SimResult, path: Path) -> None:
     for i, (policy, ratios) in enumerate(result.ratios.items()):
         if policy == "opt":
             style: dict[str, Any] = {"linestyle": "--", "color": "black", "linewidth": 1.5}
-        elif policy in ("informed", "phase-lfu"):
+        elif policy in TOLD:
             style = {"linestyle": ":", "color": "black" if policy == "informed" else "grey", "linewidth": 1.5}
         elif policy in ("lru", "tinylfu"):
             style = {"linestyle": "-", "linewidth": 2.5}
@@ -707,14 +708,13 @@ def run_cache_sim(args: argparse.Namespace) -> int:
     if args.prefetch_interval < 1 or not 0 < args.prefetch_threshold <= 1:
         raise ConfigError(f"--prefetch-interval must be >= 1 and --prefetch-threshold in (0, 1]; got "
                           f"{args.prefetch_interval} and {args.prefetch_threshold}")  # fmt: skip
+    generated: Generated | None = None              # what generated the trace, when cache-sim did
     if args.trace is not None:
         trace, name, keys = load_trace(args.trace), str(args.trace), None
-        generated = None
     elif args.workload == "movielens":
         trace, name, keys = movielens_trace(), "MovieLens ratings in time order", None
-        generated = None
     elif args.workload == "synthetic":
-        trace, generated = synthetic_trace(args.users, args.accesses, args.seed), None
+        trace = synthetic_trace(args.users, args.accesses, args.seed)
         name, keys = f"synthetic shop sessions over {args.users:,} users in time order, seed {args.seed}", None
     else:
         generated = GENERATORS[args.workload](args.users, args.accesses, args.alpha, np.random.default_rng(args.seed))
