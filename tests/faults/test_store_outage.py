@@ -85,9 +85,10 @@ async def test_redis_killed_under_load_recommend_never_fails(tmp_path: Path, fau
             cached, uncached = users[:40], users[40:]
             writers_users = [f"writer-{i}" for i in range(4)]
             writer = Writer(stack.target, stack.items)
-            # Cached users: read once, so their histories sit in recsvc's L1.
-            warm = await LoadGen(stack.target, cached, clients=4, deadline_s=DEADLINE_S, retry=False).run(1.0)
-            assert warm.failed_total == 0 and warm.degraded == 0, (warm.failed, warm.degraded_reasons)
+            # Cached users: each read once, so their histories sit in recsvc's L1.
+            warm = await LoadGen(stack.target, cached, deadline_s=DEADLINE_S, retry=False).each_once()
+            assert warm.sent == len(cached) and warm.failed_total == 0 and warm.degraded == 0, (
+                warm.failed, warm.degraded_reasons)  # fmt: skip
             for user in writers_users:
                 assert await writer.write(user)
             acked_before = sum(len(v) for v in writer.acked.values())
