@@ -50,7 +50,7 @@ import numpy.typing as npt
 from recsvc.belady import next_uses, opt_flags
 from recsvc.history.policies import _INDEXES, TinyLFU
 
-__all__ = ["FEATURES", "Fit", "Learned", "features", "fit_model", "next_uses", "opt_flags", "training_set"]
+__all__ = ["FEATURES", "Fit", "Learned", "features", "fit_model", "training_set"]
 
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")

@@ -446,12 +446,12 @@ def prefetch_replay(trace: Trace, capacity: int, *, interval: int = 200, thresho
     return PrefetchRun(lru_hits, hits, prefetches)
 
 
-def informed_prefetch_replay(generated: Generated, capacity: int, *, interval: int = 200,
+def informed_prefetch_replay(generated: Generated, capacity: int, lru_hits: int, *, interval: int = 200,
                              threshold: float = 0.5) -> PrefetchRun:  # fmt: skip
-    """``prefetch_replay`` with the informed prefetcher (``recsvc.offline.bench.informed``) instead."""
-    from recsvc.history.policies import LRU
+    """``prefetch_replay`` with the informed prefetcher (``recsvc.offline.bench.informed``) instead.
 
-    lru_hits = _replay_mapping(LRU(capacity), generated.trace.tolist())
+    ``lru_hits`` are plain LRU's on the same trace and capacity (``prefetch_replay`` has them).
+    """
     hits, prefetches = informed_prefetch(generated, capacity, interval=interval, threshold=threshold)
     return PrefetchRun(lru_hits, hits, prefetches)
 
@@ -734,8 +734,9 @@ def run_cache_sim(args: argparse.Namespace) -> int:
         runs = [prefetch_replay(trace, c, interval=args.prefetch_interval, threshold=args.prefetch_threshold)
                 for c in result.capacities]  # fmt: skip
         informed = [] if generated is None else [
-            informed_prefetch_replay(generated, c, interval=args.prefetch_interval, threshold=args.prefetch_threshold)
-            for c in result.capacities
+            informed_prefetch_replay(generated, c, run.lru_hits, interval=args.prefetch_interval,
+                                     threshold=args.prefetch_threshold)
+            for c, run in zip(result.capacities, runs, strict=True)
         ]
         sys.stdout.write(format_prefetch(result, runs, informed) + "\n")
     sys.stdout.write(f"plot: {args.png}\n")
