@@ -15,7 +15,7 @@ def cmd_update_catalog(args: argparse.Namespace) -> int:
     """Add cold-start items (content-based embeddings from their category) and retire items, as a new bundle."""
     from recsvc.offline.catalog_update import read_items, update_catalog
 
-    add = read_items(args.add) if args.add else None
+    add = read_items(args.add, max_id_len=settings_of(args).max_id_len) if args.add else None
     result = update_catalog(args.bundle, args.out, add=add, retire=args.retire)
     print(f"{args.out}: {result.added} items added, {result.reactivated} re-activated, {result.retired} retired; "
           f"{result.num_items:,} items ({result.model_items:,} known to the models). Publish it with "

@@ -30,7 +30,7 @@ import pandas as pd
 
 from recsvc.bundle import MANIFEST, read_manifest, sha256_file, verify_bundle, write_manifest
 from recsvc.catalog import Catalog
-from recsvc.errors import BundleError, InvalidArgument
+from recsvc.errors import InvalidArgument
 
 __all__ = ["CatalogUpdate", "cold_start_embeddings", "read_items", "update_catalog"]
 
@@ -165,9 +165,8 @@ def update_catalog(
     return result
 
 
-def read_items(path: Path) -> pd.DataFrame:
-    """New items from CSV or Parquet (item_id[, title, category])."""
-    try:
-        return pd.read_parquet(path) if path.suffix == ".parquet" else pd.read_csv(path, dtype=str)
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"cannot read items from {path}: {exc}") from exc
+def read_items(path: Path, *, max_id_len: int = 128) -> pd.DataFrame:
+    """New items from CSV or Parquet (item_id[, title, category]), checked as a training catalog is."""
+    from recsvc.offline.data import read_catalog
+
+    return read_catalog(path, max_id_len=max_id_len)

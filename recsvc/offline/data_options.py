@@ -42,8 +42,8 @@ def add_data_args(p: argparse.ArgumentParser, *, default: str | None = "movielen
                    help="keep rows repeating an earlier row's user, item, timestamp and event type (default: "
                         "counted and dropped)")
     p.add_argument("--skip-bad-rows", action="store_true",
-                   help="skip interaction rows with an empty id, a bad timestamp or event type (counted, the "
-                        "first few named) instead of stopping at the first")
+                   help="skip interaction rows with an empty or invalid id, a bad timestamp or event type "
+                        "(counted, the first few named) instead of stopping at the first")
     p.add_argument("--synthetic-users", type=int, default=20_000, help="--dataset synthetic: users (default 20000)")
     p.add_argument("--synthetic-items", type=int, default=10_000, help="--dataset synthetic: items (default 10000)")
     p.add_argument("--seed", type=int, default=0, help="random seed of the generator and of training (default 0)")
@@ -83,6 +83,7 @@ def load_dataset(args: argparse.Namespace) -> Any:
 
 def load_source(source: dict[str, Any]) -> Any:
     """The dataset a ``data_source`` dict describes."""
+    from recsvc.config import load_settings
     from recsvc.offline.data import generate_synthetic, load_files, load_movielens
 
     if source["dataset"] == "movielens":
@@ -91,8 +92,10 @@ def load_source(source: dict[str, Any]) -> Any:
         return generate_synthetic(int(source["users"]), int(source["items"]), seed=int(source["seed"]))
     items = Path(source["items"]) if source.get("items") else None
     # Duplicates and skipped rows are logged (stderr) by load_files.
+    # Ids follow the API's grammar, with its length bound (RECSVC_MAX_ID_LEN), so every one can be asked for.
     return load_files(Path(source["interactions"]), items, keep_duplicates=bool(source.get("keep_duplicates")),
-                      skip_bad_rows=bool(source.get("skip_bad_rows")))  # fmt: skip
+                      skip_bad_rows=bool(source.get("skip_bad_rows")),
+                      max_id_len=load_settings().max_id_len)  # fmt: skip
 
 
 def bundle_dataset(args: argparse.Namespace, bundle: Path) -> Any:

@@ -50,26 +50,36 @@ def test_quoted_setting_errors_are_the_codes() -> None:
 
 
 def test_quoted_data_file_errors_are_the_codes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
+    """Each error the README's Troubleshooting quotes, from an events.csv (and items.csv) that causes it."""
     header = "user_id,item_id,timestamp,event_type\n"
-    files = {
-        "events.csv": "user_id,item_id,ts\n1,2,3\n",
-        "bad_ts.csv": header + "u1,i1,1700000000,view\nu1,i2,yesterday,view\n",
-        "ms.csv": header + "u1,i1,1700000000000,view\n",
-        "click.csv": header + "u1,i1,1700000000,click\n",
-        "ok.csv": header + "u1,SKU-7,1700000000,view\n",
-        "items.csv": "item_id\n" + "".join(f"SKU-{i}\n" for i in range(1, 12)) + "SKU-7\n",
+    cases: dict[str, tuple[str | bytes, str | None]] = {
+        "missing": ("user_id,item_id,ts\n1,2,3\n", None),
+        "near": ("user_id,item_id,timestamp,Event_Type\nu1,i1,1700000000,view\n", None),
+        "bad_ts": (header + "u1,i1,1700000000,view\nu1,i2,yesterday,view\n", None),
+        "ms": (header + "u1,i1,1700000000000,view\n", None),
+        "future": (header + "".join(f"u1,i{n},1700000000,view\n" for n in range(4)) + "u1,i9,9999-12-31,view\n",
+                   None),
+        "id": (header + "u-1,i1,1700000000,view\nu-2,i1,1700000000,view\nu-1 ,i1,1700000000,view\n", None),
+        "click": (header + "u1,i1,1700000000,click\n", None),
+        "latin1": ((header + "Ren\u00e9,i1,1700000000,view\n").encode("latin-1"), None),
+        "comma": (header + "u1,i1,1700000000,view,\n", None),
+        "items": (header + "u1,SKU-7,1700000000,view\n",
+                  "item_id\n" + "".join(f"SKU-{i}\n" for i in range(1, 12)) + "SKU-7\n"),
     }
-    for name, text in files.items():
-        Path(name).write_text(text)
-    quoted = [
-        _error(lambda: load_files(Path("missing.csv"))).replace("missing.csv", "events.csv"),
-        _error(lambda: load_files(Path("events.csv"))),
-        _error(lambda: load_files(Path("bad_ts.csv"))),
-        _error(lambda: load_files(Path("ms.csv"))),
-        _error(lambda: load_files(Path("click.csv"))),
-        _error(lambda: load_files(Path("ok.csv"), Path("items.csv"))),
-    ]
+    quoted = []
+    for name, (events, items) in cases.items():
+        (tmp_path / name).mkdir()
+        monkeypatch.chdir(tmp_path / name)
+        if isinstance(events, bytes):
+            Path("events.csv").write_bytes(events)
+        else:
+            Path("events.csv").write_text(events)
+        if items is not None:
+            Path("items.csv").write_text(items)
+        catalog = Path("items.csv") if items is not None else None
+        error = _error(lambda: load_files(Path("events.csv"), catalog))  # noqa: B023 (called at once)
+        quoted.append(re.sub(r"later than \S+, a day", "later than ..., a day", error))
+    quoted.append(_error(lambda: load_files(Path("missing.csv"))).replace("missing.csv", "events.csv"))
     for text in quoted:
         assert f"`{text}`" in README, text
 

@@ -15,7 +15,7 @@ sorted by (user, timestamp), so per-user slices are contiguous.
 from __future__ import annotations
 
 from recsvc.offline.data._dataset import Dataset, user_histories
-from recsvc.offline.data._files import FileReport, load_files
+from recsvc.offline.data._files import FileReport, load_files, read_catalog
 from recsvc.offline.data._movielens import load_movielens
 from recsvc.offline.data._split import Split, time_split
 from recsvc.offline.data._synthetic import SESSION_GAP_S, SYNTHETIC_EPOCH, generate_synthetic
@@ -32,6 +32,7 @@ __all__ = [
     "load_movielens",
     "ndcg_at_k",
     "popularity_ranking",
+    "read_catalog",
     "recall_at_k",
     "time_split",
     "user_histories",

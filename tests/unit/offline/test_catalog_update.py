@@ -13,7 +13,7 @@ from recsvc.config import Settings
 from recsvc.domain import Event, EventType, RecommendQuery
 from recsvc.errors import InvalidArgument
 from recsvc.history import InMemoryHistoryStore, TieredHistory
-from recsvc.offline.catalog_update import update_catalog
+from recsvc.offline.catalog_update import read_items, update_catalog
 from recsvc.pipeline import Pipeline, load_serving_bundle
 from recsvc.ranking import FakeRanker
 from recsvc.repository import publish
@@ -131,3 +131,13 @@ async def test_an_updated_blend_bundle_keeps_its_blend_stage_and_never_serves_re
     assert retired not in {i.item_id for i in rec.items} and "NEW-0" not in {i.item_id for i in rec.items}
     assert int(members[0]) not in ranker.calls[0].candidates[0].tolist()
     await bundle.close()
+
+
+def test_new_items_files_are_checked_as_training_catalogs_are(tmp_path: Path) -> None:
+    """An id with a trailing space is refused, not stripped into another item; titles stay optional."""
+    (tmp_path / "bad.csv").write_text("item_id,title,category\nSKU-1 ,Hat,hats\n")
+    with pytest.raises(InvalidArgument, match=r"bad.csv: invalid id 'SKU-1 ' in row 1 \(must not start or end"):
+        read_items(tmp_path / "bad.csv")
+    (tmp_path / "new.csv").write_text("item_id,category\n007,hats\n")
+    new = read_items(tmp_path / "new.csv")
+    assert new.to_dict("list") == {"item_id": ["007"], "category": ["hats"]}

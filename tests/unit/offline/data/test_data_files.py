@@ -295,3 +295,168 @@ def test_reading_shows_progress_on_a_terminal_and_chunks_change_nothing(
 def test_reading_is_silent_when_stderr_is_not_a_terminal(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     load_files(_write(tmp_path / "events.csv", CSV))
     assert "reading" not in capsys.readouterr().err
+
+
+# ---- a shop's messy files: each is refused with the file, column and row, never a traceback or a silent change
+def _parquet(tmp_path: Path, name: str, columns: dict[str, object]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    path = tmp_path / name
+    pq.write_table(pa.table(columns), path)  # type: ignore[arg-type]
+    return path
+
+
+def _refused(path: Path, items: Path | None = None) -> str:
+    with pytest.raises(InvalidArgument) as info:
+        load_files(path, items)
+    return str(info.value).removeprefix(f"{info.value.field}: ")
+
+
+@pytest.mark.parametrize("stamp", ["9999-12-31T23:59:59Z", "3000-01-01", "0001-01-01T00:00:00Z"])
+def test_iso_timestamps_outside_pandas_nanosecond_range_are_refused_by_row(tmp_path: Path, stamp: str) -> None:
+    path = _write(tmp_path / "e.csv", f"user_id,item_id,timestamp\nu,i,2024-05-01T12:00:00Z\nu,j,{stamp}\n")
+    message = _refused(path)
+    assert message.startswith(f"{path}: ") and f"{stamp!r} in row 2" in message
+    assert ("in the future" in message) == (not stamp.startswith("0001")), message
+
+
+def test_parquet_datetimes_beyond_2262_are_refused_by_row(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    stamps = pa.array([1_714_565_000_000_000, 32_503_680_000_000_000], pa.timestamp("us", tz="UTC"))  # year 3000
+    path = _parquet(tmp_path, "e.parquet", {"user_id": ["u", "u"], "item_id": ["i", "j"], "timestamp": stamps})
+    assert "timestamp in the future" in _refused(path) and "in row 2" in _refused(path)
+
+
+def test_timestamps_before_1970_or_in_the_future_are_refused_as_the_api_does(tmp_path: Path) -> None:
+    assert "timestamp before 1970 -86400 in row 2" in _refused(
+        _write(tmp_path / "a.csv", "user_id,item_id,timestamp\nu,i,1700000000\nu,j,-86400\n"))
+    assert "timestamp in the future 99999999999 in row 1" in _refused(
+        _write(tmp_path / "b.csv", "user_id,item_id,timestamp\nu,i,99999999999\n"))
+    # Milliseconds keep their own hint; within a day ahead (local time exported as UTC) is accepted.
+    assert "milliseconds?" in _refused(_write(tmp_path / "c.csv", "user_id,item_id,timestamp\nu,i,-1700000000000\n"))
+    import time
+
+    soon = int(time.time()) + 3600
+    assert _rows(load_files(_write(tmp_path / "d.csv", f"user_id,item_id,timestamp\nu,i,{soon}\n"))) == [
+        ("u", "i", soon, 1)]
+
+
+@pytest.mark.parametrize(("value", "problem"), [
+    ("u1 ", "must not start or end with whitespace"),
+    (" i1", "must not start or end with whitespace"),
+    ('"u\tx"', "must not contain control characters, found U+0009 at 1"),
+    ('"u\n1"', "must not contain control characters, found U+000A at 1"),
+    ("x" * 129, "must be at most 128 bytes, got 129"),
+])  # fmt: skip
+def test_ids_the_api_would_refuse_are_refused(tmp_path: Path, value: str, problem: str) -> None:
+    path = _write(tmp_path / "e.csv", f"user_id,item_id,timestamp\nu,i,1\n{value},i,2\n")
+    message = _refused(path)
+    assert f"invalid id {value.strip(chr(34))!r} in row 2 ({problem})" in message, message
+
+
+def test_bad_ids_are_skipped_by_row_and_the_id_length_follows_the_setting(tmp_path: Path) -> None:
+    path = _write(tmp_path / "e.csv", "user_id,item_id,timestamp\nu,i,1\nu ,i,2\nu,i ,3\nuuuu,i,4\n")
+    report = FileReport()
+    ds = load_files(path, skip_bad_rows=True, report=report, max_id_len=3)
+    assert _rows(ds) == [("u", "i", 1, 1)] and report.bad_rows == 3
+    assert report.first_bad[-1] == "row 4 interactions.user_id: invalid id 'uuuu' (must be at most 3 bytes, got 4)"
+
+
+def test_items_file_ids_follow_the_grammar_too(tmp_path: Path) -> None:
+    inter = _write(tmp_path / "e.csv", "user_id,item_id,timestamp\nu,i1,1\n")
+    items = _write(tmp_path / "items.csv", "item_id,title\ni1 ,T\n")
+    assert "items.csv: invalid id 'i1 ' in row 1 (must not start or end with whitespace)" in _refused(inter, items)
+
+
+def test_a_nul_byte_is_refused_not_truncated(tmp_path: Path) -> None:
+    path = tmp_path / "e.csv"
+    path.write_bytes(b"user_id,item_id,timestamp\nu\x001,i,1\n")
+    assert _refused(path) == f"{path}: a NUL byte at byte 27: a binary file or a broken export, not CSV text"
+    gz = tmp_path / "e.csv.gz"
+    gz.write_bytes(gzip.compress(path.read_bytes()))
+    assert "a NUL byte at byte 27" in _refused(gz)
+
+
+def test_a_trailing_comma_on_every_row_does_not_shift_the_columns(tmp_path: Path) -> None:
+    path = _write(tmp_path / "e.csv", "user_id,item_id,timestamp\nu1,i1,1714565000,\nu2,i2,1714565001,\n")
+    assert "rows have one field more than the header has names (a trailing comma on each line?)" in _refused(path)
+
+
+def test_a_file_that_is_not_utf8_says_so(tmp_path: Path) -> None:
+    path = tmp_path / "e.csv"
+    path.write_bytes("user_id,item_id,timestamp\nRen\u00e9,i,1\n".encode("latin-1"))
+    assert _refused(path) == f"{path} is not UTF-8 text (byte 0xe9 found): save it as UTF-8"
+
+
+@pytest.mark.parametrize(("header", "name"), [
+    ("user_id,item_id,timestamp,Event_Type", "event_type"),
+    ("user_id,item_id,timestamp, event_type", "event_type"),
+    ("User_ID,item_id,timestamp,event_type", "user_id"),
+])  # fmt: skip
+def test_a_column_named_almost_right_is_not_ignored(tmp_path: Path, header: str, name: str) -> None:
+    path = _write(tmp_path / "e.csv", f"{header}\nu,i,1,purchase\n")
+    found = header.split(",")[["user_id", "item_id", "timestamp", "event_type"].index(name)]
+    assert _refused(path) == f"{path}: column {found!r} is not {name!r}: column names are exact, rename it"
+
+
+def test_an_items_title_named_almost_right_is_not_ignored(tmp_path: Path) -> None:
+    inter = _write(tmp_path / "e.csv", "user_id,item_id,timestamp\nu,i,1\n")
+    items = _write(tmp_path / "items.csv", "item_id,Title\ni,Hat\n")
+    assert "column 'Title' is not 'title'" in _refused(inter, items)
+
+
+def test_a_repeated_column_is_refused(tmp_path: Path) -> None:
+    message = _refused(_write(tmp_path / "e.csv", "user_id,item_id,timestamp,user_id\nu,i,1,v\n"))
+    assert "column user_id appears more than once" in message
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.Table.from_arrays([pa.array(["u"]), pa.array(["i"]), pa.array([1]), pa.array(["v"])],
+                                 names=["user_id", "item_id", "timestamp", "user_id"])  # fmt: skip
+    pq.write_table(table, tmp_path / "e.parquet")
+    assert "column user_id appears more than once" in _refused(tmp_path / "e.parquet")
+
+
+def test_parquet_integer_ids_with_a_null_stay_exact(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    users = pa.array([12345678901234567890, 12345678901234567891, None], pa.uint64())
+    items = pa.array([9007199254740993, None, 9007199254740995], pa.int64())  # 2**53 + 1, + 3: floats round them
+    path = _parquet(tmp_path, "e.parquet", {"user_id": users, "item_id": items, "timestamp": [1, 2, 3]})
+    with pytest.raises(InvalidArgument, match=r"empty id None in row 3$") as info:
+        load_files(path)
+    assert info.value.field == "interactions.user_id"
+    report = FileReport()
+    ds = load_files(path, skip_bad_rows=True, report=report)
+    assert _rows(ds) == [("12345678901234567890", "9007199254740993", 1, 1)] and report.bad_rows == 2
+
+
+def test_parquet_float_ids_beyond_exact_integers_are_refused(tmp_path: Path) -> None:
+    path = _parquet(tmp_path, "e.parquet", {"user_id": [1.0, 1.3e19], "item_id": ["i", "j"], "timestamp": [1, 2]})
+    assert "id is a float too big to hold an integer exactly: 1.3e+19 in row 2" in _refused(path)
+
+
+def test_parquet_binary_columns_are_decoded_or_refused(tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    good = _parquet(tmp_path, "good.parquet", {"user_id": pa.array([b"\xc3\xa9mile"], pa.binary()),
+                                                "item_id": ["i"], "timestamp": [1]})  # fmt: skip
+    assert _rows(load_files(good)) == [("\u00e9mile", "i", 1, 1)]
+    bad = _parquet(tmp_path, "bad.parquet", {"user_id": pa.array([b"\xff\xfe"], pa.binary()), "item_id": ["i"],
+                                              "timestamp": [1]})  # fmt: skip
+    assert "not UTF-8: b'\\xff\\xfe' in row 1" in _refused(bad)
+    inter = _write(tmp_path / "e.csv", "user_id,item_id,timestamp\nu,i,1\n")
+    items = _parquet(tmp_path, "items.parquet", {"item_id": ["i"], "title": pa.array([b"T\xe9l\xe9"], pa.binary())})
+    assert "not UTF-8: b'T\\xe9l\\xe9' in row 1" in _refused(inter, items)
+
+
+def test_boolean_ids_are_refused(tmp_path: Path) -> None:
+    path = _parquet(tmp_path, "e.parquet", {"user_id": [True], "item_id": ["i"], "timestamp": [1]})
+    assert "id must be a string or integer, got True in row 1" in _refused(path)
+
+
+def test_row_errors_name_the_file(tmp_path: Path) -> None:
+    path = _write(tmp_path / "e.csv", "user_id,item_id,timestamp\nu,i,yesterday\n")
+    assert _refused(path) == f"{path}: unparsable timestamp 'yesterday' in row 1 (want Unix seconds or ISO-8601)"
