@@ -28,6 +28,9 @@ __all__ = [
 
 # TrainConfig's default C (not imported from there: that would load torch for every command's --help).
 DEFAULT_CANDIDATES = 100
+# A table of zeros would read as a model that failed, where there was nothing to measure.
+NOTHING_TO_EVALUATE = ("no user to evaluate: a user counts when they keep at least one interaction for training "
+                       "and their held-out ones include items new to them; more interactions per user are needed")
 
 
 def train_bundle(args: argparse.Namespace, out: Path, ds: Any = None, source: dict[str, Any] | None = None) -> Path:
@@ -65,8 +68,11 @@ def train_bundle(args: argparse.Namespace, out: Path, ds: Any = None, source: di
         peers = fit_baselines(args, split.train) if args.baselines else []
         report = evaluate_bundle(out, split.train, split.test, k=10, max_users=args.eval_users, baselines=peers)
         update_metrics(out, report.as_metrics())
-        print(f"\nheld-out evaluation ({describe_split(protocol)}, {report.users} users):")
-        print(report.table())
+        if report.users:
+            print(f"\nheld-out evaluation ({describe_split(protocol)}, {report.users} users):")
+            print(report.table())
+        else:
+            print(f"\nheld-out evaluation ({describe_split(protocol)}): {NOTHING_TO_EVALUATE}")
     print(f"\ntrained in {trained.seconds:.0f} s; bundle written to {out}")
     return out
 
@@ -157,6 +163,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     peers = [] if args.no_baselines else fit_baselines(args, split.train)
     report = evaluate_bundle(args.bundle, split.train, split.test, k=args.k, max_users=args.eval_users,
                              baselines=peers)  # fmt: skip
+    if not report.users:
+        raise ConfigError(f"{describe_split(protocol)}: {NOTHING_TO_EVALUATE}")
     print(f"\nheld-out evaluation ({describe_split(protocol)}, {report.users} users):")
     print(report.table())
     return 0

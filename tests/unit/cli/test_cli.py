@@ -289,6 +289,23 @@ def test_train_and_evaluate_share_the_split_and_report_the_classical_baselines(
         _one_error_line(capsys.readouterr().err, f"recsvc evaluate: {message}")
 
 
+def test_data_with_no_user_to_hold_out_says_so_instead_of_a_table_of_zeros(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    events = tmp_path / "events.csv"
+    events.write_text("user_id,item_id,timestamp\nu1,i1,1714565000\nu2,i2,1714565001\n")
+    bundle = tmp_path / "bundle"
+    assert main(["train", "--interactions", str(events), "--epochs", "1", "--ranker-epochs", "1", "--no-blend",
+                 "--out", str(bundle)]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "held-out evaluation (last 5 interactions per user): no user to evaluate: a user counts" in out
+    assert "| popularity |" not in out
+    assert main(["evaluate", str(bundle), "--no-baselines"]) == 2
+    _one_error_line(capsys.readouterr().err, "recsvc evaluate: last 5 interactions per user: no user to evaluate: "
+                    "a user counts when they keep at least one interaction for training and their held-out ones "
+                    "include items new to them; more interactions per user are needed")  # fmt: skip
+
+
 def test_the_clis_default_candidates_is_the_training_apis() -> None:
     assert DEFAULT_CANDIDATES == TrainConfig().num_candidates == 100
 
