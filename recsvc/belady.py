@@ -16,11 +16,13 @@ __all__ = ["next_uses", "opt_flags"]
 
 
 def next_uses(trace: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
-    """For each access, the index of the next access to the same key; ``len + key`` if there is none.
+    """For each access, the index of the next access to the same key; ``len + r`` if there is none.
 
+    ``r`` is the key's rank among the trace's distinct keys in ascending order (``np.unique(trace)[r]``).
     One stable argsort groups each key's accesses in time order, so each one's successor is the next
     element of its group. The "never again" codes are distinct per key and beyond every real index,
-    so they rank as farthest and still say which key they belong to.
+    so they rank as farthest and still say which key they belong to, whatever the keys' values
+    (negative, or near the int64 limit, as a recorded trace may hold).
     """
     n = len(trace)
     order = np.argsort(trace, kind="stable")
@@ -28,8 +30,9 @@ def next_uses(trace: npt.NDArray[np.int64]) -> npt.NDArray[np.int64]:
     out = np.empty(n, dtype=np.int64)
     if n:
         same = keys[1:] == keys[:-1]
-        out[order[:-1]] = np.where(same, order[1:], n + keys[:-1])
-        out[order[-1]] = n + keys[-1]
+        rank = np.concatenate([[0], np.cumsum(~same)])
+        out[order[:-1]] = np.where(same, order[1:], n + rank[:-1])
+        out[order[-1]] = n + rank[-1]
     return out
 
 
@@ -44,6 +47,7 @@ def opt_flags(trace: npt.NDArray[np.int64], capacity: int) -> npt.NDArray[np.boo
     n = len(trace)
     keys: list[int] = trace.tolist()
     nexts: list[int] = next_uses(trace).tolist()
+    distinct: list[int] = np.unique(trace).tolist()      # what a "never again" code's rank names
     hit = np.zeros(n, dtype=np.bool_)
     resident: dict[int, int] = {}          # key -> position of its next use
     heap: list[int] = []                   # negated next-use positions: a max-heap
@@ -57,7 +61,7 @@ def opt_flags(trace: npt.NDArray[np.int64], capacity: int) -> npt.NDArray[np.boo
         if len(resident) > capacity:
             while True:
                 far = -pop(heap)
-                victim = keys[far] if far < n else far - n
+                victim = keys[far] if far < n else distinct[far - n]
                 if resident.get(victim) == far:
                     del resident[victim]
                     break

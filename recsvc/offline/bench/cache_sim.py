@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import math
+import os
 import sys
 import time
 from collections import OrderedDict, deque
@@ -678,18 +680,20 @@ def register(subparsers: Any) -> None:
     p = subparsers.add_parser("cache-sim", help="replay an access trace through cache policies; hit ratios + PNG",
                               description=DESCRIPTION,
                               formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--workload", choices=[*WORKLOADS, *RECORDED], default="zipf",
+    p.add_argument("--workload", choices=[*WORKLOADS, *RECORDED],
                    help="synthetic trace: independent Zipf draws (default), bursty user sessions, or "
                         "popularity that shifts in 8 phases; or a dataset replayed in time order: "
                         "movielens (its ratings), synthetic (the synthetic shop's sessions over --users)")  # fmt: skip
-    p.add_argument("--alpha", type=float, default=1.2, help="Zipf exponent of the synthetic trace (default 1.2)")
-    p.add_argument("--users", type=int, default=100_000, help="distinct keys of the synthetic trace")
-    p.add_argument("--accesses", type=int, default=2_000_000, help="length of the synthetic trace")
+    # Defaults filled in by run_cache_sim, so that a flag that does not apply (--alpha with --trace) is
+    # an error rather than silently ignored.
+    p.add_argument("--alpha", type=float, help="Zipf exponent of the zipf, sessions and shifting traces (default 1.2)")
+    p.add_argument("--users", type=int, help="distinct keys of the generated trace (default 100000)")
+    p.add_argument("--accesses", type=int, help="length of the generated trace (default 2000000)")
     p.add_argument("--sizes", type=_floats, default=list(DEFAULT_SIZES),
                    help="cache sizes as fractions of --users, or of a --trace's distinct keys "
                         "(default 0.01,0.05,0.1,0.2,0.4)")
     p.add_argument("--trace", type=Path, help="replay this file instead (one key per line, or .npy of ints)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the synthetic trace (default 0)")
+    p.add_argument("--seed", type=int, help="seed of the generated trace (default 0)")
     p.add_argument("--png", type=Path, default=Path("cache_sim.png"), help="plot path (default cache_sim.png)")
     p.add_argument("--prefetch", action="store_true",
                    help="also replay LRU with the learned prefetcher at each size: the share of LRU's misses it "
@@ -703,11 +707,61 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=run_cache_sim)
 
 
-def run_cache_sim(args: argparse.Namespace) -> int:
-    """The ``cache-sim`` handler: simulate, print the table, write the PNG; the exit code."""
+# What a generated trace is made of, and the defaults of the flags that say so.
+_TRACE_FLAGS: dict[str, Any] = {"workload": "zipf", "alpha": 1.2, "users": 100_000, "accesses": 2_000_000, "seed": 0}
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Every flag given applies and is in range, before a run that may take many minutes; defaults filled in."""
     if args.prefetch_interval < 1 or not 0 < args.prefetch_threshold <= 1:
         raise ConfigError(f"--prefetch-interval must be >= 1 and --prefetch-threshold in (0, 1]; got "
                           f"{args.prefetch_interval} and {args.prefetch_threshold}")  # fmt: skip
+    workload = str(args.workload or _TRACE_FLAGS["workload"])
+    applies: tuple[str, ...] = ()
+    if args.trace is not None:
+        source = "--trace"
+    else:
+        source = f"--workload {workload}"
+        applies = {"movielens": ("workload",), "synthetic": ("workload", "users", "accesses", "seed")}.get(
+            workload, tuple(_TRACE_FLAGS))
+    stray = [f"--{name}" for name in _TRACE_FLAGS if getattr(args, name) is not None and name not in applies]
+    if stray:
+        raise ConfigError(f"{', '.join(stray)}: not used with {source}; drop it")
+    for name, default in _TRACE_FLAGS.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+    if args.users < 1 or args.accesses < 1:
+        raise ConfigError(f"--users and --accesses must be >= 1, got {args.users} and {args.accesses}")
+    if not (math.isfinite(args.alpha) and args.alpha >= 0):
+        raise ConfigError(f"--alpha must be a finite number >= 0, got {args.alpha}")
+    if not args.policies:
+        raise ConfigError(f"--policies names no policy; choose among: {', '.join(POLICIES)}")
+    unknown = [p for p in args.policies if p not in POLICIES]
+    if unknown:
+        raise ConfigError(f"--policies: unknown {', '.join(unknown)}; known: {', '.join(POLICIES)}")
+    if (args.trace is not None or workload in RECORDED) and all(p in TOLD for p in args.policies):
+        raise ConfigError(f"--policies {','.join(args.policies)}: references told the generator need a generated "
+                          "trace (--workload zipf, sessions or shifting)")  # fmt: skip
+    for flag, values in (("--policies", args.policies), ("--sizes", args.sizes)):
+        repeated = sorted({str(v) for v in values if values.count(v) > 1})
+        if repeated:
+            raise ConfigError(f"{flag} lists {', '.join(repeated)} more than once")
+    if not args.sizes or any(not 0 < s <= 1 for s in args.sizes):
+        raise ConfigError(f"--sizes must be fractions in (0, 1], got {args.sizes}")
+    # The plot is written last: a path it cannot take would only fail after the whole run.
+    png: Path = args.png
+    if png.is_dir():
+        raise ConfigError(f"--png {png} is a directory; give a file path")
+    folder = png.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir() or not os.access(folder, os.W_OK):
+        raise ConfigError(f"--png {png}: cannot write there ({folder} is not a writable directory)")
+
+
+def run_cache_sim(args: argparse.Namespace) -> int:
+    """The ``cache-sim`` handler: simulate, print the table, write the PNG; the exit code."""
+    _check_args(args)
     generated: Generated | None = None              # what generated the trace, when cache-sim did
     if args.trace is not None:
         trace, name, keys = load_trace(args.trace), str(args.trace), None

@@ -9,6 +9,7 @@ import cachetools
 import numpy as np
 import pytest
 
+from recsvc.belady import opt_flags
 from recsvc.errors import ConfigError
 from recsvc.offline.bench import cache_sim
 from recsvc.offline.bench.cache_sim import (
@@ -40,7 +41,16 @@ def trace(*keys: int) -> np.ndarray:
 def test_next_uses_point_to_the_next_access_of_the_same_key() -> None:
     t = trace(7, 3, 7, 7, 3, 9)
     n = len(t)
-    assert next_uses(t).tolist() == [2, 4, 3, n + 7, n + 3, n + 9]
+    # "Never again": past every index, by the key's rank among the distinct keys (3, 7, 9).
+    assert next_uses(t).tolist() == [2, 4, 3, n + 1, n + 0, n + 2]
+
+
+@pytest.mark.parametrize("keys", [(0, 3, 6, 6, 0), (-1, -4, -7, -7, -1), (2**63 - 1, -(2**63), 6, 6, 2**63 - 1)])
+def test_opt_does_not_depend_on_the_key_values(keys: tuple[int, ...]) -> None:
+    """A recorded .npy trace may hold any int64: OPT must neither crash nor fall below LRU."""
+    t = np.asarray(keys, dtype=np.int64)
+    assert opt_flags(t, 1).tolist() == [False, False, False, True, False]
+    assert opt_flags(t, 2).tolist() == [False, False, False, True, True]
 
 
 def test_opt_on_the_textbook_reference_string() -> None:
@@ -267,3 +277,43 @@ def test_cli_refuses_a_bad_prefetch_threshold_before_simulating(tmp_path: Path) 
     with pytest.raises(ConfigError, match="prefetch-threshold"):
         run_cli("cache-sim", "--users", "100", "--accesses", "100", "--prefetch", "--prefetch-threshold", "1.5",
                 "--png", str(tmp_path / "x.png"))
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--workload", "shifting", "--accesses", "0"], "--users and --accesses must be >= 1, got 100 and 0"),
+    (["--workload", "synthetic", "--accesses", "-1"], "--users and --accesses must be >= 1, got 100 and -1"),
+    (["--workload", "sessions", "--users", "0"], "--users and --accesses must be >= 1, got 0 and 100"),
+    (["--alpha", "nan"], "--alpha must be a finite number >= 0, got nan"),
+    (["--workload", "sessions", "--alpha", "inf"], "--alpha must be a finite number >= 0, got inf"),
+    (["--workload", "synthetic", "--alpha", "1.1"], "--alpha: not used with --workload synthetic; drop it"),
+    (["--workload", "movielens", "--seed", "3"], "--seed: not used with --workload movielens; drop it"),
+    (["--policies", ""], "--policies names no policy; choose among: opt, "),
+    (["--policies", "lru,bogus"], "--policies: unknown bogus; known: opt, "),
+    (["--policies", "lru,lru"], "--policies lists lru more than once"),
+    (["--sizes", "0.1,0.1"], "--sizes lists 0.1 more than once"),
+    (["--sizes", "1.5"], "--sizes must be fractions in (0, 1], got [1.5]"),
+])  # fmt: skip
+def test_cli_refuses_flags_out_of_range_or_that_do_not_apply(tmp_path: Path, argv: list[str], message: str) -> None:
+    # Small generated traces, for the cases that do not set these flags themselves.
+    base = [] if "movielens" in argv else [x for flag in ("--users", "--accesses") if flag not in argv
+                                           for x in (flag, "100")]  # fmt: skip
+    with pytest.raises(ConfigError) as err:
+        run_cli("cache-sim", *base, *argv, "--png", str(tmp_path / "x.png"))
+    assert str(err.value).startswith(message), str(err.value)
+
+
+def test_cli_refuses_generator_flags_and_references_alone_with_a_trace(tmp_path: Path) -> None:
+    path = tmp_path / "t.txt"
+    path.write_text("a\nb\na\n", encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"^--alpha, --users: not used with --trace; drop it$"):
+        run_cli("cache-sim", "--trace", str(path), "--alpha", "3", "--users", "50", "--png", str(tmp_path / "x.png"))
+    with pytest.raises(ConfigError, match="references told the generator need a generated trace"):
+        run_cli("cache-sim", "--trace", str(path), "--policies", "informed", "--png", str(tmp_path / "x.png"))
+
+
+def test_cli_checks_the_png_path_before_simulating(tmp_path: Path) -> None:
+    (tmp_path / "afile").write_text("x")
+    for png, message in ((tmp_path, "is a directory; give a file path"),
+                         (tmp_path / "afile" / "x.png", "is not a writable directory")):  # fmt: skip
+        with pytest.raises(ConfigError, match=message):
+            run_cli("cache-sim", "--users", "100", "--accesses", "100", "--png", str(png))
