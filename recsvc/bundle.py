@@ -138,6 +138,8 @@ def read_manifest(directory: Path) -> Manifest:
         raw = orjson.loads(path.read_bytes())
     except FileNotFoundError as exc:
         raise BundleError(f"{directory} is not a bundle: no {MANIFEST}") from exc
+    except NotADirectoryError as exc:
+        raise BundleError(f"{directory} is not a bundle: a bundle is a directory (with {MANIFEST})") from exc
     except orjson.JSONDecodeError as exc:
         raise BundleError(f"{path} is not valid JSON: {exc}") from exc
     if not isinstance(raw, dict) or raw.get("format") != FORMAT_VERSION:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 from recsvc.errors import ConfigError
 
-__all__ = ["CHOICES", "ENV_PREFIX", "REFERENCE", "Settings", "load_settings"]
+__all__ = ["CHOICES", "ENV_PREFIX", "REFERENCE", "Settings", "load_settings", "target_problem"]
 
 ENV_PREFIX = "RECSVC_"
 # Every setting with its default and meaning, generated from this file (recsvc/config_reference.py).
@@ -268,6 +269,25 @@ def _coerce(f: dataclasses.Field[Any], raw: Any, source: str) -> Any:
         raise ConfigError(f"{where} from {source}: {raw!r} is not a valid {kind} ({exc})") from exc
 
 
+_HOST_PORT = re.compile(r"(\[[0-9A-Fa-f:.]+\]|[^\s:/\[\]]+):(\d{1,5})")
+
+
+def target_problem(target: str) -> str | None:
+    """Why ``target`` is not a gRPC address to dial (host:port, port 1..65535), or None when it is one.
+
+    Targets with a gRPC name scheme (``dns:///host:port``, ``unix:path``) are gRPC's to resolve. Why check:
+    gRPC takes ``host:99999`` as port 34463 (it wraps) and reports a malformed one only when dialling.
+    """
+    if "://" in target or target.startswith("unix:"):
+        return None
+    match = _HOST_PORT.fullmatch(target)
+    if match is None:
+        return f"expected host:port, got {target!r}"
+    if not 1 <= int(match.group(2)) <= 65535:
+        return f"port {match.group(2)} of {target!r} is not in 1..65535"
+    return None
+
+
 def _validate(s: Settings) -> None:
     positive = [
         "max_k", "default_k", "max_exclude", "max_context", "max_id_len", "max_events_per_call", "history_len",
@@ -321,6 +341,9 @@ def _validate(s: Settings) -> None:
     for name in ["max_in_flight", "max_in_flight_events"]:
         if not 0 < getattr(s, name) <= 100_000:
             raise ConfigError(f"setting {name!r} must be in 1..100000, got {getattr(s, name)}")
+    problem = target_problem(s.triton_url)
+    if problem is not None:
+        raise ConfigError(f"setting 'triton_url': {problem}")
     if s.rollout_drain_s < 0:
         raise ConfigError(f"setting 'rollout_drain_s' must be >= 0, got {s.rollout_drain_s}")
     if s.repository_poll_s < 0:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -16,6 +18,20 @@ TINY_CONFIG = TrainConfig(dim=16, history_len=10, num_candidates=20, retrieval_e
                           blend=False)  # fmt: skip
 # The same with the item-to-item source and the blend stage (a bundle served through every stage).
 TINY_BLEND_CONFIG = replace(TINY_CONFIG, blend=True, i2i_candidates=12, blend_epochs=20, validation_per_user=3)
+
+
+@pytest.fixture(autouse=True)
+def _restore_root_logging() -> Iterator[None]:
+    """Each test starts with the root logger it would have alone.
+
+    ``recsvc.cli.main`` points the root handler at the stderr of its moment; in a test that stream is the
+    test's capture, closed after it: a later test that logs without calling main would write to it.
+    """
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:] = handlers
+    root.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -51,6 +51,7 @@ def settings_of(args: argparse.Namespace) -> Settings:
         model_repository=getattr(args, "model_repository", None),
         data_dir=getattr(args, "data_dir", None),
         triton_url=getattr(args, "triton_url", None),
+        rollout_drain_s=getattr(args, "drain_s", None),
     )
 
 

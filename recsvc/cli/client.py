@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from recsvc.cli._common import latest_catalog, options, print_recommendation, settings_of
-from recsvc.config import Settings
+from recsvc.config import Settings, target_problem
+from recsvc.errors import ConfigError
 
 if TYPE_CHECKING:
     from recsvc.server.client import RecsvcClient
@@ -27,6 +28,8 @@ def _client(args: argparse.Namespace, settings: Settings) -> RecsvcClient:
     from recsvc.server.client import RecsvcClient
     from recsvc.server.security import read_token
 
+    if args.target is not None and (problem := target_problem(args.target)) is not None:
+        raise ConfigError(f"--target: {problem}")
     token = read_token(args.token_file) if args.token_file is not None else os.environ.get(TOKEN_ENV) or None
     return RecsvcClient(args.target or f"{settings.host}:{settings.port}", tls=args.tls, ca=args.ca,
                         cert=args.cert, key=args.key, token=token)  # fmt: skip

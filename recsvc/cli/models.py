@@ -28,7 +28,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(f"published {args.bundle} as {model} version {version} in {repo}")
         if args.no_rollout:
             return 0
-        return _rollout(settings, version, args.drain_s)
+        return _rollout(settings, version)
 
 
 def cmd_render_config(args: argparse.Namespace) -> int:
@@ -56,7 +56,7 @@ def cmd_rollout(args: argparse.Namespace) -> int:
 
     settings = settings_of(args)
     with rollout_lock(settings.model_repository, settings.triton_model):
-        return _rollout(settings, args.version, args.drain_s)
+        return _rollout(settings, args.version)
 
 
 def cmd_triton_sync(args: argparse.Namespace) -> int:
@@ -102,10 +102,10 @@ def cmd_rollback(args: argparse.Namespace) -> int:
         target = args.to if args.to is not None else (state.previous if state else None)
         if target is None:
             raise ConfigError(f"nothing to roll back to: {repo / model} has no previous serving version (use --to)")
-        return _rollout(settings, target, args.drain_s)
+        return _rollout(settings, target)
 
 
-def _rollout(settings: Settings, version: int, drain_s: float | None) -> int:
+def _rollout(settings: Settings, version: int) -> int:
     from recsvc.ranking import TritonChannel, TritonModels, TritonRanker
     from recsvc.repository.rollout import rollout
 
@@ -116,7 +116,7 @@ def _rollout(settings: Settings, version: int, drain_s: float | None) -> int:
         canary = TritonRanker.from_settings(settings, timeout_s=timeout_s, channel=channel)
         try:
             report = await rollout(settings.model_repository, settings.triton_model, version, models, canary,
-                                   drain_s=settings.rollout_drain_s if drain_s is None else drain_s,
+                                   drain_s=settings.rollout_drain_s,
                                    ready_timeout_s=settings.rollout_ready_timeout_s)  # fmt: skip
         finally:
             await channel.close()

@@ -19,6 +19,7 @@ from recsvc.offline.data_options import (
     load_source,
     positive_int,
     split_protocol,
+    trained_bundle,
 )  # fmt: skip
 
 __all__ = [
@@ -120,20 +121,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     """Train both models, export ONNX, evaluate, write a bundle."""
     stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     out = args.out or settings_of(args).data_dir / "bundles" / f"{data_source(args)['dataset']}-{stamp}"
+    if (out / "manifest.json").exists():
+        # Overwriting would change under their feet what was published, evaluated or compressed from it.
+        raise ConfigError(f"--out {out} already holds a bundle; a bundle is written once: choose another --out, "
+                          "or remove that one first")  # fmt: skip
     train_bundle(args, out)
     return 0
 
 
 def add_train_args(p: argparse.ArgumentParser) -> None:
     """Add the training options (epochs, candidates, hold-out)."""
-    p.add_argument("--epochs", type=int, default=8, help="retrieval model epochs (default 8)")
-    p.add_argument("--ranker-epochs", type=int, default=4, help="ranker epochs (default 4)")
+    p.add_argument("--epochs", type=positive_int, default=8, help="retrieval model epochs (default 8)")
+    p.add_argument("--ranker-epochs", type=positive_int, default=4, help="ranker epochs (default 4)")
     p.add_argument("--candidates", type=positive_int, metavar="N",
                    help=f"candidates retrieved and ranked per request, fixed in the bundle: at most the number of "
                         f"items (default {DEFAULT_CANDIDATES}, or all items of a smaller catalog); serving uses "
                         "them all unless RECSVC_NUM_CANDIDATES is lower")  # fmt: skip
     add_split_args(p, default_note="default 5")
-    p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many users")
+    p.add_argument("--eval-users", type=positive_int, default=20_000, help="evaluate on at most this many users")
     p.add_argument("--no-holdout", action="store_true", help="train on everything (no evaluation)")
     p.add_argument("--no-blend", action="store_true",
                    help="train the two-tower retrieval and the ranker only: no item-to-item source and no blend "
@@ -154,11 +159,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     """Evaluate a bundle on the time split of the data it was trained on (recorded in the bundle)."""
-    from recsvc.bundle import read_manifest
     from recsvc.offline.data import time_split
     from recsvc.offline.models.evaluate import evaluate_bundle
 
-    protocol = split_protocol(args, read_manifest(args.bundle).extra.get("split"))
+    protocol = split_protocol(args, trained_bundle(args.bundle).extra.get("split"))
     split = time_split(bundle_dataset(args, args.bundle), **protocol)
     peers = [] if args.no_baselines else fit_baselines(args, split.train)
     report = evaluate_bundle(args.bundle, split.train, split.test, k=args.k, max_users=args.eval_users,
@@ -187,7 +191,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     p.add_argument("bundle", type=Path, help="bundle directory (from `recsvc train`)")
     add_data_args(p, default=None)
     add_split_args(p, default_note="default: the split the bundle was trained with, else 5")
-    p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many users")
+    p.add_argument("--eval-users", type=positive_int, default=20_000, help="evaluate on at most this many users")
     p.add_argument("--k", type=int, default=10, help="recall@k and NDCG@k (default 10)")
     p.add_argument("--no-baselines", action="store_true", help="skip EASE^R and implicit ALS")
     add_baseline_args(p)

@@ -98,6 +98,24 @@ def load_source(source: dict[str, Any]) -> Any:
                       max_id_len=load_settings().max_id_len)  # fmt: skip
 
 
+def trained_bundle(bundle: Path) -> Any:
+    """The manifest of a bundle ``recsvc train`` wrote, every file checked against it (as publish does).
+
+    A damaged bundle would otherwise be evaluated as it is (a flipped byte in the embeddings changes
+    the figures, exit 0) or fail inside ONNX Runtime. A catalog update (``update-catalog``) is refused:
+    it keeps its parent's models, and the data has no interactions with the items it adds.
+    """
+    from recsvc.bundle import verify_bundle
+
+    manifest = verify_bundle(bundle)
+    update = manifest.extra.get("catalog_update")
+    if update:
+        raise ConfigError(f"{bundle} is a catalog update (recsvc update-catalog) of the bundle whose manifest "
+                          f"checksum starts {update.get('parent')}: it has that bundle's models, and the data holds "
+                          "no interaction with the items it adds; use the bundle it was made from")  # fmt: skip
+    return manifest
+
+
 def bundle_dataset(args: argparse.Namespace, bundle: Path) -> Any:
     """The data ``bundle`` was trained on: what ``args`` name, else what its manifest records.
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -135,3 +136,21 @@ def test_workers_share_the_embedded_store_without_a_local_l2() -> None:
         shared = load_settings(env)
         assert shared.shares_sqlite and shared.resolved_l2() == "none"
     assert not load_settings({"RECSVC_WORKERS": "2", "RECSVC_HISTORY_STORE": "redis"}).shares_sqlite
+
+
+@pytest.mark.parametrize(("url", "problem"), [
+    ("bogus:::", "expected host:port, got 'bogus:::'"),
+    ("triton", "expected host:port, got 'triton'"),
+    ("127.0.0.1:99999", "port 99999 of '127.0.0.1:99999' is not in 1..65535"),
+    ("h:0", "port 0 of 'h:0' is not in 1..65535"),
+])  # fmt: skip
+def test_triton_url_must_be_a_grpc_address(url: str, problem: str) -> None:
+    """gRPC would wrap port 99999 to 34463, and a malformed one fails only when dialled (after a publish)."""
+    with pytest.raises(ConfigError, match=re.escape(f"setting 'triton_url': {problem}")):
+        load_settings(env={"RECSVC_TRITON_URL": url})
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8001", "shop-recsvc-triton-admin:8001", "[::1]:8001", "dns:///triton:8001",
+                                 "unix:/run/triton.sock"])  # fmt: skip
+def test_triton_url_takes_host_port_and_grpc_schemes(url: str) -> None:
+    assert load_settings(env={"RECSVC_TRITON_URL": url}).triton_url == url

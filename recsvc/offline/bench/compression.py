@@ -34,7 +34,7 @@ QUICK_USERS = 200
 
 def register(subparsers: Any) -> None:
     """Add the ``compress`` command to ``recsvc``'s subparsers."""
-    from recsvc.offline.data_options import add_data_args, add_split_args
+    from recsvc.offline.data_options import add_data_args, add_split_args, fraction, positive_int
 
     p = subparsers.add_parser("compress", help="compare the ranker as FP32, FP16, INT8, distilled and pruned: quality, "
                               "latency, throughput, size", description=DESCRIPTION,
@@ -43,17 +43,21 @@ def register(subparsers: Any) -> None:
     add_data_args(p, default=None)
     p.add_argument("--out", type=Path, help="where the variants and the report go (default BUNDLE.compressed)")
     add_split_args(p, default_note="default: the split the bundle was trained with, else 5")
-    p.add_argument("--eval-users", type=int, default=20_000, help="evaluate on at most this many test users")
+    p.add_argument("--eval-users", type=positive_int, default=20_000,
+                   help="evaluate on at most this many test users")
     # The names are recsvc.offline.models.compression.VARIANTS, spelled out: importing it here would load torch.
     p.add_argument("--variants", type=lambda text: [v for v in text.split(",") if v],
                    help="comma-separated subset of fp32,fp16,int8,int8-static,distilled,pruned (fp32 is always "
                         "measured; default all, without pruned for a bundle that has no ranker.pt)")  # fmt: skip
-    p.add_argument("--student-dim", type=int, default=16, help="embedding width of the distilled ranker (default 16)")
-    p.add_argument("--student-hidden", type=int, default=32, help="first MLP layer width of the distilled ranker")
-    p.add_argument("--distill-epochs", type=int, default=4, help="distillation epochs (default 4; --quick: 1)")
-    p.add_argument("--prune-fraction", type=float, default=0.5,
+    p.add_argument("--student-dim", type=positive_int, default=16,
+                   help="embedding width of the distilled ranker (default 16)")
+    p.add_argument("--student-hidden", type=positive_int, default=32,
+                   help="first MLP layer width of the distilled ranker")
+    p.add_argument("--distill-epochs", type=positive_int, default=4,
+                   help="distillation epochs (default 4; --quick: 1)")
+    p.add_argument("--prune-fraction", type=fraction, default=0.5,
                    help="share of the ranker's embedding dims and MLP hidden units pruned (default 0.5)")
-    p.add_argument("--prune-epochs", type=int, default=2,
+    p.add_argument("--prune-epochs", type=positive_int, default=2,
                    help="fine-tuning epochs after pruning (default 2; --quick: 1)")
     p.add_argument("--quick", action="store_true",
                    help=f"smoke run: 1 distillation epoch on 20k examples, {QUICK_USERS} test users, short timing")
@@ -62,15 +66,14 @@ def register(subparsers: Any) -> None:
 
 def run_compress(args: argparse.Namespace) -> int:
     """The ``compress`` handler: build and measure the variants, print the table; the exit code."""
-    from recsvc.bundle import read_manifest
     from recsvc.offline.data import time_split
-    from recsvc.offline.data_options import bundle_dataset, split_protocol
+    from recsvc.offline.data_options import bundle_dataset, split_protocol, trained_bundle
 
     # Imported here, not at the top: `recsvc --help` and every other command would otherwise pay for torch.
     from recsvc.offline.models.compression import BenchConfig, DistillConfig, PruneConfig, compress
 
     # The data the bundle was trained on (recorded in it), unless the options name other data.
-    protocol = split_protocol(args, read_manifest(args.bundle).extra.get("split"))
+    protocol = split_protocol(args, trained_bundle(args.bundle).extra.get("split"))
     split = time_split(bundle_dataset(args, args.bundle), **protocol)
     out = args.out if args.out is not None else args.bundle.with_name(args.bundle.name + ".compressed")
     student = {"dim": args.student_dim, "hidden": args.student_hidden}

@@ -30,7 +30,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from recsvc.config import Settings
+from recsvc.config import Settings, target_problem
 from recsvc.errors import ConfigError
 
 from .loadgen import Level, LevelResult, LoadGenerator
@@ -88,6 +88,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     levels += [Level("open", r, args.duration, args.warmup) for r in args.rate]
     if not levels:
         raise ConfigError("nothing to run: give --concurrency and/or --rate levels")
+    if args.target is not None and (problem := target_problem(args.target)) is not None:
+        raise ConfigError(f"--target: {problem}")
     settings = load_settings()
     out = args.out or Path("var") / "bench" / dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
     out.mkdir(parents=True, exist_ok=True)

@@ -529,6 +529,12 @@ def _paired_delta(a: npt.NDArray[np.float64], b: npt.NDArray[np.float64]) -> tup
     return float(diff.mean()), float(diff.std(ddof=1) / math.sqrt(len(diff)))
 
 
+def _remove_outputs(out_dir: Path) -> None:
+    """What ``compress`` writes into its folder (the variants and the report), nothing else."""
+    for path in [*out_dir.glob("ranker.*.onnx"), out_dir / "report.json", out_dir / "report.md"]:
+        path.unlink(missing_ok=True)
+
+
 def compress(
     bundle: Path,
     train: Dataset,
@@ -558,49 +564,59 @@ def compress(
         raise BundleError(f"{bundle} has no ranker.pt (bundles from `recsvc train` before the gpu-torch target "
                           "lack it): the pruned variant needs the trained weights; leave it out of the variants "
                           "or retrain the bundle")  # fmt: skip
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
-    src = bundle / "ranker.onnx"
-    builders: dict[str, Callable[[Path], object]] = {
-        "fp32": lambda dst: shutil.copyfile(src, dst),
-        "fp16": lambda dst: write_fp16(src, dst),
-        "int8": lambda dst: write_int8(src, dst, method="dynamic"),
-        "int8-static": lambda dst: write_int8(src, dst, method="static", samples=samples),
-        "distilled": lambda dst: export_ranker(distill_ranker(bundle, train, distill), manifest.history_len,
-                                               manifest.num_candidates, dst),
-        "pruned": lambda dst: export_ranker(prune_ranker(bundle, train, prune), manifest.history_len,
-                                            manifest.num_candidates, dst),
-    }  # fmt: skip
-    paths = {name: out_dir / f"ranker.{name}.onnx" for name in VARIANTS if name == "fp32" or name in variants}
-    for name, path in paths.items():
-        log.info("writing the %s variant to %s", name, path)
-        builders[name](path)
+    # The folder holds one run's variants and report: an earlier run's go first (a variant not asked for
+    # this time would sit beside a report that does not list it), and this run's if it fails.
+    _remove_outputs(out_dir)
+    try:
+        src = bundle / "ranker.onnx"
+        builders: dict[str, Callable[[Path], object]] = {
+            "fp32": lambda dst: shutil.copyfile(src, dst),
+            "fp16": lambda dst: write_fp16(src, dst),
+            "int8": lambda dst: write_int8(src, dst, method="dynamic"),
+            "int8-static": lambda dst: write_int8(src, dst, method="static", samples=samples),
+            "distilled": lambda dst: export_ranker(distill_ranker(bundle, train, distill), manifest.history_len,
+                                                   manifest.num_candidates, dst),
+            "pruned": lambda dst: export_ranker(prune_ranker(bundle, train, prune), manifest.history_len,
+                                                manifest.num_candidates, dst),
+        }  # fmt: skip
+        paths = {name: out_dir / f"ranker.{name}.onnx" for name in VARIANTS if name == "fp32" or name in variants}
+        for name, path in paths.items():
+            log.info("writing the %s variant to %s", name, path)
+            builders[name](path)
 
-    log.info("evaluating %d variants on the time split", len(paths))
-    reports = {name: evaluate_bundle(bundle, train, test, k=k, max_users=max_users, ranker=path)
-               for name, path in paths.items()}  # fmt: skip
-    scores = {name: make_session(path, intra_op_threads=2).run(["SCORES"], dict(samples))[0]
-              for name, path in paths.items()}  # fmt: skip
-    log.info("timing %d variants on %d sample rows", len(paths), len(samples["HISTORY"]))
-    timings = benchmark(paths, samples, bench, clock=clock)
+        log.info("evaluating %d variants on the time split", len(paths))
+        reports = {name: evaluate_bundle(bundle, train, test, k=k, max_users=max_users, ranker=path)
+                   for name, path in paths.items()}  # fmt: skip
+        scores = {name: make_session(path, intra_op_threads=2).run(["SCORES"], dict(samples))[0]
+                  for name, path in paths.items()}  # fmt: skip
+        log.info("timing %d variants on %d sample rows", len(paths), len(samples["HISTORY"]))
+        timings = benchmark(paths, samples, bench, clock=clock)
 
-    ranked = "retrieval+ranking"
-    base = reports["fp32"]
-    deltas = {name: _paired_delta(r.user_ndcg[ranked], base.user_ndcg[ranked]) for name, r in reports.items()}
-    rows = tuple(
-        VariantResult(name=name, path=path, size_bytes=path.stat().st_size, recall=reports[name].recall[ranked],
-                      ndcg=reports[name].ndcg[ranked], ndcg_delta=deltas[name][0], ndcg_delta_se=deltas[name][1],
-                      auc=reports[name].auc[ranked], rank_corr=rank_correlation(scores[name], scores["fp32"]),
-                      timing=timings[name])
-        for name, path in paths.items()
-    )  # fmt: skip
-    floor = _paired_delta(base.user_ndcg["retrieval"], base.user_ndcg[ranked])
-    report = CompressionReport(
-        bundle=str(bundle), k=k, users=base.users, auc_users=base.auc_users, samples=len(samples["HISTORY"]),
-        num_candidates=manifest.num_candidates,
-        retrieval={"recall": base.recall["retrieval"], "ndcg": base.ndcg["retrieval"], "ndcg_delta": floor[0],
-                   "ndcg_delta_se": floor[1], "auc": base.auc["retrieval"]},
-        variants=rows, distill=distill, bench=bench,
-    )  # fmt: skip
-    (out_dir / "report.json").write_bytes(report.to_json())
-    (out_dir / "report.md").write_text(report.table() + "\n", encoding="utf-8")
+        ranked = "retrieval+ranking"
+        base = reports["fp32"]
+        deltas = {name: _paired_delta(r.user_ndcg[ranked], base.user_ndcg[ranked]) for name, r in reports.items()}
+        rows = tuple(
+            VariantResult(name=name, path=path, size_bytes=path.stat().st_size, recall=reports[name].recall[ranked],
+                          ndcg=reports[name].ndcg[ranked], ndcg_delta=deltas[name][0], ndcg_delta_se=deltas[name][1],
+                          auc=reports[name].auc[ranked], rank_corr=rank_correlation(scores[name], scores["fp32"]),
+                          timing=timings[name])
+            for name, path in paths.items()
+        )  # fmt: skip
+        floor = _paired_delta(base.user_ndcg["retrieval"], base.user_ndcg[ranked])
+        report = CompressionReport(
+            bundle=str(bundle), k=k, users=base.users, auc_users=base.auc_users, samples=len(samples["HISTORY"]),
+            num_candidates=manifest.num_candidates,
+            retrieval={"recall": base.recall["retrieval"], "ndcg": base.ndcg["retrieval"], "ndcg_delta": floor[0],
+                       "ndcg_delta_se": floor[1], "auc": base.auc["retrieval"]},
+            variants=rows, distill=distill, bench=bench,
+        )  # fmt: skip
+        (out_dir / "report.json").write_bytes(report.to_json())
+        (out_dir / "report.md").write_text(report.table() + "\n", encoding="utf-8")
+    except BaseException:
+        _remove_outputs(out_dir)
+        if created:
+            shutil.rmtree(out_dir, ignore_errors=True)
+        raise
     return report

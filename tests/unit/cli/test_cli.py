@@ -394,3 +394,68 @@ def test_the_blend_learns_on_the_hold_out_protocols_shape_unless_told() -> None:
     assert validation_carve(ns(test_per_user=3)) == {"validation_per_user": 3}
     assert validation_carve(ns(test_fraction=0.2)) == {"validation_fraction": 0.2}
     assert validation_carve(ns(test_fraction=0.2, validation_fraction=0.1)) == {"validation_fraction": 0.1}
+
+
+@pytest.mark.parametrize("command", ["evaluate", "compress"])
+def test_evaluate_and_compress_check_the_bundle_first(
+    tmp_path: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    """As publish does: a damaged bundle would be measured as it is, or fail inside ONNX Runtime."""
+    damaged = tmp_path / "damaged"
+    shutil.copytree(tiny_bundle, damaged)
+    embeddings = damaged / "item_embeddings.npy"
+    data = bytearray(embeddings.read_bytes())
+    data[-8:] = bytes(8)
+    embeddings.write_bytes(bytes(data))
+    assert main([command, str(damaged)]) == 2
+    _one_error_line(capsys.readouterr().err, f"recsvc {command}: bundle {damaged}: item_embeddings.npy checksum ")
+    shutil.copyfile(tiny_bundle / "item_embeddings.npy", embeddings)
+    (damaged / "ranker.onnx").unlink()
+    assert main([command, str(damaged)]) == 2
+    assert "file ranker.onnx is missing" in capsys.readouterr().err
+    # A catalog update keeps its parent's models; its added items have no interactions in the data.
+    update = tmp_path / "update"
+    shutil.copytree(tiny_bundle, update)
+    update_extra(update, {"catalog_update": {"parent": "0123456789ab", "added": 1}})
+    assert main([command, str(update)]) == 2
+    _one_error_line(capsys.readouterr().err, f"recsvc {command}: {update} is a catalog update (recsvc update-catalog)"
+                    " of the bundle whose manifest checksum starts 0123456789ab")  # fmt: skip
+    (tmp_path / "afile").write_text("x")
+    assert main([command, str(tmp_path / "afile")]) == 2
+    _one_error_line(capsys.readouterr().err, f"recsvc {command}: {tmp_path / 'afile'} is not a bundle: a bundle is a "
+                    "directory")  # fmt: skip
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--epochs", "0"], ["train", "--ranker-epochs", "-1"], ["evaluate", "B", "--eval-users", "0"],
+    ["compress", "B", "--eval-users", "-5"], ["compress", "B", "--prune-fraction", "1.5"],
+    ["compress", "B", "--distill-epochs", "0"],
+])  # fmt: skip
+def test_counts_and_fractions_out_of_range_are_usage_errors(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    flag = next(a for a in argv if a.startswith("--"))
+    _one_error_line(capsys.readouterr().err.splitlines()[-1], f"recsvc {argv[0]}: argument {flag}: expected ")
+
+
+@pytest.mark.parametrize("argv", [["recommend", "u1", "--target", "127.0.0.1:99999"],
+                                  ["bench", "--target", "127.0.0.1:99999", "--concurrency", "1"]])  # fmt: skip
+def test_a_target_port_out_of_range_is_refused_not_wrapped(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(argv) == 2
+    _one_error_line(capsys.readouterr().err, f"recsvc {argv[0]}: --target: port 99999 of '127.0.0.1:99999' is not "
+                    "in 1..65535")  # fmt: skip
+
+
+def test_train_does_not_overwrite_a_bundle(
+    tmp_path: Path, tiny_bundle: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "b"
+    shutil.copytree(tiny_bundle, out)
+    before = (out / "manifest.json").read_bytes()
+    assert main(["train", "--dataset", "synthetic", "--synthetic-users", "50", "--out", str(out)]) == 2
+    _one_error_line(capsys.readouterr().err, f"recsvc train: --out {out} already holds a bundle; a bundle is "
+                    "written once")  # fmt: skip
+    assert (out / "manifest.json").read_bytes() == before

@@ -248,3 +248,28 @@ def test_unknown_variant_is_refused(tmp_path: Path, tiny_bundle: Path, tiny_data
     split = time_split(tiny_dataset)
     with pytest.raises(ConfigError, match="unknown variants int4"):
         compress(tiny_bundle, split.train, split.test, tmp_path, variants=["int4"])
+
+
+def test_the_folder_holds_one_runs_variants_and_a_failed_run_leaves_none(
+    tmp_path: Path, tiny_bundle: Path, tiny_dataset: Dataset, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    split = time_split(tiny_dataset)
+    out = tmp_path / "out"
+    compress(tiny_bundle, split.train, split.test, out, variants=["int8"], bench=TINY_BENCH)
+    assert sorted(p.name for p in out.iterdir()) == ["ranker.fp32.onnx", "ranker.int8.onnx", "report.json",
+                                                       "report.md"]  # fmt: skip
+    (out / "notes.txt").write_text("mine")
+    compress(tiny_bundle, split.train, split.test, out, variants=["fp16"], bench=TINY_BENCH)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt", "ranker.fp16.onnx", "ranker.fp32.onnx",
+                                                       "report.json", "report.md"]  # fmt: skip
+
+    def fail(*_: object, **__: object) -> None:
+        raise RuntimeError("evaluation failed")
+
+    monkeypatch.setattr("recsvc.offline.models.compression.evaluate_bundle", fail)
+    with pytest.raises(RuntimeError):
+        compress(tiny_bundle, split.train, split.test, out, variants=["int8"], bench=TINY_BENCH)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]   # what it did not write stays
+    with pytest.raises(RuntimeError):
+        compress(tiny_bundle, split.train, split.test, tmp_path / "new", variants=["int8"], bench=TINY_BENCH)
+    assert not (tmp_path / "new").exists()
