@@ -75,7 +75,7 @@ def update_deny_list(path: Path, *, add: Iterable[str] = (), remove: Iterable[st
 
     SKUs to add must be valid ids (recsvc/ids.py); InvalidArgument names the first that is not.
     """
-    add, remove = [check_id("sku", s, max_id_len) for s in add], set(remove)
+    add, remove = [check_id(f"sku {s!r}", s, max_id_len) for s in add], set(remove)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)

@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from recsvc.cli._common import Parser, options, settings_of
+from recsvc.errors import ConfigError
 
 __all__ = ["register"]
 
@@ -32,12 +33,20 @@ def cmd_deny(args: argparse.Namespace) -> int:
     settings = settings_of(args)
     path = settings.resolved_deny_list()
     skus_given = getattr(args, "skus", [])
+    if args.action != "add" and not path.parent.is_dir():
+        # Only add creates it: a list of a folder that is not there would read as an empty deny list.
+        raise ConfigError(f"no folder {path.parent} (--data-dir or RECSVC_DATA_DIR misspelt?); nothing is denied "
+                          "there yet")  # fmt: skip
     if args.action == "list":
         skus = read_deny_list(path)
     else:
+        before = read_deny_list(path)
         skus = update_deny_list(path, add=skus_given if args.action == "add" else (),
                                 remove=skus_given if args.action == "remove" else (), clear=args.action == "clear",
                                 max_id_len=settings.max_id_len)  # fmt: skip
+        if args.action == "remove":
+            for sku in (s for s in skus_given if s not in before):
+                print(f"{sku!r} was not on the deny list", file=sys.stderr)
     for sku in sorted(skus):
         print(sku)
     print(f"{len(skus)} SKUs denied ({path})", file=sys.stderr)

@@ -139,7 +139,13 @@ def test_deny_takes_skus_and_options_in_any_order(tmp_path: Path, capsys: pytest
     assert exit_.value.code == 2
     _one_error_line(capsys.readouterr().err, "recsvc deny add: the following arguments are required: SKU")
     assert main(["deny", "add", " padded", "--data-dir", d]) == 2         # what the API refuses, refused
-    _one_error_line(capsys.readouterr().err, "recsvc deny: sku: must not start or end with whitespace")
+    _one_error_line(capsys.readouterr().err, "recsvc deny: sku ' padded': must not start or end with whitespace")
+    assert main(["deny", "remove", "NOPE", "--data-dir", d]) == 0          # removed or not, it is not denied
+    assert "'NOPE' was not on the deny list" in capsys.readouterr().err
+    missing = str(Path(d) / "misspelt")
+    assert main(["deny", "list", "--data-dir", missing]) == 2
+    _one_error_line(capsys.readouterr().err, f"recsvc deny: no folder {missing} (--data-dir or RECSVC_DATA_DIR "
+                    "misspelt?)")  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------- data
