@@ -162,7 +162,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from recsvc.offline.data import time_split
     from recsvc.offline.models.evaluate import evaluate_bundle
 
-    protocol = split_protocol(args, trained_bundle(args.bundle).extra.get("split"))
+    manifest = trained_bundle(args.bundle)
+    if args.k > manifest.num_candidates:
+        # The served methods return at most C items, popularity and the baselines k: the rows would not compare.
+        raise ConfigError(f"--k {args.k}: more than the {manifest.num_candidates} candidates the bundle ranks")
+    protocol = split_protocol(args, manifest.extra.get("split"))
     split = time_split(bundle_dataset(args, args.bundle), **protocol)
     peers = [] if args.no_baselines else fit_baselines(args, split.train)
     report = evaluate_bundle(args.bundle, split.train, split.test, k=args.k, max_users=args.eval_users,

@@ -426,6 +426,10 @@ def test_evaluate_and_compress_check_the_bundle_first(
     assert main([command, str(update)]) == 2
     _one_error_line(capsys.readouterr().err, f"recsvc {command}: {update} is a catalog update (recsvc update-catalog)"
                     " of the bundle whose manifest checksum starts 0123456789ab")  # fmt: skip
+    if command == "evaluate":
+        assert main([command, str(tiny_bundle), "--k", "21"]) == 2
+        _one_error_line(capsys.readouterr().err, "recsvc evaluate: --k 21: more than the 20 candidates the bundle "
+                        "ranks")  # fmt: skip
     (tmp_path / "afile").write_text("x")
     assert main([command, str(tmp_path / "afile")]) == 2
     _one_error_line(capsys.readouterr().err, f"recsvc {command}: {tmp_path / 'afile'} is not a bundle: a bundle is a "
