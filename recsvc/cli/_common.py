@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any, NoReturn
 
 from recsvc.config import Settings, load_settings
 
-__all__ = ["DEMO_USER", "Parser", "latest_catalog", "options", "print_recommendation", "settings_of"]
+__all__ = ["DEMO_USER", "Parser", "options", "print_recommendation", "settings_of", "version_catalog"]
 
 # Demo user for MovieLens: ~200 ratings, mostly sci-fi and action, so the answer is visibly personal.
 DEMO_USER = "41"
@@ -64,12 +65,24 @@ def print_recommendation(rec: Any, catalog: Any, user: str) -> None:
         print(f"  {rank:2d}. {item.item_id:>10}  {item.score:8.3f}  {title}")
 
 
-def latest_catalog(settings: Settings) -> Any:
-    """The newest published version's catalog, or None before the first publish."""
+def version_catalog(settings: Settings, version: str) -> Any:
+    """The catalog of the model version that answered, from the local model repository; None if it is not there.
+
+    That version's, not the newest one's: after a publish or a catalog update the two differ. Missing (run
+    away from the checkout, or against a remote server) says so on stderr, so blank titles do not look
+    like items without one.
+    """
     from recsvc.catalog import Catalog
     from recsvc.repository import latest_version
 
-    version = latest_version(settings.model_repository, settings.triton_model)
-    if version is None:
+    if not version:                              # an answer that names no version: the newest published one
+        newest = latest_version(settings.model_repository, settings.triton_model)
+        if newest is None:
+            return None
+        version = str(newest)
+    path = settings.model_repository / settings.triton_model / str(version) / "bundle" / "items.parquet"
+    if not path.is_file():
+        print(f"(no titles: model version {version} is not in {settings.model_repository}; --model-repository "
+              "or RECSVC_MODEL_REPOSITORY names the server's)", file=sys.stderr)  # fmt: skip
         return None
-    return Catalog.read(settings.model_repository / settings.triton_model / str(version) / "bundle" / "items.parquet")
+    return Catalog.read(path)

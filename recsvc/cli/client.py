@@ -10,7 +10,7 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from recsvc.cli._common import latest_catalog, options, print_recommendation, settings_of
+from recsvc.cli._common import options, print_recommendation, settings_of, version_catalog
 from recsvc.config import Settings, target_problem
 from recsvc.errors import ConfigError
 
@@ -43,7 +43,8 @@ def cmd_recommend(args: argparse.Namespace) -> int:
         async with _client(args, settings) as client:
             return await client.recommend(args.user, args.k, context=args.context, exclude=args.exclude)
 
-    print_recommendation(asyncio.run(run()), latest_catalog(settings), args.user)
+    rec = asyncio.run(run())
+    print_recommendation(rec, version_catalog(settings, rec.model_version), args.user)
     return 0
 
 
@@ -81,7 +82,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
             p.add_argument("--exclude", nargs="*", default=[], metavar="ITEM", help="items never to return")
         else:
             p.add_argument("item", help="item id (SKU) the user acted on")
-            p.add_argument("--type", choices=["view", "cart", "purchase"], default="view",
+            p.add_argument("--type", type=str.lower, choices=["view", "cart", "purchase"], default="view",
                            help="what the user did (default view)")
             p.add_argument("--event-id", help="your id for this event; the server stores an event id once per user "
                                               "(default: a fresh random id)")  # fmt: skip

@@ -4,17 +4,19 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Any
 
-from recsvc.cli._common import DEMO_USER, latest_catalog, options, print_recommendation, settings_of
+from recsvc.cli._common import DEMO_USER, options, print_recommendation, settings_of, version_catalog
 from recsvc.cli.training import add_train_args, train_bundle
 from recsvc.config import Settings
 from recsvc.errors import ConfigError
 from recsvc.offline.data_options import add_data_args, data_source, load_source
 
-__all__ = ["register"]
+__all__ = ["how_to_query", "register"]
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -78,11 +80,14 @@ def cmd_up(args: argparse.Namespace) -> int:
     """
     import datetime as dt
 
-    from recsvc.bundle import read_manifest
+    from recsvc.bundle import read_manifest, sha256_file
     from recsvc.repository import latest_version, publish, version_dir
 
     settings = settings_of(args)
     source = data_source(args)
+    # The files' contents, recorded with the model: a re-run on an export that changed in place would
+    # otherwise look like the same data and serve the old model and histories.
+    digests = {k: sha256_file(Path(source[k])) for k in ("interactions", "items") if source.get(k)}
     repo, model = settings.model_repository, settings.triton_model
     latest = latest_version(repo, model)
     served = None
@@ -92,6 +97,18 @@ def cmd_up(args: argparse.Namespace) -> int:
         served = manifest.extra.get("data_source") or ({"dataset": "movielens"} if manifest.dataset == "movielens"
                                                        else {"dataset": manifest.dataset})  # fmt: skip
     ds = load_source(source)
+    if served is not None and "sha256" in served:
+        trained_on = served["sha256"]
+        served = {k: v for k, v in served.items() if k != "sha256"}
+        same_files = served == source
+        changed = [source[k] for k, digest in trained_on.items() if same_files and digests.get(k) != digest]
+        if changed:
+            if asyncio.run(_has_users(settings)):
+                raise ConfigError(f"{', '.join(changed)} changed since {model} version {latest} in {repo} was "
+                                  f"trained on it, and the history store {_where(settings)} holds the old export's "
+                                  "users: start the new export in a fresh place (--data-dir DIR --model-repository "
+                                  "DIR2)")  # fmt: skip
+            served = None                    # nothing seeded from the old export: train on the new one
     if served != source:
         if latest is not None and asyncio.run(_has_users(settings)):
             # Seeding this data on top of another's histories would mix two shops' users.
@@ -100,7 +117,8 @@ def cmd_up(args: argparse.Namespace) -> int:
                               "--model-repository DIR2)")  # fmt: skip
         print(f"training on {ds.name} ({'first run' if latest is None else 'new data'}; `up` reuses the model after)")
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%S")
-        bundle = train_bundle(args, settings.data_dir / "bundles" / f"{source['dataset']}-{stamp}", ds, source)
+        recorded = {**source, "sha256": digests} if digests else source
+        bundle = train_bundle(args, settings.data_dir / "bundles" / f"{source['dataset']}-{stamp}", ds, recorded)
         version = publish(bundle, repo, model)
         print(f"published as {model} version {version}")
     if not asyncio.run(_seed(settings, ds)):
@@ -116,6 +134,18 @@ def cmd_up(args: argparse.Namespace) -> int:
     from recsvc.server.event_loop import run
 
     return run(_up(settings, demo_user, who, exit_after_demo=args.exit_after_demo), settings.event_loop)
+
+
+def how_to_query(target: str, user: str, item: str) -> str:
+    """The commands ``up`` prints to try the server, quoted for a POSIX shell (ids may hold spaces or quotes)."""
+    body = shlex.quote(json.dumps({"user_id": user, "k": 5}, ensure_ascii=False))
+    user, item = shlex.quote(user), shlex.quote(item)
+    return ("\nQuery it yourself (server reflection is on):\n"
+            f"  grpcurl -plaintext -d {body} {target} recsvc.v1.Recommender/Recommend\n"
+            f"  .venv/bin/recsvc recommend {user} --k 5 --target {target}\n"
+            f"  .venv/bin/recsvc record {user} {item} --type view --target {target}\n"
+            f"  grpcurl -plaintext {target} grpc.health.v1.Health/Check\n"
+            "Ctrl-C stops the server and Triton.")  # fmt: skip
 
 
 async def _has_users(settings: Settings) -> bool:
@@ -149,21 +179,12 @@ async def _up(settings: Settings, demo_user: str, who: str, *, exit_after_demo: 
             target = f"{settings.host}:{port}"
             async with RecsvcClient(target) as client:
                 rec = await client.recommend(demo_user, 10)
-            catalog = latest_catalog(settings)
+            catalog = version_catalog(settings, rec.model_version)
             print(f"\nrecsvc is serving on {target}. {who}:")
             for title in await _recent_titles(settings, demo_user, catalog, 8):
                 print(f"  - {title}")
             print_recommendation(rec, catalog, demo_user)
-            item = rec.items[0].item_id if rec.items else "ITEM"
-            print(
-                "\nQuery it yourself (server reflection is on):\n"
-                f"  grpcurl -plaintext -d '{{\"user_id\": \"{demo_user}\", \"k\": 5}}' {target} "
-                "recsvc.v1.Recommender/Recommend\n"
-                f"  .venv/bin/recsvc recommend {demo_user} --k 5 --target {target}\n"
-                f"  .venv/bin/recsvc record {demo_user} {item} --type view --target {target}\n"
-                f"  grpcurl -plaintext {target} grpc.health.v1.Health/Check\n"
-                "Ctrl-C stops the server and Triton."
-            )
+            print(how_to_query(target, demo_user, rec.items[0].item_id if rec.items else "ITEM"))
             if exit_after_demo:
                 stop.set()
             await server

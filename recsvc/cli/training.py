@@ -163,7 +163,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from recsvc.offline.models.evaluate import evaluate_bundle
 
     manifest = trained_bundle(args.bundle)
-    if args.k > manifest.num_candidates:
+    if args.k is None:
+        args.k = min(10, manifest.num_candidates)
+    elif args.k > manifest.num_candidates:
         # The served methods return at most C items, popularity and the baselines k: the rows would not compare.
         raise ConfigError(f"--k {args.k}: more than the {manifest.num_candidates} candidates the bundle ranks")
     protocol = split_protocol(args, manifest.extra.get("split"))
@@ -196,7 +198,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser], common: a
     add_data_args(p, default=None)
     add_split_args(p, default_note="default: the split the bundle was trained with, else 5")
     p.add_argument("--eval-users", type=positive_int, default=20_000, help="evaluate on at most this many users")
-    p.add_argument("--k", type=int, default=10, help="recall@k and NDCG@k (default 10)")
+    p.add_argument("--k", type=positive_int, help="recall@k and NDCG@k (default 10, or the bundle's candidate count "
+                   "when smaller)")
     p.add_argument("--no-baselines", action="store_true", help="skip EASE^R and implicit ALS")
     add_baseline_args(p)
     p.set_defaults(func=cmd_evaluate)

@@ -79,7 +79,8 @@ def events_from_proto(request: pb.RecordEventsRequest, settings: Settings, now: 
             if ts <= 0:
                 raise InvalidArgument(f"{field}.timestamp", "must be after 1970-01-01")
             if ts > now + MAX_FUTURE_S:
-                raise InvalidArgument(f"{field}.timestamp", f"is {ts - now:.0f} s in the future")
+                raise InvalidArgument(f"{field}.timestamp", f"is {ts - now:.0f} s in the future (at most "
+                                                            f"{MAX_FUTURE_S:.0f} s ahead: clock skew)")
         else:
             ts = now
         # Optional: "" means none was sent; any other value is an id like the others.

@@ -66,6 +66,12 @@ def test_up_serves_the_users_own_files(tmp_path: Path) -> None:
     again = subprocess.run(up, env=env, capture_output=True, text=True, timeout=120)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "training" not in again.stdout and "already seeded" in again.stdout
+    # The export changed in place: serving the old model and histories as if it were the same is refused.
+    with events.open("a") as f:
+        f.write("new-user,NEW SKU,view,1700000000\n")
+    changed = subprocess.run(up, env=env, capture_output=True, text=True, timeout=120)
+    assert changed.returncode == 2 and "Traceback" not in changed.stderr
+    assert changed.stderr.strip().splitlines()[-1].startswith(f"recsvc up: {events} changed since ranker version 1")
     # MovieLens on top of this shop's histories would mix two shops' users: refused, one line.
     other = subprocess.run([sys.executable, "-m", "recsvc.cli", "up", "--exit-after-demo"], env=env,
                            capture_output=True, text=True, timeout=120)  # fmt: skip

@@ -469,3 +469,36 @@ def test_train_does_not_overwrite_a_bundle(
     _one_error_line(capsys.readouterr().err, f"recsvc train: --out {out} already holds a bundle; a bundle is "
                     "written once")  # fmt: skip
     assert (out / "manifest.json").read_bytes() == before
+
+
+def test_the_commands_up_prints_survive_a_shell_with_a_shops_ids() -> None:
+    """Copied into a shell, each printed command gets the ids whole (spaces, quotes, unicode)."""
+    import shlex
+
+    from recsvc.cli.serving import how_to_query
+
+    user, item = "user 2's \"café\"", "SKU 12"
+    lines = [line.strip() for line in how_to_query("127.0.0.1:50051", user, item).splitlines() if line.strip()]
+    grpcurl, recommend, record = (shlex.split(line) for line in lines[1:4])
+    assert json.loads(grpcurl[3]) == {"user_id": user, "k": 5}
+    assert recommend[:3] == [".venv/bin/recsvc", "recommend", user]
+    assert record[:4] == [".venv/bin/recsvc", "record", user, item]
+
+
+def test_titles_come_from_the_version_that_answered(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from recsvc.cli._common import version_catalog
+
+    settings = Settings(model_repository=tmp_path / "repo")
+    for version, title in (("1", "Old hat"), ("2", "New hat")):
+        folder = tmp_path / "repo" / settings.triton_model / version / "bundle"
+        folder.mkdir(parents=True)
+        pd.DataFrame({"item_id": ["h"], "title": [title], "category": ["hats"]}).to_parquet(folder / "items.parquet")
+    assert version_catalog(settings, "1").title("h") == "Old hat"      # not the newest version's
+    assert version_catalog(settings, "2").title("h") == "New hat"
+    assert version_catalog(settings, "") is None                       # no version named, none complete
+    assert version_catalog(settings, "7") is None
+    assert "(no titles: model version 7 is not in " in capsys.readouterr().err
+
+
+def test_record_takes_the_event_type_in_any_case_as_files_do() -> None:
+    assert _parser().parse_args(["record", "u1", "i1", "--type", "CART"]).type == "cart"
