@@ -16,11 +16,16 @@ bug) fails every item it had taken or that is still queued, with ``closed_error`
 the owner names a more precise one, e.g. ``RankerUnavailable`` so the pipeline degrades). A runner that
 ended without ``close`` is started again by the next ``submit``. A caller gives up on its own by being
 cancelled (e.g. by its deadline): that cancels only its own future, never the batch others share.
+
+Log records of a batch carry the request ids of all its callers (``recsvc.logs.request_id``, comma-separated):
+the runner starts in an empty context, not in that of the call that happened to start it, whose id every
+later batch would otherwise inherit.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import logging
 import time
@@ -30,6 +35,7 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from recsvc.errors import Unavailable
+from recsvc.logs import request_id
 from recsvc.tasks import cancel_and_wait
 
 __all__ = ["Coalescer"]
@@ -48,6 +54,7 @@ class _Pending(Generic[T, R]):
     rows: int
     key: Hashable
     future: asyncio.Future[R]
+    request_id: str                      # the caller's, for the batch's log records
 
 
 Answer = Callable[[int, R], None]
@@ -102,10 +109,10 @@ class Coalescer(Generic[T, R]):
             raise self._closed_error(f"the {self._name} queue is closed")
         if self._runner is None:
             # Started on first use, in the running loop; owned here and cancelled by close().
-            self._runner = asyncio.create_task(self._run(), name=self._name)
+            self._runner = asyncio.create_task(self._run(), name=self._name, context=contextvars.Context())
             self._runner.add_done_callback(self._runner_done)
         future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._items.append(_Pending(item, self._rows(item), self._key(item), future))
+        self._items.append(_Pending(item, self._rows(item), self._key(item), future, request_id.get()))
         wakeup = self._wakeup
         if wakeup is not None and not wakeup.done():
             wakeup.set_result(None)
@@ -180,6 +187,9 @@ class Coalescer(Generic[T, R]):
         return [p for p in batch if not p.future.cancelled()]
 
     async def _dispatch(self, live: list[_Pending[T, R]]) -> None:
+        # This task's own copy of the runner's (empty) context: the ids are this batch's alone.
+        request_id.set(",".join(dict.fromkeys(p.request_id for p in live if p.request_id)))
+
         def answer(i: int, result: R) -> None:
             future = live[i].future
             if not future.done():

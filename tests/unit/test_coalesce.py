@@ -226,3 +226,26 @@ async def test_a_caller_answered_early_returns_while_its_batch_goes_on() -> None
     release.set()
     assert await asyncio.wait_for(late, BOUND_S) == 4     # the batch's own result, for the others
     await c.close()
+
+
+async def test_a_batch_logs_under_its_callers_request_ids_not_the_first_callers_ever() -> None:
+    """The runner starts in the context of whichever call came first; its id must not leak into later batches."""
+    from recsvc.logs import request_id
+
+    seen: list[str] = []
+
+    async def handle(items: Sequence[int], _: Answer[int]) -> list[int]:
+        seen.append(request_id.get())
+        return list(items)
+
+    c: Coalescer[int, int] = Coalescer(handle, max_rows=10, max_wait_us=20_000)
+
+    async def call(rid: str, item: int) -> int:
+        request_id.set(rid)              # as the interceptor does, in the call's own task
+        return await c.submit(item)
+
+    assert await asyncio.gather(asyncio.create_task(call("first", 1)), asyncio.create_task(call("second", 2))) == [1, 2]
+    assert await asyncio.create_task(call("later", 3)) == 3
+    assert await asyncio.create_task(call("", 4)) == 4               # a caller with no id (a prefetch)
+    assert seen == ["first,second", "later", ""]
+    await c.close()
