@@ -14,9 +14,11 @@ __all__ = ["register"]
 
 def cmd_update_catalog(args: argparse.Namespace) -> int:
     """Add cold-start items (content-based embeddings from their category) and retire items, as a new bundle."""
-    from recsvc.offline.catalog_update import read_items, update_catalog
+    from recsvc.offline.catalog_update import update_catalog
+    from recsvc.offline.data import read_catalog
 
-    add = read_items(args.add, max_id_len=settings_of(args).max_id_len) if args.add else None
+    # New items are read and checked as a training catalog is (ids in the API's grammar, UTF-8, unique).
+    add = read_catalog(args.add, max_id_len=settings_of(args).max_id_len) if args.add else None
     result = update_catalog(args.bundle, args.out, add=add, retire=args.retire)
     print(f"{args.out}: {result.added} items added, {result.reactivated} re-activated, {result.retired} retired; "
           f"{result.num_items:,} items ({result.model_items:,} known to the models). Publish it with "

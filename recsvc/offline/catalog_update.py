@@ -32,7 +32,7 @@ from recsvc.bundle import MANIFEST, read_manifest, sha256_file, verify_bundle, w
 from recsvc.catalog import Catalog
 from recsvc.errors import InvalidArgument
 
-__all__ = ["CatalogUpdate", "cold_start_embeddings", "read_items", "update_catalog"]
+__all__ = ["CatalogUpdate", "cold_start_embeddings", "update_catalog"]
 
 log = logging.getLogger(__name__)
 
@@ -163,10 +163,3 @@ def update_catalog(
     result = CatalogUpdate(int(fresh.sum()), len(reactivated), len(retired), len(frame), model_items)
     log.info("catalog update %s -> %s: %s", bundle, out, result)
     return result
-
-
-def read_items(path: Path, *, max_id_len: int = 128) -> pd.DataFrame:
-    """New items from CSV or Parquet (item_id[, title, category]), checked as a training catalog is."""
-    from recsvc.offline.data import read_catalog
-
-    return read_catalog(path, max_id_len=max_id_len)

@@ -348,9 +348,9 @@ def _ids(column: pd.Series, field: str, rows: _Rows, max_len: int) -> npt.NDArra
     ok = ~(null | empty)
     problems = {v: p for v in pd.unique(values[ok]) if (p := id_problem(v, max_len)) is not None}
     if problems:
-        found = pd.Series(values).map(problems)
-        flagged = found.notna().to_numpy() & ok
         shown = pd.Series(values)
+        found = shown.map(problems)
+        flagged = found.notna().to_numpy() & ok
         for problem in dict.fromkeys(found[flagged]):      # in order of first appearance
             rows.reject(field, flagged & (found == problem).to_numpy(), shown, "invalid id", f" ({problem})")
     return values

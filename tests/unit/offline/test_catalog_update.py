@@ -13,7 +13,8 @@ from recsvc.config import Settings
 from recsvc.domain import Event, EventType, RecommendQuery
 from recsvc.errors import InvalidArgument
 from recsvc.history import InMemoryHistoryStore, TieredHistory
-from recsvc.offline.catalog_update import read_items, update_catalog
+from recsvc.offline.catalog_update import update_catalog
+from recsvc.offline.data import read_catalog
 from recsvc.pipeline import Pipeline, load_serving_bundle
 from recsvc.ranking import FakeRanker
 from recsvc.repository import publish
@@ -137,7 +138,7 @@ def test_new_items_files_are_checked_as_training_catalogs_are(tmp_path: Path) ->
     """An id with a trailing space is refused, not stripped into another item; titles stay optional."""
     (tmp_path / "bad.csv").write_text("item_id,title,category\nSKU-1 ,Hat,hats\n")
     with pytest.raises(InvalidArgument, match=r"bad.csv: invalid id 'SKU-1 ' in row 1 \(must not start or end"):
-        read_items(tmp_path / "bad.csv")
+        read_catalog(tmp_path / "bad.csv")
     (tmp_path / "new.csv").write_text("item_id,category\n007,hats\n")
-    new = read_items(tmp_path / "new.csv")
+    new = read_catalog(tmp_path / "new.csv")
     assert new.to_dict("list") == {"item_id": ["007"], "category": ["hats"]}
